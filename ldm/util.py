@@ -1,0 +1,192 @@
+"""Config-driven construction: ``target:`` + ``params:`` YAML nodes become objects.
+
+Every entry point builds its model with :func:`instantiate_from_config` on a config loaded (and overridden from the
+command line) with :func:`load_config`. Errors name the config path of the node at fault, e.g.
+``model.params.unet_config.target``, because a traceback from deep inside a constructor does not tell a user which
+line of their YAML is wrong.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import difflib
+import importlib
+import inspect
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+# Placeholders the original configs use for "no model here": the first stage doubles as the cond stage, or there is
+# no conditioning at all. Instantiating them yields None; the owning model knows what to do.
+SPECIAL_TARGETS = ("__is_first_stage__", "__is_unconditional__")
+
+# The stack of (path, params) nodes being instantiated, so that a nested call made inside a constructor (for example
+# LatentDiffusion building its UNet from ``unet_config``) can report its full config path.
+_building: contextvars.ContextVar[tuple[tuple[str, Mapping[str, Any]], ...]] = contextvars.ContextVar(
+    "_building", default=()
+)
+
+
+class ConfigError(ValueError):
+    """A config names something that does not exist or does not fit; the message says where and how to fix it."""
+
+
+def _suggest(name: str, candidates: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(candidates), n=3)
+    return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+
+
+def get_obj_from_str(string: str, reload: bool = False) -> Any:
+    """Import ``"package.module.Name"`` and return ``Name``.
+
+    Raises ConfigError (naming the missing module or attribute) instead of a bare ImportError/AttributeError.
+    """
+    module_name, _, attr = string.rpartition(".")
+    if not module_name:
+        raise ConfigError(f"'{string}' is not a dotted path such as 'ldm.models.autoencoder.AutoencoderKL'.")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        raise ConfigError(f"cannot import '{string}': no module named '{err.name}'.") from err
+    if reload:
+        module = importlib.reload(module)
+    if not hasattr(module, attr):
+        public = [n for n in dir(module) if not n.startswith("_")]
+        raise ConfigError(f"cannot import '{string}': module '{module_name}' has no '{attr}'.{_suggest(attr, public)}")
+    return getattr(module, attr)
+
+
+def _path_of(config: Any) -> str:
+    """The config path of a node about to be instantiated, found in the params of the node being built around it."""
+    stack = _building.get()
+    if not stack:
+        return "config"
+    parent_path, parent_params = stack[-1]
+    for key, value in parent_params.items():
+        if value is config or (isinstance(value, Mapping | DictConfig) and value == config):
+            return f"{parent_path}.params.{key}"
+    return f"{parent_path}.params.<nested>"
+
+
+def _check_params(cls: Any, params: Mapping[str, Any], path: str) -> None:
+    """Reject parameter names the constructor does not take, naming the bad one and the closest valid ones."""
+    try:
+        signature = inspect.signature(cls)
+    except (TypeError, ValueError):
+        return
+    accepted = signature.parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+        return
+    for name in params:
+        if name not in accepted:
+            raise ConfigError(
+                f"{path}.params.{name}: {cls.__qualname__} has no parameter '{name}'.{_suggest(name, accepted)}"
+            )
+    missing = [
+        name
+        for name, p in accepted.items()
+        if p.default is inspect.Parameter.empty
+        and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        and name not in params
+    ]
+    if missing:
+        raise ConfigError(f"{path}.params: {cls.__qualname__} needs {', '.join(repr(m) for m in missing)}.")
+
+
+def instantiate_from_config(config: Any, path: str | None = None) -> Any:
+    """Build ``target(**params)`` from a ``{target: ..., params: {...}}`` node.
+
+    ``path`` is the node's location for error messages (``"model"`` for ``config.model``); nested calls made while a
+    parent node is being built find their own path. The special targets ``__is_first_stage__`` and
+    ``__is_unconditional__`` give None.
+    """
+    if path is None:
+        path = _path_of(config)
+    if isinstance(config, str) and config in SPECIAL_TARGETS:
+        return None
+    if not isinstance(config, Mapping | DictConfig):
+        raise ConfigError(f"{path}: expected a mapping with 'target' and 'params', got {type(config).__name__}.")
+    if "target" not in config:
+        raise ConfigError(f"{path}: no 'target' key; every model node needs 'target: package.module.Class'.")
+    target = config["target"]
+    if target in SPECIAL_TARGETS:
+        return None
+    try:
+        cls = get_obj_from_str(str(target))
+    except ConfigError as err:
+        raise ConfigError(f"{path}.target: {err}") from None
+    params = config.get("params", None) or {}
+    if not isinstance(params, Mapping | DictConfig):
+        raise ConfigError(f"{path}.params: expected a mapping, got {type(params).__name__}.")
+    _check_params(cls, params, path)
+    token = _building.set(_building.get() + ((path, params),))
+    try:
+        return cls(**params)
+    finally:
+        _building.reset(token)
+
+
+def load_config(paths: str | Path | Sequence[str | Path], overrides: Sequence[str] = ()) -> DictConfig:
+    """Load YAML files merged left to right, then apply ``key.sub=value`` dotlist overrides.
+
+    This is the one way scripts and ``main.py`` read configs, so overrides work the same in every entry point.
+    """
+    if isinstance(paths, str | Path):
+        paths = [paths]
+    configs = []
+    for p in paths:
+        if not Path(p).is_file():
+            raise ConfigError(f"config file '{p}' does not exist.")
+        try:
+            configs.append(OmegaConf.load(p))
+        except (OmegaConfBaseException, ValueError) as err:
+            raise ConfigError(f"config file '{p}' is not valid YAML: {err}") from err
+    return apply_overrides(OmegaConf.merge(*configs) if configs else OmegaConf.create(), overrides)
+
+
+def apply_overrides(config: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    """Merge OmegaConf dotlist overrides (``model.params.scale_factor=0.13``) into ``config``; returns a new config."""
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override '{item}' is not of the form key.sub=value.")
+    try:
+        return OmegaConf.merge(config, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"cannot apply overrides {list(overrides)}: {err}") from err
+
+
+def to_container(config: Any) -> Any:
+    """Plain dicts/lists from an OmegaConf node (or the value itself)."""
+    if isinstance(config, DictConfig | ListConfig):
+        return OmegaConf.to_container(config, resolve=True)
+    return config
+
+
+def default_device() -> torch.device:
+    """The best device here: CUDA, then Apple MPS, then the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def count_params(model: torch.nn.Module) -> int:
+    """Number of parameters (works on the meta device)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def exists(x: Any) -> bool:
+    return x is not None
+
+
+def default(value: Any, fallback: Any) -> Any:
+    """``value`` unless it is None; ``fallback`` is called if it is a function."""
+    if value is not None:
+        return value
+    return fallback() if inspect.isfunction(fallback) else fallback

@@ -1,0 +1,72 @@
+"""Shared fixtures: the reference data in ``../shared/`` beside the project root."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+REFERENCE = SHARED / "reference"
+TINY = REFERENCE / "tiny"
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"reference data {path} is absent (it lives in ../shared/ beside the project root)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    """``../shared/reference``; the test is skipped where it is absent."""
+    return _require(REFERENCE)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir() -> Path:
+    """``../shared/reference/tiny``: a tiny SD-v1-layout model and the original's outputs."""
+    return _require(TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny_cases(tiny_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(tiny_dir / "cases.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tiny_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(tiny_dir / "model.safetensors"))
+
+
+def _assert_matches_reference(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    expected = expected.to(actual.dtype)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+@pytest.fixture(scope="session")
+def assert_matches_reference():
+    """``assert_matches_reference(actual, expected)`` with the tolerance ``../shared/README.md`` states."""
+    return _assert_matches_reference
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tiny_dir: Path):
+    """The tiny reference model's original config, with its small text encoder given by a command-line override."""
+    from ldm.util import load_config
+
+    return load_config(
+        tiny_dir / "original-config.yaml",
+        [f"model.params.cond_stage_config.params.text_config={tiny_dir / 'text-config.json'}"],
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_config, tiny_dir: Path):
+    """The tiny LatentDiffusion with the reference weights, loaded strictly, on the CPU."""
+    from ldm.checkpoint import load_model_from_config
+
+    return load_model_from_config(tiny_config, tiny_dir / "model.safetensors", device="cpu")
