@@ -1,0 +1,185 @@
+"""Transformer layers of the Stable Diffusion UNet: cross-attention, the transformer block and its spatial wrapper.
+
+Names and submodule layout follow the CompVis checkpoints (``attn1.to_q``, ``ff.net.0.proj``, ``proj_in`` ...).
+"""
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldm.modules.diffusionmodules.util import checkpoint, zero_module
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of ``x`` over ``context`` (over ``x`` itself when no context is given).
+
+    x: (B, N, query_dim); context: (B, M, context_dim) -> (B, N, query_dim).
+    """
+
+    def __init__(
+        self,
+        query_dim: int,
+        context_dim: int | None = None,
+        heads: int = 8,
+        dim_head: int = 64,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        inner_dim = heads * dim_head
+        context_dim = query_dim if context_dim is None else context_dim
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
+        self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
+        self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+
+        def split_heads(t: torch.Tensor) -> torch.Tensor:
+            # (B, L, heads * d) -> (B, heads, L, d) as a view: SDPA takes strided inputs, so no copy is made here.
+            return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+        q, k, v = split_heads(self.to_q(x)), split_heads(self.to_k(context)), split_heads(self.to_v(context))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out(out.transpose(1, 2).flatten(2))
+
+
+class GEGLU(nn.Module):
+    """GELU-gated linear unit: ``(..., dim_in) -> (..., dim_out)``."""
+
+    def __init__(self, dim_in: int, dim_out: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """Transformer MLP ``(..., dim) -> (..., dim_out)`` with hidden width ``dim * mult``, GEGLU-gated if ``glu``."""
+
+    def __init__(
+        self, dim: int, dim_out: int | None = None, mult: int = 4, glu: bool = False, dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        inner_dim = int(dim * mult)
+        project_in = GEGLU(dim, inner_dim) if glu else nn.Sequential(nn.Linear(dim, inner_dim), nn.GELU())
+        dim_out = dim if dim_out is None else dim_out
+        self.net = nn.Sequential(project_in, nn.Dropout(dropout), nn.Linear(inner_dim, dim_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm block: self-attention, cross-attention to ``context``, feed-forward; each residual.
+
+    x: (B, N, dim); context: (B, M, context_dim) -> (B, N, dim). With ``disable_self_attn`` the first attention
+    also attends to the context instead of to ``x``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        d_head: int,
+        dropout: float = 0.0,
+        context_dim: int | None = None,
+        gated_ff: bool = True,
+        checkpoint: bool = True,
+        disable_self_attn: bool = False,
+    ) -> None:
+        super().__init__()
+        self.disable_self_attn = disable_self_attn
+        self.checkpoint = checkpoint
+        self.attn1 = CrossAttention(
+            dim, context_dim=context_dim if disable_self_attn else None, heads=n_heads, dim_head=d_head, dropout=dropout
+        )
+        self.ff = FeedForward(dim, dropout=dropout, glu=gated_ff)
+        self.attn2 = CrossAttention(dim, context_dim=context_dim, heads=n_heads, dim_head=d_head, dropout=dropout)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        return checkpoint(self._forward, (x, context), self.parameters(), self.checkpoint)
+
+    def _forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        x = self.attn1(self.norm1(x), context=context if self.disable_self_attn else None) + x
+        x = self.attn2(self.norm2(x), context=context) + x
+        return self.ff(self.norm3(x)) + x
+
+
+class SpatialTransformer(nn.Module):
+    """Transformer over the pixels of an image feature map, conditioned on ``context``; residual overall.
+
+    x: (B, C, H, W) -> (B, C, H, W). ``context`` is one (B, M, context_dim) tensor, or a list with one per block
+    (``context_dim`` may likewise be a list, one per block). ``use_linear`` projects in and out with Linear layers
+    after flattening (SD 2.x) instead of 1x1 convolutions before it (SD 1.x).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        n_heads: int,
+        d_head: int,
+        depth: int = 1,
+        dropout: float = 0.0,
+        context_dim: int | Sequence[int] | None = None,
+        disable_self_attn: bool = False,
+        use_linear: bool = False,
+        use_checkpoint: bool = True,
+    ) -> None:
+        super().__init__()
+        if context_dim is None or isinstance(context_dim, int):
+            context_dim = [context_dim] * depth
+        context_dim = list(context_dim)
+        if len(context_dim) != depth:
+            raise ValueError(f"context_dim lists {len(context_dim)} sizes but depth is {depth}")
+        inner_dim = n_heads * d_head
+        self.use_linear = use_linear
+        # eps 1e-6 (not GroupNorm's default) is what the original checkpoints were trained with.
+        self.norm = nn.GroupNorm(num_groups=32, num_channels=in_channels, eps=1e-6, affine=True)
+        if use_linear:
+            self.proj_in = nn.Linear(in_channels, inner_dim)
+            self.proj_out = zero_module(nn.Linear(inner_dim, in_channels))
+        else:
+            self.proj_in = nn.Conv2d(in_channels, inner_dim, kernel_size=1)
+            self.proj_out = zero_module(nn.Conv2d(inner_dim, in_channels, kernel_size=1))
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(
+                inner_dim,
+                n_heads,
+                d_head,
+                dropout=dropout,
+                context_dim=context_dim[d],
+                disable_self_attn=disable_self_attn,
+                checkpoint=use_checkpoint,
+            )
+            for d in range(depth)
+        )
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        if not isinstance(context, (list, tuple)):
+            context = [context] * len(self.transformer_blocks)
+        b, _, h, w = x.shape
+        x_in = x
+        x = self.norm(x)
+        if not self.use_linear:
+            x = self.proj_in(x)
+        # (B, C, H, W) -> (B, H*W, C): the one layout copy on the way in, made once so every block sees contiguous rows.
+        x = x.flatten(2).transpose(1, 2).contiguous()
+        if self.use_linear:
+            x = self.proj_in(x)
+        for block, block_context in zip(self.transformer_blocks, context, strict=True):
+            x = block(x, context=block_context)
+        if self.use_linear:
+            x = self.proj_out(x)
+        x = x.transpose(1, 2).reshape(b, -1, h, w)
+        if not self.use_linear:
+            x = self.proj_out(x)
+        return x + x_in
