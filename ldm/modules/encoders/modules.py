@@ -1,0 +1,285 @@
+"""Conditioning encoders: the frozen CLIP text encoders of SD 1.x / 2.x and a class-label embedding.
+
+Architectures are built from configs only (never from a model hub): the weights come from the SD checkpoint, whose
+``cond_stage_model.*`` entries these modules' state dicts match key for key.
+"""
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from open_clip.model import _build_text_tower
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from ldm.modules.encoders.tokenizer import EOS_TOKEN_ID, CLIPTokenizer
+
+# Text tower of OpenAI CLIP ViT-L/14, the SD 1.x text encoder.
+CLIP_VIT_L14_TEXT_CONFIG: dict[str, Any] = {
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "projection_dim": 768,
+    "bos_token_id": 49406,
+    "eos_token_id": 49407,
+    "pad_token_id": 1,
+}
+
+
+class _NestedTextModel(nn.Module):
+    """Holds a transformers ``CLIPTextModel`` under ``text_model``.
+
+    SD 1.x checkpoints name the text encoder ``transformer.text_model.*`` because transformers < 5 nested a
+    ``CLIPTextTransformer`` inside ``CLIPTextModel``; transformers 5 keeps the layers at the top level. This wrapper
+    restores the nesting so checkpoint keys match whatever transformers is installed.
+    """
+
+    def __init__(self, text_model: CLIPTextModel) -> None:
+        super().__init__()
+        self.text_model = text_model
+
+    def forward(self, **kwargs: Any) -> Any:
+        return self.text_model(**kwargs)
+
+
+def _as_dict(config: Mapping[str, Any] | str | os.PathLike | None) -> dict[str, Any]:
+    """A config given as a mapping (dict, OmegaConf ``DictConfig``) or as the path of a JSON file."""
+    if config is None:
+        return {}
+    if isinstance(config, Mapping):
+        return dict(config)
+    return json.loads(Path(config).read_text())
+
+
+class FrozenCLIPEmbedder(nn.Module):
+    """SD 1.x text encoder: the transformers CLIP text model (ViT-L/14 by default).
+
+    Args:
+        version: kept for config compatibility. Only an existing local directory is used: its ``config.json`` +
+            weights (transformers ``from_pretrained`` layout) and its tokenizer files, each where present. Hub
+            names such as ``"openai/clip-vit-large-patch14"`` are ignored: nothing is downloaded.
+        device: where to move the module after construction; ``None`` leaves it where it is built. Tokens always go
+            to the device of the embedding weights, so the module follows ``.to(...)``.
+        max_length: token context length.
+        freeze: put the module in eval mode and stop gradients (see ``freeze``).
+        layer: ``"last"`` (``last_hidden_state``, after the final layer norm), ``"pooled"`` (the EOS token's
+            features, ``(B, 1, D)``) or ``"hidden"`` (``hidden_states[layer_idx]``, no final layer norm: "CLIP skip").
+        layer_idx: index into ``hidden_states`` (0 is the embedding output, -1 the last layer) for ``"hidden"``.
+        text_config: ``CLIPTextConfig`` fields (mapping, or path to a JSON file) overriding the ViT-L/14 defaults.
+    """
+
+    LAYERS = ("last", "pooled", "hidden")
+
+    def __init__(
+        self,
+        version: str = "openai/clip-vit-large-patch14",
+        device: str | torch.device | None = None,
+        max_length: int = 77,
+        freeze: bool = True,
+        layer: str = "last",
+        layer_idx: int | None = None,
+        text_config: Mapping[str, Any] | str | os.PathLike | None = None,
+    ) -> None:
+        super().__init__()
+        if layer not in self.LAYERS:
+            raise ValueError(f"layer must be one of {self.LAYERS}, got {layer!r}")
+        local_dir = Path(version) if os.path.isdir(version) else None
+        if local_dir is not None and (local_dir / "config.json").is_file():
+            model = CLIPTextModel.from_pretrained(local_dir)
+        else:
+            model = CLIPTextModel(CLIPTextConfig(**{**CLIP_VIT_L14_TEXT_CONFIG, **_as_dict(text_config)}))
+        num_layers = model.config.num_hidden_layers
+        if layer == "hidden" and (layer_idx is None or not -num_layers - 1 <= layer_idx <= num_layers):
+            raise ValueError(f"layer='hidden' needs layer_idx in [{-num_layers - 1}, {num_layers}], got {layer_idx}")
+        has_vocab = local_dir is not None and any((local_dir / f).is_file() for f in ("vocab.json", "tokenizer.json"))
+        self.tokenizer = CLIPTokenizer(
+            max_length, pad_token_id=EOS_TOKEN_ID, vocab_dir=local_dir if has_vocab else None
+        )
+        self.transformer = model if hasattr(model, "text_model") else _NestedTextModel(model)
+        self.max_length = max_length
+        self.layer = layer
+        self.layer_idx = layer_idx
+        if device is not None:
+            self.to(device)
+        if freeze:
+            self.freeze()
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.text_model.embeddings.token_embedding.weight.device
+
+    def freeze(self) -> None:
+        """Eval mode and no gradients: the text encoder is not trained with the diffusion model."""
+        self.eval()
+        for param in self.parameters():
+            param.requires_grad = False
+
+    def forward(self, text: str | Sequence[str]) -> torch.Tensor:
+        """Encode prompts.
+
+        Returns:
+            z: (B, max_length, D) for ``"last"`` / ``"hidden"``, (B, 1, D) for ``"pooled"``.
+        """
+        tokens = self.tokenizer(text).to(self.device)
+        # Explicit position ids: the model's own ``position_ids`` buffer is not in the state dict, so it would be
+        # left uninitialised by a meta-device construction followed by ``load_state_dict(assign=True)``.
+        position_ids = torch.arange(tokens.shape[1], device=tokens.device)[None]
+        outputs = self.transformer(
+            input_ids=tokens, position_ids=position_ids, output_hidden_states=self.layer == "hidden"
+        )
+        if self.layer == "last":
+            return outputs.last_hidden_state
+        if self.layer == "pooled":
+            return outputs.pooler_output[:, None, :]
+        return outputs.hidden_states[self.layer_idx]
+
+    def encode(self, text: str | Sequence[str]) -> torch.Tensor:
+        return self(text)
+
+
+class FrozenOpenCLIPEmbedder(nn.Module):
+    """SD 2.x text encoder: the text tower of an OpenCLIP model (ViT-H/14 by default), without its visual tower.
+
+    Args:
+        arch: open_clip model name; its bundled config gives the text tower's architecture.
+        version: kept for config compatibility. Only the path of an existing local file is used: a state dict
+            (safetensors, or a torch checkpoint) of the open_clip model, visual tower entries allowed. Pretrained tags
+            such as ``"laion2b_s32b_b79k"`` are ignored: nothing is downloaded.
+        device: where to move the module after construction; ``None`` leaves it where it is built.
+        max_length: token context length.
+        freeze: put the module in eval mode and stop gradients.
+        layer: ``"last"`` (all residual blocks) or ``"penultimate"`` (stop one block early); the final layer norm
+            is applied in both cases.
+        text_cfg: open_clip ``CLIPTextCfg`` fields overriding the arch's text tower (width, heads, layers,
+            context_length, vocab_size, ...), for small models.
+    """
+
+    LAYERS = ("last", "penultimate")
+
+    def __init__(
+        self,
+        arch: str = "ViT-H-14",
+        version: str | None = None,
+        device: str | torch.device | None = None,
+        max_length: int = 77,
+        freeze: bool = True,
+        layer: str = "last",
+        text_cfg: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if layer not in self.LAYERS:
+            raise ValueError(f"layer must be one of {self.LAYERS}, got {layer!r}")
+        model_cfg = open_clip.get_model_config(arch)
+        if model_cfg is None:
+            raise ValueError(f"unknown open_clip architecture {arch!r}")
+        tower_cfg = {**model_cfg["text_cfg"], **_as_dict(text_cfg)}
+        if tower_cfg["context_length"] < max_length:
+            raise ValueError(f"max_length {max_length} exceeds the context length {tower_cfg['context_length']}")
+        # Only the text tower is built (ViT-H's visual tower alone has ~630M parameters); open_clip's CLIP would
+        # also own ``logit_scale``, which SD 2.x checkpoints store, so it is added here.
+        self.model = _build_text_tower(model_cfg["embed_dim"], tower_cfg, quick_gelu=model_cfg.get("quick_gelu", False))
+        self.model.logit_scale = nn.Parameter(torch.ones([]) * math.log(1 / 0.07))
+        if version is not None and os.path.isfile(version):
+            self.model.load_state_dict(_load_open_clip_text_weights(version))
+        self.tokenizer = CLIPTokenizer(max_length, pad_token_id=0)
+        self.max_length = max_length
+        self.layer = layer
+        self.layer_idx = {"last": 0, "penultimate": 1}[layer]
+        if device is not None:
+            self.to(device)
+        if freeze:
+            self.freeze()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.token_embedding.weight.device
+
+    def freeze(self) -> None:
+        """Eval mode and no gradients: the text encoder is not trained with the diffusion model."""
+        self.eval()
+        for param in self.parameters():
+            param.requires_grad = False
+
+    def encode_with_transformer(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Run the text tower up to ``self.layer``.
+
+        Args:
+            tokens: (B, L) int64 token ids, L <= context length.
+        Returns:
+            z: (B, L, width), after ``ln_final``.
+        """
+        x = self.model.token_embedding(tokens) + self.model.positional_embedding[: tokens.shape[1]]
+        # Built here rather than taken from the tower's ``attn_mask`` buffer, which is not in the state dict and would
+        # stay uninitialised after a meta-device construction.
+        seq_len = tokens.shape[1]
+        causal_mask = torch.full((seq_len, seq_len), float("-inf"), dtype=x.dtype, device=x.device).triu_(1)
+        # Older open_clip releases (no `batch_first` attribute) run their blocks sequence-first.
+        batch_first = getattr(self.model.transformer, "batch_first", False)
+        x = x if batch_first else x.transpose(0, 1)
+        blocks = self.model.transformer.resblocks
+        for block in blocks[: len(blocks) - self.layer_idx]:
+            x = block(x, attn_mask=causal_mask)
+        x = x if batch_first else x.transpose(0, 1)
+        return self.model.ln_final(x)
+
+    def forward(self, text: str | Sequence[str]) -> torch.Tensor:
+        """Encode prompts: returns (B, max_length, width)."""
+        return self.encode_with_transformer(self.tokenizer(text).to(self.device))
+
+    def encode(self, text: str | Sequence[str]) -> torch.Tensor:
+        return self(text)
+
+
+def _load_open_clip_text_weights(path: str) -> dict[str, torch.Tensor]:
+    """Text-tower entries of an open_clip checkpoint file (its ``visual.*`` entries are dropped)."""
+    from ldm.checkpoint import read_checkpoint
+
+    state_dict, _ = read_checkpoint(path)
+    state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    return {k: v for k, v in state_dict.items() if not k.startswith("visual.")}
+
+
+class ClassEmbedder(nn.Module):
+    """Class-label conditioning with classifier-free-guidance dropout.
+
+    The last class index (``n_classes - 1``) doubles as the "unconditional" label; during training a fraction
+    ``ucg_rate`` of labels is replaced by it.
+    """
+
+    def __init__(self, embed_dim: int, n_classes: int = 1000, key: str = "class", ucg_rate: float = 0.1) -> None:
+        super().__init__()
+        self.key = key
+        self.n_classes = n_classes
+        self.ucg_rate = ucg_rate
+        self.embedding = nn.Embedding(n_classes, embed_dim)
+
+    def forward(
+        self, batch: Mapping[str, torch.Tensor], key: str | None = None, disable_dropout: bool = False
+    ) -> torch.Tensor:
+        """Embed ``batch[key]``, (B,) integer labels, into (B, 1, embed_dim).
+
+        Labels are dropped to the unconditional class only in training mode (and unless ``disable_dropout``), so
+        sampling with an eval-mode model is deterministic.
+        """
+        labels = batch[key or self.key].long()[:, None]
+        if self.training and self.ucg_rate > 0 and not disable_dropout:
+            drop = torch.rand(labels.shape, device=labels.device) < self.ucg_rate
+            labels = torch.where(drop, self.n_classes - 1, labels)
+        return self.embedding(labels)
+
+    def get_unconditional_conditioning(
+        self, bs: int, device: str | torch.device | None = None
+    ) -> dict[str, torch.Tensor]:
+        """A batch of ``bs`` unconditional labels, ``{key: (bs,) int64}``, on ``device`` (default: the weights')."""
+        device = self.embedding.weight.device if device is None else device
+        return {self.key: torch.full((bs,), self.n_classes - 1, dtype=torch.long, device=device)}
