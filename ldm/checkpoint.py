@@ -1,0 +1,380 @@
+"""The one checkpoint loader and saver: ``.ckpt`` (pickled, read safely) and ``.safetensors``, SD key layouts, EMA.
+
+Every entry point goes through :func:`load_model_from_config` or :func:`load_state_dict_into`, so the checks are the
+same everywhere: a checkpoint never runs code when read, and a checkpoint that does not fit the model is an error
+that says which config fits, never a silently half-random model.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import warnings
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ldm.modules.ema import ema_buffer_name
+
+CLIP_PREFIX = "cond_stage_model.transformer."
+CLIP_NESTED = CLIP_PREFIX + "text_model."
+OPENCLIP_PREFIX = "cond_stage_model.model."
+EMA_PREFIX = "model_ema."
+UNET_PREFIX = "model.diffusion_model."
+
+# Keys real checkpoints carry that the model may not have, and that are safe to drop: the CLIP position ids are a
+# constant arange that recent transformers releases no longer save.
+DROPPABLE_SUFFIXES = ("embeddings.position_ids",)
+
+# The diffusion schedule is derived from the config; a checkpoint without it (pruned files) is fine.
+SCHEDULE_BUFFERS = frozenset(
+    {
+        "betas",
+        "alphas_cumprod",
+        "alphas_cumprod_prev",
+        "sqrt_alphas_cumprod",
+        "sqrt_one_minus_alphas_cumprod",
+        "log_one_minus_alphas_cumprod",
+        "sqrt_recip_alphas_cumprod",
+        "sqrt_recipm1_alphas_cumprod",
+        "posterior_variance",
+        "posterior_log_variance_clipped",
+        "posterior_mean_coef1",
+        "posterior_mean_coef2",
+    }
+)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be read or does not fit the model; the message says what to do."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading files
+
+
+class _Ignored:
+    """Stands in for any object in a pickle that is not a tensor or a plain container; it runs nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+def _allowed_globals() -> dict[tuple[str, str], Any]:
+    allowed: dict[tuple[str, str], Any] = {
+        ("collections", "OrderedDict"): OrderedDict,
+        ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+        ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+        ("torch._utils", "_rebuild_parameter_with_state"): torch._utils._rebuild_parameter_with_state,
+        ("torch", "Size"): torch.Size,
+        ("builtins", "set"): set,
+        ("builtins", "frozenset"): frozenset,
+    }
+    if hasattr(torch._utils, "_rebuild_tensor_v3"):
+        allowed[("torch._utils", "_rebuild_tensor_v3")] = torch._utils._rebuild_tensor_v3
+    for name in dir(torch):
+        value = getattr(torch, name, None)
+        if isinstance(value, torch.dtype):
+            allowed[("torch", name)] = value
+    return allowed
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Resolves only tensor-rebuilding functions, dtypes and plain containers.
+
+    Anything else a pickle names (Lightning callbacks, OmegaConf configs, or ``os.system`` in a malicious file) becomes
+    an inert :class:`_Ignored`, so calling or building it does nothing. The names are collected for a warning.
+    """
+
+    allowed = _allowed_globals()
+    ignored: Counter[str] = Counter()
+
+    def find_class(self, module: str, name: str) -> Any:
+        module = "builtins" if module == "__builtin__" else module  # protocol-2 pickles use Python 2's name
+        if (module, name) in self.allowed:
+            return self.allowed[(module, name)]
+        type(self).ignored[f"{module}.{name}"] += 1
+        return type(name, (_Ignored,), {})
+
+
+class _RestrictedPickleModule:
+    """What ``torch.load(pickle_module=...)`` needs: an ``Unpickler`` and ``load``."""
+
+    Unpickler = _RestrictedUnpickler
+    __name__ = "ldm.checkpoint.restricted_pickle"
+
+    @staticmethod
+    def load(file: Any, **kwargs: Any) -> Any:
+        return _RestrictedUnpickler(file, **kwargs).load()
+
+
+def _read_pickle(path: Path) -> Any:
+    _RestrictedUnpickler.ignored = Counter()
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RestrictedPickleModule)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
+        raise CheckpointError(f"cannot read checkpoint '{path}': {err}. Is it a complete .ckpt file?") from err
+    ignored = _RestrictedUnpickler.ignored
+    if ignored:
+        names = ", ".join(sorted(ignored)[:6]) + (" ..." if len(ignored) > 6 else "")
+        warnings.warn(
+            f"{path.name}: skipped {sum(ignored.values())} non-tensor object(s) ({names}); checkpoints are read "
+            "without running any code they contain.",
+            stacklevel=3,
+        )
+    return data
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a ``.ckpt``/``.pt``/``.pth`` or ``.safetensors`` file.
+
+    Returns ``(state_dict, info)``: the tensors (from a Lightning checkpoint's ``state_dict`` or a bare state dict) and
+    plain metadata such as ``global_step`` when the file has it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint '{path}' does not exist. Pass the path of a .ckpt or .safetensors file.")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu"), {}
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"cannot read safetensors file '{path}': {err}") from err
+
+    data = _read_pickle(path)
+    info: dict[str, Any] = {}
+    if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):
+        info = {k: v for k, v in data.items() if isinstance(v, int | float | str) and k != "state_dict"}
+        data = data["state_dict"]
+    if not isinstance(data, Mapping):
+        raise CheckpointError(f"checkpoint '{path}' holds no state dict (found {type(data).__name__}).")
+    state_dict = {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not state_dict:
+        raise CheckpointError(f"checkpoint '{path}' holds no tensors.")
+    return state_dict, info
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Key layout
+
+
+def to_original_layout(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Bring a state dict into the CompVis SD layout.
+
+    SD 1.x checkpoints name the text encoder ``cond_stage_model.transformer.text_model.*``; state dicts written with a
+    transformers release whose ``CLIPTextModel`` does not nest ``text_model`` lack that level. Both load.
+    """
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith(CLIP_PREFIX) and not key.startswith(CLIP_NESTED):
+            key = CLIP_NESTED + key[len(CLIP_PREFIX) :]
+        out[key] = value
+    return out
+
+
+def ema_to_model_keys(state_dict: Mapping[str, torch.Tensor], model_keys: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Replace ``model.*`` weights by their ``model_ema.*`` copies (inference with the EMA weights).
+
+    Raises CheckpointError when the checkpoint has no EMA weights.
+    """
+    out = dict(state_dict)
+    replaced = 0
+    for key in model_keys:
+        if key.startswith("model."):
+            ema_key = EMA_PREFIX + ema_buffer_name(key[len("model.") :])
+            if ema_key in state_dict:
+                out[key] = state_dict[ema_key]
+                replaced += 1
+    if replaced == 0:
+        raise CheckpointError("the checkpoint has no EMA weights (model_ema.*); load it without use_ema_weights.")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fitting a state dict to a model
+
+
+def _component(key: str) -> str:
+    for prefix in (UNET_PREFIX, "first_stage_model.", "cond_stage_model.", EMA_PREFIX):
+        if key.startswith(prefix):
+            return prefix.rstrip(".")
+    return "other"
+
+
+def _summarise(keys: list[str], what: str) -> str:
+    if not keys:
+        return ""
+    by_part = Counter(_component(k) for k in keys)
+    parts = ", ".join(f"{n} in {part}" for part, n in by_part.most_common())
+    examples = ", ".join(keys[:3]) + (" ..." if len(keys) > 3 else "")
+    return f"{len(keys)} {what} ({parts}; e.g. {examples})"
+
+
+def _diagnose(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> str:
+    """Name the config that fits a checkpoint the model's config does not."""
+    hints = []
+    if any(k.startswith(OPENCLIP_PREFIX) for k in state_dict) and any(k.startswith(CLIP_PREFIX) for k in expected):
+        hints.append(
+            "This is an SD 2.x checkpoint (OpenCLIP text encoder): use configs/stable-diffusion/v2-inference.yaml "
+            "(512px, eps) or configs/stable-diffusion/v2-inference-v.yaml (768px, v-prediction)."
+        )
+    elif any(k.startswith(CLIP_PREFIX) for k in state_dict) and any(k.startswith(OPENCLIP_PREFIX) for k in expected):
+        hints.append(
+            "This is an SD 1.x checkpoint (CLIP ViT-L/14 text encoder): use configs/stable-diffusion/v1-inference.yaml."
+        )
+    ctx_key = next((k for k in expected if k.endswith("attn2.to_k.weight")), None)
+    if ctx_key and ctx_key in state_dict and state_dict[ctx_key].shape != expected[ctx_key].shape:
+        hints.append(
+            f"The UNet's cross-attention context is {state_dict[ctx_key].shape[1]} wide in the checkpoint but "
+            f"{expected[ctx_key].shape[1]} in the config (768 = SD 1.x, 1024 = SD 2.x)."
+        )
+    in_key = UNET_PREFIX + "input_blocks.0.0.weight"
+    if in_key in state_dict and in_key in expected and state_dict[in_key].shape[1] != expected[in_key].shape[1]:
+        n = state_dict[in_key].shape[1]
+        kind = "an inpainting model (LatentInpaintDiffusion, hybrid conditioning)" if n == 9 else "a different model"
+        hints.append(
+            f"The checkpoint's UNet takes {n} input channels, the config's {expected[in_key].shape[1]}: {kind}."
+        )
+    return " ".join(hints)
+
+
+def fit_state_dict(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], ignore_prefixes: Iterable[str] = ()
+) -> dict[str, torch.Tensor]:
+    """Check a (layout-normalised) state dict against ``model`` and return what ``load_state_dict`` should get.
+
+    Missing, unexpected or wrongly shaped keys raise CheckpointError with a short per-component summary and, where it
+    can tell, the config that fits. Tolerated: the extras real SD checkpoints carry (``position_ids``, ``model_ema.*``
+    for a model without EMA), schedule buffers absent from pruned files, and keys under ``ignore_prefixes``.
+    """
+    ignore_prefixes = tuple(ignore_prefixes)
+    expected = model.state_dict()
+    has_ema = any(k.startswith(EMA_PREFIX) for k in expected)
+    fitted: dict[str, torch.Tensor] = {}
+    unexpected, wrong_shape = [], []
+    for key, value in state_dict.items():
+        if ignore_prefixes and key.startswith(ignore_prefixes):
+            continue
+        if key not in expected:
+            if key.endswith(DROPPABLE_SUFFIXES) or (key.startswith(EMA_PREFIX) and not has_ema):
+                continue
+            unexpected.append(key)
+        elif value.shape != expected[key].shape:
+            wrong_shape.append(f"{key}: {tuple(value.shape)} in the checkpoint, {tuple(expected[key].shape)} here")
+        else:
+            fitted[key] = value
+    missing = [
+        k
+        for k in expected
+        if k not in state_dict and k not in SCHEDULE_BUFFERS and not (ignore_prefixes and k.startswith(ignore_prefixes))
+    ]
+    if missing or unexpected or wrong_shape:
+        lines = [s for s in (_summarise(missing, "missing"), _summarise(unexpected, "unexpected")) if s]
+        if wrong_shape:
+            lines.append(f"{len(wrong_shape)} with the wrong shape (e.g. {wrong_shape[0]})")
+        hint = _diagnose(state_dict, expected)
+        raise CheckpointError(
+            "the checkpoint does not fit the model built from this config: "
+            + "; ".join(lines)
+            + "."
+            + (f" {hint}" if hint else "")
+        )
+    return fitted
+
+
+def load_state_dict_into(
+    model: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    use_ema_weights: bool = False,
+    ignore_prefixes: Iterable[str] = (),
+) -> None:
+    """Load a state dict in any supported layout into ``model`` strictly (see :func:`fit_state_dict`).
+
+    ``use_ema_weights`` copies the checkpoint's ``model_ema.*`` weights into the diffusion model, as inference with
+    the EMA weights does.
+    """
+    state_dict = to_original_layout(state_dict)
+    if use_ema_weights:
+        state_dict = ema_to_model_keys(state_dict, model.state_dict().keys())
+    fitted = fit_state_dict(model, state_dict, ignore_prefixes)
+    model.load_state_dict(fitted, strict=False)
+
+
+def init_from_ckpt(model: nn.Module, path: str | os.PathLike, ignore_keys: Iterable[str] = ()) -> None:
+    """Load ``path`` into ``model`` while it is built (a config's ``ckpt_path``), skipping ``ignore_keys`` prefixes."""
+    state_dict, _ = read_checkpoint(path)
+    load_state_dict_into(model, state_dict, ignore_prefixes=ignore_keys)
+
+
+def load_model_from_config(
+    config: Any,
+    ckpt: str | os.PathLike | None,
+    device: torch.device | str | None = None,
+    use_ema_weights: bool = False,
+) -> nn.Module:
+    """Build ``config.model`` (or the model node itself) and load ``ckpt`` strictly; returns the model in eval mode.
+
+    ``ckpt=None`` keeps the freshly initialised weights (for tests and training from scratch).
+    """
+    from ldm.util import default_device, instantiate_from_config
+
+    node = config.model if "model" in config else config
+    model = instantiate_from_config(node, path="model" if "model" in config else None)
+    if ckpt is not None:
+        state_dict, _ = read_checkpoint(ckpt)
+        try:
+            load_state_dict_into(model, state_dict, use_ema_weights=use_ema_weights)
+        except CheckpointError as err:
+            raise CheckpointError(f"{Path(ckpt).name}: {err}") from None
+    return model.to(device if device is not None else default_device()).eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Writing files
+
+
+def _unshare(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory, so tied weights are stored as copies."""
+    seen: set[int] = set()
+    out = {}
+    for key, value in state_dict.items():
+        ptr = value.untyped_storage().data_ptr()
+        out[key] = value.clone() if ptr in seen else value
+        seen.add(ptr)
+    return out
+
+
+def save_checkpoint(
+    state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, info: Mapping[str, Any] | None = None
+) -> None:
+    """Write a state dict in the original layout as ``.safetensors`` or as a Lightning-style ``.ckpt``.
+
+    The file appears atomically: it is written next to its destination and renamed, so a crash mid-write never leaves
+    a truncated checkpoint under the final name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state_dict = {k: v.detach().cpu().contiguous() for k, v in to_original_layout(state_dict).items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(_unshare(state_dict), tmp, metadata={k: str(v) for k, v in (info or {}).items()})
+        else:
+            torch.save({"state_dict": state_dict, **(info or {})}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
