@@ -138,6 +138,36 @@ def make_attn(in_channels: int, attn_type: str = "vanilla") -> nn.Module:
     raise ValueError(f"unknown attn_type '{attn_type}'; supported: {', '.join(ATTN_TYPES)}.")
 
 
+def _make_level(
+    block_in: int, block_out: int, num_blocks: int, with_attn: bool, attn_type: str, dropout: float
+) -> nn.Module:
+    """One resolution level: ``block`` (ResnetBlocks) and ``attn`` (one after each block, or none), CompVis keys."""
+    level = nn.Module()
+    level.block = nn.ModuleList(
+        ResnetBlock(in_channels=c_in, out_channels=block_out, temb_channels=0, dropout=dropout)
+        for c_in in [block_in] + [block_out] * (num_blocks - 1)
+    )
+    level.attn = nn.ModuleList(make_attn(block_out, attn_type) for _ in range(num_blocks if with_attn else 0))
+    return level
+
+
+def _run_level(level: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    for i, block in enumerate(level.block):
+        h = block(h)
+        if len(level.attn) > 0:
+            h = level.attn[i](h)
+    return h
+
+
+def _make_mid(channels: int, attn_type: str, dropout: float) -> nn.Module:
+    """Middle section: ResnetBlock, attention, ResnetBlock (``mid.block_1``, ``mid.attn_1``, ``mid.block_2``)."""
+    mid = nn.Module()
+    mid.block_1 = ResnetBlock(in_channels=channels, out_channels=channels, temb_channels=0, dropout=dropout)
+    mid.attn_1 = make_attn(channels, attn_type=attn_type)
+    mid.block_2 = ResnetBlock(in_channels=channels, out_channels=channels, temb_channels=0, dropout=dropout)
+    return mid
+
+
 class Encoder(nn.Module):
     """Image -> latent moments: (B, in_channels, H, W) -> (B, 2*z_channels if double_z else z_channels, H/f, W/f)
     with f = 2**(len(ch_mult)-1).
@@ -181,29 +211,14 @@ class Encoder(nn.Module):
         curr_res = resolution
         self.down = nn.ModuleList()
         for i_level in range(self.num_resolutions):
-            block = nn.ModuleList()
-            attn = nn.ModuleList()
-            block_in = ch * in_ch_mult[i_level]
-            block_out = ch * ch_mult[i_level]
-            for _ in range(num_res_blocks):
-                block.append(
-                    ResnetBlock(in_channels=block_in, out_channels=block_out, temb_channels=0, dropout=dropout)
-                )
-                block_in = block_out
-                if curr_res in attn_resolutions:
-                    attn.append(make_attn(block_in, attn_type=attn_type))
-            down = nn.Module()
-            down.block = block
-            down.attn = attn
+            block_in, block_out = ch * in_ch_mult[i_level], ch * ch_mult[i_level]
+            down = _make_level(block_in, block_out, num_res_blocks, curr_res in attn_resolutions, attn_type, dropout)
             if i_level != self.num_resolutions - 1:
-                down.downsample = Downsample(block_in, resamp_with_conv)
+                down.downsample = Downsample(block_out, resamp_with_conv)
                 curr_res = curr_res // 2
             self.down.append(down)
-
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(in_channels=block_in, out_channels=block_in, temb_channels=0, dropout=dropout)
-        self.mid.attn_1 = make_attn(block_in, attn_type=attn_type)
-        self.mid.block_2 = ResnetBlock(in_channels=block_in, out_channels=block_in, temb_channels=0, dropout=dropout)
+        block_in = block_out
+        self.mid = _make_mid(block_in, attn_type, dropout)
 
         self.norm_out = Normalize(block_in)
         self.conv_out = nn.Conv2d(
@@ -213,10 +228,7 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for i_level, down in enumerate(self.down):
-            for i_block in range(self.num_res_blocks):
-                h = down.block[i_block](h)
-                if len(down.attn) > 0:
-                    h = down.attn[i_block](h)
+            h = _run_level(down, h)
             if i_level != self.num_resolutions - 1:
                 h = down.downsample(h)
 
@@ -267,27 +279,14 @@ class Decoder(nn.Module):
 
         self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, stride=1, padding=1)
 
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(in_channels=block_in, out_channels=block_in, temb_channels=0, dropout=dropout)
-        self.mid.attn_1 = make_attn(block_in, attn_type=attn_type)
-        self.mid.block_2 = ResnetBlock(in_channels=block_in, out_channels=block_in, temb_channels=0, dropout=dropout)
+        self.mid = _make_mid(block_in, attn_type, dropout)
 
         # Built deepest level first (channel counts flow that way) but stored so that up[i] is level i.
         up_levels = []
         for i_level in reversed(range(self.num_resolutions)):
-            block = nn.ModuleList()
-            attn = nn.ModuleList()
             block_out = ch * ch_mult[i_level]
-            for _ in range(num_res_blocks + 1):
-                block.append(
-                    ResnetBlock(in_channels=block_in, out_channels=block_out, temb_channels=0, dropout=dropout)
-                )
-                block_in = block_out
-                if curr_res in attn_resolutions:
-                    attn.append(make_attn(block_in, attn_type=attn_type))
-            up = nn.Module()
-            up.block = block
-            up.attn = attn
+            up = _make_level(block_in, block_out, num_res_blocks + 1, curr_res in attn_resolutions, attn_type, dropout)
+            block_in = block_out
             if i_level != 0:
                 up.upsample = Upsample(block_in, resamp_with_conv)
                 curr_res = curr_res * 2
@@ -302,13 +301,9 @@ class Decoder(nn.Module):
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
 
         for i_level in reversed(range(self.num_resolutions)):
-            up = self.up[i_level]
-            for i_block in range(self.num_res_blocks + 1):
-                h = up.block[i_block](h)
-                if len(up.attn) > 0:
-                    h = up.attn[i_block](h)
+            h = _run_level(self.up[i_level], h)
             if i_level != 0:
-                h = up.upsample(h)
+                h = self.up[i_level].upsample(h)
 
         if self.give_pre_end:
             return h

@@ -61,7 +61,27 @@ def _as_dict(config: Mapping[str, Any] | str | os.PathLike | None) -> dict[str, 
     return json.loads(Path(config).read_text())
 
 
-class FrozenCLIPEmbedder(nn.Module):
+class AbstractEncoder(nn.Module):
+    """A conditioning encoder: ``encode(inputs)`` is its forward; ``freeze()`` makes it a fixed feature extractor."""
+
+    def encode(self, *args: Any, **kwargs: Any) -> Any:
+        return self(*args, **kwargs)
+
+    def place(self, device: str | torch.device | None, freeze: bool) -> None:
+        """Finish construction: move to ``device`` (None leaves it where it was built) and freeze if asked."""
+        if device is not None:
+            self.to(device)
+        if freeze:
+            self.freeze()
+
+    def freeze(self) -> None:
+        """Eval mode and no gradients: a frozen encoder is not trained with the diffusion model."""
+        self.eval()
+        for param in self.parameters():
+            param.requires_grad = False
+
+
+class FrozenCLIPEmbedder(AbstractEncoder):
     """SD 1.x text encoder: the transformers CLIP text model (ViT-L/14 by default).
 
     Args:
@@ -109,20 +129,11 @@ class FrozenCLIPEmbedder(nn.Module):
         self.max_length = max_length
         self.layer = layer
         self.layer_idx = layer_idx
-        if device is not None:
-            self.to(device)
-        if freeze:
-            self.freeze()
+        self.place(device, freeze)
 
     @property
     def device(self) -> torch.device:
         return self.transformer.text_model.embeddings.token_embedding.weight.device
-
-    def freeze(self) -> None:
-        """Eval mode and no gradients: the text encoder is not trained with the diffusion model."""
-        self.eval()
-        for param in self.parameters():
-            param.requires_grad = False
 
     def forward(self, text: str | Sequence[str]) -> torch.Tensor:
         """Encode prompts.
@@ -143,11 +154,8 @@ class FrozenCLIPEmbedder(nn.Module):
             return outputs.pooler_output[:, None, :]
         return outputs.hidden_states[self.layer_idx]
 
-    def encode(self, text: str | Sequence[str]) -> torch.Tensor:
-        return self(text)
 
-
-class FrozenOpenCLIPEmbedder(nn.Module):
+class FrozenOpenCLIPEmbedder(AbstractEncoder):
     """SD 2.x text encoder: the text tower of an OpenCLIP model (ViT-H/14 by default), without its visual tower.
 
     Args:
@@ -195,20 +203,11 @@ class FrozenOpenCLIPEmbedder(nn.Module):
         self.max_length = max_length
         self.layer = layer
         self.layer_idx = {"last": 0, "penultimate": 1}[layer]
-        if device is not None:
-            self.to(device)
-        if freeze:
-            self.freeze()
+        self.place(device, freeze)
 
     @property
     def device(self) -> torch.device:
         return self.model.token_embedding.weight.device
-
-    def freeze(self) -> None:
-        """Eval mode and no gradients: the text encoder is not trained with the diffusion model."""
-        self.eval()
-        for param in self.parameters():
-            param.requires_grad = False
 
     def encode_with_transformer(self, tokens: torch.Tensor) -> torch.Tensor:
         """Run the text tower up to ``self.layer``.
@@ -236,9 +235,6 @@ class FrozenOpenCLIPEmbedder(nn.Module):
         """Encode prompts: returns (B, max_length, width)."""
         return self.encode_with_transformer(self.tokenizer(text).to(self.device))
 
-    def encode(self, text: str | Sequence[str]) -> torch.Tensor:
-        return self(text)
-
 
 def _load_open_clip_text_weights(path: str) -> dict[str, torch.Tensor]:
     """Text-tower entries of an open_clip checkpoint file (its ``visual.*`` entries are dropped)."""
@@ -249,7 +245,7 @@ def _load_open_clip_text_weights(path: str) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state_dict.items() if not k.startswith("visual.")}
 
 
-class ClassEmbedder(nn.Module):
+class ClassEmbedder(AbstractEncoder):
     """Class-label conditioning with classifier-free-guidance dropout.
 
     The last class index (``n_classes - 1``) doubles as the "unconditional" label; during training a fraction
