@@ -241,7 +241,18 @@ def _diagnose(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, tor
     in_key = UNET_PREFIX + "input_blocks.0.0.weight"
     if in_key in state_dict and in_key in expected and state_dict[in_key].shape[1] != expected[in_key].shape[1]:
         n = state_dict[in_key].shape[1]
-        kind = "an inpainting model (LatentInpaintDiffusion, hybrid conditioning)" if n == 9 else "a different model"
+        if n == 9:
+            kind = (
+                "an inpainting model: use configs/stable-diffusion/v1-inpainting-inference.yaml (SD 1.x) or "
+                "v2-inpainting-inference.yaml (SD 2.x)"
+            )
+        elif expected[in_key].shape[1] == 9:
+            kind = (
+                "an ordinary model, but the config is for inpainting: use v1-inference.yaml / v2-inference.yaml, or "
+                "list the input convolution in finetune_keys to start an inpainting model from it"
+            )
+        else:
+            kind = "a model of another kind"
         hints.append(
             f"The checkpoint's UNet takes {n} input channels, the config's {expected[in_key].shape[1]}: {kind}."
         )

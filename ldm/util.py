@@ -72,29 +72,46 @@ def _path_of(config: Any) -> str:
     return f"{parent_path}.params.<nested>"
 
 
-def _check_params(cls: Any, params: Mapping[str, Any], path: str) -> None:
+def _accepted_names(target: Any) -> set[str] | None:
+    """Keyword names ``target`` accepts, following ``**kwargs`` up the class hierarchy; None if open-ended."""
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    functions = [k.__dict__["__init__"] for k in inspect.getmro(target) if "__init__" in k.__dict__]
+    if not inspect.isclass(target):
+        functions = [target]
+    names: set[str] = set()
+    for function in functions:
+        try:
+            parameters = inspect.signature(function).parameters
+        except (TypeError, ValueError):
+            return None
+        names |= {n for n, p in parameters.items() if p.kind in keyword and n != "self"}
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            return names
+    return None
+
+
+def _check_params(target: Any, params: Mapping[str, Any], path: str) -> None:
     """Reject parameter names the constructor does not take, naming the bad one and the closest valid ones."""
-    try:
-        signature = inspect.signature(cls)
-    except (TypeError, ValueError):
+    accepted = _accepted_names(target)
+    if accepted is None:
         return
-    accepted = signature.parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
-        return
+    name_of = getattr(target, "__qualname__", str(target))
     for name in params:
         if name not in accepted:
-            raise ConfigError(
-                f"{path}.params.{name}: {cls.__qualname__} has no parameter '{name}'.{_suggest(name, accepted)}"
-            )
+            raise ConfigError(f"{path}.params.{name}: {name_of} has no parameter '{name}'.{_suggest(name, accepted)}")
+    try:
+        required = inspect.signature(target).parameters.items()
+    except (TypeError, ValueError):
+        return
     missing = [
         name
-        for name, p in accepted.items()
+        for name, p in required
         if p.default is inspect.Parameter.empty
         and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
         and name not in params
     ]
     if missing:
-        raise ConfigError(f"{path}.params: {cls.__qualname__} needs {', '.join(repr(m) for m in missing)}.")
+        raise ConfigError(f"{path}.params: {name_of} needs {', '.join(repr(m) for m in missing)}.")
 
 
 def instantiate_from_config(config: Any, path: str | None = None) -> Any:

@@ -86,3 +86,11 @@ def test_default_device_is_available():
     torch.zeros(1, device=device)
     if not torch.cuda.is_available():
         assert device.type in ("cpu", "mps")
+
+
+def test_typo_in_a_parameter_passed_through_kwargs_is_caught():
+    # LatentDiffusion forwards **kwargs to DDPM: the check follows them up the class hierarchy.
+    config = load_config(V1, ["model.params.linear_strat=0.001"])
+    with torch.device("meta"), pytest.raises(ConfigError) as err:
+        instantiate_from_config(config.model, path="model")
+    assert "model.params.linear_strat" in str(err.value) and "'linear_start'" in str(err.value)

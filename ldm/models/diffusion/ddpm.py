@@ -5,15 +5,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
+from ldm.models.diffusion.guidance import GuidedEps
+from ldm.models.diffusion.noise import Noise
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
@@ -268,6 +272,63 @@ class DDPM(pl.LightningModule):
         """The UNet's prediction (eps, x0 or v as ``parameterization`` says). x_noisy: (B, C, H, W), t: (B,)."""
         return self.model(x_noisy, t)
 
+    @torch.no_grad()
+    def p_sample_loop(
+        self,
+        cond: Any,
+        shape: tuple[int, ...],
+        x_T: torch.Tensor | None = None,
+        unconditional_conditioning: Any = None,
+        unconditional_guidance_scale: float = 1.0,
+        noise: Noise | None = None,
+        clip_denoised: bool | None = None,
+        mask: torch.Tensor | None = None,
+        x0: torch.Tensor | None = None,
+        callback: Callable[[int, torch.Tensor], None] | None = None,
+        progress: bool = True,
+    ) -> torch.Tensor:
+        """Ancestral sampling through all ``num_timesteps`` steps: ``x_{t-1} ~ q(x_{t-1} | x_t, x0_pred)``.
+
+        shape: (B, C, H, W). ``mask``/``x0`` (mask 1 = keep ``x0``) inpaint by replacing the known region with
+        ``x0`` noised to the current step. ``clip_denoised`` (default: the config's) clamps x0_pred to [-1, 1],
+        as the original did. Returns x_0: (B, C, H, W).
+        """
+        eps_model = GuidedEps(self, cond, unconditional_conditioning, unconditional_guidance_scale)
+        noise = noise if noise is not None else Noise.from_seed(None, shape[0], self.betas.device)
+        clip = self.clip_denoised if clip_denoised is None else clip_denoised
+        x = noise.randn(shape) if x_T is None else x_T
+        if tuple(x.shape) != tuple(shape):
+            raise ValueError(f"x_T has shape {tuple(x.shape)}, expected {tuple(shape)}.")
+        steps = reversed(range(self.num_timesteps))
+        for i, t in enumerate(tqdm(steps, total=self.num_timesteps, desc="DDPM", disable=not progress)):
+            ts = torch.full((shape[0],), t, device=x.device, dtype=torch.long)
+            x0_pred = self.predict_start_from_noise(x, ts, eps_model(x, t))
+            if clip:
+                x0_pred = x0_pred.clamp(-1.0, 1.0)
+            mean, _, log_variance = self.q_posterior(x0_pred, x, ts)
+            x = mean + (0.5 * log_variance).exp() * noise.randn_like(x) if t > 0 else mean
+            if mask is not None:
+                known = self.q_sample(x0, (ts - 1).clamp(min=0), noise.randn_like(x)) if t > 0 else x0
+                x = known * mask + (1.0 - mask) * x
+            if callback is not None:
+                callback(i, x0_pred)
+        return x
+
+    @torch.no_grad()
+    def sample(
+        self,
+        cond: Any,
+        batch_size: int = 16,
+        x_T: torch.Tensor | None = None,
+        shape: tuple[int, ...] | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """DDPM ancestral sampling of ``batch_size`` samples of the model's ``(channels, image_size, image_size)``."""
+        shape = (
+            (batch_size, *shape) if shape is not None else (batch_size, self.channels, self.image_size, self.image_size)
+        )
+        return self.p_sample_loop(cond, shape, x_T=x_T, **kwargs)
+
 
 class LatentDiffusion(DDPM):
     """Diffusion in the latent space of a frozen first stage (``AutoencoderKL``), conditioned by a cond stage.
@@ -387,3 +448,63 @@ class LatentDiffusion(DDPM):
                 cond = {"c_concat" if self.model.conditioning_key == "concat" else "c_crossattn": cond}
         out = self.model(x_noisy, t, **cond)
         return out[0] if isinstance(out, tuple) else out
+
+
+class LatentInpaintDiffusion(LatentDiffusion):
+    """SD inpainting models: the UNet sees the noisy latent plus the mask and the masked image's latent.
+
+    With ``conditioning_key: hybrid`` the 9 UNet input channels are the latent (4), the mask (1, 1 = repaint) and
+    the latent of the image with the masked region blanked (4), concatenated in ``concat_keys`` order; the text
+    embedding goes to cross-attention as usual.
+
+    ``finetune_keys`` (with ``ckpt_path``) start an inpainting model from an ordinary checkpoint: those weights keep
+    their first ``keep_finetune_dims`` input channels from the checkpoint and start the new ones at zero.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        concat_keys: tuple[str, ...] | list[str] = ("mask", "masked_image"),
+        masked_image_key: str = "masked_image",
+        finetune_keys: tuple[str, ...] | list[str] | None = None,
+        keep_finetune_dims: int = 4,
+        **kwargs: Any,
+    ) -> None:
+        ckpt_path = kwargs.pop("ckpt_path", None)
+        ignore_keys = kwargs.pop("ignore_keys", ())
+        super().__init__(*args, **kwargs)
+        if masked_image_key not in concat_keys:
+            raise ConfigError(f"masked_image_key '{masked_image_key}' must be one of concat_keys {list(concat_keys)}.")
+        self.concat_keys = tuple(concat_keys)
+        self.masked_image_key = masked_image_key
+        self.finetune_keys = tuple(finetune_keys or ())
+        self.keep_finetune_dims = keep_finetune_dims
+        if ckpt_path is not None:
+            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys)
+
+    def init_from_ckpt(
+        self, path: str, ignore_keys: list[str] | tuple[str, ...] = (), only_model: bool = False
+    ) -> None:
+        from ldm.checkpoint import load_state_dict_into, read_checkpoint
+
+        state_dict, _ = read_checkpoint(path)
+        own = self.state_dict()
+        for key in self.finetune_keys:
+            if key in state_dict and state_dict[key].shape != own[key].shape:
+                widened = torch.zeros_like(own[key], device="cpu")
+                widened[:, : self.keep_finetune_dims] = state_dict[key][:, : self.keep_finetune_dims]
+                state_dict[key] = widened
+        load_state_dict_into(self, state_dict, ignore_prefixes=ignore_keys)
+
+    @torch.no_grad()
+    def inpainting_conditioning(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The UNet's extra input channels for inpainting ``image`` where ``mask`` is 1.
+
+        image: (B, 3, H, W) in [-1, 1]; mask: (B, 1, H, W) in {0, 1}, 1 = repaint -> (B, 1 + 4, H/f, W/f).
+        The masked image is encoded with the posterior mode, so the result does not depend on a random draw.
+        """
+        mask = (mask >= 0.5).to(image.dtype)
+        parts = {self.masked_image_key: self.scale_factor * self.encode_first_stage(image * (1.0 - mask)).mode()}
+        size = parts[self.masked_image_key].shape[-2:]
+        parts.update({k: F.interpolate(mask, size=size) for k in self.concat_keys if k != self.masked_image_key})
+        return torch.cat([parts[k] for k in self.concat_keys], dim=1)

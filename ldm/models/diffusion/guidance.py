@@ -1,0 +1,169 @@
+"""How every sampler calls the model: classifier-free guidance, eps/x0/v conversion, and the sigma view.
+
+Samplers never call the UNet directly. Discrete-time samplers (DDIM, PLMS) use :class:`GuidedEps`, an eps-predictor
+``eps(x_t, t)``; the k-diffusion family uses :class:`Denoiser`, ``D(x, sigma)`` with ``x = x0 + sigma * eps``.
+Both go through ``model.apply_model`` once per step, with the unconditional and conditional halves in one batch.
+The schedule is a CPU table, and step arguments are Python floats, so a sampling loop makes no host-device syncs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+
+class DiscreteSchedule:
+    """The model's discrete noise levels, continued to fractional timesteps by interpolating log-sigma.
+
+    ``sigma(t) = sqrt((1 - alpha_cumprod[t]) / alpha_cumprod[t])``, the noise-to-signal ratio at integer step ``t``.
+    Held on the CPU in float64; scalars in and out are Python floats.
+    """
+
+    def __init__(self, alphas_cumprod: torch.Tensor) -> None:
+        self.alphas_cumprod = alphas_cumprod.detach().to("cpu", torch.float64)
+        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
+        self.log_sigmas = self.sigmas.log()
+
+    @property
+    def num_timesteps(self) -> int:
+        return len(self.sigmas)
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1])
+
+    def t_to_sigma(self, t: float) -> float:
+        t = min(max(float(t), 0.0), self.num_timesteps - 1.0)
+        low = min(int(math.floor(t)), self.num_timesteps - 2)
+        w = t - low
+        return math.exp((1 - w) * float(self.log_sigmas[low]) + w * float(self.log_sigmas[low + 1]))
+
+    def sigma_to_t(self, sigma: float) -> float:
+        """Inverse of :meth:`t_to_sigma`; sigmas outside the table clamp to its ends."""
+        log_sigma = math.log(max(float(sigma), 1e-10))
+        high = int(torch.searchsorted(self.log_sigmas, torch.tensor(log_sigma, dtype=torch.float64)))
+        high = min(max(high, 1), self.num_timesteps - 1)
+        lo, hi = float(self.log_sigmas[high - 1]), float(self.log_sigmas[high])
+        w = min(max((log_sigma - lo) / (hi - lo), 0.0), 1.0)
+        return high - 1 + w
+
+    def alpha_cumprod(self, t: float) -> float:
+        """``alpha_cumprod`` at a possibly fractional ``t`` (exactly the table value at integers)."""
+        if float(t).is_integer() and 0 <= t < self.num_timesteps:
+            return float(self.alphas_cumprod[int(t)])
+        return 1.0 / (1.0 + self.t_to_sigma(t) ** 2)
+
+
+def output_to_eps(output: torch.Tensor, x_t: torch.Tensor, alpha_cumprod: float, parameterization: str) -> torch.Tensor:
+    """Convert a model output (eps, x0 or v prediction) at ``x_t`` with ``alpha_cumprod`` to an eps prediction."""
+    if parameterization == "eps":
+        return output
+    a, b = math.sqrt(alpha_cumprod), math.sqrt(1.0 - alpha_cumprod)
+    if parameterization == "v":
+        return a * output + b * x_t
+    if parameterization == "x0":
+        return (x_t - a * output) / b
+    raise ValueError(f"unknown parameterization '{parameterization}'; expected eps, x0 or v.")
+
+
+def _batch_conditionings(uncond: Any, cond: Any) -> Any | None:
+    """``uncond`` and ``cond`` stacked along the batch, or None when they cannot be (e.g. different lengths)."""
+    if isinstance(cond, torch.Tensor) and isinstance(uncond, torch.Tensor):
+        return torch.cat([uncond, cond]) if uncond.shape[1:] == cond.shape[1:] else None
+    if isinstance(cond, Mapping) and isinstance(uncond, Mapping) and cond.keys() == uncond.keys():
+        out = {}
+        for key in cond:
+            out[key] = _batch_conditionings(uncond[key], cond[key])
+            if out[key] is None:
+                return None
+        return out
+    if isinstance(cond, list | tuple) and isinstance(uncond, list | tuple) and len(cond) == len(uncond):
+        out = [_batch_conditionings(u, c) for u, c in zip(uncond, cond, strict=True)]
+        return None if any(o is None for o in out) else out
+    return None
+
+
+class GuidedEps:
+    """Classifier-free guided eps-prediction ``eps(x_t, t)`` of a diffusion model.
+
+    ``eps = eps_u + scale * (eps_c - eps_u)`` with one batched ``apply_model`` call over ``[uncond, cond]``. Without
+    ``uncond`` (or with ``scale == 1``) only the conditional branch runs. ``uncond`` may be any conditioning of the
+    model's kind, which is how negative prompts work.
+
+    Args:
+        model: a ``DDPM``/``LatentDiffusion`` (uses ``apply_model``, ``alphas_cumprod``, ``parameterization``).
+        cond: conditioning for ``apply_model`` (e.g. (B, 77, D), or a dict for hybrid/inpainting models).
+        uncond: the unconditional (or negative) conditioning, same kind as ``cond``.
+        scale: guidance scale; 1 means no guidance.
+    """
+
+    def __init__(self, model: Any, cond: Any = None, uncond: Any = None, scale: float = 1.0) -> None:
+        self.model = model
+        self.cond = cond
+        self.uncond = uncond if scale != 1.0 else None
+        self.scale = float(scale)
+        self.parameterization = getattr(model, "parameterization", "eps")
+        self.schedule = DiscreteSchedule(model.alphas_cumprod)
+        self.batched = _batch_conditionings(self.uncond, cond) if self.uncond is not None else None
+
+    def model_output(self, x_t: torch.Tensor, t: float) -> torch.Tensor:
+        """The guided raw model output (eps, x0 or v) at ``x_t``: (B, C, H, W) and timestep ``t``."""
+        # float32 timesteps, unless the whole computation is float64 (analytic tests need the exact fractional t).
+        dtype = torch.promote_types(x_t.dtype, torch.float32)
+        ts = torch.full((x_t.shape[0],), float(t), device=x_t.device, dtype=dtype)
+        if self.uncond is None:
+            return self.model.apply_model(x_t, ts, self.cond)
+        if self.batched is not None:
+            out_u, out_c = self.model.apply_model(torch.cat([x_t, x_t]), torch.cat([ts, ts]), self.batched).chunk(2)
+        else:
+            out_u = self.model.apply_model(x_t, ts, self.uncond)
+            out_c = self.model.apply_model(x_t, ts, self.cond)
+        return out_u + self.scale * (out_c - out_u)
+
+    def __call__(self, x_t: torch.Tensor, t: float, alpha_cumprod: float | None = None) -> torch.Tensor:
+        """eps prediction at ``x_t``: (B, C, H, W), timestep ``t`` (fractional allowed); ``alpha_cumprod`` at ``t``."""
+        if alpha_cumprod is None:
+            alpha_cumprod = self.schedule.alpha_cumprod(t)
+        return output_to_eps(self.model_output(x_t, t), x_t, alpha_cumprod, self.parameterization)
+
+
+class Denoiser:
+    """The k-diffusion view of a discrete-time model: ``D(x, sigma)`` estimates x0 from ``x = x0 + sigma * eps``.
+
+    ``x`` is the model's ``x_t`` divided by ``sqrt(alpha_cumprod)``; the model sees ``x_t`` at the (possibly
+    fractional) timestep whose sigma this is. With ``mask`` and ``x0`` (mask 1 = keep ``x0``, as in CompVis), the
+    known region of the estimate is replaced by ``x0``, which inpaints with any sampler.
+    """
+
+    def __init__(self, eps: GuidedEps, mask: torch.Tensor | None = None, x0: torch.Tensor | None = None) -> None:
+        if (mask is None) != (x0 is None):
+            raise ValueError("inpainting needs both mask and x0 (the known latent).")
+        self.eps = eps
+        self.schedule = eps.schedule
+        self.mask = mask
+        self.x0 = x0
+
+    @property
+    def sigma_min(self) -> float:
+        return self.schedule.sigma_min
+
+    @property
+    def sigma_max(self) -> float:
+        return self.schedule.sigma_max
+
+    def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        """x: (B, C, H, W) at noise level ``sigma`` (a Python float) -> denoised (B, C, H, W)."""
+        sigma = float(sigma)
+        alpha_cumprod = 1.0 / (1.0 + sigma**2)
+        eps = self.eps(x * math.sqrt(alpha_cumprod), self.schedule.sigma_to_t(sigma), alpha_cumprod)
+        denoised = x - sigma * eps
+        if self.mask is not None:
+            denoised = self.x0 * self.mask + (1.0 - self.mask) * denoised
+        return denoised
