@@ -1,0 +1,156 @@
+"""The sampler front end: names, txt2img / img2img / inpainting with every sampler, seeds, and input errors."""
+
+import math
+
+import pytest
+import torch
+from analytic_model import GaussianDataModel
+
+from ldm.models.diffusion.noise import Noise
+from ldm.models.diffusion.samplers import SAMPLERS, resolve_sampler, sample, sampler_names
+
+ALL = list(SAMPLERS)
+DETERMINISTIC = [k for k, spec in SAMPLERS.items() if not spec.stochastic]
+
+
+@pytest.mark.parametrize(
+    "name, expected_id, schedule",
+    [
+        ("Euler a", "euler_a", "discrete"),
+        ("DPM++ 2M Karras", "dpmpp_2m", "karras"),
+        ("DPM++ SDE Karras", "dpmpp_sde", "karras"),
+        ("DDIM", "ddim", "discrete"),
+        ("PLMS", "plms", "discrete"),
+        ("dpmpp_2m_sde_exponential", "dpmpp_2m_sde", "exponential"),
+        ("k_euler_ancestral", "euler_a", "discrete"),
+        ("DPM2 a", "dpm_2_a", "discrete"),
+        ("dpm_solver", "dpm_solver", "discrete"),
+        ("  lms  ", "lms", "discrete"),
+    ],
+)
+def test_names_users_know_resolve(name, expected_id, schedule):
+    spec, resolved_schedule = resolve_sampler(name)
+    assert (spec.id, resolved_schedule) == (expected_id, schedule)
+
+
+def test_every_listed_name_resolves_and_unknown_names_are_clear():
+    for name in sampler_names():
+        resolve_sampler(name)
+    with pytest.raises(ValueError, match=r"unknown sampler 'Eular a'.*Known samplers: DDIM, PLMS"):
+        resolve_sampler("Eular a")
+    with pytest.raises(ValueError, match="no karras schedule"):
+        resolve_sampler("DDIM Karras")
+
+
+@pytest.fixture(scope="module")
+def exact():
+    return GaussianDataModel(mu=0.5, s=0.7)
+
+
+def _flow_target(model, x_T):
+    # All samplers end at (or within a step of) sigma 0: compare with the exact flow from the top of the schedule.
+    sigma_max = model.schedule.sigma_max
+    return model.exact_flow(x_T * math.sqrt(1 + sigma_max**2), sigma_max, 0.0)
+
+
+@pytest.mark.parametrize("name", DETERMINISTIC)
+def test_deterministic_samplers_land_on_the_flow_solution(exact, name):
+    x_T = torch.randn(4, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    out = sample(exact, name, steps=200, x_T=x_T, progress=False)
+    # DDIM/PLMS stop at alphas_cumprod[0] (sigma 0.029), the rest at 0: 2e-2 covers both and first-order error.
+    torch.testing.assert_close(out, _flow_target(exact, x_T), atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_img2img_strength_zero_returns_input_and_one_works(exact, name):
+    init = torch.full((2, 1, 2, 2), 0.25, dtype=torch.float64)
+    noise = Noise.from_seed(3, 2)
+    assert sample(exact, name, steps=10, init_latent=init, strength=0.0, noise=noise, progress=False) is init
+    out = sample(exact, name, steps=10, init_latent=init, strength=1.0, noise=noise, progress=False)
+    assert out.shape == init.shape and torch.isfinite(out).all()
+    half = sample(exact, name, steps=10, init_latent=init, strength=0.5, noise=Noise.from_seed(3, 2), progress=False)
+    assert not torch.equal(half, init)
+
+
+@pytest.mark.parametrize("name", ["ddim", "euler", "dpmpp_2m"])
+def test_img2img_runs_int_strength_times_steps_model_calls(name):
+    model = GaussianDataModel()
+    init = torch.zeros(1, 1, 2, 2, dtype=torch.float64)
+    sample(model, name, steps=10, init_latent=init, strength=0.55, noise=Noise([0]), progress=False)
+    assert model.calls == 5
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_batch_of_three_equals_three_single_runs(exact, name):
+    batch = sample(exact, name, steps=6, shape=(3, 1, 2, 2), noise=Noise.from_seed(11, 3), eta=None, progress=False)
+    for i in range(3):
+        single = sample(exact, name, steps=6, shape=(1, 1, 2, 2), noise=Noise([11 + i]), progress=False)
+        torch.testing.assert_close(batch[i : i + 1], single)
+
+
+@pytest.mark.parametrize("name", ["ddim", "plms", "euler_a", "dpmpp_2m"])
+def test_inpainting_mask_keeps_the_known_region(exact, name):
+    init = torch.full((1, 1, 4, 4), -0.3, dtype=torch.float64)
+    mask = torch.zeros(1, 1, 4, 4, dtype=torch.float64)
+    mask[..., :2] = 1.0
+    out = sample(exact, name, steps=20, init_latent=init, mask=mask, noise=Noise([5]), progress=False)
+    # DDIM/PLMS end at alphas_cumprod[0], where the known region is x0 noised by sigma 0.029.
+    assert (out[..., :2] - init[..., :2]).abs().max() < 0.1
+    assert (out[..., 2:] - init[..., 2:]).abs().max() > 0.1
+
+
+def test_v_model_gives_the_same_samples(exact):
+    v_model = GaussianDataModel(mu=0.5, s=0.7, parameterization="v")
+    for name in ALL:
+        a = sample(exact, name, steps=8, shape=(1, 1, 2, 2), noise=Noise([2]), progress=False)
+        b = sample(v_model, name, steps=8, shape=(1, 1, 2, 2), noise=Noise([2]), progress=False)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_callback_sees_every_step(exact):
+    seen = []
+    sample(exact, "heun", steps=7, shape=(1, 1, 2, 2), callback=lambda i, d: seen.append(i), progress=False)
+    assert seen == list(range(7))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"steps": 0}, "steps must be an integer in 1..1000"),
+        ({"steps": 1001}, "steps must be an integer in 1..1000"),
+        ({"steps": 2.5}, "steps must be an integer"),
+        ({"strength": 1.5, "init_latent": torch.zeros(1, 1, 2, 2)}, r"strength must be in \[0, 1\]"),
+        ({"strength": 0.5}, "strength is for img2img"),
+        ({"eta": -1.0}, "eta must be >= 0"),
+        ({"sampler": "euler", "eta": 0.5}, "deterministic"),
+        ({"sampler": "plms", "eta": 0.5}, "PLMS only works with eta = 0"),
+        ({"x_T": torch.zeros(1, 1, 3, 3)}, r"x_T has shape \(1, 1, 3, 3\), expected \(1, 1, 2, 2\)"),
+        ({"mask": torch.ones(1, 1, 2, 2)}, "a mask needs init_latent"),
+        ({"init_latent": torch.zeros(1, 1, 2, 2), "mask": torch.ones(1, 1, 4, 4)}, "mask has shape"),
+        ({"noise": Noise([1, 2])}, "noise has 2 seeds for a batch of 1"),
+        ({"sampler": "nope"}, "unknown sampler"),
+    ],
+)
+def test_bad_arguments_are_clear_errors(exact, kwargs, message):
+    arguments = {"sampler": "ddim", "steps": 5, "shape": (1, 1, 2, 2), "progress": False, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        sample(exact, **arguments)
+
+
+@torch.no_grad()
+def test_tiny_model_txt2img_with_negative_prompt(tiny_model):
+    c = tiny_model.get_learned_conditioning(["a red circle on a blue background"])
+    uc = tiny_model.get_learned_conditioning(["blurry"])
+    for name in ["DPM++ 2M Karras", "Euler a", "PLMS"]:
+        z = sample(
+            tiny_model,
+            name,
+            steps=4,
+            cond=c,
+            uncond=uc,
+            scale=7.5,
+            shape=(1, 4, 8, 8),
+            noise=Noise([1]),
+            progress=False,
+        )
+        assert z.shape == (1, 4, 8, 8) and torch.isfinite(z).all()
