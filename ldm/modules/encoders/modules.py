@@ -135,24 +135,50 @@ class FrozenCLIPEmbedder(AbstractEncoder):
     def device(self) -> torch.device:
         return self.transformer.text_model.embeddings.token_embedding.weight.device
 
+    @property
+    def per_token(self) -> bool:
+        """Whether the output has one feature vector per token (all layers but ``"pooled"``)."""
+        return self.layer != "pooled"
+
+    def encode_token_ids(self, tokens: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+        """Encode token ids, optionally stopping ``clip_skip - 1`` layers before the configured one.
+
+        ``clip_skip`` counts back from ``layer``. With ``"last"``, ``clip_skip=2`` gives ``hidden_states[-2]`` followed
+        by the final layer norm (A1111's "CLIP skip"); with ``"hidden"`` it gives ``hidden_states[layer_idx - 1]``,
+        still without the final layer norm. ``"pooled"`` takes only ``clip_skip=1``.
+
+        Args:
+            tokens: (B, max_length) int64 token ids, e.g. from ``self.tokenizer``.
+        Returns:
+            z: (B, max_length, D) for ``"last"`` / ``"hidden"``, (B, 1, D) for ``"pooled"``.
+        """
+        num_layers = self.transformer.text_model.config.num_hidden_layers
+        top = self.layer_idx % (num_layers + 1) if self.layer == "hidden" else num_layers
+        index = top - (clip_skip - 1)
+        if clip_skip < 1 or index < 0 or (self.layer == "pooled" and clip_skip != 1):
+            raise ValueError(f"clip_skip={clip_skip} is out of range for layer={self.layer!r} of {num_layers} layers")
+        # Explicit position ids: the model's own ``position_ids`` buffer is not in the state dict, so it would be
+        # left uninitialised by a meta-device construction followed by ``load_state_dict(assign=True)``.
+        position_ids = torch.arange(tokens.shape[1], device=tokens.device)[None]
+        skipping = self.layer == "last" and clip_skip > 1
+        outputs = self.transformer(
+            input_ids=tokens, position_ids=position_ids, output_hidden_states=self.layer == "hidden" or skipping
+        )
+        if self.layer == "pooled":
+            return outputs.pooler_output[:, None, :]
+        if self.layer == "hidden":
+            return outputs.hidden_states[index]
+        if skipping:
+            return self.transformer.text_model.final_layer_norm(outputs.hidden_states[index])
+        return outputs.last_hidden_state
+
     def forward(self, text: str | Sequence[str]) -> torch.Tensor:
         """Encode prompts.
 
         Returns:
             z: (B, max_length, D) for ``"last"`` / ``"hidden"``, (B, 1, D) for ``"pooled"``.
         """
-        tokens = self.tokenizer(text).to(self.device)
-        # Explicit position ids: the model's own ``position_ids`` buffer is not in the state dict, so it would be
-        # left uninitialised by a meta-device construction followed by ``load_state_dict(assign=True)``.
-        position_ids = torch.arange(tokens.shape[1], device=tokens.device)[None]
-        outputs = self.transformer(
-            input_ids=tokens, position_ids=position_ids, output_hidden_states=self.layer == "hidden"
-        )
-        if self.layer == "last":
-            return outputs.last_hidden_state
-        if self.layer == "pooled":
-            return outputs.pooler_output[:, None, :]
-        return outputs.hidden_states[self.layer_idx]
+        return self.encode_token_ids(self.tokenizer(text).to(self.device))
 
 
 class FrozenOpenCLIPEmbedder(AbstractEncoder):
@@ -209,14 +235,30 @@ class FrozenOpenCLIPEmbedder(AbstractEncoder):
     def device(self) -> torch.device:
         return self.model.token_embedding.weight.device
 
+    @property
+    def per_token(self) -> bool:
+        """Whether the output has one feature vector per token (always, for this encoder)."""
+        return True
+
     def encode_with_transformer(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Run the text tower up to ``self.layer``.
+        """Run the text tower up to ``self.layer``: tokens (B, L) int64 -> z (B, L, width), after ``ln_final``."""
+        return self.encode_token_ids(tokens)
+
+    def encode_token_ids(self, tokens: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+        """Run the text tower, stopping ``clip_skip - 1`` blocks before the configured ``layer``.
+
+        ``clip_skip`` counts back from ``layer``, so an SD 2.x config (``"penultimate"``) with ``clip_skip=1`` is the
+        encoder as trained; ``ln_final`` is applied in every case.
 
         Args:
             tokens: (B, L) int64 token ids, L <= context length.
         Returns:
             z: (B, L, width), after ``ln_final``.
         """
+        blocks = self.model.transformer.resblocks
+        num_blocks = len(blocks) - self.layer_idx - (clip_skip - 1)
+        if clip_skip < 1 or num_blocks < 0:
+            raise ValueError(f"clip_skip={clip_skip} is out of range for layer={self.layer!r} of {len(blocks)} blocks")
         x = self.model.token_embedding(tokens) + self.model.positional_embedding[: tokens.shape[1]]
         # Built here rather than taken from the tower's ``attn_mask`` buffer, which is not in the state dict and would
         # stay uninitialised after a meta-device construction.
@@ -225,8 +267,7 @@ class FrozenOpenCLIPEmbedder(AbstractEncoder):
         # Older open_clip releases (no `batch_first` attribute) run their blocks sequence-first.
         batch_first = getattr(self.model.transformer, "batch_first", False)
         x = x if batch_first else x.transpose(0, 1)
-        blocks = self.model.transformer.resblocks
-        for block in blocks[: len(blocks) - self.layer_idx]:
+        for block in blocks[:num_blocks]:
             x = block(x, attn_mask=causal_mask)
         x = x if batch_first else x.transpose(0, 1)
         return self.model.ln_final(x)

@@ -1,0 +1,235 @@
+"""Prompt handling shared by every entry point: A1111 attention syntax, 75-token chunks, CLIP skip.
+
+Syntax (AUTOMATIC1111's, so prompts written for it mean the same here):
+
+- ``(text)`` multiplies the attention to ``text`` by 1.1, ``[text]`` divides it by 1.1, ``(text:1.3)`` sets the factor
+  to 1.3; nested brackets multiply.
+- ``\\(``, ``\\)``, ``\\[``, ``\\]`` and ``\\\\`` are literal characters; a lone backslash is dropped.
+- Unbalanced brackets are tolerated: an unclosed bracket weights everything to the end of the prompt, a stray closing
+  bracket is literal text.
+- ``BREAK`` (uppercase, a word of its own) ends the current 75-token chunk.
+
+A prompt's tokens are split into chunks of 75 (a chunk that fills up ends after its last comma when that comma is among
+its last 20 tokens, so a phrase is not cut in two); each chunk becomes ``BOS + tokens + EOS + padding`` (77 ids), is
+encoded on its own, and the chunk outputs are concatenated along the sequence axis: (B, 77 * k, D). The cross-attention
+of the UNet takes any context length, so no prompt is truncated.
+"""
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+ROUND_FACTOR = 1.1
+SQUARE_FACTOR = 1 / 1.1
+# A chunk that overflows ends after its last comma only if that comma is among its last this-many tokens (A1111's
+# default "comma padding backtrack").
+COMMA_BACKTRACK = 20
+BREAK = ("BREAK", -1.0)
+
+_ATTENTION_TOKEN = re.compile(
+    r"""
+      \\[()\[\]\\]                # an escaped bracket or backslash
+    | \\                          # a lone backslash
+    | [(\[]                       # an opening bracket
+    | :\s*([+-]?[.\d]+)\s*\)      # ":1.3)", closing a round bracket with an explicit weight
+    | [)\]]                       # a closing bracket
+    | [^\\()\[\]:]+               # plain text
+    | :                           # a colon that is not part of a weight
+    """,
+    re.VERBOSE,
+)
+_BREAK_WORD = re.compile(r"\s*\bBREAK\b\s*")
+
+# Marks a BREAK while parsing; it carries no weight, so brackets around it leave it alone.
+_BREAK_MARK = None
+
+
+def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
+    """Split a prompt into (text, weight) fragments, A1111 style.
+
+    Consecutive fragments of equal weight are merged, empty ones dropped; a BREAK is the fragment ``("BREAK", -1.0)``.
+    An empty prompt gives ``[("", 1.0)]``. Unlike A1111, a BREAK inside brackets stays a BREAK.
+
+    Example: ``"a (red:1.5) [circle]"`` -> ``[("a ", 1.0), ("red", 1.5), (" ", 1.0), ("circle", 0.909...)]``.
+    """
+    fragments: list[list[Any] | None] = []
+    round_opens: list[int] = []
+    square_opens: list[int] = []
+
+    def scale_from(start: int, factor: float) -> None:
+        for fragment in fragments[start:]:
+            if fragment is not _BREAK_MARK:
+                fragment[1] *= factor
+
+    for match in _ATTENTION_TOKEN.finditer(text):
+        token, weight = match.group(0), match.group(1)
+        if token.startswith("\\"):
+            fragments.append([token[1:], 1.0])
+        elif token == "(":
+            round_opens.append(len(fragments))
+        elif token == "[":
+            square_opens.append(len(fragments))
+        elif weight is not None and round_opens and _is_number(weight):
+            scale_from(round_opens.pop(), float(weight))
+        elif token == ")" and round_opens:
+            scale_from(round_opens.pop(), ROUND_FACTOR)
+        elif token == "]" and square_opens:
+            scale_from(square_opens.pop(), SQUARE_FACTOR)
+        else:
+            for i, part in enumerate(_BREAK_WORD.split(token)):
+                if i > 0:
+                    fragments.append(_BREAK_MARK)
+                fragments.append([part, 1.0])
+    for start in round_opens:
+        scale_from(start, ROUND_FACTOR)
+    for start in square_opens:
+        scale_from(start, SQUARE_FACTOR)
+
+    merged: list[tuple[str, float]] = []
+    for fragment in fragments:
+        if fragment is _BREAK_MARK:
+            merged.append(BREAK)
+        elif fragment[0]:
+            if merged and merged[-1] != BREAK and merged[-1][1] == fragment[1]:
+                merged[-1] = (merged[-1][0] + fragment[0], fragment[1])
+            else:
+                merged.append((fragment[0], fragment[1]))
+    return merged or [("", 1.0)]
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def encode_prompts(
+    model: Any,
+    prompts: Sequence[str],
+    negative_prompts: Sequence[str] | None = None,
+    clip_skip: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Conditioning and unconditional conditioning for classifier-free guidance.
+
+    With a per-token text encoder as cond stage (``FrozenCLIPEmbedder``, ``FrozenOpenCLIPEmbedder``) prompts get
+    attention weights, 75-token chunks and CLIP skip. Weighted outputs are rescaled so that each chunk of each prompt
+    keeps its unweighted mean (A1111 takes that mean over the whole batch; here it is per prompt, so a prompt's
+    embedding does not depend on the rest of its batch). Plain prompts of at most 75 tokens give exactly
+    ``model.get_learned_conditioning(prompts)``.
+
+    Any other cond stage (a pooled CLIP layer, a class embedder, a custom ``cond_stage_forward``) gets the prompts as
+    they are, brackets included, through ``model.get_learned_conditioning``; ``clip_skip`` must then be 1.
+
+    Args:
+        model: a ``LatentDiffusion`` (anything with ``cond_stage_model`` and ``get_learned_conditioning``).
+        prompts: B prompts (a single string counts as one).
+        negative_prompts: B negative prompts; None means empty prompts.
+        clip_skip: 1 uses the encoder's configured layer, n stops n - 1 layers earlier.
+    Returns:
+        cond, uncond: (B, 77 * k, D) each, with the same number of chunks k (the shorter side is padded with chunks of
+        the empty prompt) so that guidance can batch them.
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if negative_prompts is None:
+        negative_prompts = [""] * len(prompts)
+    negative_prompts = [negative_prompts] if isinstance(negative_prompts, str) else list(negative_prompts)
+    if len(negative_prompts) != len(prompts):
+        raise ValueError(f"got {len(negative_prompts)} negative prompts for {len(prompts)} prompts")
+    if clip_skip < 1:
+        raise ValueError(f"clip_skip must be at least 1, got {clip_skip}")
+
+    encoder = getattr(model, "cond_stage_model", None)
+    token_level = getattr(encoder, "per_token", False) and getattr(model, "cond_stage_forward", None) is None
+    if not token_level:
+        if clip_skip != 1:
+            raise ValueError("clip_skip needs a CLIP text encoder as the model's cond stage; use clip_skip=1")
+        return model.get_learned_conditioning(prompts), model.get_learned_conditioning(negative_prompts)
+
+    tokenizer = encoder.tokenizer
+    chunk_size = tokenizer.max_length - 2
+    comma = tokenizer.encode(",")
+    comma_id = comma[0] if len(comma) == 1 else None
+    cond_chunks = [_chunk(_weighted_tokens(p, tokenizer), chunk_size, comma_id) for p in prompts]
+    uncond_chunks = [_chunk(_weighted_tokens(p, tokenizer), chunk_size, comma_id) for p in negative_prompts]
+    num_chunks = max(len(chunks) for chunks in cond_chunks + uncond_chunks)
+    # Cond and uncond are encoded as separate batches so that plain prompts go through exactly the computation of
+    # ``get_learned_conditioning``.
+    cond = _encode_chunks(encoder, cond_chunks, num_chunks, clip_skip)
+    uncond = _encode_chunks(encoder, uncond_chunks, num_chunks, clip_skip)
+    return cond, uncond
+
+
+def _weighted_tokens(prompt: str, tokenizer: Any) -> list[tuple[int, float] | None]:
+    """BPE ids of a prompt with their weights; None where a BREAK is.
+
+    Each fragment is tokenised on its own, so ``"(red:1.5) circle"`` has the ids of ``"red circle"``.
+    """
+    tokens: list[tuple[int, float] | None] = []
+    for text, weight in parse_prompt_attention(prompt):
+        if (text, weight) == BREAK:
+            tokens.append(None)
+        else:
+            tokens.extend((token, weight) for token in tokenizer.encode(text))
+    return tokens
+
+
+def _chunk(tokens: list[tuple[int, float] | None], size: int, comma_id: int | None) -> list[list[tuple[int, float]]]:
+    """Split weighted tokens into chunks of at most ``size``; a None (BREAK) ends a chunk. At least one chunk."""
+    chunks: list[list[tuple[int, float]]] = []
+    current: list[tuple[int, float]] = []
+    for item in tokens:
+        if item is None:
+            chunks.append(current)
+            current = []
+            continue
+        if len(current) == size:
+            cut = size
+            tail = [token for token, _ in current[-COMMA_BACKTRACK:]]
+            if item[0] != comma_id and comma_id in tail:
+                cut = size - tail[::-1].index(comma_id)
+            chunks.append(current[:cut])
+            current = current[cut:]
+        current.append(item)
+    if current or not chunks:
+        chunks.append(current)
+    return chunks
+
+
+def _encode_chunks(
+    encoder: Any, prompt_chunks: list[list[list[tuple[int, float]]]], num_chunks: int, clip_skip: int
+) -> torch.Tensor:
+    """Encode B prompts' chunks, padded to ``num_chunks`` with empty chunks: -> (B, (size + 2) * num_chunks, D)."""
+    tokenizer = encoder.tokenizer
+    size = tokenizer.max_length - 2
+    outputs = []
+    for j in range(num_chunks):
+        ids, weights = [], []
+        for chunks in prompt_chunks:
+            chunk = chunks[j] if j < len(chunks) else []
+            padding = size - len(chunk)
+            ids.append(
+                [tokenizer.bos_token_id, *(t for t, _ in chunk), tokenizer.eos_token_id]
+                + [tokenizer.pad_token_id] * padding
+            )
+            weights.append([1.0, *(w for _, w in chunk), 1.0] + [1.0] * padding)
+        z = encoder.encode_token_ids(torch.tensor(ids, device=encoder.device), clip_skip=clip_skip)
+        outputs.append(_apply_weights(z, torch.tensor(weights, device=z.device)))
+    return torch.cat(outputs, dim=1)
+
+
+def _apply_weights(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Scale token features z: (B, L, D) by weights: (B, L), then restore each row's mean over (L, D).
+
+    Rows whose weights are all 1 come back untouched. Computed in float32: fp16 means lose too much precision.
+    """
+    reweighted = (weights != 1).any(dim=1)
+    if not reweighted.any():
+        return z
+    z32 = z.float()
+    weighted = z32 * weights[..., None]
+    weighted = weighted * (z32.mean(dim=(1, 2), keepdim=True) / weighted.mean(dim=(1, 2), keepdim=True))
+    return torch.where(reweighted[:, None, None], weighted, z32).to(z.dtype)
