@@ -111,9 +111,14 @@ def resolve_sampler(name: str) -> tuple[SamplerSpec, str]:
     return spec, schedule
 
 
-def _check_arguments(
-    steps: int, num_timesteps: int, strength: float, eta: float | None, spec: SamplerSpec, init: torch.Tensor | None
-) -> None:
+def check_sampling_arguments(
+    sampler: str, steps: int, num_timesteps: int, strength: float = 1.0, eta: float | None = None, img2img: bool = False
+) -> tuple[SamplerSpec, str]:
+    """Validate sampling settings before any work is done; returns :func:`resolve_sampler`'s answer.
+
+    Raises ValueError naming the setting and its valid range. Entry points call this before loading a model.
+    """
+    spec, schedule = resolve_sampler(sampler)
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= num_timesteps:
         raise ValueError(f"steps must be an integer in 1..{num_timesteps}, got {steps!r}.")
     if not 0.0 <= strength <= 1.0:
@@ -125,8 +130,9 @@ def _check_arguments(
             raise ValueError("PLMS only works with eta = 0.")
         if eta != 0 and not spec.stochastic and spec.id != "ddim":
             raise ValueError(f"sampler '{spec.label}' is deterministic: eta applies to DDIM and ancestral/SDE ones.")
-    if init is None and strength != 1.0:
+    if not img2img and strength != 1.0:
         raise ValueError("strength is for img2img: give init_latent too.")
+    return spec, schedule
 
 
 @dataclass
@@ -228,9 +234,9 @@ def sample(
         callback: ``callback(i, denoised)`` after each step with the current x0 estimate.
         progress: show a progress bar.
     """
-    spec, schedule = resolve_sampler(sampler)
-    num_timesteps = len(model.alphas_cumprod)
-    _check_arguments(steps, num_timesteps, strength, eta, spec, init_latent)
+    spec, schedule = check_sampling_arguments(
+        sampler, steps, len(model.alphas_cumprod), strength, eta, img2img=init_latent is not None
+    )
     reference = init_latent if init_latent is not None else x_T
     if shape is None:
         if reference is None:

@@ -1,0 +1,367 @@
+"""The command line shared by ``scripts/txt2img.py``, ``scripts/img2img.py`` and ``scripts/inpaint.py``.
+
+Every CompVis flag keeps its name, meaning and default; A1111-style additions (``--negative_prompt``, ``--sampler``,
+``--clip_skip`` ...) sit beside them, and trailing ``key=value`` arguments override the config. All input is checked
+before the model is loaded, and any bad input ends the run with one line ``error: ...`` on stderr and exit code 2,
+before a single output file is written.
+
+Seeds: image k of a run (counting over all ``--n_iter`` iterations and batches) uses seed ``--seed + k``, and its
+own noise generator, so any image can be remade alone with ``--seed <its seed> --n_samples 1 --n_iter 1`` (the
+seed is in its PNG metadata). ``--fixed_code`` gives every batch the seeds of the first one, ``--batch_seeds``
+lists each image's seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from ldm.checkpoint import CheckpointError
+from ldm.inference import (
+    PRECISIONS,
+    LatentGeometry,
+    Pipeline,
+    check_precision,
+    check_settings,
+    prepare_init_image,
+    resolve_device,
+)
+from ldm.models.diffusion.samplers import sampler_names
+from ldm.outputs import load_post_processing, make_grid, read_prompt_file, save_numbered
+from ldm.util import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = Path("configs/stable-diffusion/v1-inference.yaml")
+DEFAULT_CKPT = Path("models/ldm/stable-diffusion-v1/model.ckpt")
+DEMO_DIR = Path("models/ldm/shapes")
+SAFETY_DIR = Path("models/safety_checker")
+MODES = {
+    "txt2img": "Text to image, with CompVis's txt2img flags and A1111-style additions.",
+    "img2img": "Redraw --init-img guided by the prompt; --strength says how much of it changes.",
+    "inpaint": "Repaint the white part of --mask in --init-img (SD inpainting models or any SD model).",
+}
+DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, like every other error of the scripts."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser(mode: str) -> argparse.ArgumentParser:
+    """The argument parser of one script: ``mode`` is txt2img, img2img or inpaint."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    image_input = mode != "txt2img"
+    parser = _Parser(
+        prog=f"scripts/{mode}.py",
+        description=MODES[mode],
+        epilog="Trailing key=value arguments override the config, e.g. model.params.scale_factor=0.18215.",
+    )
+    add = parser.add_argument
+    add("--prompt", type=str, nargs="?", default="" if mode == "inpaint" else DEFAULT_PROMPT, help="the prompt")
+    add("--negative_prompt", type=str, default="", help="what the images should not show (A1111 syntax too)")
+    add("--outdir", type=str, default=f"outputs/{mode}-samples", help="dir to write results to")
+    add("--skip_grid", action="store_true", help="do not save a grid, only individual samples")
+    add("--skip_save", action="store_true", help="do not save individual samples (e.g. for speed measurements)")
+    add("--ddim_steps", "--steps", dest="ddim_steps", type=int, default=50, help="number of sampling steps")
+    samplers = parser.add_mutually_exclusive_group()
+    samplers.add_argument("--plms", action="store_true", help="use PLMS sampling (= --sampler PLMS)")
+    samplers.add_argument("--dpm_solver", action="store_true", help="use DPM-Solver++ sampling")
+    samplers.add_argument(
+        "--sampler",
+        type=str,
+        default=None,
+        metavar="NAME",
+        help="sampler by its A1111 name (default DDIM): "
+        + ", ".join(n for n in sampler_names() if not n.islower() and not n.endswith((" Karras", " Exponential")))
+        + "; add ' Karras' or ' Exponential' to k-diffusion ones for that schedule. Ids such as dpmpp_2m work too.",
+    )
+    add("--fixed_code", action="store_true", help="every batch starts from the same noise (the first batch's seeds)")
+    add(
+        "--ddim_eta",
+        type=float,
+        default=None,
+        help="eta: 0 = deterministic DDIM (default 0.0 for DDIM, 1.0 for ancestral/SDE samplers)",
+    )
+    add("--n_iter", type=int, default=2, help="sample this often")
+    add("--H", type=int, default=None if image_input else 512, help="image height, in pixel space" + _size_help(mode))
+    add("--W", type=int, default=None if image_input else 512, help="image width, in pixel space" + _size_help(mode))
+    add("--C", type=int, default=None, help="latent channels (default: the model's, 4 for SD); must match the model")
+    add("--f", type=int, default=None, help="downsampling factor (default: the model's, 8 for SD); must match")
+    add("--n_samples", type=int, default=3, help="how many samples to produce for each given prompt (batch size)")
+    add("--n_rows", type=int, default=0, help="images per row in the grid (default: n_samples)")
+    add(
+        "--scale",
+        type=float,
+        default=7.5,
+        help="unconditional guidance scale: eps = eps(x, uncond) + scale * (eps(x, cond) - eps(x, uncond))",
+    )
+    add("--from-file", dest="from_file", type=str, help="read prompts from this file, one a line, in batches")
+    add("--config", type=str, default=None, help=f"config of the model (default {DEFAULT_CONFIG})")
+    add("--ckpt", type=str, default=None, help=f"checkpoint of the model (default {DEFAULT_CKPT})")
+    add("--seed", type=int, default=42, help="seed of the first image; image k uses seed + k")
+    add("--batch_seeds", type=int, nargs="+", default=None, metavar="SEED", help="one seed per image of the run")
+    add(
+        "--precision",
+        type=str,
+        choices=PRECISIONS,
+        default="autocast",
+        help="full (fp32), autocast (fp16 compute on CUDA, fp32 elsewhere), fp16 or bf16 weights",
+    )
+    add("--device", type=str, default=None, help="cpu, cuda, cuda:N or mps (default: the best available)")
+    add("--clip_skip", type=int, default=1, help="1 = last text encoder layer, 2 = the one before (A1111)")
+    if image_input:
+        add("--init-img", dest="init_img", type=str, required=True, help="path to the input image")
+        add(
+            "--strength",
+            type=float,
+            default=0.75 if mode == "img2img" else 1.0,
+            help="strength for noising/unnoising: 1.0 corresponds to full destruction of the init image",
+        )
+    if mode == "inpaint":
+        add("--mask", type=str, required=True, help="mask image of the init image's size, white = repaint")
+    add("overrides", nargs="*", metavar="key=value", help="config overrides")
+    return parser
+
+
+def _size_help(mode: str) -> str:
+    if mode == "txt2img":
+        return " (default 512)"
+    return " (default: the init image's, rounded down to a multiple of 64 for SD, as CompVis did)"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checking the request
+
+
+@dataclass
+class Job:
+    """A fully checked run: what to load, what to generate, where to write."""
+
+    mode: str
+    config: Any
+    ckpt: Path
+    device: torch.device
+    precision: str
+    geometry: LatentGeometry
+    batches: list[list[str]]
+    seeds: list[list[int]]
+    outdir: Path
+    save_samples: bool
+    grid_images_per_row: int | None  # None: no grid
+    generate: dict[str, Any]
+
+
+def _shown(path: Path) -> str:
+    """A path as the user would type it: relative to the working directory when it is inside it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def project_path(relative: Path) -> Path:
+    """A default path: relative to the working directory, as in CompVis, or else to this project's root."""
+    return relative if relative.exists() else ROOT / relative
+
+
+def _demo_hint() -> str:
+    demo = project_path(DEMO_DIR)
+    if not demo.is_dir():
+        return ""
+    configs = sorted(demo.glob("*.yaml"))
+    ckpts = sorted([*demo.glob("*.ckpt"), *demo.glob("*.safetensors")])
+    if configs and ckpts:
+        return f" To try the bundled demo model instead: --config {_shown(configs[0])} --ckpt {_shown(ckpts[0])}."
+    return f" A bundled demo model is in {_shown(demo)}/."
+
+
+def find_checkpoint(ckpt: str | None) -> Path:
+    """The checkpoint to load: ``--ckpt``, or the CompVis default path (``.ckpt`` or ``.safetensors``)."""
+    if ckpt is not None:
+        path = Path(ckpt)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint '{ckpt}' does not exist; check --ckpt.")
+        return path
+    for base in (DEFAULT_CKPT, ROOT / DEFAULT_CKPT):
+        for candidate in (base, base.with_suffix(".safetensors")):
+            if candidate.is_file():
+                return candidate
+    default = ROOT / DEFAULT_CKPT
+    raise FileNotFoundError(
+        f"no --ckpt given and no checkpoint at {_shown(default)}. Download a Stable Diffusion 1.x checkpoint "
+        f"(e.g. v1-5-pruned-emaonly.ckpt or sd-v1-4.ckpt) and save it as {_shown(default)}, or pass "
+        f"--ckpt PATH (with --config for SD 2.x; see models/README.md).{_demo_hint()}"
+    )
+
+
+def _sampler(args: argparse.Namespace) -> str:
+    if args.plms:
+        return "plms"
+    if args.dpm_solver:
+        return "dpm_solver"
+    return args.sampler or "ddim"
+
+
+def plan(mode: str, args: argparse.Namespace) -> Job:
+    """Check every input and work out batches and seeds; loads no model and writes nothing."""
+    ckpt = find_checkpoint(args.ckpt)
+    config = load_config(args.config if args.config is not None else project_path(DEFAULT_CONFIG), args.overrides)
+    geometry = LatentGeometry.from_config(config)
+    if args.C is not None and args.C != geometry.channels:
+        raise ValueError(f"--C {args.C} does not match the model's {geometry.channels} latent channels; drop --C.")
+    if args.f is not None and args.f != geometry.factor:
+        raise ValueError(f"--f {args.f} does not match the model's downsampling factor {geometry.factor}; drop --f.")
+    device = resolve_device(args.device)
+    check_precision(args.precision, device)
+    sampler = _sampler(args)
+    strength = getattr(args, "strength", None)
+    check_settings(
+        geometry,
+        steps=args.ddim_steps,
+        sampler=sampler,
+        scale=args.scale,
+        n=args.n_samples,
+        strength=strength,
+        clip_skip=args.clip_skip,
+        eta=args.ddim_eta,
+    )
+    if args.n_iter < 1:
+        raise ValueError(f"--n_iter must be at least 1, got {args.n_iter}.")
+    if args.n_rows < 0:
+        raise ValueError(f"--n_rows must be 0 (= n_samples) or more, got {args.n_rows}.")
+
+    height, width = args.H, args.W
+    init_image = mask = None
+    if mode == "txt2img":
+        geometry.check_size(height, width)
+    else:
+        init_image, mask = prepare_init_image(
+            args.init_img, getattr(args, "mask", None), geometry, height=height, width=width
+        )
+        width, height = init_image.size
+
+    if args.from_file:
+        prompts = read_prompt_file(args.from_file)
+        batches = [prompts[i : i + args.n_samples] for i in range(0, len(prompts), args.n_samples)]
+    else:
+        batches = [[args.prompt if args.prompt is not None else ""] * args.n_samples]
+    batches = batches * args.n_iter
+    total = sum(len(b) for b in batches)
+    if args.batch_seeds is not None:
+        if len(args.batch_seeds) != total:
+            raise ValueError(f"--batch_seeds gives {len(args.batch_seeds)} seeds for {total} images; give one each.")
+        flat = list(args.batch_seeds)
+    elif args.fixed_code:
+        flat = [args.seed + j for b in batches for j in range(len(b))]
+    else:
+        flat = [args.seed + k for k in range(total)]
+    seeds, start = [], 0
+    for batch in batches:
+        seeds.append(flat[start : start + len(batch)])
+        start += len(batch)
+
+    outdir = Path(args.outdir)
+    if outdir.exists() and not outdir.is_dir():
+        raise ValueError(f"--outdir '{args.outdir}' is a file; give a directory.")
+    return Job(
+        mode=mode,
+        config=config,
+        ckpt=ckpt,
+        device=device,
+        precision=args.precision,
+        geometry=geometry,
+        batches=batches,
+        seeds=seeds,
+        outdir=outdir,
+        save_samples=not args.skip_save,
+        grid_images_per_row=None if args.skip_grid else args.n_rows or args.n_samples,
+        generate={
+            "negative_prompt": args.negative_prompt,
+            "init_image": init_image,
+            "mask": mask,
+            "strength": strength,
+            "steps": args.ddim_steps,
+            "sampler": sampler,
+            "scale": args.scale,
+            "height": height,
+            "width": width,
+            "eta": args.ddim_eta,
+            "clip_skip": args.clip_skip,
+        },
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Running it
+
+
+def run(job: Job) -> list[Path]:
+    """Load the model, generate every batch and save samples and grid; returns the written files."""
+    pipe = Pipeline.from_config(job.config, job.ckpt, device=job.device, precision=job.precision)
+    checker = watermarker = None
+    if job.save_samples or job.grid_images_per_row is not None:
+        checker, watermarker, notices = load_post_processing(project_path(SAFETY_DIR), job.device)
+        for notice in notices:
+            print(f"note: {notice}", file=sys.stderr)
+    steps = job.generate["steps"]
+    images: list[Image.Image] = []
+    parameters: list[str] = []
+    written: list[Path] = []
+    with tqdm(total=len(job.batches) * steps, desc=job.mode, unit="step") as bar:
+        for b, (prompts, seeds) in enumerate(zip(job.batches, job.seeds, strict=True)):
+            result = pipe.generate(
+                prompts, seed=seeds, callback=lambda i, x: bar.update(1), progress=False, **job.generate
+            )
+            # img2img runs only part of the schedule; the bar still ends each batch at its boundary.
+            bar.update((b + 1) * steps - bar.n)
+            batch_images = result.images
+            if checker is not None:
+                batch_images, flagged = checker(batch_images)
+                for seed, bad in zip(result.seeds, flagged, strict=True):
+                    if bad:
+                        tqdm.write(f"note: the image of seed {seed} was flagged by the safety checker and blacked out.")
+            if watermarker is not None:
+                batch_images = [watermarker(im) for im in batch_images]
+            for i, image in enumerate(batch_images):
+                parameters.append(result.parameters(i))
+                if job.save_samples:
+                    written.append(save_numbered(image, job.outdir / "samples", parameters[-1]))
+            images.extend(batch_images)
+    if job.grid_images_per_row is not None:
+        grid = make_grid(images, job.grid_images_per_row)
+        written.append(save_numbered(grid, job.outdir, parameters[0], grid=True))
+    return written
+
+
+def main(mode: str, argv: Sequence[str] | None = None) -> int:
+    """Run one script (``mode``: txt2img, img2img or inpaint) with ``argv``; returns the exit code."""
+    try:
+        args = build_parser(mode).parse_args(argv)
+    except SystemExit as exit:  # --help, or a usage error already reported in one line
+        return int(exit.code or 0)
+    try:
+        job = plan(mode, args)
+        written = run(job)
+    except (ConfigError, CheckpointError, ValueError, OSError) as err:
+        # Messages from OmegaConf and PIL can span lines; the scripts promise one.
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError:
+        print("error: out of memory; lower --n_samples or --H/--W, or use --precision fp16.", file=sys.stderr)
+        return 2
+    if written:
+        files = f"{len(written)} file" + ("s" if len(written) != 1 else "")
+        print(f"Your samples are ready and waiting for you here: {_shown(job.outdir)} ({files})")
+    return 0

@@ -1,0 +1,558 @@
+"""Generate images with a latent diffusion model: load once, then ``generate`` for txt2img, img2img and inpainting.
+
+    config, ckpt = "configs/stable-diffusion/v1-inference.yaml", "models/ldm/stable-diffusion-v1/model.ckpt"
+    pipe = Pipeline.from_config(config, ckpt)
+    result = pipe.generate("a painting of a fox", steps=20, sampler="Euler a", seed=42, n=3)
+    result.images[0].save("fox.png", pnginfo=png_info(result.parameters(0)))  # image i was made with seed 42 + i
+
+The scripts in ``scripts/`` are thin wrappers over this module and :mod:`ldm.cli`.
+
+Precision (``precision=``):
+
+- ``full``: float32 everywhere.
+- ``autocast`` (the CompVis default): float32 weights, float16 compute via ``torch.autocast`` on CUDA. On the CPU and
+  on MPS it is the same as ``full``, as the original's ``autocast("cuda")`` was.
+- ``fp16`` / ``bf16``: the UNet, VAE and text encoder weights are converted and run under autocast in that type (half
+  the memory). The schedule and the sampler's state stay float32. ``fp16`` needs a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from PIL import Image
+
+from ldm.checkpoint import load_model_from_config
+from ldm.models.diffusion.ddpm import LatentInpaintDiffusion
+from ldm.models.diffusion.noise import Noise
+from ldm.models.diffusion.samplers import check_sampling_arguments, resolve_sampler, sample
+from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.outputs import format_parameters, load_image, model_hash
+from ldm.prompts import encode_prompts
+from ldm.util import apply_overrides, default_device, load_config
+
+PRECISIONS = ("full", "autocast", "fp16", "bf16")
+DTYPES = {"autocast": torch.float16, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# Defaults of the UNet and DDPM constructors, for configs that leave these parameters out.
+UNET_DEFAULT_CHANNEL_MULT = (1, 2, 4, 8)
+DDPM_DEFAULT_CHANNELS = 3
+DDPM_DEFAULT_TIMESTEPS = 1000
+DDPM_DEFAULT_IMAGE_SIZE = 256
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What can be checked before a model is loaded
+
+
+@dataclass(frozen=True)
+class LatentGeometry:
+    """How image sizes map to latents for a model, read from its config (no weights needed).
+
+    channels: latent channels C. factor: the VAE's downsampling f (image H = f * latent h). multiple: image sides
+    must be multiples of this, f times the UNet's total downsampling (its skip connections need even sizes at every
+    level). default_size: the side the model was trained at (the config's latent ``image_size`` times f).
+    timesteps: the number of diffusion steps T (sampling steps are at most T).
+    """
+
+    channels: int
+    factor: int
+    multiple: int
+    default_size: int
+    timesteps: int
+
+    @classmethod
+    def from_config(cls, config: Any) -> LatentGeometry:
+        """From a full config (with ``model:``) or its model node; ValueError unless it describes a latent model."""
+        node = config.model if "model" in config else config
+        params = node.get("params") or {}
+        first_stage = params.get("first_stage_config")
+        if first_stage is None or "unet_config" not in params:
+            raise ValueError(
+                "this config has no model.params.first_stage_config / unet_config; image generation needs a "
+                "LatentDiffusion config such as configs/stable-diffusion/v1-inference.yaml."
+            )
+        ddconfig = first_stage.get("params", {}).get("ddconfig") if isinstance(first_stage, Mapping) else None
+        factor = 2 ** (len(ddconfig["ch_mult"]) - 1) if ddconfig else 1
+        unet_levels = len((params.unet_config.get("params") or {}).get("channel_mult", UNET_DEFAULT_CHANNEL_MULT))
+        return cls(
+            channels=int(params.get("channels", DDPM_DEFAULT_CHANNELS)),
+            factor=factor,
+            multiple=factor * 2 ** (unet_levels - 1),
+            default_size=int(params.get("image_size", DDPM_DEFAULT_IMAGE_SIZE)) * factor,
+            timesteps=int(params.get("timesteps", DDPM_DEFAULT_TIMESTEPS)),
+        )
+
+    def check_size(self, height: int, width: int) -> None:
+        """ValueError naming the nearest valid sizes unless height and width are positive multiples of ``multiple``."""
+        for name, value in (("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % self.multiple:
+                lower = max(self.multiple, value // self.multiple * self.multiple) if isinstance(value, int) else 0
+                raise ValueError(
+                    f"{name} {value} is not a multiple of {self.multiple} (this model's VAE downsamples by "
+                    f"{self.factor} and its UNet by {self.multiple // self.factor}); use {lower} or "
+                    f"{lower + self.multiple}."
+                )
+
+    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
+        return (batch, self.channels, height // self.factor, width // self.factor)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a torch.device (None: CUDA, then MPS, then CPU); ValueError when it is unknown or absent here."""
+    if device is None:
+        return default_device()
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device '{device}'; use cpu, cuda, cuda:N or mps.") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index is not None and device.index >= count):
+            raise ValueError(f"device '{device}' is not available here ({count} CUDA GPU(s)); use --device cpu.")
+    elif device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ValueError("device 'mps' is not available here (no Apple GPU); use --device cpu.")
+    elif device.type != "cpu":
+        raise ValueError(f"device '{device}' is not supported; use cpu, cuda, cuda:N or mps.")
+    return device
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """ValueError unless ``precision`` is one of PRECISIONS and runs on ``device``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'.")
+    if precision == "fp16" and device.type == "cpu":
+        raise ValueError("precision fp16 needs a GPU (the CPU has no fast float16); use full or bf16 on the CPU.")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("this GPU has no bfloat16 support; use fp16 or autocast.")
+
+
+def check_settings(
+    geometry: LatentGeometry,
+    *,
+    steps: int,
+    sampler: str,
+    scale: float,
+    n: int,
+    strength: float | None = None,
+    clip_skip: int = 1,
+    eta: float | None = None,
+) -> None:
+    """Validate generation settings that do not need the model's weights (ValueError naming the fix)."""
+    check_sampling_arguments(
+        sampler, steps, geometry.timesteps, 1.0 if strength is None else strength, eta, img2img=strength is not None
+    )
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"the number of images per prompt must be at least 1, got {n!r}.")
+    if not np.isfinite(scale):
+        raise ValueError(f"the guidance scale must be a finite number, got {scale}.")
+    if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 1:
+        raise ValueError(f"clip_skip must be an integer of at least 1 (1 = last layer), got {clip_skip!r}.")
+
+
+def prepare_init_image(
+    init_image: Image.Image | str | os.PathLike,
+    mask: Image.Image | str | os.PathLike | None,
+    geometry: LatentGeometry,
+    height: int | None = None,
+    width: int | None = None,
+) -> tuple[Image.Image, Image.Image | None]:
+    """Load (if paths) and size the img2img / inpainting inputs.
+
+    Without height/width the init image keeps its size, rounded down to the model's ``multiple`` (64 for SD), as
+    CompVis's img2img did. With both it is resized to exactly that (stretched if the aspect differs); with one, the
+    other side follows the image's aspect ratio, rounded to the multiple. The mask
+    (white = repaint) must have the init image's size; it is resized alike and made binary at 50% grey.
+    Returns (RGB image, "L" mask with values 0/255, or None).
+    """
+    image = load_image(init_image, "init image") if not isinstance(init_image, Image.Image) else init_image
+    image = image.convert("RGB")
+    if mask is not None:
+        mask = load_image(mask, "mask", mode="L") if not isinstance(mask, Image.Image) else mask.convert("L")
+        if mask.size != image.size:
+            raise ValueError(
+                f"the mask is {mask.width}x{mask.height} but the init image is {image.width}x{image.height}; "
+                "give a mask of the same size (white = repaint)."
+            )
+    m = geometry.multiple
+    if width is None and height is None:
+        width, height = image.width // m * m, image.height // m * m
+    elif width is None:
+        width = max(m, round(image.width * height / image.height / m) * m)
+    elif height is None:
+        height = max(m, round(image.height * width / image.width / m) * m)
+    if width == 0 or height == 0:
+        raise ValueError(
+            f"the init image is {image.width}x{image.height}, smaller than this model's minimum {m}x{m}; "
+            "give a larger image or --H/--W."
+        )
+    geometry.check_size(height, width)
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.LANCZOS)
+        if mask is not None:
+            mask = mask.resize((width, height), Image.Resampling.BILINEAR)
+    if mask is not None:
+        mask = mask.point(lambda v: 255 if v >= 128 else 0)
+    return image, mask
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Conversions
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> (1, 3, H, W) float32 in [-1, 1]."""
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+
+
+def mask_to_tensor(mask: Image.Image) -> torch.Tensor:
+    """Binary "L" mask -> (1, 1, H, W) float32, 1 = repaint."""
+    return torch.from_numpy((np.asarray(mask) >= 128).astype(np.float32))[None, None]
+
+
+def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) roughly in [-1, 1] -> B RGB uint8 PIL images (clamped, rounded)."""
+    pixels = ((x.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+    return [Image.fromarray(a) for a in pixels.permute(0, 2, 3, 1).cpu().numpy()]
+
+
+def sampler_label(name: str) -> str:
+    """The A1111 label of a sampler name: ``"dpmpp_2m_karras"`` -> ``"DPM++ 2M Karras"``."""
+    spec, schedule = resolve_sampler(name)
+    return spec.label if schedule == "discrete" else f"{spec.label} {schedule.capitalize()}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The pipeline
+
+
+@dataclass
+class GenerationResult:
+    """Images of one ``generate`` call and everything needed to reproduce them.
+
+    ``images[i]`` was made from ``prompts[i]`` / ``negative_prompts[i]`` with noise seed ``seeds[i]``.
+    ``strength`` is None for txt2img.
+    """
+
+    images: list[Image.Image]
+    seeds: list[int]
+    prompts: list[str]
+    negative_prompts: list[str]
+    steps: int
+    sampler: str
+    scale: float
+    width: int
+    height: int
+    strength: float | None
+    eta: float | None
+    clip_skip: int
+    model_name: str | None
+    model_hash: str | None
+
+    def fields(self, i: int) -> dict[str, Any]:
+        """The A1111 settings of image ``i``, in A1111's order (None values are left out when written)."""
+        return {
+            "Steps": self.steps,
+            "Sampler": self.sampler,
+            "CFG scale": self.scale,
+            "Seed": self.seeds[i],
+            "Size": f"{self.width}x{self.height}",
+            "Model hash": self.model_hash,
+            "Model": self.model_name,
+            "Denoising strength": self.strength,
+            "Clip skip": self.clip_skip if self.clip_skip != 1 else None,
+            "Eta": self.eta,
+        }
+
+    def parameters(self, i: int) -> str:
+        """The A1111 ``parameters`` text of image ``i`` (see :func:`ldm.outputs.format_parameters`)."""
+        return format_parameters(self.prompts[i], self.negative_prompts[i], self.fields(i))
+
+
+def _seeds(seed: int | Sequence[int] | None, count: int) -> list[int]:
+    if seed is None or isinstance(seed, int):
+        return Noise.from_seed(seed, count).seeds
+    seeds = [int(s) for s in seed]
+    if len(seeds) != count:
+        raise ValueError(f"got {len(seeds)} seeds for {count} images; give one per image, or a single seed.")
+    return seeds
+
+
+class Pipeline:
+    """A loaded latent diffusion model ready to generate images; see :meth:`from_config` and :meth:`generate`.
+
+    Args:
+        model: a ``LatentDiffusion`` (or ``LatentInpaintDiffusion``) in eval mode, already placed on its devices.
+        geometry: its :class:`LatentGeometry`.
+        device: where the UNet runs (and the other stages while they are used).
+        precision: one of PRECISIONS (see the module docstring); weights must already be in its dtype.
+        idle_device: where the text encoder and VAE wait between uses (e.g. ``"cpu"`` to save GPU memory), or None
+            to keep them on ``device``.
+        ckpt: the checkpoint file, for the model name and hash written into image metadata.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        geometry: LatentGeometry,
+        device: torch.device | str,
+        precision: str = "full",
+        idle_device: torch.device | str | None = None,
+        ckpt: str | os.PathLike | None = None,
+    ) -> None:
+        self.model = model
+        self.geometry = geometry
+        self.device = torch.device(device)
+        check_precision(precision, self.device)
+        self.precision = precision
+        self.idle_device = torch.device(idle_device) if idle_device is not None else None
+        self.ckpt = Path(ckpt) if ckpt is not None else None
+        self.inpainting = isinstance(model, LatentInpaintDiffusion)
+
+    @classmethod
+    def from_config(
+        cls,
+        config: str | os.PathLike | DictConfig,
+        ckpt: str | os.PathLike | None,
+        device: str | torch.device | None = None,
+        precision: str = "autocast",
+        overrides: Sequence[str] = (),
+        use_ema_weights: bool = False,
+        idle_device: str | torch.device | None = None,
+    ) -> Pipeline:
+        """Build the model of a config (path or OmegaConf, plus ``key=value`` overrides) and load ``ckpt`` strictly.
+
+        ``ckpt=None`` keeps random weights (for tests). Raises ConfigError / CheckpointError / ValueError with a
+        message naming the fix.
+        """
+        if isinstance(config, str | os.PathLike):
+            config = load_config(config, overrides)
+        else:
+            config = apply_overrides(config, overrides)
+        device = resolve_device(device)
+        idle = resolve_device(idle_device) if idle_device is not None else None
+        check_precision(precision, device)
+        geometry = LatentGeometry.from_config(config)
+        model = load_model_from_config(config, ckpt, device="cpu", use_ema_weights=use_ema_weights)
+        if precision in ("fp16", "bf16"):
+            for stage in {id(s): s for s in (model.model, model.first_stage_model, model.cond_stage_model)}.values():
+                if stage is not None:
+                    stage.to(DTYPES[precision])
+        _place(model, device, idle)
+        return cls(model, geometry, device, precision=precision, idle_device=idle, ckpt=ckpt)
+
+    @functools.cached_property
+    def model_hash(self) -> str | None:
+        """A1111's hash of the checkpoint file (sha256[:10]); None without a checkpoint."""
+        return model_hash(self.ckpt) if self.ckpt is not None else None
+
+    def _autocast(self) -> Any:
+        if self.precision == "full" or (self.precision == "autocast" and self.device.type != "cuda"):
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=DTYPES[self.precision])
+
+    @contextmanager
+    def _active(self, stage: torch.nn.Module | None) -> Iterator[None]:
+        """Bring a stage waiting on ``idle_device`` to the device for the duration of the block."""
+        if self.idle_device is None or stage is None:
+            yield
+            return
+        stage.to(self.device)
+        try:
+            yield
+        finally:
+            stage.to(self.idle_device)
+
+    def _encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """(1, 3, H, W) in [-1, 1] -> scaled latent (1, C, h, w), float32. The posterior mode, so no randomness."""
+        posterior = self.model.encode_first_stage(image.to(self.device))
+        if isinstance(posterior, DiagonalGaussianDistribution):
+            posterior = posterior.mode()
+        return self.model.get_first_stage_encoding(posterior).float()
+
+    def _image_inputs(
+        self,
+        image: Image.Image | None,
+        mask: Image.Image | None,
+        size: tuple[int, int],
+        cond: Any,
+        uncond: Any,
+        batch: int,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, Any, Any]:
+        """What img2img and inpainting add, for ``size`` = (height, width) images.
+
+        Returns the init latent (B, C, h, w), the sampler's keep-mask (1, 1, h, w) for ordinary models, and cond /
+        uncond, which for 9-channel inpainting models become dicts that add the mask and the masked image's latent.
+        """
+        if image is None and not self.inpainting:
+            return None, None, cond, uncond
+        init_latent = None
+        with self._active(self.model.first_stage_model):
+            if image is not None:
+                init_latent = self._encode_image(image_to_tensor(image)).repeat(batch, 1, 1, 1)
+            if self.inpainting:
+                # Without a mask the whole image is repainted, which also makes txt2img work with these models.
+                pixels = image_to_tensor(image) if image is not None else torch.zeros(1, 3, *size)
+                repaint = mask_to_tensor(mask) if mask is not None else torch.ones(1, 1, *size)
+                c_cat = self.model.inpainting_conditioning(pixels.to(self.device), repaint.to(self.device))
+                c_cat = c_cat.repeat(batch, 1, 1, 1)
+                cond = {"c_concat": [c_cat], "c_crossattn": [cond]}
+                uncond = {"c_concat": [c_cat], "c_crossattn": [uncond]}
+                return init_latent, None, cond, uncond
+        if mask is None:
+            return init_latent, None, cond, uncond
+        # A latent cell is repainted when any of its pixels is, so no masked pixel is kept.
+        area = F.interpolate(mask_to_tensor(mask), size=init_latent.shape[-2:], mode="area")
+        return init_latent, (area <= 0).float().to(self.device), cond, uncond
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = None,
+        init_image: Image.Image | str | os.PathLike | None = None,
+        mask: Image.Image | str | os.PathLike | None = None,
+        strength: float | None = None,
+        steps: int = 50,
+        sampler: str = "ddim",
+        scale: float = 7.5,
+        seed: int | Sequence[int] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        n: int = 1,
+        eta: float | None = None,
+        clip_skip: int = 1,
+        callback: Callable[[int, torch.Tensor], None] | None = None,
+        progress: bool = True,
+    ) -> GenerationResult:
+        """Generate ``n`` images per prompt in one batch.
+
+        Args:
+            prompt: a prompt, or a list of prompts (A1111 syntax: ``(word:1.3)``, ``[word]``, ``BREAK``, any length).
+            negative_prompt: one for all, or one per prompt; None means empty.
+            init_image: img2img / inpainting input (PIL image or path). Without height/width it keeps its size
+                rounded down to the model's multiple; see :func:`prepare_init_image`.
+            mask: inpainting mask of the init image's size, white = repaint. 9-channel inpainting models
+                (``LatentInpaintDiffusion``) get it as conditioning; other models keep the unmasked latent at every
+                step. Either way the unmasked pixels of the init image are pasted back, as CompVis's inpainting did.
+            strength: how much of the schedule img2img/inpainting runs: 0 returns the init image (through the VAE),
+                1 starts from noise. Default 0.8 for img2img, 1.0 for inpainting.
+            steps, sampler, scale, eta: sampling settings (any name of ``ldm.models.diffusion.samplers``).
+            seed: image i gets ``seed + i`` (its own noise generator, so a batch equals single runs); a list gives
+                each image's seed; None draws one.
+            height, width: image size for txt2img; default the model's native size (512 for SD 1.x).
+            n: images per prompt.
+            clip_skip: 1 = the text encoder's configured layer, 2 = one layer earlier (A1111's CLIP skip).
+            callback: ``callback(step, denoised)`` after each sampler step, denoised: (B, C, h, w) latents.
+            progress: show the sampler's progress bar.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("give at least one prompt.")
+        if negative_prompt is None or isinstance(negative_prompt, str):
+            negatives = [negative_prompt or ""] * len(prompts)
+        else:
+            negatives = list(negative_prompt)
+            if len(negatives) != len(prompts):
+                raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts.")
+        if mask is not None and init_image is None:
+            raise ValueError("a mask needs an init image to inpaint.")
+        if init_image is not None and strength is None:
+            strength = 1.0 if mask is not None else 0.8
+        check_settings(
+            self.geometry,
+            steps=steps,
+            sampler=sampler,
+            scale=scale,
+            n=n,
+            strength=strength,
+            clip_skip=clip_skip,
+            eta=eta,
+        )
+        image = mask_image = None
+        if init_image is not None:
+            image, mask_image = prepare_init_image(init_image, mask, self.geometry, height, width)
+            width, height = image.size
+        height = height if height is not None else self.geometry.default_size
+        width = width if width is not None else self.geometry.default_size
+        self.geometry.check_size(height, width)
+        prompts = [p for p in prompts for _ in range(n)]
+        negatives = [p for p in negatives for _ in range(n)]
+        batch = len(prompts)
+        seeds = _seeds(seed, batch)
+
+        model = self.model
+        with self._autocast():
+            cond = uncond = None
+            if model.cond_stage_model is not None:
+                with self._active(model.cond_stage_model):
+                    cond, uncond = encode_prompts(model, prompts, negatives, clip_skip)
+            init_latent, latent_mask, cond, uncond = self._image_inputs(
+                image, mask_image, (height, width), cond, uncond, batch
+            )
+            latents = sample(
+                model,
+                sampler,
+                steps,
+                cond,
+                uncond,
+                scale,
+                shape=self.geometry.latent_shape(batch, height, width),
+                noise=Noise(seeds, self.device),
+                init_latent=init_latent,
+                strength=strength if init_latent is not None else 1.0,
+                mask=latent_mask,
+                eta=eta,
+                callback=callback,
+                progress=progress,
+            )
+            if latent_mask is not None:
+                # Discrete samplers end on the model's estimate of the kept region; the init latent is exact there.
+                latents = latent_mask * init_latent + (1.0 - latent_mask) * latents
+            with self._active(model.first_stage_model):
+                images = tensor_to_images(model.decode_first_stage(latents))
+        if mask_image is not None:
+            images = [Image.composite(generated, image, mask_image) for generated in images]
+        return GenerationResult(
+            images=images,
+            seeds=seeds,
+            prompts=prompts,
+            negative_prompts=negatives,
+            steps=steps,
+            sampler=sampler_label(sampler),
+            scale=scale,
+            width=width,
+            height=height,
+            strength=strength if init_image is not None else None,
+            eta=eta,
+            clip_skip=clip_skip,
+            model_name=self.ckpt.stem if self.ckpt is not None else None,
+            model_hash=self.model_hash,
+        )
+
+
+def _place(model: torch.nn.Module, device: torch.device, idle_device: torch.device | None) -> None:
+    """Move the model to ``device``, except the text encoder and VAE, which go to ``idle_device`` when given.
+
+    Each part moves straight to its place, so the stages never occupy the main device during loading.
+    """
+    if idle_device is None:
+        model.to(device)
+        return
+    idle = {id(model.first_stage_model), id(model.cond_stage_model)}
+    for child in model.children():
+        child.to(idle_device if id(child) in idle else device)
+    for name, buffer in model.named_buffers(recurse=False):
+        setattr(model, name, buffer.to(device))

@@ -1,0 +1,370 @@
+"""Everything between generated pixels and files: loading inputs, numbered outputs, grids, PNG metadata, model hashes,
+and the optional safety checker and invisible watermark.
+
+Output files follow CompVis: ``outdir/samples/00000.png, 00001.png, ...`` numbered after the highest existing file,
+and ``outdir/grid-0000.png``. Each PNG carries a ``parameters`` text chunk in AUTOMATIC1111's format, so A1111's
+"PNG Info" tab and other tools read the prompt and settings back::
+
+    a painting of a fox
+    Negative prompt: blurry
+    Steps: 50, Sampler: DDIM, CFG scale: 7.5, Seed: 42, Size: 512x512, Model hash: 6ce0161689, Model: model
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
+
+SAMPLE_NAME = re.compile(r"^(\d+)\.png$")
+GRID_NAME = re.compile(r"^grid-(\d+)\.png$")
+PARAMETERS_KEY = "parameters"
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading inputs
+
+
+def load_image(path: str | os.PathLike, what: str = "image", mode: str = "RGB") -> Image.Image:
+    """Open an image file fully (so a truncated file fails here, not later) and convert it to ``mode``.
+
+    Raises FileNotFoundError for a missing file and ValueError for one PIL cannot decode, both naming ``what``
+    (e.g. ``"init image"``) and the path.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} '{path}' does not exist; check the path.")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert(mode)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        reason = "not an image file PIL can read" if isinstance(err, UnidentifiedImageError) else str(err)
+        raise ValueError(f"cannot read {what} '{path}': {reason}. Give a PNG or JPEG image.") from None
+
+
+def read_prompt_file(path: str | os.PathLike) -> list[str]:
+    """Prompts of a ``--from-file`` text file, one per non-blank line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file '{path}' does not exist; check the path.")
+    try:
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"cannot read prompt file '{path}': {err}. Give a UTF-8 text file.") from None
+    if not prompts:
+        raise ValueError(f"prompt file '{path}' has no prompts; write one prompt a line.")
+    return prompts
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Numbered files
+
+
+def next_number(folder: str | os.PathLike, pattern: re.Pattern[str] = SAMPLE_NAME) -> int:
+    """One more than the highest number among ``folder``'s files matching ``pattern`` (0 for none or no folder)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    numbers = [int(m.group(1)) for name in os.listdir(folder) if (m := pattern.match(name))]
+    return max(numbers, default=-1) + 1
+
+
+def save_numbered(
+    image: Image.Image, folder: str | os.PathLike, parameters: str | None = None, grid: bool = False
+) -> Path:
+    """Save ``image`` as the next ``NNNNN.png`` (or ``grid-NNNN.png``) in ``folder`` and return its path.
+
+    The file is created exclusively, so two runs writing to the same folder at once never overwrite each other:
+    whoever loses the race for a number takes the next one.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    pattern, template = (GRID_NAME, "grid-{:04d}.png") if grid else (SAMPLE_NAME, "{:05d}.png")
+    number = next_number(folder, pattern)
+    while True:
+        path = folder / template.format(number)
+        try:
+            handle = open(path, "xb")
+        except FileExistsError:
+            number += 1
+            continue
+        try:
+            with handle:
+                image.save(handle, format="PNG", pnginfo=png_info(parameters))
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return path
+
+
+def make_grid(images: Sequence[Image.Image], images_per_row: int, padding: int = 2) -> Image.Image:
+    """Tile equally sized images row by row, ``images_per_row`` to a row, with ``padding`` black pixels around each
+    (the layout of CompVis's grids, made with torchvision's ``make_grid(nrow=n_rows)``)."""
+    if not images:
+        raise ValueError("a grid needs at least one image.")
+    columns = max(1, min(images_per_row, len(images)))
+    rows = -(-len(images) // columns)
+    width, height = images[0].size
+    grid = Image.new("RGB", (columns * (width + padding) + padding, rows * (height + padding) + padding))
+    for i, image in enumerate(images):
+        row, column = divmod(i, columns)
+        grid.paste(image, (padding + column * (width + padding), padding + row * (height + padding)))
+    return grid
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A1111 "parameters" metadata
+
+
+def _quote(value: Any) -> str:
+    """A1111 quotes values that would break its ``key: value, ...`` line."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ',:\n"') else text
+
+
+def format_parameters(prompt: str, negative_prompt: str | None, fields: Mapping[str, Any]) -> str:
+    """The A1111 ``parameters`` text: prompt, ``Negative prompt: ...`` (when there is one), then ``Key: value, ...``.
+
+    Fields whose value is None are left out.
+    """
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in fields.items() if value is not None))
+    return "\n".join(lines)
+
+
+_FIELD = re.compile(r'\s*([\w][\w \-/+]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
+
+def _parse_fields(line: str) -> dict[str, str] | None:
+    """``Key: value, ...`` -> dict, or None when the line is not such a list (then it is part of the prompt)."""
+    fields, position = {}, 0
+    while position < len(line):
+        match = _FIELD.match(line, position)
+        if match is None or match.end() == position:
+            return None
+        value = match.group(2).strip()
+        fields[match.group(1).strip()] = json.loads(value) if value.startswith('"') else value
+        position = match.end()
+    return fields or None
+
+
+def parse_parameters(text: str) -> dict[str, str]:
+    """Read an A1111 ``parameters`` text back: ``{"Prompt": ..., "Negative prompt": ..., "Steps": "50", ...}``.
+
+    Values stay strings, as A1111 writes them (``"Size": "512x512"``).
+    """
+    lines = text.strip("\n").split("\n")
+    fields = _parse_fields(lines[-1]) if len(lines) > 1 else None
+    if fields is not None:
+        lines = lines[:-1]
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative = True
+            line = line[len("Negative prompt:") :].lstrip()
+        (negative if in_negative else prompt).append(line)
+    return {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative), **(fields or {})}
+
+
+def png_info(parameters: str | None) -> PngImagePlugin.PngInfo | None:
+    """A PNG text chunk ``parameters`` (UTF-8, so any prompt survives), or None for no metadata."""
+    if parameters is None:
+        return None
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt(PARAMETERS_KEY, parameters)
+    return info
+
+
+def read_parameters(path: str | os.PathLike) -> str | None:
+    """The ``parameters`` text of a PNG written by this package or A1111; None when it has none."""
+    with Image.open(path) as image:
+        image.load()
+        return image.info.get(PARAMETERS_KEY)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model hash
+
+
+_hashes: dict[tuple[str, int, int], str] = {}
+
+
+def _hash_cache_file() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ldm" / "model-hashes.json"
+
+
+def model_hash(path: str | os.PathLike) -> str:
+    """A1111's model hash: the first 10 hex digits of the file's SHA-256.
+
+    Hashing a 4 GB checkpoint takes seconds, so results are cached by (path, size, mtime), in memory and in
+    ``$XDG_CACHE_HOME/ldm/model-hashes.json`` (best effort: an unwritable cache only costs time).
+    """
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key in _hashes:
+        return _hashes[key]
+    cache_file = _hash_cache_file()
+    disk_key = f"{key[0]}|{key[1]}|{key[2]}"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if not isinstance(cache, dict):
+        cache = {}
+    if isinstance(cache.get(disk_key), str):
+        _hashes[key] = cache[disk_key]
+        return cache[disk_key]
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    _hashes[key] = digest.hexdigest()[:10]
+    cache[disk_key] = _hashes[key]
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(cache, indent=1))
+        os.replace(tmp, cache_file)
+    except OSError:
+        pass
+    return _hashes[key]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Optional post-processing: safety checker and invisible watermark
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def safety_weights(directory: Path) -> Path | None:
+    """The weights file of a local safety checker copy, or None when ``directory`` does not hold one."""
+    if not (directory / "config.json").is_file():
+        return None
+    return next((directory / n for n in ("model.safetensors", "pytorch_model.bin") if (directory / n).is_file()), None)
+
+
+class SafetyChecker:
+    """The Stable Diffusion NSFW filter (the ``CompVis/stable-diffusion-safety-checker`` weights), run locally.
+
+    A CLIP vision tower embeds each image; an image is flagged when its cosine similarity to any of the stored
+    concept embeddings exceeds that concept's threshold (thresholds are lowered by 0.01 once an image comes close to
+    a "special care" concept). Flagged images are replaced by black ones.
+
+    Args:
+        directory: a local copy of the weights repository: ``config.json`` (a ``CLIPConfig``) and
+            ``model.safetensors`` or ``pytorch_model.bin``. Nothing is downloaded.
+        device: where the check runs.
+    """
+
+    def __init__(self, directory: str | os.PathLike, device: torch.device | str = "cpu") -> None:
+        from transformers import CLIPConfig, CLIPVisionModel
+
+        from ldm.checkpoint import read_checkpoint
+
+        directory = Path(directory)
+        weights = safety_weights(directory)
+        if weights is None:
+            raise FileNotFoundError(f"no safety checker weights in '{directory}' (config.json + model.safetensors).")
+        config = CLIPConfig.from_json_file(str(directory / "config.json"))
+        state_dict, _ = read_checkpoint(weights)
+        self.vision = CLIPVisionModel(config.vision_config)
+        own = self.vision.state_dict()
+        # Files saved with transformers < 5 nest the tower once more (``vision_model.vision_model.*``).
+        tower = {}
+        for key, value in state_dict.items():
+            if key.startswith("vision_model."):
+                name = key[len("vision_model.") :]
+                tower[name if name in own else name.removeprefix("vision_model.")] = value
+        self.vision.load_state_dict(tower)
+        self.projection = state_dict["visual_projection.weight"]
+        self.concepts = state_dict["concept_embeds"]
+        self.concept_thresholds = state_dict["concept_embeds_weights"]
+        self.special = state_dict["special_care_embeds"]
+        self.special_thresholds = state_dict["special_care_embeds_weights"]
+        self.size = config.vision_config.image_size
+        self.device = torch.device(device)
+        self.vision.to(self.device).eval()
+
+    def _pixels(self, image: Image.Image) -> torch.Tensor:
+        """CLIP preprocessing: shorter side to ``size`` (bicubic), centre crop, normalise -> (3, size, size)."""
+        scale = self.size / min(image.size)
+        w, h = max(self.size, round(image.width * scale)), max(self.size, round(image.height * scale))
+        image = image.resize((w, h), Image.Resampling.BICUBIC)
+        left, top = (w - self.size) // 2, (h - self.size) // 2
+        image = image.crop((left, top, left + self.size, top + self.size))
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        return (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+
+    @torch.no_grad()
+    def flags(self, images: Sequence[Image.Image]) -> list[bool]:
+        """True for each image the filter flags as NSFW."""
+        pixels = torch.stack([self._pixels(im) for im in images]).to(self.device)
+        pooled = self.vision(pixel_values=pixels).pooler_output.float().cpu()
+        embeds = torch.nn.functional.normalize(pooled @ self.projection.float().T, dim=-1)
+        special = embeds @ torch.nn.functional.normalize(self.special.float(), dim=-1).T - self.special_thresholds
+        adjustment = (special > 0).any(dim=1, keepdim=True).float() * 0.01
+        concepts = embeds @ torch.nn.functional.normalize(self.concepts.float(), dim=-1).T - self.concept_thresholds
+        return ((concepts + adjustment) > 0).any(dim=1).tolist()
+
+    def __call__(self, images: Sequence[Image.Image]) -> tuple[list[Image.Image], list[bool]]:
+        """(images with flagged ones blacked out, the flags)."""
+        flagged = self.flags(images)
+        return [Image.new("RGB", im.size) if bad else im for im, bad in zip(images, flagged, strict=True)], flagged
+
+
+class Watermarker:
+    """The invisible watermark CompVis's scripts embed (``"StableDiffusionV1"``, DWT-DCT), via ``imwatermark``."""
+
+    TEXT = "StableDiffusionV1"
+    # The DWT-DCT embedding needs enough 4x4 blocks to hold the watermark's bits.
+    MIN_SIZE = 256
+
+    def __init__(self) -> None:
+        from imwatermark import WatermarkEncoder
+
+        self.encoder = WatermarkEncoder()
+        self.encoder.set_watermark("bytes", self.TEXT.encode())
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        """The watermarked image; images smaller than ``MIN_SIZE`` are returned unchanged."""
+        if min(image.size) < self.MIN_SIZE:
+            return image
+        bgr = np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
+        return Image.fromarray(np.ascontiguousarray(self.encoder.encode(bgr, "dwtDct")[:, :, ::-1]))
+
+
+def load_post_processing(
+    safety_dir: str | os.PathLike | None, device: torch.device | str = "cpu"
+) -> tuple[SafetyChecker | None, Watermarker | None, list[str]]:
+    """The safety checker and watermarker where their weights/packages are here, and a notice for each that is not.
+
+    Never downloads: the safety checker needs its files in ``safety_dir``, the watermark the ``invisible-watermark``
+    package (module ``imwatermark``).
+    """
+    notices: list[str] = []
+    checker = watermarker = None
+    safety_dir = Path(safety_dir) if safety_dir is not None else None
+    if safety_dir is not None and safety_weights(safety_dir) is not None:
+        checker = SafetyChecker(safety_dir, device)
+    else:
+        notices.append(
+            f"safety checker off: put the CompVis/stable-diffusion-safety-checker files (config.json, "
+            f"model.safetensors) in {safety_dir} to enable it."
+        )
+    try:
+        watermarker = Watermarker()
+    except ImportError:
+        notices.append("invisible watermark off: pip install invisible-watermark to enable it.")
+    return checker, watermarker, notices

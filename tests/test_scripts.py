@@ -1,0 +1,238 @@
+"""scripts/txt2img.py, img2img.py and inpaint.py as a user runs them, on the tiny model written to a temp dir.
+
+Every Python start costs seconds (torch, transformers, Lightning), so only a few runs are real subprocesses; the
+bad-input cases call ``ldm.cli.main``, which is all a script does (``sys.exit(main("txt2img"))``).
+"""
+
+import hashlib
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from ldm import cli
+from ldm.outputs import parse_parameters, read_parameters
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tiny_config, tiny_dir, tmp_path_factory) -> Path:
+    """A folder with ``tiny.yaml`` (the tiny config, text encoder override baked in) and ``tiny.safetensors``."""
+    folder = tmp_path_factory.mktemp("tiny")
+    OmegaConf.save(tiny_config, folder / "tiny.yaml")
+    try:
+        (folder / "tiny.safetensors").symlink_to(tiny_dir / "model.safetensors")
+    except OSError:
+        (folder / "tiny.safetensors").write_bytes((tiny_dir / "model.safetensors").read_bytes())
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(folder / "init.png")
+    mask = Image.new("L", (24, 20), 0)
+    mask.paste(255, (8, 4, 16, 12))
+    mask.save(folder / "mask.png")
+    Image.new("L", (12, 12), 255).save(folder / "small-mask.png")
+    (folder / "garbage.png").write_text("this is not a PNG")
+    (folder / "prompts.txt").write_text("a red circle\n\na blue square\na green (triangle:1.2)\n")
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def hash_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+def tiny_args(folder: Path, *extra: str) -> list[str]:
+    return ["--config", str(folder / "tiny.yaml"), "--ckpt", str(folder / "tiny.safetensors"), "--device", "cpu",
+            "--ddim_steps", "3", *extra]  # fmt: skip
+
+
+def run_script(name: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / f"{name}.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+def test_txt2img_writes_numbered_samples_and_grids_with_metadata_and_never_overwrites(tiny_files, tmp_path):
+    out = tmp_path / "out"
+    first = run_script(
+        "txt2img",
+        tiny_args(
+            tiny_files,
+            "--prompt",
+            "a red circle",
+            "--negative_prompt",
+            "blue, dark",
+            "--H",
+            "16",
+            "--W",
+            "16",
+            "--n_samples",
+            "2",
+            "--n_iter",
+            "1",
+            "--seed",
+            "7",
+            "--outdir",
+            str(out),
+        ),  # fmt: skip
+        tmp_path,
+    )
+    assert first.returncode == 0, first.stderr
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["00000.png", "00001.png"]
+    assert (out / "grid-0000.png").is_file()
+    expected_hash = hashlib.sha256((tiny_files / "tiny.safetensors").read_bytes()).hexdigest()[:10]
+    assert parse_parameters(read_parameters(out / "samples" / "00001.png")) == {
+        "Prompt": "a red circle",
+        "Negative prompt": "blue, dark",
+        "Steps": "3",
+        "Sampler": "DDIM",
+        "CFG scale": "7.5",
+        "Seed": "8",
+        "Size": "16x16",
+        "Model hash": expected_hash,
+        "Model": "tiny",
+    }
+    before = {p.name: p.read_bytes() for p in (out / "samples").iterdir()}
+
+    second = run_script(
+        "txt2img",
+        tiny_args(
+            tiny_files,
+            "--from-file",
+            str(tiny_files / "prompts.txt"),
+            "--H",
+            "16",
+            "--W",
+            "16",
+            "--n_samples",
+            "2",
+            "--n_iter",
+            "1",
+            "--sampler",
+            "Euler a",
+            "--outdir",
+            str(out),
+        ),  # fmt: skip
+        tmp_path,
+    )
+    assert second.returncode == 0, second.stderr
+    samples = sorted(p.name for p in (out / "samples").iterdir())
+    assert samples == ["00000.png", "00001.png", "00002.png", "00003.png", "00004.png"]
+    assert all((out / "samples" / name).read_bytes() == data for name, data in before.items()), "nothing overwritten"
+    written = [parse_parameters(read_parameters(out / "samples" / f"0000{i}.png")) for i in (2, 3, 4)]
+    assert [p["Prompt"] for p in written] == ["a red circle", "a blue square", "a green (triangle:1.2)"]
+    assert [p["Seed"] for p in written] == ["42", "43", "44"]
+    assert {p["Sampler"] for p in written} == {"Euler a"}
+    with Image.open(out / "grid-0001.png") as grid:
+        assert grid.size == (2 * 18 + 2, 2 * 18 + 2), "batches of 2 prompts: 2 images a row, 2 rows"
+
+
+def test_a_bad_input_exits_2_with_one_line_and_no_output(tiny_files, tmp_path):
+    out = tmp_path / "out"
+    result = run_script("img2img", tiny_args(tiny_files, "--init-img", "missing.png", "--outdir", str(out)), tmp_path)
+    assert result.returncode == 2
+    assert result.stderr == "error: init image 'missing.png' does not exist; check the path.\n"
+    assert not out.exists()
+
+
+def run_main(mode: str, args: list[str], capsys) -> tuple[int, str]:
+    code = cli.main(mode, args)
+    return code, capsys.readouterr().err
+
+
+def test_img2img_uses_the_init_images_size_and_strength(tiny_files, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = tiny_args(tiny_files, "--init-img", str(tiny_files / "init.png"), "--n_samples", "1", "--n_iter", "1",
+                     "--skip_grid", "--outdir", str(out))  # fmt: skip
+    code, err = run_main("img2img", args, capsys)
+    assert code == 0, err
+    image = Image.open(out / "samples" / "00000.png")
+    assert image.size == (24, 20)
+    fields = parse_parameters(read_parameters(out / "samples" / "00000.png"))
+    assert fields["Denoising strength"] == "0.75" and fields["Size"] == "24x20"
+    assert not list(out.glob("grid-*.png"))
+
+
+def test_inpaint_repaints_only_the_white_part_of_the_mask(tiny_files, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = tiny_args(tiny_files, "--init-img", str(tiny_files / "init.png"), "--mask", str(tiny_files / "mask.png"),
+                     "--n_samples", "1", "--n_iter", "1", "--outdir", str(out))  # fmt: skip
+    code, err = run_main("inpaint", args, capsys)
+    assert code == 0, err
+    result = np.asarray(Image.open(out / "samples" / "00000.png")).astype(int)
+    init = np.asarray(Image.open(tiny_files / "init.png")).astype(int)
+    repaint = np.asarray(Image.open(tiny_files / "mask.png")) > 0
+    assert np.array_equal(result[~repaint], init[~repaint])
+    assert np.abs(result[repaint] - init[repaint]).mean() > 5
+    assert (out / "grid-0000.png").is_file()
+
+
+BAD_INPUTS = [
+    ("txt2img", ["--ckpt", "missing.ckpt"], "checkpoint 'missing.ckpt' does not exist"),
+    ("txt2img", ["--config", "missing.yaml"], "config file 'missing.yaml' does not exist"),
+    ("img2img", ["--init-img", "{folder}/garbage.png"], "cannot read init image '.*garbage.png': not an image file"),
+    ("txt2img", ["--H", "30"], "height 30 is not a multiple of 4 .*use 28 or 32"),
+    ("inpaint", ["--init-img", "{folder}/init.png", "--mask", "{folder}/small-mask.png"], "the mask is 12x12 but"),
+    ("inpaint", ["--init-img", "{folder}/init.png"], "the following arguments are required: --mask"),
+    ("txt2img", ["--n_samples", "0"], "at least 1, got 0"),
+    ("txt2img", ["--n_iter", "0"], "--n_iter must be at least 1"),
+    ("txt2img", ["--precision", "fp16"], "precision fp16 needs a GPU"),
+    ("txt2img", ["--precision", "half"], "invalid choice: 'half'"),
+    ("txt2img", ["--sampler", "nope"], "unknown sampler 'nope'. Known samplers: DDIM, PLMS"),
+    ("txt2img", ["--plms", "--sampler", "Euler"], "not allowed with argument --plms"),
+    ("txt2img", ["nonsense"], "override 'nonsense' is not of the form key.sub=value"),
+    ("txt2img", ["model.params.unet_config.params.bogus=1"], "unet_config.params.bogus: UNetModel has no parameter"),
+    ("txt2img", ["--C", "3"], "--C 3 does not match the model's 4 latent channels"),
+    ("img2img", ["--init-img", "{folder}/init.png", "--strength", "1.5"], r"strength must be in \[0, 1\]"),
+    ("txt2img", ["--from-file", "none.txt"], "prompt file 'none.txt' does not exist"),
+    ("txt2img", ["--batch_seeds", "1", "2"], "--batch_seeds gives 2 seeds for 6 images"),
+    ("txt2img", ["--steps", "0"], "steps must be an integer in 1..1000"),
+    ("txt2img", ["--plms", "--ddim_eta", "0.5"], "PLMS only works with eta = 0"),
+]
+
+
+@pytest.mark.parametrize(("mode", "extra", "message"), BAD_INPUTS, ids=[" ".join(b[1])[:40] for b in BAD_INPUTS])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_files, tmp_path, capsys, mode, extra, message):
+    out = tmp_path / "out"
+    args = tiny_args(tiny_files, "--outdir", str(out), *(a.format(folder=tiny_files) for a in extra))
+    code, err = run_main(mode, args, capsys)
+    assert code == 2
+    assert err.startswith("error: ") and err.endswith("\n") and err.count("\n") == 1, err
+    assert re.search(message, err), err
+    assert not out.exists()
+
+
+def test_missing_default_checkpoint_says_what_to_download_and_names_the_demo_model(tmp_path, capsys, monkeypatch):
+    try:
+        cli.find_checkpoint(None)
+        pytest.skip("a checkpoint is installed at the default path")
+    except FileNotFoundError:
+        pass
+    code, err = run_main("txt2img", ["--outdir", str(tmp_path / "out")], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "v1-5-pruned-emaonly.ckpt" in err and "models/ldm/stable-diffusion-v1/model.ckpt" in err
+    demo = tmp_path / "shapes"
+    demo.mkdir()
+    (demo / "config.yaml").write_text("model: {}")
+    (demo / "model.ckpt").write_bytes(b"")
+    monkeypatch.setattr(cli, "DEMO_DIR", demo)
+    code, err = run_main("txt2img", ["--outdir", str(tmp_path / "out")], capsys)
+    assert code == 2 and f"--config {demo / 'config.yaml'} --ckpt {demo / 'model.ckpt'}" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_an_absent_device_is_an_error(tiny_files, tmp_path, capsys):
+    code, err = run_main("txt2img", [*tiny_args(tiny_files, "--outdir", str(tmp_path)), "--device", "cuda"], capsys)
+    assert code == 2 and "device 'cuda' is not available here" in err
