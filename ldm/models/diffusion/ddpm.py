@@ -1,29 +1,35 @@
-"""The diffusion process: ``DDPM`` (schedule, forward noising, parameterizations) and ``LatentDiffusion`` on top of it.
+"""The diffusion process: ``DDPM`` (schedule, forward noising, parameterizations, the training objective) and
+``LatentDiffusion`` on top of it.
 
-``apply_model`` is the one entry to the UNet, used by every sampler and by training alike.
+``apply_model`` is the one entry to the UNet, used by every sampler and by training alike. The Lightning hooks
+(``training_step``, ``configure_optimizers`` ...) come from :class:`DiffusionTrainingMixin`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 from tqdm import tqdm
 
 from ldm.models.diffusion.guidance import GuidedEps
 from ldm.models.diffusion.noise import Noise
+from ldm.models.diffusion.samplers import sample as run_sampler
+from ldm.models.diffusion.training import DiffusionTrainingMixin, check_ucg_training
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.util import ConfigError, instantiate_from_config
 
 PARAMETERIZATIONS = ("eps", "x0", "v")
+LOSS_TYPES = ("l1", "l2")
 CONDITIONING_KEYS = (None, "concat", "crossattn", "hybrid", "adm", "hybrid-adm", "crossattn-adm")
 
 
@@ -68,12 +74,21 @@ class DiffusionWrapper(nn.Module):
         return self.diffusion_model(x, t, context=context, y=y)
 
 
-class DDPM(pl.LightningModule):
+def _take(value: Any, n: int) -> Any:
+    """The first ``n`` entries of a batch value (tensor, list, or dict of them); other values unchanged."""
+    if isinstance(value, Mapping):
+        return {k: _take(v, n) for k, v in value.items()}
+    return value[:n] if isinstance(value, torch.Tensor | list | tuple) else value
+
+
+class DDPM(DiffusionTrainingMixin, pl.LightningModule):
     """Gaussian diffusion in pixel space with a UNet denoiser.
 
-    Holds the noise schedule as buffers (the state-dict keys SD checkpoints have), the forward process ``q_sample``
-    and the conversions between the eps / x0 / v parameterizations. Constructor arguments mirror the YAML
-    ``model.params``; the training-only ones are kept for the training step.
+    Holds the noise schedule as buffers (the state-dict keys SD checkpoints have), the forward process ``q_sample``,
+    the conversions between the eps / x0 / v parameterizations and the training loss (:meth:`p_losses`).
+    Constructor arguments mirror the YAML ``model.params``. Training options beyond CompVis:
+    ``offset_noise_strength`` adds per-channel constant noise (offset noise) and ``snr_gamma`` turns on min-SNR-gamma
+    loss weighting (Hang et al. 2023; 5.0 is the usual value).
     """
 
     def __init__(
@@ -105,10 +120,19 @@ class DDPM(pl.LightningModule):
         learn_logvar: bool = False,
         logvar_init: float = 0.0,
         ucg_training: Mapping[str, Any] | None = None,
+        offset_noise_strength: float = 0.0,
+        snr_gamma: float | None = None,
     ) -> None:
         super().__init__()
         if parameterization not in PARAMETERIZATIONS:
             raise ConfigError(f"parameterization '{parameterization}' is not one of {PARAMETERIZATIONS}.")
+        if loss_type not in LOSS_TYPES:
+            raise ConfigError(f"loss_type '{loss_type}' is not one of {LOSS_TYPES}.")
+        if snr_gamma is not None and snr_gamma <= 0:
+            raise ConfigError(f"snr_gamma must be positive (or null to turn min-SNR weighting off), got {snr_gamma}.")
+        check_ucg_training(ucg_training or {})
+        self.restarted_from_ckpt = False
+        self.learning_rate: float | None = None
         self.parameterization = parameterization
         self.cond_stage_model: nn.Module | None = None
         self.clip_denoised = clip_denoised
@@ -127,6 +151,8 @@ class DDPM(pl.LightningModule):
         self.l_simple_weight = l_simple_weight
         self.loss_type = loss_type
         self.ucg_training = ucg_training or {}
+        self.offset_noise_strength = offset_noise_strength
+        self.snr_gamma = snr_gamma
         if monitor is not None:
             self.monitor = monitor
         self.register_schedule(given_betas, beta_schedule, timesteps, linear_start, linear_end, cosine_s)
@@ -184,7 +210,8 @@ class DDPM(pl.LightningModule):
         if self.parameterization == "eps":
             lvlb = betas**2 / (2 * np.maximum(posterior_variance, 1e-20) * alphas * (1 - alphas_cumprod))
         elif self.parameterization == "x0":
-            lvlb = 0.5 * np.sqrt(alphas_cumprod) / (2.0 - 2.0 * alphas_cumprod)
+            # The original's expression, ``2. * 1 - a``, kept so that x0 models train with the same vlb weights.
+            lvlb = 0.5 * np.sqrt(alphas_cumprod) / (2.0 - alphas_cumprod)
         else:
             lvlb = np.ones_like(betas)
         lvlb[0] = lvlb[1]
@@ -206,7 +233,7 @@ class DDPM(pl.LightningModule):
         self, path: str, ignore_keys: list[str] | tuple[str, ...] = (), only_model: bool = False
     ) -> None:
         """Load weights from ``path``; keys starting with any of ``ignore_keys`` are skipped (fine-tuning)."""
-        from ldm.checkpoint import load_state_dict_into, read_checkpoint
+        from ldm.checkpoint import read_checkpoint
 
         state_dict, _ = read_checkpoint(path)
         if only_model:
@@ -214,7 +241,23 @@ class DDPM(pl.LightningModule):
                 k: v for k, v in state_dict.items() if k.startswith("model.")
             }
             ignore_keys = tuple(ignore_keys) + tuple({k.split(".")[0] + "." for k in self.state_dict()} - {"model."})
+        self.load_checkpoint_state(state_dict, ignore_keys)
+
+    def load_checkpoint_state(self, state_dict: Mapping[str, torch.Tensor], ignore_keys: tuple[str, ...] = ()) -> None:
+        """Load a checkpoint's state dict (``ckpt_path``) strictly but for ``ignore_keys`` prefixes.
+
+        A checkpoint without EMA weights (pruned SD files) restarts the EMA from the loaded weights, so fine-tuning
+        with ``use_ema`` works from any checkpoint.
+        """
+        from ldm.checkpoint import EMA_PREFIX, load_state_dict_into
+
+        restart_ema = self.use_ema and not any(k.startswith(EMA_PREFIX) for k in state_dict)
+        if restart_ema:
+            ignore_keys = (*ignore_keys, EMA_PREFIX)
         load_state_dict_into(self, state_dict, ignore_prefixes=ignore_keys)
+        if restart_ema:
+            self.model_ema = LitEma(self.model)
+        self.restarted_from_ckpt = True
 
     # -- forward process and parameterizations. x: (B, C, H, W), t: (B,) integer timesteps. --
 
@@ -271,6 +314,115 @@ class DDPM(pl.LightningModule):
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
         """The UNet's prediction (eps, x0 or v as ``parameterization`` says). x_noisy: (B, C, H, W), t: (B,)."""
         return self.model(x_noisy, t)
+
+    # -- training objective. x_start: (B, C, H, W) clean data (latents for LatentDiffusion), t: (B,) timesteps. --
+
+    def get_loss(self, pred: torch.Tensor, target: torch.Tensor, mean: bool = True) -> torch.Tensor:
+        """``loss_type`` (l1 / l2) between prediction and target, computed in float32; elementwise unless ``mean``."""
+        error = pred.float() - target.float()
+        loss = error.abs() if self.loss_type == "l1" else error.pow(2)
+        return loss.mean() if mean else loss
+
+    def draw_noise(self, x_start: torch.Tensor) -> torch.Tensor:
+        """Standard normal noise like ``x_start``, plus ``offset_noise_strength`` times a per-(sample, channel)
+        constant: offset noise lets the model change an image's mean brightness and colour."""
+        noise = torch.randn_like(x_start)
+        if self.offset_noise_strength > 0:
+            offset = torch.randn(*x_start.shape[:2], *([1] * (x_start.dim() - 2)), device=x_start.device)
+            noise = noise + self.offset_noise_strength * offset.to(noise.dtype)
+        return noise
+
+    def training_target(self, x_start: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the UNet should output: ``noise`` (eps), ``x_start`` (x0) or the velocity (v)."""
+        if self.parameterization == "eps":
+            return noise
+        if self.parameterization == "x0":
+            return x_start
+        return self.get_v(x_start, noise, t)
+
+    def snr_weights(self, t: torch.Tensor) -> torch.Tensor:
+        """Min-SNR-gamma weights (B,): ``min(SNR, gamma)`` over the SNR factor each parameterization's loss already
+        carries (``SNR`` for eps, ``SNR + 1`` for v, 1 for x0), with ``SNR = a_t / (1 - a_t)``."""
+        alphas_cumprod = self.alphas_cumprod[t]
+        snr = alphas_cumprod / (1.0 - alphas_cumprod)
+        clipped = snr.clamp(max=self.snr_gamma)
+        if self.parameterization == "eps":
+            return clipped / snr
+        if self.parameterization == "v":
+            return clipped / (snr + 1.0)
+        return clipped
+
+    def diffusion_loss(
+        self, model_output: torch.Tensor, x_start: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training loss for one prediction, and the CompVis log dict (``{train|val}/loss_simple``, ...).
+
+        ``loss_simple`` is the per-sample mean error (B,), min-SNR weighted with ``snr_gamma``. Each sample's loss is
+        ``loss_simple / exp(logvar_t) + logvar_t`` (``logvar`` is 0 unless learned), averaged and scaled by
+        ``l_simple_weight``, plus ``original_elbo_weight`` times the vlb term ``mean(lvlb_weights[t] * loss_simple)``.
+        """
+        prefix = "train" if self.training else "val"
+        target = self.training_target(x_start, noise, t)
+        loss_simple = self.get_loss(model_output, target, mean=False).mean(dim=tuple(range(1, target.dim())))
+        log = {f"{prefix}/loss_simple": loss_simple.detach().mean()}
+        weighted = loss_simple * self.snr_weights(t) if self.snr_gamma is not None else loss_simple
+        logvar_t = self.logvar.to(t.device)[t]
+        loss = weighted / torch.exp(logvar_t) + logvar_t
+        if self.learn_logvar:
+            log[f"{prefix}/loss_gamma"] = loss.detach().mean()
+            log["logvar"] = self.logvar.detach().mean()
+        loss = self.l_simple_weight * loss.mean()
+        loss_vlb = (self.lvlb_weights[t] * loss_simple).mean()
+        log[f"{prefix}/loss_vlb"] = loss_vlb.detach()
+        loss = loss + self.original_elbo_weight * loss_vlb
+        log[f"{prefix}/loss"] = loss.detach()
+        return loss, log
+
+    def p_losses(
+        self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Noise ``x_start`` to ``t`` (with :meth:`draw_noise` unless ``noise`` is given), predict, and score."""
+        noise = self.draw_noise(x_start) if noise is None else noise
+        model_output = self.apply_model(self.q_sample(x_start, t, noise), t)
+        return self.diffusion_loss(model_output, x_start, noise, t)
+
+    def sample_timesteps(self, batch_size: int) -> torch.Tensor:
+        """Uniform training timesteps (B,) in [0, num_timesteps)."""
+        return torch.randint(0, self.num_timesteps, (batch_size,), device=self.device)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss at uniformly drawn timesteps for a batch x: (B, C, H, W)."""
+        return self.p_losses(x, self.sample_timesteps(x.shape[0]), *args, **kwargs)
+
+    @staticmethod
+    def get_input(batch: Mapping[str, Any], k: str) -> torch.Tensor:
+        """``batch[k]``: (B, H, W[, C]) channels-last (the data loaders' layout) -> contiguous float (B, C, H, W)."""
+        x = batch[k]
+        if x.dim() == 3:
+            x = x[..., None]
+        return x.permute(0, 3, 1, 2).to(memory_format=torch.contiguous_format).float()
+
+    def shared_step(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self(self.get_input(batch, self.first_stage_key).to(self.device, self.dtype))
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the optimizer updates: the UNet, and ``logvar`` when it is learned."""
+        params = list(self.model.parameters())
+        if self.learn_logvar:
+            params.append(self.logvar)
+        return params
+
+    @torch.no_grad()
+    def log_images(
+        self, batch: Mapping[str, Any], N: int = 8, sample: bool = True, ddim_steps: int = 20, **kwargs: Any
+    ) -> dict[str, torch.Tensor]:
+        """``inputs`` and (with ``sample``) DDIM ``samples`` of the EMA model, each (N, C, H, W) clamped to [-1, 1]."""
+        x = self.get_input(batch, self.first_stage_key)[:N].to(self.device, self.dtype)
+        log = {"inputs": x}
+        if sample:
+            with self.ema_scope():
+                log["samples"] = run_sampler(self, "ddim", ddim_steps, shape=tuple(x.shape), progress=False)
+        return {k: v.float().clamp(-1.0, 1.0) for k, v in log.items()}
 
     @torch.no_grad()
     def p_sample_loop(
@@ -333,8 +485,14 @@ class DDPM(pl.LightningModule):
 class LatentDiffusion(DDPM):
     """Diffusion in the latent space of a frozen first stage (``AutoencoderKL``), conditioned by a cond stage.
 
-    ``scale_factor`` maps latents to unit variance (0.18215 for the SD VAE). The cond stage is a text encoder
-    (``cond_stage_config``), ``__is_first_stage__`` (condition on the encoded image) or ``__is_unconditional__``.
+    ``scale_factor`` maps latents to unit variance (0.18215 for the SD VAE); with ``scale_by_std`` it is instead
+    estimated as 1 / std of the first training batch's latents (unless training resumes or starts from a checkpoint).
+    The cond stage is a text encoder (``cond_stage_config``), a class embedder (``cond_stage_key: class_label``),
+    ``__is_first_stage__`` (condition on the encoded image) or ``__is_unconditional__``. With
+    ``cond_stage_trainable`` the cond stage is trained with the UNet (its parameters are unfrozen).
+
+    Training batches hold images under ``first_stage_key``, (B, H, W, 3) in [-1, 1], and the conditioning under
+    ``cond_stage_key`` (a list of captions for ``txt``).
     """
 
     def __init__(
@@ -370,6 +528,7 @@ class LatentDiffusion(DDPM):
         self.cond_stage_trainable = cond_stage_trainable
         self.cond_stage_key = cond_stage_key
         self.cond_stage_forward = cond_stage_forward
+        self.force_null_conditioning = force_null_conditioning
         if scale_by_std:
             # Estimated from the first training batch, so it must travel with the checkpoint.
             self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
@@ -395,7 +554,10 @@ class LatentDiffusion(DDPM):
             self.cond_stage_model = None
             return
         model = instantiate_from_config(config)
-        if not self.cond_stage_trainable:
+        if self.cond_stage_trainable:
+            # Encoders such as FrozenCLIPEmbedder freeze themselves by default; training them overrides that.
+            model.requires_grad_(True)
+        else:
             model = model.eval()
             model.train = disabled_train.__get__(model)
             for p in model.parameters():
@@ -449,6 +611,146 @@ class LatentDiffusion(DDPM):
         out = self.model(x_noisy, t, **cond)
         return out[0] if isinstance(out, tuple) else out
 
+    # -- training --
+
+    @torch.no_grad()
+    def get_input(
+        self,
+        batch: Mapping[str, Any],
+        k: str,
+        return_first_stage_outputs: bool = False,
+        force_c_encode: bool = False,
+        cond_key: str | None = None,
+        return_original_cond: bool = False,
+        bs: int | None = None,
+        return_x: bool = False,
+    ) -> list[Any]:
+        """``[z, c]`` for a batch: scaled latents z (B, 4, H/f, W/f) of the images ``batch[k]`` ((B, H, W, 3) in
+        [-1, 1]) and the conditioning ``c``, encoded unless the cond stage is trainable (then it is encoded in
+        :meth:`forward`, with gradients) and ``force_c_encode`` is off. ``c`` is None for unconditional models.
+
+        Appended as asked (CompVis order): the images x and their reconstruction, x again, the raw conditioning.
+        ``bs`` keeps the first ``bs`` samples.
+        """
+        x = DDPM.get_input(batch, k)
+        if bs is not None:
+            x = x[:bs]
+        # The model's dtype: float32 under mixed precision, bfloat16/float16 when Lightning runs it in "true" precision.
+        x = x.to(self.device, self.dtype)
+        z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
+        c = xc = None
+        if self.model.conditioning_key is not None and not self.force_null_conditioning:
+            cond_key = cond_key or self.cond_stage_key
+            if cond_key == k:
+                xc = x
+            elif cond_key in ("caption", "coordinates_bbox", "txt"):
+                xc = batch[cond_key]
+            elif cond_key in ("class_label", "cls"):
+                xc = batch
+            else:
+                xc = DDPM.get_input(batch, cond_key).to(self.device, self.dtype)
+            if bs is not None:
+                xc = _take(xc, bs)
+            c = self.get_learned_conditioning(xc) if force_c_encode or not self.cond_stage_trainable else xc
+        out = [z, c]
+        if return_first_stage_outputs:
+            out += [x, self.decode_first_stage(z)]
+        if return_x:
+            out.append(x)
+        if return_original_cond:
+            out.append(xc)
+        return out
+
+    def shared_step(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        z, c = self.get_input(batch, self.first_stage_key)
+        return self(z, c)
+
+    def forward(self, x: torch.Tensor, c: Any, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The loss for latents x: (B, C, h, w) at uniformly drawn timesteps; ``c`` as :meth:`get_input` gives it."""
+        if self.model.conditioning_key is not None and c is None:
+            raise ValueError(f"this model is conditioned ({self.model.conditioning_key}); the batch gave no condition.")
+        if self.cond_stage_trainable and c is not None:
+            c = self.get_learned_conditioning(c)
+        return self.p_losses(x, c, self.sample_timesteps(x.shape[0]), *args, **kwargs)
+
+    def p_losses(
+        self, x_start: torch.Tensor, cond: Any, t: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """:meth:`DDPM.p_losses` with the conditioning ``cond`` passed to :meth:`apply_model`."""
+        noise = self.draw_noise(x_start) if noise is None else noise
+        model_output = self.apply_model(self.q_sample(x_start, t, noise), t, cond)
+        return self.diffusion_loss(model_output, x_start, noise, t)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The UNet, the cond stage if ``cond_stage_trainable``, and ``logvar`` if learned."""
+        params = list(self.model.parameters())
+        if self.cond_stage_trainable and self.cond_stage_model is not None:
+            params += list(self.cond_stage_model.parameters())
+        if self.learn_logvar:
+            params.append(self.logvar)
+        return params
+
+    @torch.no_grad()
+    def on_train_batch_start(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        """With ``scale_by_std``, set ``scale_factor`` to 1 / std of the first batch's latents (all ranks pooled)."""
+        if not self.scale_by_std or self.global_step != 0 or batch_idx != 0 or self.restarted_from_ckpt:
+            return
+        x = DDPM.get_input(batch, self.first_stage_key).to(self.device, self.dtype)
+        z = self.get_first_stage_encoding(self.encode_first_stage(x)) / self.scale_factor
+        std = self.all_gather(z.float()).flatten().std()
+        self.scale_factor.copy_(1.0 / std)
+        rank_zero_info(f"scale_by_std: scale_factor set to {float(self.scale_factor):.5f}")
+
+    def get_unconditional_conditioning(self, batch_size: int, null_label: Any = None) -> Any:
+        """The encoded "no condition" for classifier-free guidance: the cond stage's own (class embedders),
+        ``null_label``, or the ``ucg_training`` replacement value (default the empty prompt)."""
+        if null_label is None and hasattr(self.cond_stage_model, "get_unconditional_conditioning"):
+            return self.get_learned_conditioning(self.cond_stage_model.get_unconditional_conditioning(batch_size))
+        if null_label is None:
+            null_label = (self.ucg_training.get(self.cond_stage_key) or {}).get("val") or ""
+        return self.get_learned_conditioning([null_label] * batch_size)
+
+    @torch.no_grad()
+    def log_images(
+        self,
+        batch: Mapping[str, Any],
+        N: int = 8,
+        sample: bool = True,
+        ddim_steps: int = 20,
+        ddim_eta: float = 0.0,
+        unconditional_guidance_scale: float = 1.0,
+        unconditional_guidance_label: Any = None,
+        use_ema_scope: bool = True,
+        **kwargs: Any,
+    ) -> dict[str, torch.Tensor]:
+        """Images for the ImageLogger, each (N, 3, H, W) clamped to [-1, 1]: ``inputs``, ``reconstruction``
+        (through the first stage) and, with ``sample``, DDIM ``samples`` for the batch's conditioning; with
+        ``unconditional_guidance_scale > 1`` also ``samples_cfg`` (classifier-free guidance). Sampling uses the EMA
+        weights (``use_ema_scope``) and eval mode.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            z, c, x, xrec = self.get_input(
+                {key: _take(value, N) for key, value in batch.items()},
+                self.first_stage_key,
+                return_first_stage_outputs=True,
+                force_c_encode=True,
+            )
+            log = {"inputs": x, "reconstruction": xrec}
+            guided = unconditional_guidance_scale > 1.0 and c is not None
+            with self.ema_scope() if use_ema_scope else nullcontext():
+                settings = {"shape": tuple(z.shape), "eta": ddim_eta, "progress": False}
+                if sample:
+                    log["samples"] = self.decode_first_stage(run_sampler(self, "ddim", ddim_steps, c, **settings))
+                if guided:
+                    uc = self.get_unconditional_conditioning(len(z), unconditional_guidance_label)
+                    latents = run_sampler(self, "ddim", ddim_steps, c, uc, unconditional_guidance_scale, **settings)
+                    log["samples_cfg"] = self.decode_first_stage(latents)
+        finally:
+            self.train(was_training)
+        return {k: v.float().clamp(-1.0, 1.0) for k, v in log.items()}
+
 
 class LatentInpaintDiffusion(LatentDiffusion):
     """SD inpainting models: the UNet sees the noisy latent plus the mask and the masked image's latent.
@@ -485,7 +787,7 @@ class LatentInpaintDiffusion(LatentDiffusion):
     def init_from_ckpt(
         self, path: str, ignore_keys: list[str] | tuple[str, ...] = (), only_model: bool = False
     ) -> None:
-        from ldm.checkpoint import load_state_dict_into, read_checkpoint
+        from ldm.checkpoint import read_checkpoint
 
         state_dict, _ = read_checkpoint(path)
         own = self.state_dict()
@@ -494,7 +796,7 @@ class LatentInpaintDiffusion(LatentDiffusion):
                 widened = torch.zeros_like(own[key], device="cpu")
                 widened[:, : self.keep_finetune_dims] = state_dict[key][:, : self.keep_finetune_dims]
                 state_dict[key] = widened
-        load_state_dict_into(self, state_dict, ignore_prefixes=ignore_keys)
+        self.load_checkpoint_state(state_dict, tuple(ignore_keys))
 
     @torch.no_grad()
     def inpainting_conditioning(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
