@@ -1,0 +1,281 @@
+"""Lightning callbacks and plugins of ``main.py``: the logdir set-up, image grids, ``last.ckpt`` on signals and at the
+end, and checkpoint files written atomically."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import tempfile
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torchvision
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from pytorch_lightning.callbacks import Callback, Checkpoint
+from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file beside its destination, syncs it, then renames it into place.
+
+    A crash or kill mid-write leaves the previous ``last.ckpt`` intact, never a truncated one. (Lightning's own
+    writer stages the file in the system temp dir, whose move onto another file system is a plain copy.) Remote
+    paths (``s3://...``) go through Lightning's writer.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if "://" in str(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options.")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+class SetupCallback(Callback):
+    """Creates the logdir and its ``checkpoints/`` and ``configs/`` folders, and saves the run's merged configs as
+    ``configs/<now>-project.yaml`` and ``configs/<now>-lightning.yaml`` (global rank 0 only).
+
+    ``main.py -r`` merges every saved pair in time order, so a resumed run starts from the configs it had.
+    """
+
+    def __init__(
+        self,
+        now: str,
+        logdir: str | os.PathLike,
+        ckptdir: str | os.PathLike,
+        cfgdir: str | os.PathLike,
+        config: DictConfig,
+        lightning_config: DictConfig,
+    ) -> None:
+        super().__init__()
+        self.now = now
+        self.logdir, self.ckptdir, self.cfgdir = Path(logdir), Path(ckptdir), Path(cfgdir)
+        self.config = config
+        self.lightning_config = lightning_config
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not trainer.is_global_zero:
+            return
+        for folder in (self.logdir, self.ckptdir, self.cfgdir):
+            folder.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, self.cfgdir / f"{self.now}-project.yaml")
+        lightning = OmegaConf.create({"lightning": self.lightning_config})
+        OmegaConf.save(lightning, self.cfgdir / f"{self.now}-lightning.yaml")
+
+
+class ImageLogger(Callback):
+    """Saves the image grids of ``pl_module.log_images(batch, N=max_images, split=..., **log_images_kwargs)`` as PNG
+    files in ``<logdir>/images/train/`` and ``<logdir>/images/val/`` (and to TensorBoard when that is the logger).
+
+    Training batches are logged every ``batch_frequency`` global steps and, with ``increase_log_steps``, also at
+    steps 1, 2, 4, 8, ... below it; ``log_on_batch_idx`` counts batches of the epoch instead, and ``log_first_step``
+    logs step 0 as well. Validation is logged once per validation run (its first batch), not in the sanity check.
+    Each entry of the dict ``log_images`` returns, ``(N, 3, H, W)`` in [-1, 1], becomes
+    ``<key>_gs-<global step>_e-<epoch>_b-<batch index>.png``, a grid 4 images wide; ``clamp`` clips to [-1, 1] first
+    and ``rescale`` maps [-1, 1] to [0, 1]. Every rank computes the images (sharded models need all ranks for a
+    forward pass); global rank 0 writes them.
+    """
+
+    def __init__(
+        self,
+        batch_frequency: int,
+        max_images: int,
+        clamp: bool = True,
+        increase_log_steps: bool = True,
+        rescale: bool = True,
+        disabled: bool = False,
+        log_on_batch_idx: bool = False,
+        log_first_step: bool = False,
+        log_images_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if batch_frequency < 1:
+            raise ValueError(f"batch_frequency must be at least 1, got {batch_frequency}.")
+        self.batch_freq = batch_frequency
+        self.max_images = max_images
+        self.clamp = clamp
+        self.rescale = rescale
+        self.disabled = disabled
+        self.log_on_batch_idx = log_on_batch_idx
+        self.log_first_step = log_first_step
+        self.log_images_kwargs = dict(log_images_kwargs or {})
+        if increase_log_steps:
+            self.log_steps = [2**n for n in range(int(math.log2(batch_frequency)) + 1)]
+        else:
+            self.log_steps = [batch_frequency]
+
+    def check_frequency(self, check_idx: int) -> bool:
+        """Whether training step (or batch index) ``check_idx`` is one to log."""
+        if check_idx == 0 and not self.log_first_step:
+            return False
+        if check_idx % self.batch_freq == 0 or check_idx in self.log_steps:
+            if self.log_steps:
+                self.log_steps.pop(0)
+            return True
+        return False
+
+    @torch.no_grad()
+    def log_img(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, split: str
+    ) -> None:
+        """Call ``log_images`` in eval mode and write its grids."""
+        if not callable(getattr(pl_module, "log_images", None)) or self.max_images <= 0:
+            return
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            kwargs = {"N": self.max_images, **self.log_images_kwargs}
+            images = pl_module.log_images(batch, split=split, **kwargs)
+        finally:
+            pl_module.train(was_training)
+        if trainer.is_global_zero:
+            grids = {k: self.make_grid(v) for k, v in images.items() if isinstance(v, torch.Tensor) and v.ndim == 4}
+            self.save_grids(trainer, grids, split, batch_idx)
+
+    def make_grid(self, images: torch.Tensor) -> torch.Tensor:
+        """images: (N, C, H, W) -> grid (3, H', W') in [0, 1] (or as given without ``rescale``), at most 4 wide."""
+        images = images[: self.max_images].detach().float().cpu()
+        if self.clamp:
+            images = images.clamp(-1.0, 1.0)
+        grid = torchvision.utils.make_grid(images, nrow=4)
+        return (grid + 1.0) / 2.0 if self.rescale else grid
+
+    def save_grids(self, trainer: pl.Trainer, grids: Mapping[str, torch.Tensor], split: str, batch_idx: int) -> None:
+        folder = Path(trainer.default_root_dir) / "images" / split
+        folder.mkdir(parents=True, exist_ok=True)
+        step, epoch = trainer.global_step, trainer.current_epoch
+        for key, grid in grids.items():
+            pixels = (grid.clamp(0.0, 1.0).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            name = f"{key}_gs-{step:06}_e-{epoch:06}_b-{batch_idx:06}.png"
+            Image.fromarray(pixels).save(folder / name)
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    logger.experiment.add_image(f"{split}/{key}", grid.clamp(0.0, 1.0), step)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.disabled:
+            return
+        check_idx = batch_idx if self.log_on_batch_idx else trainer.global_step
+        if self.check_frequency(check_idx):
+            self.log_img(trainer, pl_module, batch, batch_idx, split="train")
+
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self.disabled or trainer.sanity_checking or batch_idx != 0 or dataloader_idx != 0:
+            return
+        if trainer.global_step > 0 or self.log_first_step:
+            self.log_img(trainer, pl_module, batch, batch_idx, split="val")
+
+
+class LastCheckpoint(Checkpoint):
+    """Keeps ``path`` (``checkpoints/last.ckpt``) current when a run stops or is asked to.
+
+    - SIGUSR1: saved after the current training step, and training goes on (SLURM's ``--signal=USR1@<seconds>``
+      sends it ahead of a job's time limit).
+    - SIGTERM and Ctrl-C: saved, then the run stops. Lightning turns SIGTERM into a stop after the current step
+      (``SIGTERMException``); Ctrl-C interrupts wherever it lands.
+    - End of training: saved unless a checkpoint was already written at the final step (``ModelCheckpoint``'s
+      ``save_last`` writes ``last.ckpt`` with every periodic checkpoint).
+
+    SIGKILL cannot be caught: ``main.py -r`` then resumes from the last periodic save. Being a ``Checkpoint``
+    callback, Lightning runs it after the callbacks listed before it (give it after ``ModelCheckpoint``), so at the
+    end it sees whether ``ModelCheckpoint`` has just saved.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        super().__init__()
+        self.path = Path(path)
+        self.requested = False
+        self.saved_step: int | None = None
+        self.previous_handler: Any = None
+        self.installed = False
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGUSR1"):
+            return
+        self.previous_handler = signal.getsignal(signal.SIGUSR1)
+
+        def request(signum: int, frame: Any) -> None:
+            self.requested = True
+            if callable(self.previous_handler):
+                self.previous_handler(signum, frame)
+
+        signal.signal(signal.SIGUSR1, request)
+        self.installed = True
+
+    def restore_handler(self) -> None:
+        if self.installed and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGUSR1, self.previous_handler)
+            self.installed = False
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.restore_handler()
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        self.saved_step = checkpoint.get("global_step")
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        requested = self.requested
+        if trainer.world_size > 1:
+            # The signal may reach one process only; saving is collective, so every rank must agree to save now.
+            requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
+        if requested:
+            self.requested = False
+            trainer.save_checkpoint(self.path)
+            self.report(trainer, "SIGUSR1")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.saved_step != trainer.global_step:
+            trainer.save_checkpoint(self.path)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.restore_handler()  # Lightning skips the teardown hooks after an exception
+        if not isinstance(exception, KeyboardInterrupt | SIGTERMException) or trainer.sanity_checking:
+            return
+        if isinstance(trainer.strategy, SingleDeviceStrategy | DDPStrategy):
+            # Every rank holds the whole model, so rank 0 writes alone: after Ctrl-C the other ranks may be anywhere,
+            # and the barriers of ``trainer.save_checkpoint`` could wait forever.
+            # (Lightning has no public way to build a checkpoint without those barriers.)
+            if trainer.is_global_zero:
+                checkpoint = trainer._checkpoint_connector.dump_checkpoint()
+                trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, self.path)
+        else:
+            trainer.save_checkpoint(self.path)
+        self.report(trainer, "SIGTERM" if isinstance(exception, SIGTERMException) else "Ctrl-C")
+
+    def report(self, trainer: pl.Trainer, reason: str) -> None:
+        if trainer.is_global_zero:
+            print(f"{reason}: saved {self.path} at global step {trainer.global_step}", flush=True)

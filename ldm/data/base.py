@@ -1,0 +1,155 @@
+"""``DataModuleFromConfig`` (the ``data:`` section of training configs) and the image preprocessing datasets share."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import partial
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from ldm.util import ConfigError, instantiate_from_config
+
+INTERPOLATIONS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+SPLITS = ("train", "validation", "test", "predict")
+
+
+class ImageTransform:
+    """PIL image -> float32 ``(size, size, 3)`` in [-1, 1], the layout the models' ``get_input`` expects.
+
+    The shorter side is resized to ``size`` and a square is cropped (centred, or at a random place with
+    ``random_crop``), then flipped left-right with probability ``flip_p``. ``size=None`` keeps the image as it is
+    (all images must then have one size to be batched). Random choices use torch's generator, which PyTorch seeds
+    differently in every DataLoader worker.
+    """
+
+    def __init__(
+        self, size: int | None = None, random_crop: bool = False, flip_p: float = 0.0, interpolation: str = "bicubic"
+    ) -> None:
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation '{interpolation}' is not one of {sorted(INTERPOLATIONS)}.")
+        if not 0.0 <= flip_p <= 1.0:
+            raise ValueError(f"flip_p must be in [0, 1], got {flip_p}.")
+        if size is not None and size < 1:
+            raise ValueError(f"size must be a positive number of pixels, got {size}.")
+        self.size = size
+        self.random_crop = random_crop
+        self.flip_p = flip_p
+        self.interpolation = INTERPOLATIONS[interpolation]
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        image = image.convert("RGB")
+        if self.size is not None:
+            width, height = image.size
+            scale = self.size / min(width, height)
+            # Rounding up keeps the shorter side at least ``size`` whatever the aspect ratio.
+            new_size = (max(self.size, round(width * scale)), max(self.size, round(height * scale)))
+            if new_size != image.size:
+                image = image.resize(new_size, resample=self.interpolation)
+            left_room, top_room = new_size[0] - self.size, new_size[1] - self.size
+            if self.random_crop:
+                left = int(torch.randint(left_room + 1, ()))
+                top = int(torch.randint(top_room + 1, ()))
+            else:
+                left, top = left_room // 2, top_room // 2
+            image = image.crop((left, top, left + self.size, top + self.size))
+        if self.flip_p > 0 and float(torch.rand(())) < self.flip_p:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+
+
+class WrappedDataset(Dataset):
+    """A torch ``Dataset`` over any object with ``__len__`` and ``__getitem__`` (``wrap: true`` in configs)."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.data = dataset
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.data[index]
+
+
+class DataModuleFromConfig(pl.LightningDataModule):
+    """Datasets built from ``target``/``params`` nodes, served in batches of ``batch_size``.
+
+    Each of ``train``, ``validation``, ``test`` and ``predict`` is a dataset config; only the stages that have one
+    get a loader, so Lightning skips the others. Map-style training data is shuffled; iterable datasets (WebDataset
+    shards) shuffle themselves and split their shards across processes and workers. ``num_workers`` defaults to
+    ``2 * batch_size`` as in CompVis. ``use_worker_init_fn`` is accepted for CompVis configs only: PyTorch now seeds
+    numpy in every worker, and the iterable datasets here split their own shards.
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        train: Mapping[str, Any] | None = None,
+        validation: Mapping[str, Any] | None = None,
+        test: Mapping[str, Any] | None = None,
+        predict: Mapping[str, Any] | None = None,
+        wrap: bool = False,
+        num_workers: int | None = None,
+        shuffle_test_loader: bool = False,
+        use_worker_init_fn: bool = False,
+        shuffle_val_dataloader: bool = False,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+        self.batch_size = batch_size
+        self.num_workers = num_workers if num_workers is not None else batch_size * 2
+        self.wrap = wrap
+        self.use_worker_init_fn = use_worker_init_fn
+        self.shuffle = {"train": True, "validation": shuffle_val_dataloader, "test": shuffle_test_loader}
+        configs = {"train": train, "validation": validation, "test": test, "predict": predict}
+        self.dataset_configs = {split: config for split, config in configs.items() if config is not None}
+        self.datasets: dict[str, Dataset] = {}
+        # Lightning runs a stage only when the datamodule overrides that stage's loader method.
+        loaders = {
+            "train": "train_dataloader",
+            "validation": "val_dataloader",
+            "test": "test_dataloader",
+            "predict": "predict_dataloader",
+        }
+        for split in self.dataset_configs:
+            setattr(self, loaders[split], partial(self.loader, split))
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build every configured dataset once (Lightning calls this per stage; main.py calls it early to fail fast)."""
+        for split, config in self.dataset_configs.items():
+            if split in self.datasets:
+                continue
+            path = f"data.params.{split}"
+            try:
+                dataset = instantiate_from_config(config, path=path)
+            except ConfigError:
+                raise
+            except (OSError, ValueError, TypeError) as err:
+                raise ConfigError(f"{path}: {err}") from err
+            self.datasets[split] = WrappedDataset(dataset) if self.wrap else dataset
+
+    def loader(self, split: str) -> DataLoader:
+        """The DataLoader of ``split`` (one of ``train``, ``validation``, ``test``, ``predict``)."""
+        self.setup()
+        dataset = self.datasets[split]
+        iterable = isinstance(dataset, IterableDataset)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            shuffle=self.shuffle.get(split, False) and not iterable,
+            persistent_workers=self.num_workers > 0 and split != "predict",
+        )
