@@ -4,7 +4,11 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint
+DEMO_PROMPT ?= a red circle on a blue background
+DEMO_MODEL := models/ldm/shapes
+SHAPES_LOGS ?= logs
+
+.PHONY: demo test lint shapes-model
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,8 +17,19 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
+# txt2img with the bundled demo model (a small LDM this project trained on coloured shapes), on the CPU.
 demo: $(VENV)/.installed
-	$(PY) scripts/describe_model.py
+	$(PY) scripts/txt2img.py --config $(DEMO_MODEL)/config.yaml --ckpt $(DEMO_MODEL)/model.safetensors \
+		--prompt "$(DEMO_PROMPT)" --H 64 --W 64 --n_samples 4 --n_iter 1 --n_rows 4 --steps 20 \
+		--sampler "DPM++ 2M Karras" --scale 4 --seed 42 --device cpu --precision full --outdir outputs/demo
+
+# Retrain the demo model from scratch (about 45 minutes on 2 CPU cores): autoencoder, then the LDM, then export.
+shapes-model: $(VENV)/.installed
+	$(PY) main.py --base configs/autoencoder/autoencoder_kl_shapes.yaml -t -n shapes-vae -l $(SHAPES_LOGS) --no-test
+	$(PY) main.py --base configs/latent-diffusion/shapes-ldm.yaml -t -n shapes-ldm -l $(SHAPES_LOGS) --no-test \
+		model.params.first_stage_config.params.ckpt_path=$$(ls -d $(SHAPES_LOGS)/*_shapes-vae | tail -1)/checkpoints/last.ckpt
+	$(PY) scripts/export_model.py --config configs/latent-diffusion/shapes-ldm.yaml --dtype fp16 --vocabulary shapes \
+		--ckpt $$(ls -d $(SHAPES_LOGS)/*_shapes-ldm | tail -1)/checkpoints/last.ckpt --out $(DEMO_MODEL) --force
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -361,6 +361,8 @@ def main(mode: str, argv: Sequence[str] | None = None) -> int:
     except torch.OutOfMemoryError:
         print("error: out of memory; lower --n_samples or --H/--W, or use --precision fp16.", file=sys.stderr)
         return 2
+    for path in written:
+        print(f"wrote {_shown(path)}")
     if written:
         files = f"{len(written)} file" + ("s" if len(written) != 1 else "")
         print(f"Your samples are ready and waiting for you here: {_shown(job.outdir)} ({files})")

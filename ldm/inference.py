@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from ldm.models.diffusion.noise import Noise
 from ldm.models.diffusion.samplers import check_sampling_arguments, resolve_sampler, sample
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.outputs import format_parameters, load_image, model_hash
-from ldm.prompts import encode_prompts
+from ldm.prompts import encode_prompts, unknown_words
 from ldm.util import apply_overrides, default_device, load_config
 
 PRECISIONS = ("full", "autocast", "fp16", "bf16")
@@ -311,8 +312,11 @@ class Pipeline:
         precision: str = "full",
         idle_device: torch.device | str | None = None,
         ckpt: str | os.PathLike | None = None,
+        vocabulary: Sequence[str] | None = None,
     ) -> None:
         self.model = model
+        # Models trained on a closed set of words (the bundled shapes model) list them in their config.
+        self.vocabulary = frozenset(w.lower() for w in vocabulary) if vocabulary else None
         self.geometry = geometry
         self.device = torch.device(device)
         check_precision(precision, self.device)
@@ -351,7 +355,8 @@ class Pipeline:
                 if stage is not None:
                     stage.to(DTYPES[precision])
         _place(model, device, idle)
-        return cls(model, geometry, device, precision=precision, idle_device=idle, ckpt=ckpt)
+        vocabulary = config.get("vocabulary")
+        return cls(model, geometry, device, precision=precision, idle_device=idle, ckpt=ckpt, vocabulary=vocabulary)
 
     @functools.cached_property
     def model_hash(self) -> str | None:
@@ -461,6 +466,15 @@ class Pipeline:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("give at least one prompt.")
+        if self.vocabulary is not None:
+            for text in prompts:
+                unknown = unknown_words(text, self.vocabulary)
+                if unknown:
+                    warnings.warn(
+                        f"this model was trained on a small vocabulary; it does not know {', '.join(unknown)} "
+                        f"(in '{text}'). Known words: {', '.join(sorted(self.vocabulary))}.",
+                        stacklevel=2,
+                    )
         if negative_prompt is None or isinstance(negative_prompt, str):
             negatives = [negative_prompt or ""] * len(prompts)
         else:

@@ -16,7 +16,7 @@ of the UNet takes any context length, so no prompt is truncated.
 """
 
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import torch
@@ -233,3 +233,10 @@ def _apply_weights(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     weighted = z32 * weights[..., None]
     weighted = weighted * (z32.mean(dim=(1, 2), keepdim=True) / weighted.mean(dim=(1, 2), keepdim=True))
     return torch.where(reweighted[:, None, None], weighted, z32).to(z.dtype)
+
+
+def unknown_words(prompt: str, vocabulary: Collection[str]) -> list[str]:
+    """The words of ``prompt`` (attention syntax removed, lower-cased) that are not in ``vocabulary``, in order."""
+    text = " ".join(fragment for fragment, weight in parse_prompt_attention(prompt) if weight >= 0)
+    words = re.findall(r"[a-z0-9']+", text.lower())
+    return list(dict.fromkeys(w for w in words if w not in vocabulary))

@@ -215,3 +215,11 @@ def test_other_cond_stages_get_the_text_as_is(tiny_dir, tiny_model) -> None:
     torch.testing.assert_close(uncond, pooled([""]), rtol=0, atol=0)
     with pytest.raises(ValueError, match="clip_skip needs a CLIP text encoder"):
         encode_prompts(model, ["a cat"], clip_skip=2)
+
+
+def test_unknown_words_ignore_attention_syntax_and_case():
+    from ldm.prompts import unknown_words
+
+    vocabulary = {"a", "red", "circle", "on", "blue", "background"}
+    assert unknown_words("A (RED:1.3) circle on a [blue] dragon BREAK background", vocabulary) == ["dragon"]
+    assert unknown_words("a red circle", vocabulary) == []
