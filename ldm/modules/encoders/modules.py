@@ -115,7 +115,7 @@ class FrozenCLIPEmbedder(AbstractEncoder):
             raise ValueError(f"layer must be one of {self.LAYERS}, got {layer!r}")
         local_dir = Path(version) if os.path.isdir(version) else None
         if local_dir is not None and (local_dir / "config.json").is_file():
-            model = CLIPTextModel.from_pretrained(local_dir)
+            model = CLIPTextModel.from_pretrained(local_dir, local_files_only=True)
         else:
             model = CLIPTextModel(CLIPTextConfig(**{**CLIP_VIT_L14_TEXT_CONFIG, **_as_dict(text_config)}))
         num_layers = model.config.num_hidden_layers

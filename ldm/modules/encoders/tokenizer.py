@@ -52,7 +52,7 @@ class CLIPTokenizer:
         else:
             from transformers import CLIPTokenizer as HFCLIPTokenizer
 
-            hf_tokenizer = HFCLIPTokenizer.from_pretrained(os.fspath(vocab_dir))
+            hf_tokenizer = HFCLIPTokenizer.from_pretrained(os.fspath(vocab_dir), local_files_only=True)
             self.bos_token_id, self.eos_token_id = hf_tokenizer.bos_token_id, hf_tokenizer.eos_token_id
             self._encode = functools.partial(hf_tokenizer.encode, add_special_tokens=False)
 
