@@ -21,7 +21,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 demo: $(VENV)/.installed
 	$(PY) scripts/txt2img.py --config $(DEMO_MODEL)/config.yaml --ckpt $(DEMO_MODEL)/model.safetensors \
 		--prompt "$(DEMO_PROMPT)" --H 64 --W 64 --n_samples 4 --n_iter 1 --n_rows 4 --steps 20 \
-		--sampler "DPM++ 2M Karras" --scale 4 --seed 42 --device cpu --precision full --outdir outputs/demo
+		--sampler "DPM++ 2M Karras" --scale 10 --seed 42 --device cpu --precision full --outdir outputs/demo
 
 # Retrain the demo model from scratch (about 45 minutes on 2 CPU cores): autoencoder, then the LDM, then export.
 shapes-model: $(VENV)/.installed

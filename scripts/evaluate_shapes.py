@@ -128,7 +128,7 @@ def evaluate(
     n: int = 4,
     steps: int = 20,
     sampler: str = DEFAULT_SAMPLER,
-    scale: float = 4.0,
+    scale: float = 10.0,
     seed: int = 0,
     batch: int = 16,
     size: int | None = None,
@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_SAMPLER,
         help=f"sampler, any name txt2img takes (default {DEFAULT_SAMPLER})",
     )
-    add("--scale", type=float, default=4.0, help="classifier-free guidance scale (default 4.0)")
+    add("--scale", type=float, default=10.0, help="classifier-free guidance scale (default 10.0)")
     add("--seed", type=int, default=0, help="seed of the first image (default 0)")
     add("--seen", type=int, default=24, help=f"training combinations to sample, 0-{len(SEEN)} (default 24)")
     add("--outdir", type=str, default="outputs/shapes-eval", help="folder for the grid PNG")
