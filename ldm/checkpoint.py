@@ -12,7 +12,8 @@ import pickle
 import tempfile
 import warnings
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -318,7 +319,17 @@ def load_state_dict_into(
     if use_ema_weights:
         state_dict = ema_to_model_keys(state_dict, model.state_dict().keys())
     fitted = fit_state_dict(model, state_dict, ignore_prefixes)
-    model.load_state_dict(fitted, strict=False)
+    del state_dict
+    if not any(t.is_meta for t in model.state_dict().values()):
+        model.load_state_dict(fitted, strict=False)
+        return
+    # A model built by empty_parameters() takes the checkpoint's tensors themselves (assign), in the dtype it was
+    # built with, so the weights are never held twice in memory. Real (computed) buffers are copied instead: they
+    # would otherwise keep the whole file's storage alive, which safetensors shares between its tensors.
+    targets = model.state_dict()
+    empty = {k: v.to(targets[k].dtype) for k, v in fitted.items() if targets[k].is_meta}
+    model.load_state_dict({k: v for k, v in fitted.items() if k not in empty}, strict=False)
+    model.load_state_dict(empty, strict=False, assign=True)
 
 
 def init_from_ckpt(model: nn.Module, path: str | os.PathLike, ignore_keys: Iterable[str] = ()) -> None:
@@ -340,14 +351,40 @@ def load_model_from_config(
     from ldm.util import default_device, instantiate_from_config
 
     node = config.model if "model" in config else config
-    model = instantiate_from_config(node, path="model" if "model" in config else None)
-    if ckpt is not None:
-        state_dict, _ = read_checkpoint(ckpt)
+    path = "model" if "model" in config else None
+    if ckpt is None:
+        model = instantiate_from_config(node, path=path)
+    else:
+        # The checkpoint overwrites every parameter: skip their random initialisation and its memory.
+        with empty_parameters():
+            model = instantiate_from_config(node, path=path)
         try:
-            load_state_dict_into(model, state_dict, use_ema_weights=use_ema_weights)
+            load_state_dict_into(model, read_checkpoint(ckpt)[0], use_ema_weights=use_ema_weights)
         except CheckpointError as err:
             raise CheckpointError(f"{Path(ckpt).name}: {err}") from None
+        left = [name for name, t in model.state_dict().items() if t.is_meta]
+        if left:
+            raise CheckpointError(f"{Path(ckpt).name} does not set {len(left)} tensor(s) of the model, e.g. {left[0]}.")
     return model.to(device if device is not None else default_device()).eval()
+
+
+@contextmanager
+def empty_parameters() -> Iterator[None]:
+    """Within the block, module parameters are created on the meta device: no memory and no initialisation, which
+    for SD would cost seconds and a second copy of the weights. Buffers (noise schedules, position ids) are computed
+    as usual, since checkpoints need not hold them. Load the weights with :func:`load_state_dict_into`."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
 
 
 # ---------------------------------------------------------------------------------------------------------------------
