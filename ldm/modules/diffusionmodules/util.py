@@ -97,12 +97,16 @@ def mean_flat(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 whatever the dtype, so fp16/bf16 activations do not overflow its statistics.
+    """GroupNorm computed in float32 for float16 inputs, so their statistics do not overflow.
 
-    The affine parameters are upcast too: not every backend accepts float32 input with half-precision weights.
+    bfloat16 has float32's range and the kernels accumulate in float32, so it runs as is: the two conversions
+    would cost about a tenth of a bf16 UNet step on the CPU. The affine parameters are upcast with the input: not
+    every backend accepts float32 input with half-precision weights.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float16:
+            return super().forward(x)
         weight = None if self.weight is None else self.weight.float()
         bias = None if self.bias is None else self.bias.float()
         return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
