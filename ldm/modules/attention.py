@@ -1,6 +1,12 @@
 """Transformer layers of the Stable Diffusion UNet: cross-attention, the transformer block and its spatial wrapper.
 
 Names and submodule layout follow the CompVis checkpoints (``attn1.to_q``, ``ff.net.0.proj``, ``proj_in`` ...).
+
+This module also holds what every attention layer of the project shares (the UNet's ``CrossAttention`` and
+``AttentionBlock``, the VAE's ``AttnBlock``): the one attention function, :func:`attention`, with optional query
+slicing (:func:`set_attention_slicing`), and the conversions between feature maps and token sequences. The latter
+keep each feature map in its input's memory format, so that a model moved to ``torch.channels_last`` stays in it
+and a plain (NCHW) model never hands a convolution a tensor it would first have to copy.
 """
 
 from collections.abc import Sequence
@@ -11,11 +17,89 @@ from torch import nn
 
 from ldm.modules.diffusionmodules.util import checkpoint, zero_module
 
+# "auto" slicing keeps each slice's score matrix (batch x heads x slice x keys) at most this many elements
+# (256 MiB in float32): SD 1.x at 1024x1024 then runs its largest self-attention in 64 slices, at 512x512 in 4.
+AUTO_SLICE_SCORES = 2**26
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slice_size: int | str | None = None) -> torch.Tensor:
+    """Softmax attention with scale ``d ** -0.5``: q: (B, heads, N, d), k: (B, heads, M, d), v: (B, heads, M, dv)
+    -> (B, heads, N, dv).
+
+    ``slice_size`` runs the queries in chunks of that many rows, so a kernel that materialises the scores (the math
+    kernel of the CPU and MPS, or CUDA without flash / memory-efficient kernels) holds a (B, heads, slice_size, M)
+    matrix instead of (B, heads, N, M). Query rows are independent, so the result is the same up to rounding.
+    ``"auto"`` picks the largest slice with at most ``AUTO_SLICE_SCORES`` scores; None means one chunk.
+    """
+    n = q.shape[-2]
+    if slice_size == "auto":
+        slice_size = max(1, AUTO_SLICE_SCORES // (q.shape[0] * q.shape[1] * k.shape[-2]))
+    if slice_size is None or slice_size >= n:
+        return F.scaled_dot_product_attention(q, k, v)
+    chunks = [F.scaled_dot_product_attention(q[..., i : i + slice_size, :], k, v) for i in range(0, n, slice_size)]
+    return torch.cat(chunks, dim=-2)
+
+
+def check_slice_size(slice_size: int | str | None) -> None:
+    """ValueError unless ``slice_size`` is a positive int, "auto" or None."""
+    valid = slice_size is None or slice_size == "auto"
+    valid = valid or (isinstance(slice_size, int) and not isinstance(slice_size, bool) and slice_size > 0)
+    if not valid:
+        raise ValueError(f"the attention slice size must be a positive integer, 'auto' or None, got {slice_size!r}.")
+
+
+def set_attention_slicing(model: nn.Module, slice_size: int | str | None) -> None:
+    """Set ``slice_size`` (see :func:`attention`) on every attention layer of ``model``: a positive int, "auto", or
+    None to turn slicing off. Layers are found by their ``slice_size`` attribute (CrossAttention, the UNet's
+    AttentionBlock and the VAE's AttnBlock).
+    """
+    check_slice_size(slice_size)
+    for module in model.modules():
+        if hasattr(module, "slice_size"):
+            module.slice_size = slice_size
+
+
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """``torch.channels_last`` for a 4D tensor laid out that way, else ``torch.contiguous_format``.
+
+    A tensor dense in both layouts (size-1 dims can make it so) counts as contiguous: either way nothing is copied.
+    Works on conv weights too, (out, in, kh, kw), to tell which layout a model was moved to.
+    """
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """Feature map (B, C, *spatial) -> contiguous tokens (B, T, C), T = prod(spatial).
+
+    Free for a channels_last map (its memory already is (B, H, W, C)); one copy for an NCHW one.
+    """
+    return x.flatten(2).transpose(1, 2).contiguous()
+
+
+def from_tokens(tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Tokens (B, T, C') -> feature map (B, C', *spatial) with the spatial shape and memory format of ``like``.
+
+    The plain reshape would be channels_last-strided whatever ``like`` is; an NCHW model's next convolution (and the
+    residual sum, whose layout follows its first operand) would then copy. Free when ``like`` is channels_last.
+    """
+    x = tokens.transpose(1, 2).unflatten(2, like.shape[2:])
+    return x.contiguous(memory_format=memory_format_of(like))
+
+
+def conv1x1_as_linear(tokens: torch.Tensor, conv: nn.Module) -> torch.Tensor:
+    """Apply a 1x1 convolution (any dims) to tokens (..., in_channels) -> (..., out_channels), as a matmul.
+
+    The attention layers keep the checkpoints' conv weights but work on tokens, where a Linear needs no layout change.
+    """
+    return F.linear(tokens, conv.weight.flatten(1), conv.bias)
+
 
 class CrossAttention(nn.Module):
     """Multi-head attention of ``x`` over ``context`` (over ``x`` itself when no context is given).
 
-    x: (B, N, query_dim); context: (B, M, context_dim) -> (B, N, query_dim).
+    x: (B, N, query_dim); context: (B, M, context_dim) -> (B, N, query_dim). ``slice_size``: see :func:`attention`.
     """
 
     def __init__(
@@ -34,6 +118,7 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
+        self.slice_size: int | str | None = None
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
@@ -43,7 +128,7 @@ class CrossAttention(nn.Module):
             return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
 
         q, k, v = split_heads(self.to_q(x)), split_heads(self.to_k(context)), split_heads(self.to_v(context))
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attention(q, k, v, self.slice_size)
         return self.to_out(out.transpose(1, 2).flatten(2))
 
 
@@ -166,20 +251,19 @@ class SpatialTransformer(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         if not isinstance(context, (list, tuple)):
             context = [context] * len(self.transformer_blocks)
-        b, _, h, w = x.shape
         x_in = x
         x = self.norm(x)
         if not self.use_linear:
             x = self.proj_in(x)
-        # (B, C, H, W) -> (B, H*W, C): the one layout copy on the way in, made once so every block sees contiguous rows.
-        x = x.flatten(2).transpose(1, 2).contiguous()
+        # Contiguous rows once on the way in (free for channels_last), so every block's Linear sees them.
+        x = to_tokens(x)
         if self.use_linear:
             x = self.proj_in(x)
         for block, block_context in zip(self.transformer_blocks, context, strict=True):
             x = block(x, context=block_context)
         if self.use_linear:
             x = self.proj_out(x)
-        x = x.transpose(1, 2).reshape(b, -1, h, w)
+        x = from_tokens(x, like=x_in)
         if not self.use_linear:
             x = self.proj_out(x)
         return x + x_in

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.modules.attention import attention, conv1x1_as_linear, from_tokens, memory_format_of, to_tokens
+
 ATTN_TYPES = ("vanilla", "vanilla-xformers", "none")
 
 
@@ -107,7 +109,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over the H*W positions, with a residual: (B, C, H, W) -> (B, C, H, W).
 
-    q, k, v and the output projection are 1x1 convs (not Linear) to keep the original checkpoint's weight shapes.
+    q, k, v and the output projection are 1x1 convs (not Linear) to keep the original checkpoint's weight shapes;
+    they are applied to the pixels as tokens, where they are matmuls. ``slice_size``: see
+    :func:`ldm.modules.attention.attention`.
     """
 
     def __init__(self, in_channels: int) -> None:
@@ -118,15 +122,15 @@ class AttnBlock(nn.Module):
         self.k = nn.Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
         self.v = nn.Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
         self.proj_out = nn.Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
+        self.slice_size: int | str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, height, width = x.shape
-        h = self.norm(x)
-        # (B, C, H, W) -> (B, 1, H*W, C): one head whose tokens are the pixels; SDPA's default scale is C**-0.5.
-        q, k, v = (t.reshape(b, 1, c, height * width).transpose(2, 3) for t in (self.q(h), self.k(h), self.v(h)))
-        h = F.scaled_dot_product_attention(q, k, v)
-        h = h.transpose(2, 3).reshape(b, c, height, width)
-        return x + self.proj_out(h)
+        # One head whose tokens are the pixels: (B, 1, H*W, C), contiguous as the fused SDPA kernels want it.
+        tokens = to_tokens(self.norm(x))[:, None]
+        q, k, v = (conv1x1_as_linear(tokens, conv) for conv in (self.q, self.k, self.v))
+        # SDPA's default scale, C ** -0.5, is the original's.
+        h = conv1x1_as_linear(attention(q, k, v, self.slice_size), self.proj_out)
+        return x + from_tokens(h[:, 0], like=x)
 
 
 def make_attn(in_channels: int, attn_type: str = "vanilla") -> nn.Module:
@@ -226,14 +230,15 @@ class Encoder(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x)
+        # Runs in the memory format of the weights (see torch.channels_last); returns the input's.
+        h = self.conv_in(x.contiguous(memory_format=memory_format_of(self.conv_in.weight)))
         for i_level, down in enumerate(self.down):
             h = _run_level(down, h)
             if i_level != self.num_resolutions - 1:
                 h = down.downsample(h)
 
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        return self.conv_out(nonlinearity(self.norm_out(h)))
+        return self.conv_out(nonlinearity(self.norm_out(h))).contiguous(memory_format=memory_format_of(x))
 
 
 class Decoder(nn.Module):
@@ -297,7 +302,8 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, out_ch, kernel_size=3, stride=1, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(z)
+        # Runs in the memory format of the weights (see torch.channels_last); returns the input's.
+        h = self.conv_in(z.contiguous(memory_format=memory_format_of(self.conv_in.weight)))
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
 
         for i_level in reversed(range(self.num_resolutions)):
@@ -305,7 +311,7 @@ class Decoder(nn.Module):
             if i_level != 0:
                 h = self.up[i_level].upsample(h)
 
-        if self.give_pre_end:
-            return h
-        h = self.conv_out(nonlinearity(self.norm_out(h)))
-        return torch.tanh(h) if self.tanh_out else h
+        if not self.give_pre_end:
+            h = self.conv_out(nonlinearity(self.norm_out(h)))
+            h = torch.tanh(h) if self.tanh_out else h
+        return h.contiguous(memory_format=memory_format_of(z))

@@ -11,7 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.modules.attention import SpatialTransformer
+from ldm.modules.attention import (
+    SpatialTransformer,
+    attention,
+    conv1x1_as_linear,
+    from_tokens,
+    memory_format_of,
+    to_tokens,
+)
 from ldm.modules.diffusionmodules.util import (
     avg_pool_nd,
     checkpoint,
@@ -164,6 +171,7 @@ class AttentionBlock(nn.Module):
     """Self-attention over all positions of a feature map, residual; used when there is no text conditioning.
 
     x: (B, C, ...) -> same shape. ``num_head_channels`` (if not -1) fixes the head width instead of ``num_heads``.
+    ``slice_size``: see :func:`ldm.modules.attention.attention`.
     """
 
     def __init__(
@@ -183,26 +191,23 @@ class AttentionBlock(nn.Module):
         self.norm = normalization(channels)
         self.qkv = conv_nd(1, channels, channels * 3, 1)
         self.proj_out = zero_module(conv_nd(1, channels, channels, 1))
+        self.slice_size: int | str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return checkpoint(self._forward, (x,), self.parameters(), self.use_checkpoint)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, *spatial = x.shape
-        x = x.reshape(b, c, -1)
-        # The 1x1 convolutions are applied as linear layers on (B, T, C) tokens: the fused SDPA kernels need each
-        # head's channels contiguous, which the conv's (B, C, T) output would only give after a bigger copy.
-        tokens = self.norm(x).transpose(1, 2)
-        qkv = F.linear(tokens, self.qkv.weight.squeeze(-1), self.qkv.bias)
+        # The 1x1 convolutions are applied as matmuls on (B, T, C) tokens, which the fused SDPA kernels need with
+        # each head's channels contiguous; the conv's (B, C, T) output would only give that after a bigger copy.
+        qkv = conv1x1_as_linear(to_tokens(self.norm(x)), self.qkv)
         # The 3C qkv channels are grouped (head, q/k/v, d) in legacy checkpoints and (q/k/v, head, d) in the new order.
         if self.use_new_attention_order:
             q, k, v = qkv.unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)
         else:
             q, k, v = qkv.unflatten(-1, (self.num_heads, 3, -1)).permute(3, 0, 2, 1, 4)
         # q, k, v: (B, heads, T, d); SDPA's default scale 1/sqrt(d) is the original's.
-        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
-        h = F.linear(h, self.proj_out.weight.squeeze(-1), self.proj_out.bias)
-        return (x + h.transpose(1, 2)).reshape(b, c, *spatial)
+        h = attention(q, k, v, self.slice_size).transpose(1, 2).flatten(2)
+        return x + from_tokens(conv1x1_as_linear(h, self.proj_out), like=x)
 
 
 class UNetModel(nn.Module):
@@ -400,11 +405,13 @@ class UNetModel(nn.Module):
         if y is not None:
             emb = emb + self.label_emb(y)
         skips = []
-        h = x
+        # Runs in the memory format of the weights (see torch.channels_last); returns the input's.
+        h = x.contiguous(memory_format=memory_format_of(self.input_blocks[0][0].weight))
         for block in self.input_blocks:
             h = block(h, emb, context)
             skips.append(h)
         h = self.middle_block(h, emb, context)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
-        return self.id_predictor(h) if self.predict_codebook_ids else self.out(h)
+        out = self.id_predictor(h) if self.predict_codebook_ids else self.out(h)
+        return out.contiguous(memory_format=memory_format_of(x))
