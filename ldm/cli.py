@@ -29,6 +29,7 @@ from ldm.inference import (
     PRECISIONS,
     LatentGeometry,
     Pipeline,
+    check_compile,
     check_precision,
     check_settings,
     prepare_init_image,
@@ -121,6 +122,19 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     )
     add("--device", type=str, default=None, help="cpu, cuda, cuda:N or mps (default: the best available)")
     add("--clip_skip", type=int, default=1, help="1 = last text encoder layer, 2 = the one before (A1111)")
+    add("--idle_device", type=str, default=None, help="keep the text encoder and VAE here (e.g. cpu) while not in use")
+    add("--channels_last", action="store_true", help="run the UNet and VAE in channels_last memory format")
+    add("--compile", action="store_true", help="torch.compile the UNet (slow first image; on the CPU it needs g++)")
+    add(
+        "--attention_slicing",
+        type=str,
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="N|auto",
+        help="compute attention in slices of N query rows to save memory (no N or 'auto': a size bounding it)",
+    )
+    add("--vae_tiling", action="store_true", help="decode large images by overlapping tiles, to save memory")
     if image_input:
         add("--init-img", dest="init_img", type=str, required=True, help="path to the input image")
         add(
@@ -161,6 +175,7 @@ class Job:
     save_samples: bool
     grid_images_per_row: int | None  # None: no grid
     generate: dict[str, Any]
+    pipeline_options: dict[str, Any]  # idle_device and the speed options of Pipeline.from_config
 
 
 def _shown(path: Path) -> str:
@@ -214,6 +229,15 @@ def _sampler(args: argparse.Namespace) -> str:
     return args.sampler or "ddim"
 
 
+def parse_slice_size(text: str | None) -> int | str | None:
+    """``--attention_slicing``'s value: None (off), "auto" or a positive int; ValueError naming the fix."""
+    if text is None or text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"--attention_slicing takes a positive number of query rows or 'auto', got '{text}'.")
+    return int(text)
+
+
 def plan(mode: str, args: argparse.Namespace) -> Job:
     """Check every input and work out batches and seeds; loads no model and writes nothing."""
     ckpt = find_checkpoint(args.ckpt)
@@ -225,6 +249,10 @@ def plan(mode: str, args: argparse.Namespace) -> Job:
         raise ValueError(f"--f {args.f} does not match the model's downsampling factor {geometry.factor}; drop --f.")
     device = resolve_device(args.device)
     check_precision(args.precision, device)
+    idle_device = resolve_device(args.idle_device, option="--idle_device") if args.idle_device is not None else None
+    attention_slicing = parse_slice_size(args.attention_slicing)
+    if args.compile:
+        check_compile(device)
     sampler = _sampler(args)
     strength = getattr(args, "strength", None)
     check_settings(
@@ -300,6 +328,13 @@ def plan(mode: str, args: argparse.Namespace) -> Job:
             "eta": args.ddim_eta,
             "clip_skip": args.clip_skip,
         },
+        pipeline_options={
+            "idle_device": idle_device,
+            "channels_last": args.channels_last,
+            "compile": args.compile,
+            "attention_slicing": attention_slicing,
+            "vae_tiling": args.vae_tiling,
+        },
     )
 
 
@@ -309,7 +344,9 @@ def plan(mode: str, args: argparse.Namespace) -> Job:
 
 def run(job: Job) -> list[Path]:
     """Load the model, generate every batch and save samples and grid; returns the written files."""
-    pipe = Pipeline.from_config(job.config, job.ckpt, device=job.device, precision=job.precision)
+    pipe = Pipeline.from_config(
+        job.config, job.ckpt, device=job.device, precision=job.precision, **job.pipeline_options
+    )
     checker = watermarker = None
     if job.save_samples or job.grid_images_per_row is not None:
         checker, watermarker, notices = load_post_processing(project_path(SAFETY_DIR), job.device)

@@ -14,6 +14,20 @@ Precision (``precision=``):
   on MPS it is the same as ``full``, as the original's ``autocast("cuda")`` was.
 - ``fp16`` / ``bf16``: the UNet, VAE and text encoder weights are converted and run under autocast in that type (half
   the memory). The schedule and the sampler's state stay float32. ``fp16`` needs a GPU.
+
+Speed and memory options (``Pipeline.from_config`` arguments; each is within a stated tolerance of the plain path,
+see tests/test_fast_paths.py):
+
+- ``channels_last``: the UNet and VAE run in the ``torch.channels_last`` memory format, which most convolution
+  kernels (cuDNN, oneDNN) prefer.
+- ``compile``: ``torch.compile`` of the UNet, in place (the state dict keeps its keys). The first image is slow.
+- ``attention_slicing``: attention in slices of N query rows, or ``"auto"``; bounds the attention scores' memory
+  where no fused kernel does (see :func:`ldm.modules.attention.attention`).
+- ``vae_tiling``: decode latents larger than 64x64 by overlapping tiles (:func:`ldm.modules.tiling.tiled_decode`),
+  bounding the VAE's memory for large images. The image differs from a full decode: each tile normalises its
+  activations with its own statistics.
+- ``idle_device``: keep the text encoder and VAE there (e.g. ``"cpu"``) except while they run, so the GPU holds
+  little more than the UNet.
 """
 
 from __future__ import annotations
@@ -37,7 +51,9 @@ from ldm.checkpoint import load_model_from_config
 from ldm.models.diffusion.ddpm import LatentInpaintDiffusion
 from ldm.models.diffusion.noise import Noise
 from ldm.models.diffusion.samplers import check_sampling_arguments, resolve_sampler, sample
+from ldm.modules.attention import check_slice_size, set_attention_slicing
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.modules.tiling import tiled_decode
 from ldm.outputs import format_parameters, load_image, model_hash
 from ldm.prompts import encode_prompts, unknown_words
 from ldm.util import apply_overrides, default_device, load_config
@@ -109,24 +125,27 @@ class LatentGeometry:
         return (batch, self.channels, height // self.factor, width // self.factor)
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``device`` as a torch.device (None: CUDA, then MPS, then CPU); ValueError when it is unknown or absent here."""
+def resolve_device(device: str | torch.device | None, option: str = "--device") -> torch.device:
+    """``device`` as a torch.device (None: CUDA, then MPS, then CPU); ValueError when it is unknown or absent here.
+
+    ``option``: the command-line flag that the error messages name.
+    """
     if device is None:
         return default_device()
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device '{device}'; use cpu, cuda, cuda:N or mps.") from None
+        raise ValueError(f"unknown device '{device}' for {option}; use cpu, cuda, cuda:N or mps.") from None
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0 or (device.index is not None and device.index >= count):
-            raise ValueError(f"device '{device}' is not available here ({count} CUDA GPU(s)); use --device cpu.")
+            raise ValueError(f"device '{device}' is not available here ({count} CUDA GPU(s)); use {option} cpu.")
     elif device.type == "mps":
         mps = getattr(torch.backends, "mps", None)
         if mps is None or not mps.is_available():
-            raise ValueError("device 'mps' is not available here (no Apple GPU); use --device cpu.")
+            raise ValueError(f"device 'mps' is not available here (no Apple GPU); use {option} cpu.")
     elif device.type != "cpu":
-        raise ValueError(f"device '{device}' is not supported; use cpu, cuda, cuda:N or mps.")
+        raise ValueError(f"device '{device}' for {option} is not supported; use cpu, cuda, cuda:N or mps.")
     return device
 
 
@@ -138,6 +157,24 @@ def check_precision(precision: str, device: torch.device) -> None:
         raise ValueError("precision fp16 needs a GPU (the CPU has no fast float16); use full or bf16 on the CPU.")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError("this GPU has no bfloat16 support; use fp16 or autocast.")
+
+
+def check_compile(device: torch.device) -> None:
+    """ValueError naming the fix unless ``torch.compile`` works on ``device`` here.
+
+    Compiles a one-line function (seconds the first time): whether it works depends on the platform (a C++
+    compiler for the CPU, Triton for CUDA, a supported Python), and it otherwise fails only at the first image.
+    """
+    try:
+        torch.compile(_compile_probe)(torch.ones(2, device=device))
+    except Exception as err:  # Dynamo and Inductor fail in many ways; any of them means compile is unusable here.
+        reason = " ".join(f"{type(err).__name__}: {err}".split())[:200]
+        hint = ", or install a C++ compiler (g++ or clang)" if device.type == "cpu" else ""
+        raise ValueError(f"torch.compile does not work on {device} here ({reason}); drop --compile{hint}.") from None
+
+
+def _compile_probe(x: torch.Tensor) -> torch.Tensor:
+    return x * 2 + 1
 
 
 def check_settings(
@@ -302,6 +339,9 @@ class Pipeline:
         idle_device: where the text encoder and VAE wait between uses (e.g. ``"cpu"`` to save GPU memory), or None
             to keep them on ``device``.
         ckpt: the checkpoint file, for the model name and hash written into image metadata.
+        channels_last, compile, attention_slicing, vae_tiling: the speed and memory options of the module
+            docstring. The first three change ``model`` in place; ``compile`` raises ValueError where
+            torch.compile cannot run (see :func:`check_compile`).
     """
 
     def __init__(
@@ -313,6 +353,10 @@ class Pipeline:
         idle_device: torch.device | str | None = None,
         ckpt: str | os.PathLike | None = None,
         vocabulary: Sequence[str] | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
+        attention_slicing: int | str | None = None,
+        vae_tiling: bool = False,
     ) -> None:
         self.model = model
         # Models trained on a closed set of words (the bundled shapes model) list them in their config.
@@ -324,6 +368,18 @@ class Pipeline:
         self.idle_device = torch.device(idle_device) if idle_device is not None else None
         self.ckpt = Path(ckpt) if ckpt is not None else None
         self.inpainting = isinstance(model, LatentInpaintDiffusion)
+        self.channels_last = channels_last
+        self.compile = compile
+        self.attention_slicing = attention_slicing
+        self.vae_tiling = vae_tiling
+        set_attention_slicing(model, attention_slicing)
+        if channels_last:
+            for stage in (model.model, model.first_stage_model):
+                stage.to(memory_format=torch.channels_last)
+        if compile:
+            check_compile(self.device)
+            # In place (not torch.compile(module)), so the model's state dict keeps its keys.
+            model.model.diffusion_model.compile()
 
     @classmethod
     def from_config(
@@ -335,19 +391,27 @@ class Pipeline:
         overrides: Sequence[str] = (),
         use_ema_weights: bool = False,
         idle_device: str | torch.device | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
+        attention_slicing: int | str | None = None,
+        vae_tiling: bool = False,
     ) -> Pipeline:
         """Build the model of a config (path or OmegaConf, plus ``key=value`` overrides) and load ``ckpt`` strictly.
 
-        ``ckpt=None`` keeps random weights (for tests). Raises ConfigError / CheckpointError / ValueError with a
-        message naming the fix.
+        ``ckpt=None`` keeps random weights (for tests). ``idle_device``, ``channels_last``, ``compile``,
+        ``attention_slicing`` and ``vae_tiling``: see the module docstring. Raises ConfigError / CheckpointError /
+        ValueError with a message naming the fix.
         """
         if isinstance(config, str | os.PathLike):
             config = load_config(config, overrides)
         else:
             config = apply_overrides(config, overrides)
         device = resolve_device(device)
-        idle = resolve_device(idle_device) if idle_device is not None else None
+        idle = resolve_device(idle_device, option="--idle_device") if idle_device is not None else None
         check_precision(precision, device)
+        check_slice_size(attention_slicing)
+        if compile:
+            check_compile(device)  # here too, so that a failure comes before the (slow) loading
         geometry = LatentGeometry.from_config(config)
         model = load_model_from_config(config, ckpt, device="cpu", use_ema_weights=use_ema_weights)
         if precision in ("fp16", "bf16"):
@@ -356,7 +420,19 @@ class Pipeline:
                     stage.to(DTYPES[precision])
         _place(model, device, idle)
         vocabulary = config.get("vocabulary")
-        return cls(model, geometry, device, precision=precision, idle_device=idle, ckpt=ckpt, vocabulary=vocabulary)
+        return cls(
+            model,
+            geometry,
+            device,
+            precision=precision,
+            idle_device=idle,
+            ckpt=ckpt,
+            vocabulary=vocabulary,
+            channels_last=channels_last,
+            compile=compile,
+            attention_slicing=attention_slicing,
+            vae_tiling=vae_tiling,
+        )
 
     @functools.cached_property
     def model_hash(self) -> str | None:
@@ -379,6 +455,12 @@ class Pipeline:
             yield
         finally:
             stage.to(self.idle_device)
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (B, C, h, w) -> images (B, 3, f*h, f*w); by tiles with ``vae_tiling``."""
+        if self.vae_tiling:
+            return tiled_decode(self.model.decode_first_stage, latents, self.geometry.factor)
+        return self.model.decode_first_stage(latents)
 
     def _encode_image(self, image: torch.Tensor) -> torch.Tensor:
         """(1, 3, H, W) in [-1, 1] -> scaled latent (1, C, h, w), float32. The posterior mode, so no randomness."""
@@ -536,7 +618,7 @@ class Pipeline:
                 # Discrete samplers end on the model's estimate of the kept region; the init latent is exact there.
                 latents = latent_mask * init_latent + (1.0 - latent_mask) * latents
             with self._active(model.first_stage_model):
-                images = tensor_to_images(model.decode_first_stage(latents))
+                images = tensor_to_images(self._decode(latents))
         if mask_image is not None:
             images = [Image.composite(generated, image, mask_image) for generated in images]
         return GenerationResult(

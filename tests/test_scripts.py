@@ -199,6 +199,9 @@ BAD_INPUTS = [
     ("txt2img", ["--batch_seeds", "1", "2"], "--batch_seeds gives 2 seeds for 6 images"),
     ("txt2img", ["--steps", "0"], "steps must be an integer in 1..1000"),
     ("txt2img", ["--plms", "--ddim_eta", "0.5"], "PLMS only works with eta = 0"),
+    ("txt2img", ["--attention_slicing", "0"], "--attention_slicing takes a positive number of query rows or 'auto'"),
+    ("txt2img", ["--attention_slicing", "half"], "--attention_slicing takes .*, got 'half'"),
+    ("txt2img", ["--idle_device", "tpu"], "unknown device 'tpu' for --idle_device; use cpu"),
 ]
 
 
@@ -236,3 +239,44 @@ def test_missing_default_checkpoint_says_what_to_download_and_names_the_demo_mod
 def test_an_absent_device_is_an_error(tiny_files, tmp_path, capsys):
     code, err = run_main("txt2img", [*tiny_args(tiny_files, "--outdir", str(tmp_path)), "--device", "cuda"], capsys)
     assert code == 2 and "device 'cuda' is not available here" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_an_absent_idle_device_is_an_error_naming_its_flag(tiny_files, tmp_path, capsys):
+    args = [*tiny_args(tiny_files, "--outdir", str(tmp_path / "out")), "--idle_device", "cuda"]
+    code, err = run_main("txt2img", args, capsys)
+    assert code == 2 and "device 'cuda' is not available here (0 CUDA GPU(s)); use --idle_device cpu." in err
+
+
+def test_speed_flags_reach_the_pipeline(tiny_files, tmp_path, capsys, monkeypatch):
+    options = []
+    from_config = cli.Pipeline.from_config
+    monkeypatch.setattr(cli.Pipeline, "from_config", lambda *a, **kw: options.append(kw) or from_config(*a, **kw))
+    out = tmp_path / "out"
+    args = tiny_args(tiny_files, "--H", "16", "--W", "16", "--n_samples", "1", "--n_iter", "1", "--skip_grid",
+                     "--outdir", str(out), "--channels_last", "--attention_slicing", "--vae_tiling", "--idle_device",
+                     "cpu")  # fmt: skip
+    code, err = run_main("txt2img", args, capsys)
+    assert code == 0, err
+    assert (out / "samples" / "00000.png").is_file()
+    assert {k: options[0][k] for k in ("channels_last", "attention_slicing", "vae_tiling", "compile")} == {
+        "channels_last": True,
+        "attention_slicing": "auto",
+        "vae_tiling": True,
+        "compile": False,
+    }
+    assert options[0]["idle_device"] == torch.device("cpu")
+    code, _ = run_main("txt2img", [*args[:-5], "--attention_slicing", "64"], capsys)
+    assert code == 0 and options[1]["attention_slicing"] == 64
+
+
+def test_an_unusable_compile_is_reported_before_loading(tiny_files, tmp_path, capsys, monkeypatch):
+    def no_compiler(fn):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    monkeypatch.setattr(cli.Pipeline, "from_config", lambda *a, **kw: pytest.fail("the model was loaded"))
+    code, err = run_main("txt2img", [*tiny_args(tiny_files, "--outdir", str(tmp_path / "out")), "--compile"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "torch.compile does not work on cpu here (RuntimeError: InvalidCxxCompiler" in err
+    assert err.rstrip().endswith("drop --compile, or install a C++ compiler (g++ or clang).")
