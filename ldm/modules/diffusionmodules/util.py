@@ -99,8 +99,8 @@ def mean_flat(tensor: torch.Tensor) -> torch.Tensor:
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 for float16 inputs, so their statistics do not overflow.
 
-    bfloat16 has float32's range and the kernels accumulate in float32, so it runs as is: the two conversions
-    would cost about a tenth of a bf16 UNet step on the CPU. The affine parameters are upcast with the input: not
+    bfloat16 has float32's range and the kernels accumulate in float32, so it runs as is, without two extra passes
+    over every activation (and with diffusers' numerics). The affine parameters are upcast with the input: not
     every backend accepts float32 input with half-precision weights.
     """
 
