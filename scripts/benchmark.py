@@ -75,10 +75,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import ldm
+from ldm import to_diffusers
 from ldm.checkpoint import CheckpointError, load_model_from_config, read_checkpoint, save_checkpoint, to_original_layout
 from ldm.inference import LatentGeometry, Pipeline, resolve_device
 from ldm.models.diffusion.noise import Noise
-from ldm.util import ConfigError, instantiate_from_config, load_config
+from ldm.util import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs/stable-diffusion/v1-inference.yaml"
@@ -91,8 +92,6 @@ PRECISION_OF_DTYPE = {"fp32": "full", "bf16": "bf16", "fp16": "fp16"}
 # Largest accepted max|ldm - diffusers| / max|ldm| of the UNet outputs. Half precision rounds differently in the two
 # implementations; a conversion error (a swapped or missing tensor) gives differences of the output's own size.
 CHECK_TOLERANCE = {"fp32": 1e-3, "bf16": 0.1, "fp16": 0.1}
-# The DDPM constructor's schedule defaults (CompVis), for configs that leave them out.
-DDPM_DEFAULT_SCHEDULE = {"linear_start": 1e-4, "linear_end": 2e-2, "timesteps": 1000}
 SD_TEXT_ENCODER = "ldm.modules.encoders.modules.FrozenCLIPEmbedder"
 ENGINES = ("ldm", "diffusers")
 
@@ -398,15 +397,15 @@ class DiffusersEngine:
         self.dtype = DTYPES[settings.dtype]
         self.geometry = LatentGeometry.from_config(config)
         state_dict = to_original_layout(read_checkpoint(weights)[0])
-        text_encoder, tokenizer = diffusers_text_encoder(config, state_dict)
-        unet, vae = diffusers_unet_and_vae(config, state_dict)
+        text_encoder, tokenizer = to_diffusers.text_encoder(config, state_dict)
+        unet, vae = to_diffusers.unet_and_vae(config, state_dict)
         del state_dict
         self.pipe = StableDiffusionPipeline(
             vae=vae,
             text_encoder=text_encoder,
             tokenizer=tokenizer,
             unet=unet,
-            scheduler=diffusers_ddim_scheduler(config),
+            scheduler=to_diffusers.ddim_scheduler(config),
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
@@ -448,114 +447,6 @@ ENGINE_CLASSES = {"ldm": LdmEngine, "diffusers": DiffusersEngine}
 def build_engine(name: str, config: DictConfig, weights: Path, settings: Settings) -> Engine:
     """Load engine ``name`` ("ldm" or "diffusers") with the weights file and the settings' dtype and fast paths."""
     return ENGINE_CLASSES[name](config, weights, settings)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Building diffusers' pipeline from an original-layout state dict
-
-
-def _ldm_text_encoder(config: DictConfig) -> Any:
-    """Our SD 1.x text encoder built on the meta device (no memory): the source of its architecture."""
-    with torch.device("meta"):
-        return instantiate_from_config(config.model.params.cond_stage_config)
-
-
-def diffusers_text_encoder(config: DictConfig, state_dict: dict[str, torch.Tensor]) -> tuple[Any, Any]:
-    """transformers' ``CLIPTextModel`` (our encoder's config, weights converted by diffusers) and ``CLIPTokenizer``."""
-    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
-    from transformers import CLIPTextModel
-
-    ours = _ldm_text_encoder(config)
-    model = CLIPTextModel(ours.transformer.text_model.config)
-    weights = convert_ldm_clip_checkpoint(state_dict)
-    if not hasattr(model, "text_model"):  # transformers >= 5 keeps the layers at the top level of CLIPTextModel
-        weights = {key.removeprefix("text_model."): value for key, value in weights.items()}
-    # The position ids are a constant buffer that recent transformers releases do not keep in the state dict.
-    weights = {key: value.float() for key, value in weights.items() if not key.endswith("position_ids")}
-    model.load_state_dict(weights, strict=True)
-    return model.eval(), clip_tokenizer(ours.max_length)
-
-
-def clip_tokenizer(max_length: int) -> Any:
-    """transformers' ``CLIPTokenizer`` with the OpenAI CLIP BPE vocabulary bundled in open_clip (no hub access).
-
-    open_clip names the special tokens ``<start_of_text>`` / ``<end_of_text>``; transformers' vocabulary files use
-    ``<|startoftext|>`` / ``<|endoftext|>`` (ids 49406 / 49407 either way). SD 1.x pads with ``<|endoftext|>``.
-    """
-    from open_clip.tokenizer import SimpleTokenizer
-    from transformers import CLIPTokenizer
-
-    bpe = SimpleTokenizer()
-    special = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
-    vocab = {special.get(token, token): index for token, index in bpe.encoder.items()}
-    merges = sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.__getitem__)
-    with tempfile.TemporaryDirectory(prefix="clip-vocab-") as folder:
-        (Path(folder) / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-        lines = "".join(f"{first} {second}\n" for first, second in merges)
-        (Path(folder) / "merges.txt").write_text("#version: 0.2\n" + lines, encoding="utf-8")
-        return CLIPTokenizer.from_pretrained(folder, local_files_only=True, model_max_length=max_length)
-
-
-def attention_heads(unet_params: Any) -> int | list[int]:
-    """Heads per UNet level as diffusers' ``attention_head_dim`` (which, for SD, holds the number of heads).
-
-    Our UNet takes ``num_head_channels`` (heads of that width) over ``num_heads`` when it is given; diffusers'
-    converter reads only ``num_heads``, so the per-level count is worked out here.
-    """
-    head_channels = int(unet_params.get("num_head_channels", -1))
-    if head_channels == -1:
-        return int(unet_params["num_heads"])
-    return [int(unet_params["model_channels"]) * int(mult) // head_channels for mult in unet_params["channel_mult"]]
-
-
-def _assign_weights(cls: type, model_config: dict[str, Any], weights: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """``cls(**model_config)`` built without memory and given ``weights`` (strictly) as its tensors, in float32."""
-    with torch.device("meta"):
-        model = cls(**model_config)
-    model.load_state_dict({key: value.float() for key, value in weights.items()}, strict=True, assign=True)
-    # Strict loading fills every parameter; a buffer outside the state dict would be left without values.
-    empty = [name for name, buffer in model.named_buffers() if buffer.is_meta and name not in weights]
-    if empty:
-        raise EnginesDiffer(f"diffusers' {cls.__name__} has tensors that no checkpoint fills: {empty[:3]}")
-    return model.eval()
-
-
-def diffusers_unet_and_vae(config: DictConfig, state_dict: dict[str, torch.Tensor]) -> tuple[Any, Any]:
-    """diffusers' ``UNet2DConditionModel`` and ``AutoencoderKL`` from our config and an original-layout state dict."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.loaders import single_file_utils as convert
-
-    original = OmegaConf.to_container(config, resolve=True)
-    unet_config = convert.create_unet_diffusers_config_from_ldm(original, state_dict)
-    unet_config["attention_head_dim"] = attention_heads(config.model.params.unet_config.params)
-    unet = _assign_weights(
-        UNet2DConditionModel, unet_config, convert.convert_ldm_unet_checkpoint(state_dict, unet_config)
-    )
-    # Our model divides latents by its own scale factor (a buffer when it was measured, scale_by_std), else by the
-    # config's (default 1.0, where diffusers' converter would assume SD's 0.18215).
-    scale = state_dict.get("scale_factor", config.model.params.get("scale_factor", 1.0))
-    vae_config = convert.create_vae_diffusers_config_from_ldm(original, state_dict, scaling_factor=float(scale))
-    vae = _assign_weights(AutoencoderKL, vae_config, convert.convert_ldm_vae_checkpoint(state_dict, vae_config))
-    return unet, vae
-
-
-def diffusers_ddim_scheduler(config: DictConfig) -> Any:
-    """A ``DDIMScheduler`` stepping like our DDIM: SD's betas, timesteps i * (T // S) + 1, last step to alpha_0."""
-    from diffusers import DDIMScheduler
-
-    params = config.model.params
-    schedule = {name: params.get(name, default) for name, default in DDPM_DEFAULT_SCHEDULE.items()}
-    return DDIMScheduler(
-        num_train_timesteps=int(schedule["timesteps"]),
-        beta_start=float(schedule["linear_start"]),
-        beta_end=float(schedule["linear_end"]),
-        beta_schedule="scaled_linear",  # CompVis' "linear" schedule is linear in sqrt(beta)
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        timestep_spacing="leading",
-        prediction_type="v_prediction" if params.get("parameterization", "eps") == "v" else "epsilon",
-    )
 
 
 def apply_diffusers_fast_paths(pipe: Any, settings: Settings) -> None:
@@ -869,7 +760,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, CheckpointError, ValueError, OSError) as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
-    except EnginesDiffer as err:
+    except (EnginesDiffer, to_diffusers.ConversionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(format_report(report))

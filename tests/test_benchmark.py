@@ -12,6 +12,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from ldm import to_diffusers
+
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "models/ldm/shapes"
 NO_DIFFUSERS = "diffusers is not installed (pip install -r requirements-bench.txt); CI measures this project alone"
@@ -158,7 +160,7 @@ def test_sd15_architecture_converts_tensor_for_tensor(benchmark, diffusers):
     config = load_config(ROOT / "configs/stable-diffusion/v1-inference.yaml")
     with torch.device("meta"):
         model = instantiate_from_config(config.model)
-    unet, vae = benchmark.diffusers_unet_and_vae(config, model.state_dict())
+    unet, vae = to_diffusers.unet_and_vae(config, model.state_dict())
     assert count_params(unet) == count_params(model.model.diffusion_model)
     assert count_params(vae) == count_params(model.first_stage_model)
     assert unet.config.attention_head_dim == 8 and unet.config.cross_attention_dim == 768
