@@ -159,18 +159,26 @@ def check_precision(precision: str, device: torch.device) -> None:
         raise ValueError("this GPU has no bfloat16 support; use fp16 or autocast.")
 
 
+# Device types where the compile probe succeeded: the scripts check before loading and Pipeline again, and each
+# probe costs seconds.
+COMPILE_WORKS_ON: set[str] = set()
+
+
 def check_compile(device: torch.device) -> None:
     """ValueError naming the fix unless ``torch.compile`` works on ``device`` here.
 
     Compiles a one-line function (seconds the first time): whether it works depends on the platform (a C++
     compiler for the CPU, Triton for CUDA, a supported Python), and it otherwise fails only at the first image.
     """
+    if device.type in COMPILE_WORKS_ON:
+        return
     try:
         torch.compile(_compile_probe)(torch.ones(2, device=device))
     except Exception as err:  # Dynamo and Inductor fail in many ways; any of them means compile is unusable here.
         reason = " ".join(f"{type(err).__name__}: {err}".split())[:200]
         hint = ", or install a C++ compiler (g++ or clang)" if device.type == "cpu" else ""
         raise ValueError(f"torch.compile does not work on {device} here ({reason}); drop --compile{hint}.") from None
+    COMPILE_WORKS_ON.add(device.type)
 
 
 def _compile_probe(x: torch.Tensor) -> torch.Tensor:

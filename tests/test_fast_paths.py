@@ -360,6 +360,7 @@ def test_an_unusable_torch_compile_is_a_value_error_naming_the_fix(monkeypatch):
         raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nin torch._inductor")
 
     monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(ldm.inference, "COMPILE_WORKS_ON", set())
     with pytest.raises(
         ValueError, match=r"torch.compile does not work on cpu here \(RuntimeError: .*compiler found in"
     ):
