@@ -23,7 +23,7 @@ demo: $(VENV)/.installed
 		--prompt "$(DEMO_PROMPT)" --H 64 --W 64 --n_samples 4 --n_iter 1 --n_rows 4 --steps 20 \
 		--sampler "DPM++ 2M Karras" --scale 10 --seed 42 --device cpu --precision full --outdir outputs/demo
 
-# Retrain the demo model from scratch (about 45 minutes on 2 CPU cores): autoencoder, then the LDM, then export.
+# Retrain the demo model from scratch (about 50 minutes on 2 CPU cores): autoencoder, then the LDM, then export.
 shapes-model: $(VENV)/.installed
 	$(PY) main.py --base configs/autoencoder/autoencoder_kl_shapes.yaml -t -n shapes-vae -l $(SHAPES_LOGS) --no-test
 	$(PY) main.py --base configs/latent-diffusion/shapes-ldm.yaml -t -n shapes-ldm -l $(SHAPES_LOGS) --no-test \
