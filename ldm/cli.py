@@ -52,7 +52,7 @@ MODES = {
 DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
 
 
-class _Parser(argparse.ArgumentParser):
+class ScriptParser(argparse.ArgumentParser):
     """argparse whose usage errors are one line, like every other error of the scripts."""
 
     def error(self, message: str) -> NoReturn:
@@ -64,7 +64,7 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     image_input = mode != "txt2img"
-    parser = _Parser(
+    parser = ScriptParser(
         prog=f"scripts/{mode}.py",
         description=MODES[mode],
         epilog="Trailing key=value arguments override the config, e.g. model.params.scale_factor=0.18215.",

@@ -68,7 +68,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 import torch
@@ -77,6 +77,7 @@ from omegaconf import DictConfig, OmegaConf
 import ldm
 from ldm import to_diffusers
 from ldm.checkpoint import CheckpointError, load_model_from_config, read_checkpoint, save_checkpoint, to_original_layout
+from ldm.cli import ScriptParser
 from ldm.inference import LatentGeometry, Pipeline, resolve_device
 from ldm.models.diffusion.noise import Noise
 from ldm.util import ConfigError, load_config
@@ -141,13 +142,6 @@ class Plan:
     command: str
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line, like every other error of the scripts."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
 def _slice_size(text: str) -> int | str:
     if text == "auto":
         return text
@@ -157,7 +151,7 @@ def _slice_size(text: str) -> int | str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = ScriptParser(
         prog="scripts/benchmark.py",
         description="Time this project's UNet and txt2img against diffusers on the same weights; see the module "
         "docstring for what is measured and how.",

@@ -19,13 +19,14 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from ldm.checkpoint import CheckpointError
+from ldm.cli import ScriptParser
 from ldm.data.shapes import COLORS, COMBINATIONS, HOLDOUT, SHAPES, caption
 from ldm.data.shapes_checker import ATTRIBUTES, Prediction, accuracy, classify
 from ldm.inference import LatentGeometry, Pipeline, check_settings, resolve_device
@@ -203,15 +204,8 @@ def format_table(scores: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line, like every other error of the scripts."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = ScriptParser(
         prog="scripts/evaluate_shapes.py",
         description="Sample the shapes demo model over seen and held-out prompts and check each image's colour, "
         "shape and background.",
