@@ -24,14 +24,21 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from ldm.checkpoint import read_training_checkpoint
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to a temporary file beside its destination, syncs it, then renames it into place.
+    """Writes each checkpoint to a temporary file beside its destination, syncs it, then renames it into place, and
+    reads checkpoints (``-r``) through :func:`ldm.checkpoint.read_training_checkpoint`, which runs no code in them.
 
     A crash or kill mid-write leaves the previous ``last.ckpt`` intact, never a truncated one. (Lightning's own
     writer stages the file in the system temp dir, whose move onto another file system is a plain copy.) Remote
-    paths (``s3://...``) go through Lightning's writer.
+    paths (``s3://...``) are written by Lightning's writer.
     """
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        # Lightning moves the states to their devices itself; the tensors are read onto the CPU.
+        return read_training_checkpoint(path)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if "://" in str(path):

@@ -8,10 +8,9 @@ that says which config fits, never a silently half-random model.
 from __future__ import annotations
 
 import os
-import pickle
 import tempfile
 import warnings
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from ldm.modules.ema import ema_buffer_name
+from ldm.serialization import CheckpointError, read_file
 
 CLIP_PREFIX = "cond_stage_model.transformer."
 CLIP_NESTED = CLIP_PREFIX + "text_model."
@@ -51,108 +51,19 @@ SCHEDULE_BUFFERS = frozenset(
 )
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be read or does not fit the model; the message says what to do."""
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Reading files
 
 
-class _Ignored:
-    """Stands in for any object in a pickle that is not a tensor or a plain container; it runs nothing."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def __setstate__(self, state: Any) -> None:
-        pass
-
-
-def _allowed_globals() -> dict[tuple[str, str], Any]:
-    allowed: dict[tuple[str, str], Any] = {
-        ("collections", "OrderedDict"): OrderedDict,
-        ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
-        ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
-        ("torch._utils", "_rebuild_parameter_with_state"): torch._utils._rebuild_parameter_with_state,
-        ("torch", "Size"): torch.Size,
-        ("builtins", "set"): set,
-        ("builtins", "frozenset"): frozenset,
-    }
-    if hasattr(torch._utils, "_rebuild_tensor_v3"):
-        allowed[("torch._utils", "_rebuild_tensor_v3")] = torch._utils._rebuild_tensor_v3
-    for name in dir(torch):
-        value = getattr(torch, name, None)
-        if isinstance(value, torch.dtype):
-            allowed[("torch", name)] = value
-    return allowed
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only tensor-rebuilding functions, dtypes and plain containers.
-
-    Anything else a pickle names (Lightning callbacks, OmegaConf configs, or ``os.system`` in a malicious file) becomes
-    an inert :class:`_Ignored`, so calling or building it does nothing. The names are collected for a warning.
-    """
-
-    allowed = _allowed_globals()
-    ignored: Counter[str] = Counter()
-
-    def find_class(self, module: str, name: str) -> Any:
-        module = "builtins" if module == "__builtin__" else module  # protocol-2 pickles use Python 2's name
-        if (module, name) in self.allowed:
-            return self.allowed[(module, name)]
-        type(self).ignored[f"{module}.{name}"] += 1
-        return type(name, (_Ignored,), {})
-
-
-class _RestrictedPickleModule:
-    """What ``torch.load(pickle_module=...)`` needs: an ``Unpickler`` and ``load``."""
-
-    Unpickler = _RestrictedUnpickler
-    __name__ = "ldm.checkpoint.restricted_pickle"
-
-    @staticmethod
-    def load(file: Any, **kwargs: Any) -> Any:
-        return _RestrictedUnpickler(file, **kwargs).load()
-
-
-def _read_pickle(path: Path) -> Any:
-    _RestrictedUnpickler.ignored = Counter()
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RestrictedPickleModule)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
-        raise CheckpointError(f"cannot read checkpoint '{path}': {err}. Is it a complete .ckpt file?") from err
-    ignored = _RestrictedUnpickler.ignored
-    if ignored:
-        names = ", ".join(sorted(ignored)[:6]) + (" ..." if len(ignored) > 6 else "")
-        warnings.warn(
-            f"{path.name}: skipped {sum(ignored.values())} non-tensor object(s) ({names}); checkpoints are read "
-            "without running any code they contain.",
-            stacklevel=3,
-        )
-    return data
-
-
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a ``.ckpt``/``.pt``/``.pth`` or ``.safetensors`` file.
+    """Read a ``.ckpt``/``.pt``/``.pth``/``.bin`` or ``.safetensors`` file (told apart by content, see
+    :mod:`ldm.serialization`), running nothing it contains.
 
     Returns ``(state_dict, info)``: the tensors (from a Lightning checkpoint's ``state_dict`` or a bare state dict) and
     plain metadata such as ``global_step`` when the file has it.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint '{path}' does not exist. Pass the path of a .ckpt or .safetensors file.")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path), device="cpu"), {}
-        except (SafetensorError, OSError) as err:
-            raise CheckpointError(f"cannot read safetensors file '{path}': {err}") from err
-
-    data = _read_pickle(path)
+    _, data = read_file(path)
     info: dict[str, Any] = {}
     if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):
         info = {k: v for k, v in data.items() if isinstance(v, int | float | str) and k != "state_dict"}
@@ -163,6 +74,24 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     if not state_dict:
         raise CheckpointError(f"checkpoint '{path}' holds no tensors.")
     return state_dict, info
+
+
+def read_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """The whole dict of a Lightning checkpoint (weights, optimizer and loop states ...), read as safely as
+    :func:`read_checkpoint`; for resuming a run."""
+    path = Path(path)
+    kind, data = read_file(path)
+    if kind == "safetensors" or not isinstance(data, Mapping) or not isinstance(data.get("state_dict"), Mapping):
+        raise CheckpointError(
+            f"'{path}' is not a training checkpoint (a Lightning .ckpt with state_dict, optimizer and loop states); "
+            "to start a new run from its weights, set model.params.ckpt_path instead of resuming."
+        )
+    return dict(data)
+
+
+def nonfinite_tensors(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding NaN or inf."""
+    return [k for k, v in state_dict.items() if v.is_floating_point() and not v.is_meta and not torch.isfinite(v).all()]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -320,6 +249,13 @@ def load_state_dict_into(
         state_dict = ema_to_model_keys(state_dict, model.state_dict().keys())
     fitted = fit_state_dict(model, state_dict, ignore_prefixes)
     del state_dict
+    bad = nonfinite_tensors(fitted)
+    if bad:
+        warnings.warn(
+            f"{len(bad)} tensor(s) of the checkpoint hold NaN or inf (e.g. {', '.join(bad[:3])}): the model will "
+            "likely give NaN or black images. The file is damaged, or was saved from a diverged run.",
+            stacklevel=2,
+        )
     if not any(t.is_meta for t in model.state_dict().values()):
         model.load_state_dict(fitted, strict=False)
         return

@@ -268,10 +268,18 @@ class SafetyChecker:
         device: where the check runs.
     """
 
+    HEAD_KEYS = (
+        "visual_projection.weight",
+        "concept_embeds",
+        "concept_embeds_weights",
+        "special_care_embeds",
+        "special_care_embeds_weights",
+    )
+
     def __init__(self, directory: str | os.PathLike, device: torch.device | str = "cpu") -> None:
         from transformers import CLIPConfig, CLIPVisionModel
 
-        from ldm.checkpoint import read_checkpoint
+        from ldm.checkpoint import CheckpointError, load_state_dict_into, read_checkpoint
 
         directory = Path(directory)
         weights = safety_weights(directory)
@@ -279,6 +287,11 @@ class SafetyChecker:
             raise FileNotFoundError(f"no safety checker weights in '{directory}' (config.json + model.safetensors).")
         config = CLIPConfig.from_json_file(str(directory / "config.json"))
         state_dict, _ = read_checkpoint(weights)
+        missing = [k for k in self.HEAD_KEYS if k not in state_dict]
+        if missing:
+            raise CheckpointError(
+                f"{weights} is not a CompVis/stable-diffusion-safety-checker file: it lacks {', '.join(missing)}."
+            )
         self.vision = CLIPVisionModel(config.vision_config)
         own = self.vision.state_dict()
         # Files saved with transformers < 5 nest the tower once more (``vision_model.vision_model.*``).
@@ -287,7 +300,10 @@ class SafetyChecker:
             if key.startswith("vision_model."):
                 name = key[len("vision_model.") :]
                 tower[name if name in own else name.removeprefix("vision_model.")] = value
-        self.vision.load_state_dict(tower)
+        try:
+            load_state_dict_into(self.vision, tower)
+        except CheckpointError as err:
+            raise CheckpointError(f"{weights} does not fit {directory / 'config.json'}: {err}") from None
         self.projection = state_dict["visual_projection.weight"]
         self.concepts = state_dict["concept_embeds"]
         self.concept_thresholds = state_dict["concept_embeds_weights"]

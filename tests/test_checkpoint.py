@@ -160,7 +160,7 @@ def test_missing_and_corrupt_files_are_clear(tmp_path, tiny_weights):
         read_checkpoint(truncated)
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")
-    with pytest.raises(CheckpointError, match="cannot read safetensors"):
+    with pytest.raises(CheckpointError, match="neither a torch.save checkpoint nor a safetensors file"):
         read_checkpoint(bad)
 
 
