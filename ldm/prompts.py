@@ -7,7 +7,8 @@ Syntax (AUTOMATIC1111's, so prompts written for it mean the same here):
 - ``\\(``, ``\\)``, ``\\[``, ``\\]`` and ``\\\\`` are literal characters; a lone backslash is dropped.
 - Unbalanced brackets are tolerated: an unclosed bracket weights everything to the end of the prompt, a stray closing
   bracket is literal text.
-- ``BREAK`` (uppercase, a word of its own) ends the current 75-token chunk.
+- ``BREAK`` (uppercase, a word of its own in the prompt as written) ends the current 75-token chunk; text that only
+  reads ``BREAK`` once brackets or escapes are removed (``BRE()AK``) stays text.
 
 A prompt's tokens are split into chunks of 75 (a chunk that fills up ends after its last comma when that comma is among
 its last 20 tokens, so a phrase is not cut in two); each chunk becomes ``BOS + tokens + EOS + padding`` (77 ids), is
@@ -15,6 +16,7 @@ encoded on its own, and the chunk outputs are concatenated along the sequence ax
 of the UNet takes any context length, so no prompt is truncated.
 """
 
+import enum
 import re
 from collections.abc import Collection, Sequence
 from typing import Any
@@ -26,7 +28,15 @@ SQUARE_FACTOR = 1 / 1.1
 # A chunk that overflows ends after its last comma only if that comma is among its last this-many tokens (A1111's
 # default "comma padding backtrack").
 COMMA_BACKTRACK = 20
-BREAK = ("BREAK", -1.0)
+
+
+class _Break(enum.Enum):
+    BREAK = "BREAK"
+
+
+# Where a prompt has a BREAK: a value of its own type, so that no (text, weight) fragment can ever equal it.
+BREAK = _Break.BREAK
+Fragment = tuple[str, float] | _Break
 
 _ATTENTION_TOKEN = re.compile(
     r"""
@@ -46,10 +56,10 @@ _BREAK_WORD = re.compile(r"\s*\bBREAK\b\s*")
 _BREAK_MARK = None
 
 
-def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
+def parse_prompt_attention(text: str) -> list[Fragment]:
     """Split a prompt into (text, weight) fragments, A1111 style.
 
-    Consecutive fragments of equal weight are merged, empty ones dropped; a BREAK is the fragment ``("BREAK", -1.0)``.
+    Consecutive fragments of equal weight are merged, empty ones dropped; a BREAK is the marker :data:`BREAK`.
     An empty prompt gives ``[("", 1.0)]``. Unlike A1111, a BREAK inside brackets stays a BREAK.
 
     Example: ``"a (red:1.5) [circle]"`` -> ``[("a ", 1.0), ("red", 1.5), (" ", 1.0), ("circle", 0.909...)]``.
@@ -87,12 +97,12 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
     for start in square_opens:
         scale_from(start, SQUARE_FACTOR)
 
-    merged: list[tuple[str, float]] = []
+    merged: list[Fragment] = []
     for fragment in fragments:
         if fragment is _BREAK_MARK:
             merged.append(BREAK)
         elif fragment[0]:
-            if merged and merged[-1] != BREAK and merged[-1][1] == fragment[1]:
+            if merged and merged[-1] is not BREAK and merged[-1][1] == fragment[1]:
                 merged[-1] = (merged[-1][0] + fragment[0], fragment[1])
             else:
                 merged.append((fragment[0], fragment[1]))
@@ -169,10 +179,11 @@ def _weighted_tokens(prompt: str, tokenizer: Any) -> list[tuple[int, float] | No
     Each fragment is tokenised on its own, so ``"(red:1.5) circle"`` has the ids of ``"red circle"``.
     """
     tokens: list[tuple[int, float] | None] = []
-    for text, weight in parse_prompt_attention(prompt):
-        if (text, weight) == BREAK:
+    for fragment in parse_prompt_attention(prompt):
+        if fragment is BREAK:
             tokens.append(None)
         else:
+            text, weight = fragment
             tokens.extend((token, weight) for token in tokenizer.encode(text))
     return tokens
 
@@ -237,6 +248,6 @@ def _apply_weights(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 def unknown_words(prompt: str, vocabulary: Collection[str]) -> list[str]:
     """The words of ``prompt`` (attention syntax removed, lower-cased) that are not in ``vocabulary``, in order."""
-    text = " ".join(fragment for fragment, weight in parse_prompt_attention(prompt) if weight >= 0)
+    text = " ".join(fragment[0] for fragment in parse_prompt_attention(prompt) if fragment is not BREAK)
     words = re.findall(r"[a-z0-9']+", text.lower())
     return list(dict.fromkeys(w for w in words if w not in vocabulary))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder
-from ldm.prompts import encode_prompts, parse_prompt_attention
+from ldm.prompts import BREAK, encode_prompts, parse_prompt_attention, unknown_words
 
 TINY_OPENCLIP_CFG = {"width": 32, "heads": 4, "layers": 3, "context_length": 77, "vocab_size": 49408}
 
@@ -45,16 +45,16 @@ TINY_OPENCLIP_CFG = {"width": 32, "heads": 4, "layers": 3, "context_length": 77,
         ("(a:1.2.3)", [("a:1.2.3)", 1.1)]),
         (r"\\ and a\b", [("\\ and ab", 1.0)]),
         ("", [("", 1.0)]),
-        ("a BREAK b", [("a", 1.0), ("BREAK", -1.0), ("b", 1.0)]),
-        ("(a BREAK b)", [("a", 1.1), ("BREAK", -1.0), ("b", 1.1)]),
-        ("BREAK a", [("BREAK", -1.0), ("a", 1.0)]),
+        ("a BREAK b", [("a", 1.0), BREAK, ("b", 1.0)]),
+        ("(a BREAK b)", [("a", 1.1), BREAK, ("b", 1.1)]),
+        ("BREAK a", [BREAK, ("a", 1.0)]),
         ("a break BREAKfast", [("a break BREAKfast", 1.0)]),
     ],
 )
-def test_parse_prompt_attention(text: str, expected: list[tuple[str, float]]) -> None:
+def test_parse_prompt_attention(text: str, expected: list) -> None:
     parsed = parse_prompt_attention(text)
-    assert [t for t, _ in parsed] == [t for t, _ in expected]
-    assert [w for _, w in parsed] == pytest.approx([w for _, w in expected])
+    assert [f if f is BREAK else f[0] for f in parsed] == [f if f is BREAK else f[0] for f in expected]
+    assert [f[1] for f in parsed if f is not BREAK] == pytest.approx([f[1] for f in expected if f is not BREAK])
 
 
 def _glc(model, prompts: list[str]) -> torch.Tensor:
@@ -218,8 +218,27 @@ def test_other_cond_stages_get_the_text_as_is(tiny_dir, tiny_model) -> None:
 
 
 def test_unknown_words_ignore_attention_syntax_and_case():
-    from ldm.prompts import unknown_words
-
     vocabulary = {"a", "red", "circle", "on", "blue", "background"}
     assert unknown_words("A (RED:1.3) circle on a [blue] dragon BREAK background", vocabulary) == ["dragon"]
     assert unknown_words("a red circle", vocabulary) == []
+    # Negatively weighted words are still words the model reads; only a real BREAK is not a word.
+    assert unknown_words("(dragon:-1) BREAK (BRE()AK:-1)", vocabulary) == ["dragon", "break"]
+
+
+@pytest.mark.parametrize(
+    "text", ["(BRE()AK:-1)", "(BRE[]AK:-1)", "(BRE\\AK:-1)", "(BRE\\(\\)AK:-1)", "BRE(AK:-1)", "(BREAK_:-1)"]
+)
+def test_only_a_written_break_word_is_a_break(text: str) -> None:
+    fragments = parse_prompt_attention(text)
+    assert BREAK not in fragments
+    assert all(isinstance(f, tuple) for f in fragments)
+
+
+@torch.no_grad()
+def test_literal_text_weighted_minus_one_is_encoded_as_text(tiny_model) -> None:
+    assert parse_prompt_attention("(BRE()AK:-1)") == [("BREAK", -1.0)]
+    assert parse_prompt_attention("(BREAK:-1)") == [BREAK]
+    assert encode_prompts(tiny_model, ["a (BRE()AK:-1) b"])[0].shape == (1, 77, 32)
+    assert encode_prompts(tiny_model, ["a (BREAK:-1) b"])[0].shape == (1, 154, 32)
+    literal = encode_prompts(tiny_model, ["a (BRE()AK:-1) b"])[0]
+    assert not torch.allclose(literal, encode_prompts(tiny_model, ["a b"])[0])
