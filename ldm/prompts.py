@@ -17,6 +17,7 @@ of the UNet takes any context length, so no prompt is truncated.
 """
 
 import enum
+import itertools
 import re
 from collections.abc import Collection, Sequence
 from typing import Any
@@ -52,9 +53,6 @@ _ATTENTION_TOKEN = re.compile(
 )
 _BREAK_WORD = re.compile(r"\s*\bBREAK\b\s*")
 
-# Marks a BREAK while parsing; it carries no weight, so brackets around it leave it alone.
-_BREAK_MARK = None
-
 
 def parse_prompt_attention(text: str) -> list[Fragment]:
     """Split a prompt into (text, weight) fragments, A1111 style.
@@ -64,57 +62,84 @@ def parse_prompt_attention(text: str) -> list[Fragment]:
 
     Example: ``"a (red:1.5) [circle]"`` -> ``[("a ", 1.0), ("red", 1.5), (" ", 1.0), ("circle", 0.909...)]``.
     """
-    fragments: list[list[Any] | None] = []
-    round_opens: list[int] = []
-    square_opens: list[int] = []
+    parents, factors, pieces = _brackets(text)
+    weights = _node_weights(parents, factors)
+    weighted: list[Fragment] = []
+    for piece in pieces:
+        if piece is BREAK:
+            weighted.append(BREAK)
+        elif piece[0]:
+            part, round_node, square_node = piece
+            weighted.append((part, weights[round_node] * weights[square_node]))
+    return _merge(weighted) or [("", 1.0)]
 
-    def scale_from(start: int, factor: float) -> None:
-        for fragment in fragments[start:]:
-            if fragment is not _BREAK_MARK:
-                fragment[1] *= factor
 
+def _brackets(text: str) -> tuple[list[int], list[float], list[tuple[str, int, int] | _Break]]:
+    """One pass over a prompt: its brackets as a forest of nodes, and its text tagged with where in it each piece is.
+
+    Node 0 is the prompt itself; every bracket is a node whose parent is the innermost open bracket of its own kind
+    (round and square brackets nest independently, as in A1111). Weights are resolved afterwards from the nodes, so
+    the work stays linear in the prompt's length however deep the brackets go.
+
+    Returns:
+        parents, factors: per node, its parent and its factor (1.1, 1 / 1.1 or the explicit weight).
+        pieces: ``(text, innermost round node, innermost square node)`` or BREAK, in prompt order.
+    """
+    parents, factors = [0], [1.0]
+    rounds, squares = [0], [0]
+    pieces: list[tuple[str, int, int] | _Break] = []
     for match in _ATTENTION_TOKEN.finditer(text):
         token, weight = match.group(0), match.group(1)
         if token.startswith("\\"):
-            fragments.append([token[1:], 1.0])
-        elif token == "(":
-            round_opens.append(len(fragments))
-        elif token == "[":
-            square_opens.append(len(fragments))
-        elif weight is not None and round_opens and _is_number(weight):
-            scale_from(round_opens.pop(), float(weight))
-        elif token == ")" and round_opens:
-            scale_from(round_opens.pop(), ROUND_FACTOR)
-        elif token == "]" and square_opens:
-            scale_from(square_opens.pop(), SQUARE_FACTOR)
+            pieces.append((token[1:], rounds[-1], squares[-1]))
+        elif token in ("(", "["):
+            stack = rounds if token == "(" else squares
+            parents.append(stack[-1])
+            # An unclosed bracket keeps its default factor.
+            factors.append(ROUND_FACTOR if token == "(" else SQUARE_FACTOR)
+            stack.append(len(factors) - 1)
+        elif weight is not None and len(rounds) > 1 and (factor := _factor(weight)) is not None:
+            factors[rounds.pop()] = factor
+        elif token == ")" and len(rounds) > 1:
+            rounds.pop()
+        elif token == "]" and len(squares) > 1:
+            squares.pop()
         else:
             for i, part in enumerate(_BREAK_WORD.split(token)):
                 if i > 0:
-                    fragments.append(_BREAK_MARK)
-                fragments.append([part, 1.0])
-    for start in round_opens:
-        scale_from(start, ROUND_FACTOR)
-    for start in square_opens:
-        scale_from(start, SQUARE_FACTOR)
-
-    merged: list[Fragment] = []
-    for fragment in fragments:
-        if fragment is _BREAK_MARK:
-            merged.append(BREAK)
-        elif fragment[0]:
-            if merged and merged[-1] is not BREAK and merged[-1][1] == fragment[1]:
-                merged[-1] = (merged[-1][0] + fragment[0], fragment[1])
-            else:
-                merged.append((fragment[0], fragment[1]))
-    return merged or [("", 1.0)]
+                    pieces.append(BREAK)
+                pieces.append((part, rounds[-1], squares[-1]))
+    return parents, factors, pieces
 
 
-def _is_number(text: str) -> bool:
+def _factor(text: str) -> float | None:
+    """The number ``text`` as a float, or None (``"1.2.3"``)."""
     try:
-        float(text)
+        return float(text)
     except ValueError:
-        return False
-    return True
+        return None
+
+
+def _node_weights(parents: list[int], factors: list[float]) -> list[float]:
+    """Per bracket node, its weight: its parent's weight times its factor.
+
+    Nodes are numbered in the order their brackets open, so a parent always comes before its children.
+    """
+    weights = [1.0]
+    for node in range(1, len(factors)):
+        weights.append(weights[parents[node]] * factors[node])
+    return weights
+
+
+def _merge(fragments: list[Fragment]) -> list[Fragment]:
+    """Join consecutive fragments of equal weight (a BREAK joins nothing)."""
+    merged: list[Fragment] = []
+    for weight, group in itertools.groupby(fragments, key=lambda f: f if f is BREAK else f[1]):
+        if weight is BREAK:
+            merged.extend(group)
+        else:
+            merged.append(("".join(part for part, _ in group), weight))
+    return merged
 
 
 def encode_prompts(
