@@ -9,6 +9,12 @@ Syntax (AUTOMATIC1111's, so prompts written for it mean the same here):
   bracket is literal text.
 - ``BREAK`` (uppercase, a word of its own in the prompt as written) ends the current 75-token chunk; text that only
   reads ``BREAK`` once brackets or escapes are removed (``BRE()AK``) stays text.
+- Weights are clamped to [-10, 10] (``WEIGHT_LIMIT``), with a warning. A1111 lets any float through, so that a
+  400-digit weight, ``1e38`` written out or 10,000 nested brackets make the weighted features inf (a black image).
+  Negative weights are kept, since some prompts use them to push a concept away; past about 3 an image is ruined
+  anyway, and 10 keeps weighted features far from the float16 limit. The clamp applies bracket by bracket: a round
+  bracket's weight is the enclosing round brackets' (clamped) weight times its factor, clamped again, so brackets
+  inside ones already at the limit scale from the limit; square brackets then divide.
 
 A prompt's tokens are split into chunks of 75 (a chunk that fills up ends after its last comma when that comma is among
 its last 20 tokens, so a phrase is not cut in two); each chunk becomes ``BOS + tokens + EOS + padding`` (77 ids), is
@@ -18,7 +24,9 @@ of the UNet takes any context length, so no prompt is truncated.
 
 import enum
 import itertools
+import math
 import re
+import warnings
 from collections.abc import Collection, Sequence
 from typing import Any
 
@@ -26,6 +34,7 @@ import torch
 
 ROUND_FACTOR = 1.1
 SQUARE_FACTOR = 1 / 1.1
+WEIGHT_LIMIT = 10.0
 # A chunk that overflows ends after its last comma only if that comma is among its last this-many tokens (A1111's
 # default "comma padding backtrack").
 COMMA_BACKTRACK = 20
@@ -52,26 +61,48 @@ _ATTENTION_TOKEN = re.compile(
     re.VERBOSE,
 )
 _BREAK_WORD = re.compile(r"\s*\bBREAK\b\s*")
+_EXCERPT = 40
 
 
 def parse_prompt_attention(text: str) -> list[Fragment]:
     """Split a prompt into (text, weight) fragments, A1111 style.
 
     Consecutive fragments of equal weight are merged, empty ones dropped; a BREAK is the marker :data:`BREAK`.
-    An empty prompt gives ``[("", 1.0)]``. Unlike A1111, a BREAK inside brackets stays a BREAK.
+    An empty prompt gives ``[("", 1.0)]``. Unlike A1111, a BREAK inside brackets stays a BREAK. Weights are clamped to
+    [-WEIGHT_LIMIT, WEIGHT_LIMIT], bracket by bracket, with one warning per prompt that needed it.
 
     Example: ``"a (red:1.5) [circle]"`` -> ``[("a ", 1.0), ("red", 1.5), (" ", 1.0), ("circle", 0.909...)]``.
     """
+    fragments, clamp = _parse(text)
+    if clamp is not None:
+        fragment, wanted = clamp
+        excerpt = fragment if len(fragment) <= _EXCERPT else fragment[:_EXCERPT] + "..."
+        warnings.warn(
+            f"prompt weights are limited to [-{WEIGHT_LIMIT:g}, {WEIGHT_LIMIT:g}]: the brackets around {excerpt!r} "
+            f"ask for {wanted:.4g}; clamped to {max(min(wanted, WEIGHT_LIMIT), -WEIGHT_LIMIT):g}.",
+            stacklevel=2,
+        )
+    return fragments
+
+
+def _parse(text: str) -> tuple[list[Fragment], tuple[str, float] | None]:
+    """:func:`parse_prompt_attention` without the warning: (fragments, clamp), where clamp is None or (the first
+    fragment inside a clamped bracket, that bracket's weight before the clamp)."""
     parents, factors, pieces = _brackets(text)
-    weights = _node_weights(parents, factors)
+    weights, wanted, clamped_at = _node_weights(parents, factors)
+    clamp = None
     weighted: list[Fragment] = []
     for piece in pieces:
         if piece is BREAK:
             weighted.append(BREAK)
         elif piece[0]:
             part, round_node, square_node = piece
+            # Square brackets only divide, so this product stays within the limits.
             weighted.append((part, weights[round_node] * weights[square_node]))
-    return _merge(weighted) or [("", 1.0)]
+            node = clamped_at[round_node] or clamped_at[square_node]
+            if clamp is None and node:
+                clamp = (part, wanted[node])
+    return _merge(weighted) or [("", 1.0)], clamp
 
 
 def _brackets(text: str) -> tuple[list[int], list[float], list[tuple[str, int, int] | _Break]]:
@@ -113,22 +144,30 @@ def _brackets(text: str) -> tuple[list[int], list[float], list[tuple[str, int, i
 
 
 def _factor(text: str) -> float | None:
-    """The number ``text`` as a float, or None (``"1.2.3"``)."""
+    """The number ``text`` as a float (inf for one too large, e.g. 400 digits), or None (``"1.2.3"``)."""
     try:
         return float(text)
     except ValueError:
         return None
 
 
-def _node_weights(parents: list[int], factors: list[float]) -> list[float]:
-    """Per bracket node, its weight: its parent's weight times its factor.
+def _node_weights(parents: list[int], factors: list[float]) -> tuple[list[float], list[float], list[int]]:
+    """Per bracket node: its weight (its parent's weight times its factor, clamped), that product before the clamp, and
+    the nearest node on its way to the root whose weight was clamped (0 for none).
 
     Nodes are numbered in the order their brackets open, so a parent always comes before its children.
     """
-    weights = [1.0]
+    weights, wanted, clamped_at = [1.0], [1.0], [0]
     for node in range(1, len(factors)):
-        weights.append(weights[parents[node]] * factors[node])
-    return weights
+        parent = parents[node]
+        product = weights[parent] * factors[node]
+        if math.isnan(product):  # zero times a factor too large for a float (inf), which is still zero
+            product = 0.0
+        weight = max(min(product, WEIGHT_LIMIT), -WEIGHT_LIMIT)
+        weights.append(weight)
+        wanted.append(product)
+        clamped_at.append(node if weight != product else clamped_at[parent])
+    return weights, wanted, clamped_at
 
 
 def _merge(fragments: list[Fragment]) -> list[Fragment]:
@@ -273,6 +312,6 @@ def _apply_weights(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 def unknown_words(prompt: str, vocabulary: Collection[str]) -> list[str]:
     """The words of ``prompt`` (attention syntax removed, lower-cased) that are not in ``vocabulary``, in order."""
-    text = " ".join(fragment[0] for fragment in parse_prompt_attention(prompt) if fragment is not BREAK)
+    text = " ".join(fragment[0] for fragment in _parse(prompt)[0] if fragment is not BREAK)
     words = re.findall(r"[a-z0-9']+", text.lower())
     return list(dict.fromkeys(w for w in words if w not in vocabulary))

@@ -1,5 +1,6 @@
 """Prompt handling: A1111 attention syntax, weighting, 75-token chunks, BREAK, negative padding, CLIP skip."""
 
+import math
 import time
 import warnings
 from types import SimpleNamespace
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder
-from ldm.prompts import BREAK, encode_prompts, parse_prompt_attention, unknown_words
+from ldm.prompts import BREAK, WEIGHT_LIMIT, encode_prompts, parse_prompt_attention, unknown_words
 
 TINY_OPENCLIP_CFG = {"width": 32, "heads": 4, "layers": 3, "context_length": 77, "vocab_size": 49408}
 
@@ -224,6 +225,58 @@ def test_unknown_words_ignore_attention_syntax_and_case():
     assert unknown_words("a red circle", vocabulary) == []
     # Negatively weighted words are still words the model reads; only a real BREAK is not a word.
     assert unknown_words("(dragon:-1) BREAK (BRE()AK:-1)", vocabulary) == ["dragon", "break"]
+
+
+OVERFLOWING = {
+    "400 digits": "a (fox:" + "9" * 400 + ")",
+    "1e38 written out": "a (fox:1" + "0" * 38 + ")",
+    "negative 400 digits": "a (fox:-" + "9" * 400 + ")",
+    "10,000 nested brackets": "a " + "(" * 10_000 + "fox" + ")" * 10_000,
+    "long unclosed brackets": "a " + "(fox " * 1_000,
+}
+
+
+def _weights(fragments) -> list[float]:
+    return [f[1] for f in fragments if f is not BREAK]
+
+
+def _parse_warnings(text: str) -> tuple[list, list[str]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fragments = parse_prompt_attention(text)
+    return fragments, [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("text", OVERFLOWING.values(), ids=OVERFLOWING.keys())
+def test_overflowing_weights_are_clamped_with_one_warning(text: str) -> None:
+    fragments, messages = _parse_warnings(text)
+    assert len(messages) == 1
+    assert "limited to [-10, 10]" in messages[0] and "'fox" in messages[0]
+    assert all(math.isfinite(w) and -WEIGHT_LIMIT <= w <= WEIGHT_LIMIT for w in _weights(fragments))
+    assert fragments[0] == ("a ", 1.0)
+    assert abs(fragments[-1][1]) == WEIGHT_LIMIT
+
+
+def test_clamping_goes_bracket_by_bracket_and_never_gives_nan() -> None:
+    huge = "1" + "0" * 400
+    assert _parse_warnings(f"((a:{huge}):0)") == ([("a", 0.0)], [])
+    assert _parse_warnings("(a:nan) (b:inf)") == ([("a:nan", 1.1), (" ", 1.0), ("b:inf", 1.1)], [])
+    assert _parse_warnings("(a:10) (b:-10)") == ([("a", 10.0), (" ", 1.0), ("b", -10.0)], [])
+    # Inside brackets that are already at the limit, a factor scales from the limit.
+    fragments, messages = _parse_warnings(f"(x (y:0.5):{huge})")
+    assert fragments == [("x ", 10.0), ("y", 5.0)]
+    assert messages == ["prompt weights are limited to [-10, 10]: the brackets around 'x ' ask for inf; clamped to 10."]
+    assert 0 <= _weights(_parse_warnings("[" * 10_000 + "a")[0])[0] < 1e-300
+
+
+@torch.no_grad()
+def test_overflowing_weights_give_finite_conditioning(tiny_model) -> None:
+    prompts, negatives = list(OVERFLOWING.values()), list(reversed(OVERFLOWING.values()))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cond, uncond = encode_prompts(tiny_model, prompts, negative_prompts=negatives)
+    assert len(caught) == 2 * len(prompts)
+    assert torch.isfinite(cond).all() and torch.isfinite(uncond).all()
 
 
 def test_parsing_is_linear_in_the_prompt_length() -> None:
