@@ -300,13 +300,17 @@ def _apply_weights(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Scale token features z: (B, L, D) by weights: (B, L), then restore each row's mean over (L, D).
 
     Rows whose weights are all 1 come back untouched. Computed in float32: fp16 means lose too much precision.
+    Restoring a mean scales a row by at most WEIGHT_LIMIT, and never through a change of sign: weights that bring the
+    weighted mean near zero (for the tiny test model, 20 tokens at 3.85) would multiply the row by a million (inf in
+    fp16), and past zero turn it inside out; there the mean is left as the weights make it.
     """
     reweighted = (weights != 1).any(dim=1)
     if not reweighted.any():
         return z
     z32 = z.float()
     weighted = z32 * weights[..., None]
-    weighted = weighted * (z32.mean(dim=(1, 2), keepdim=True) / weighted.mean(dim=(1, 2), keepdim=True))
+    ratio = z32.mean(dim=(1, 2), keepdim=True) / weighted.mean(dim=(1, 2), keepdim=True)
+    weighted = weighted * torch.where(ratio > 0, ratio.clamp(max=WEIGHT_LIMIT), 1.0)
     return torch.where(reweighted[:, None, None], weighted, z32).to(z.dtype)
 
 

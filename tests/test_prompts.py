@@ -95,6 +95,21 @@ def test_weights_scale_their_tokens_and_keep_the_mean(tiny_model) -> None:
 
 
 @torch.no_grad()
+def test_weights_that_cancel_the_mean_do_not_blow_the_features_up(tiny_model) -> None:
+    # The weight at which 20 weighted "cat"s cancel the mean of the rest of their chunk: restoring the mean there
+    # multiplied the features by 600,000, inf in float16.
+    encoder = tiny_model.cond_stage_model
+    cats = " ".join(["cat"] * 20)
+    z = encoder.encode_token_ids(encoder.tokenizer([cats]))[0]
+    cancelling = (-(z.sum() - z[1:21].sum()) / z[1:21].sum()).item()
+    assert -WEIGHT_LIMIT < cancelling < WEIGHT_LIMIT
+    plain = _glc(tiny_model, [cats])
+    for weight in (cancelling, cancelling * 0.999, cancelling * 1.001):
+        cond = encode_prompts(tiny_model, [f"({cats}:{weight:.9f})"])[0]
+        assert cond.abs().max() <= WEIGHT_LIMIT**2 * plain.abs().max()
+
+
+@torch.no_grad()
 def test_weighting_is_per_prompt(tiny_model) -> None:
     alone = encode_prompts(tiny_model, ["a (red:1.5) circle"])[0]
     batched = encode_prompts(tiny_model, ["a (red:1.5) circle", "(a very heavy:3) [square]"])[0]
