@@ -124,20 +124,52 @@ def make_grid(images: Sequence[Image.Image], images_per_row: int, padding: int =
 # A1111 "parameters" metadata
 
 
+NEGATIVE_MARKER = "Negative prompt:"
+# Line breaks that both the attention syntax and the CLIP tokenizers read as a space. The other characters
+# str.splitlines() breaks at (\v, \x1c-\x1e, \x85) stay: the tokenizer's ftfy drops them or makes \x85 an ellipsis,
+# while the attention syntax reads \v as whitespace, so no replacement would keep the prompt's meaning.
+_LINE_BREAK = re.compile("[\n\r\f\u2028\u2029]")
+# The characters str.splitlines() breaks at that json.dumps leaves unescaped.
+_RAW_IN_JSON = re.compile("[\x85\u2028\u2029]")
+# A prompt line that would read as the negative prompt, or as an escaped one.
+_MARKER_LOOKALIKE = re.compile(r"(?:\(\))*" + re.escape(NEGATIVE_MARKER))
+
+
 def _quote(value: Any) -> str:
-    """A1111 quotes values that would break its ``key: value, ...`` line."""
+    """A1111 quotes values that would break its ``key: value, ...`` line as JSON strings; so are values with edge
+    whitespace (which the reader strips) or any line break, which is escaped."""
     text = str(value)
-    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ',:\n"') else text
+    if text == text.strip() and len(text.splitlines()) <= 1 and not any(c in text for c in ',:"'):
+        return text
+    return _RAW_IN_JSON.sub(lambda m: f"\\u{ord(m[0]):04x}", json.dumps(text, ensure_ascii=False))
+
+
+def _one_line(text: str) -> str:
+    """``text`` with its line breaks (``_LINE_BREAK``) as spaces: the same prompt to the tokenizer and the syntax."""
+    return _LINE_BREAK.sub(" ", text)
 
 
 def format_parameters(prompt: str, negative_prompt: str | None, fields: Mapping[str, Any]) -> str:
     """The A1111 ``parameters`` text: prompt, ``Negative prompt: ...`` (when there is one), then ``Key: value, ...``.
 
-    Fields whose value is None are left out.
+    Fields whose value is None are left out. The reader tells the parts apart by line, so that no prompt can pose as
+    another part (a prompt containing ``"\\nNegative prompt: ..."`` or ending in ``"\\nSteps: 1, Seed: 2"``):
+
+    - line breaks (``\\n``, ``\\r``, ``\\f``, U+2028, U+2029) in the prompt and the negative prompt become spaces;
+    - a prompt that starts with ``Negative prompt:`` (after any number of ``()``) gets one more ``()`` in front, which
+      :func:`parse_parameters` removes; empty brackets weight nothing, so A1111 reads the same prompt;
+    - field values are quoted as JSON strings, line breaks escaped, where they contain ``,``, ``:``, ``"``, a line break
+      or edge whitespace.
+
+    ``parse_parameters(format_parameters(prompt, negative, fields))`` gives back the prompts (on one line as above, a
+    None negative as ``""``) and ``str()`` of each field value.
     """
+    prompt = _one_line(prompt)
+    if _MARKER_LOOKALIKE.match(prompt):
+        prompt = "()" + prompt
     lines = [prompt]
     if negative_prompt:
-        lines.append(f"Negative prompt: {negative_prompt}")
+        lines.append(f"{NEGATIVE_MARKER} {_one_line(negative_prompt)}")
     lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in fields.items() if value is not None))
     return "\n".join(lines)
 
@@ -161,17 +193,22 @@ def _parse_fields(line: str) -> dict[str, str] | None:
 def parse_parameters(text: str) -> dict[str, str]:
     """Read an A1111 ``parameters`` text back: ``{"Prompt": ..., "Negative prompt": ..., "Steps": "50", ...}``.
 
-    Values stay strings, as A1111 writes them (``"Size": "512x512"``).
+    Values stay strings, as A1111 writes them (``"Size": "512x512"``). Multi-line prompts (which A1111 writes) are
+    read back with their line breaks; see :func:`format_parameters` for what this package writes.
     """
-    lines = text.strip("\n").split("\n")
-    fields = _parse_fields(lines[-1]) if len(lines) > 1 else None
+    # Only trailing line breaks go: an empty prompt is an empty first line.
+    lines = text.rstrip("\n").split("\n")
+    last = lines[-1]
+    fields = _parse_fields(last) if len(lines) > 1 and not last.startswith(NEGATIVE_MARKER) else None
     if fields is not None:
         lines = lines[:-1]
     prompt, negative, in_negative = [], [], False
-    for line in lines:
-        if line.startswith("Negative prompt:"):
+    for i, line in enumerate(lines):
+        if i == 0 and line.startswith("()") and _MARKER_LOOKALIKE.match(line):
+            line = line[2:]  # the prompt, escaped by format_parameters
+        elif not in_negative and line.startswith(NEGATIVE_MARKER):
             in_negative = True
-            line = line[len("Negative prompt:") :].lstrip()
+            line = line.removeprefix(NEGATIVE_MARKER).removeprefix(" ")
         (negative if in_negative else prompt).append(line)
     return {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative), **(fields or {})}
 

@@ -7,7 +7,14 @@ Syntax (AUTOMATIC1111's, so prompts written for it mean the same here):
 - ``\\(``, ``\\)``, ``\\[``, ``\\]`` and ``\\\\`` are literal characters; a lone backslash is dropped.
 - Unbalanced brackets are tolerated: an unclosed bracket weights everything to the end of the prompt, a stray closing
   bracket is literal text.
-- ``BREAK`` (uppercase, a word of its own) ends the current 75-token chunk.
+- ``BREAK`` (uppercase, a word of its own in the prompt as written) ends the current 75-token chunk; text that only
+  reads ``BREAK`` once brackets or escapes are removed (``BRE()AK``) stays text.
+- Weights are clamped to [-10, 10] (``WEIGHT_LIMIT``), with a warning. A1111 lets any float through, so that a
+  400-digit weight, ``1e38`` written out or 10,000 nested brackets make the weighted features inf (a black image).
+  Negative weights are kept, since some prompts use them to push a concept away; past about 3 an image is ruined
+  anyway, and 10 keeps weighted features far from the float16 limit. The clamp applies bracket by bracket: a round
+  bracket's weight is the enclosing round brackets' (clamped) weight times its factor, clamped again, so brackets
+  inside ones already at the limit scale from the limit; square brackets then divide.
 
 A prompt's tokens are split into chunks of 75 (a chunk that fills up ends after its last comma when that comma is among
 its last 20 tokens, so a phrase is not cut in two); each chunk becomes ``BOS + tokens + EOS + padding`` (77 ids), is
@@ -15,7 +22,11 @@ encoded on its own, and the chunk outputs are concatenated along the sequence ax
 of the UNet takes any context length, so no prompt is truncated.
 """
 
+import enum
+import itertools
+import math
 import re
+import warnings
 from collections.abc import Collection, Sequence
 from typing import Any
 
@@ -23,10 +34,19 @@ import torch
 
 ROUND_FACTOR = 1.1
 SQUARE_FACTOR = 1 / 1.1
+WEIGHT_LIMIT = 10.0
 # A chunk that overflows ends after its last comma only if that comma is among its last this-many tokens (A1111's
 # default "comma padding backtrack").
 COMMA_BACKTRACK = 20
-BREAK = ("BREAK", -1.0)
+
+
+class _Break(enum.Enum):
+    BREAK = "BREAK"
+
+
+# Where a prompt has a BREAK: a value of its own type, so that no (text, weight) fragment can ever equal it.
+BREAK = _Break.BREAK
+Fragment = tuple[str, float] | _Break
 
 _ATTENTION_TOKEN = re.compile(
     r"""
@@ -41,70 +61,124 @@ _ATTENTION_TOKEN = re.compile(
     re.VERBOSE,
 )
 _BREAK_WORD = re.compile(r"\s*\bBREAK\b\s*")
-
-# Marks a BREAK while parsing; it carries no weight, so brackets around it leave it alone.
-_BREAK_MARK = None
+_EXCERPT = 40
 
 
-def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
+def parse_prompt_attention(text: str) -> list[Fragment]:
     """Split a prompt into (text, weight) fragments, A1111 style.
 
-    Consecutive fragments of equal weight are merged, empty ones dropped; a BREAK is the fragment ``("BREAK", -1.0)``.
-    An empty prompt gives ``[("", 1.0)]``. Unlike A1111, a BREAK inside brackets stays a BREAK.
+    Consecutive fragments of equal weight are merged, empty ones dropped; a BREAK is the marker :data:`BREAK`.
+    An empty prompt gives ``[("", 1.0)]``. Unlike A1111, a BREAK inside brackets stays a BREAK. Weights are clamped to
+    [-WEIGHT_LIMIT, WEIGHT_LIMIT], bracket by bracket, with one warning per prompt that needed it.
 
     Example: ``"a (red:1.5) [circle]"`` -> ``[("a ", 1.0), ("red", 1.5), (" ", 1.0), ("circle", 0.909...)]``.
     """
-    fragments: list[list[Any] | None] = []
-    round_opens: list[int] = []
-    square_opens: list[int] = []
+    fragments, clamp = _parse(text)
+    if clamp is not None:
+        fragment, wanted = clamp
+        excerpt = fragment if len(fragment) <= _EXCERPT else fragment[:_EXCERPT] + "..."
+        warnings.warn(
+            f"prompt weights are limited to [-{WEIGHT_LIMIT:g}, {WEIGHT_LIMIT:g}]: the brackets around {excerpt!r} "
+            f"ask for {wanted:.4g}; clamped to {max(min(wanted, WEIGHT_LIMIT), -WEIGHT_LIMIT):g}.",
+            stacklevel=2,
+        )
+    return fragments
 
-    def scale_from(start: int, factor: float) -> None:
-        for fragment in fragments[start:]:
-            if fragment is not _BREAK_MARK:
-                fragment[1] *= factor
 
+def _parse(text: str) -> tuple[list[Fragment], tuple[str, float] | None]:
+    """:func:`parse_prompt_attention` without the warning: (fragments, clamp), where clamp is None or (the first
+    fragment inside a clamped bracket, that bracket's weight before the clamp)."""
+    parents, factors, pieces = _brackets(text)
+    weights, wanted, clamped_at = _node_weights(parents, factors)
+    clamp = None
+    weighted: list[Fragment] = []
+    for piece in pieces:
+        if piece is BREAK:
+            weighted.append(BREAK)
+        elif piece[0]:
+            part, round_node, square_node = piece
+            # Square brackets only divide, so this product stays within the limits.
+            weighted.append((part, weights[round_node] * weights[square_node]))
+            node = clamped_at[round_node] or clamped_at[square_node]
+            if clamp is None and node:
+                clamp = (part, wanted[node])
+    return _merge(weighted) or [("", 1.0)], clamp
+
+
+def _brackets(text: str) -> tuple[list[int], list[float], list[tuple[str, int, int] | _Break]]:
+    """One pass over a prompt: its brackets as a forest of nodes, and its text tagged with where in it each piece is.
+
+    Node 0 is the prompt itself; every bracket is a node whose parent is the innermost open bracket of its own kind
+    (round and square brackets nest independently, as in A1111). Weights are resolved afterwards from the nodes, so
+    the work stays linear in the prompt's length however deep the brackets go.
+
+    Returns:
+        parents, factors: per node, its parent and its factor (1.1, 1 / 1.1 or the explicit weight).
+        pieces: ``(text, innermost round node, innermost square node)`` or BREAK, in prompt order.
+    """
+    parents, factors = [0], [1.0]
+    rounds, squares = [0], [0]
+    pieces: list[tuple[str, int, int] | _Break] = []
     for match in _ATTENTION_TOKEN.finditer(text):
         token, weight = match.group(0), match.group(1)
         if token.startswith("\\"):
-            fragments.append([token[1:], 1.0])
-        elif token == "(":
-            round_opens.append(len(fragments))
-        elif token == "[":
-            square_opens.append(len(fragments))
-        elif weight is not None and round_opens and _is_number(weight):
-            scale_from(round_opens.pop(), float(weight))
-        elif token == ")" and round_opens:
-            scale_from(round_opens.pop(), ROUND_FACTOR)
-        elif token == "]" and square_opens:
-            scale_from(square_opens.pop(), SQUARE_FACTOR)
+            pieces.append((token[1:], rounds[-1], squares[-1]))
+        elif token in ("(", "["):
+            stack = rounds if token == "(" else squares
+            parents.append(stack[-1])
+            # An unclosed bracket keeps its default factor.
+            factors.append(ROUND_FACTOR if token == "(" else SQUARE_FACTOR)
+            stack.append(len(factors) - 1)
+        elif weight is not None and len(rounds) > 1 and (factor := _factor(weight)) is not None:
+            factors[rounds.pop()] = factor
+        elif token == ")" and len(rounds) > 1:
+            rounds.pop()
+        elif token == "]" and len(squares) > 1:
+            squares.pop()
         else:
             for i, part in enumerate(_BREAK_WORD.split(token)):
                 if i > 0:
-                    fragments.append(_BREAK_MARK)
-                fragments.append([part, 1.0])
-    for start in round_opens:
-        scale_from(start, ROUND_FACTOR)
-    for start in square_opens:
-        scale_from(start, SQUARE_FACTOR)
-
-    merged: list[tuple[str, float]] = []
-    for fragment in fragments:
-        if fragment is _BREAK_MARK:
-            merged.append(BREAK)
-        elif fragment[0]:
-            if merged and merged[-1] != BREAK and merged[-1][1] == fragment[1]:
-                merged[-1] = (merged[-1][0] + fragment[0], fragment[1])
-            else:
-                merged.append((fragment[0], fragment[1]))
-    return merged or [("", 1.0)]
+                    pieces.append(BREAK)
+                pieces.append((part, rounds[-1], squares[-1]))
+    return parents, factors, pieces
 
 
-def _is_number(text: str) -> bool:
+def _factor(text: str) -> float | None:
+    """The number ``text`` as a float (inf for one too large, e.g. 400 digits), or None (``"1.2.3"``)."""
     try:
-        float(text)
+        return float(text)
     except ValueError:
-        return False
-    return True
+        return None
+
+
+def _node_weights(parents: list[int], factors: list[float]) -> tuple[list[float], list[float], list[int]]:
+    """Per bracket node: its weight (its parent's weight times its factor, clamped), that product before the clamp, and
+    the nearest node on its way to the root whose weight was clamped (0 for none).
+
+    Nodes are numbered in the order their brackets open, so a parent always comes before its children.
+    """
+    weights, wanted, clamped_at = [1.0], [1.0], [0]
+    for node in range(1, len(factors)):
+        parent = parents[node]
+        product = weights[parent] * factors[node]
+        if math.isnan(product):  # zero times a factor too large for a float (inf), which is still zero
+            product = 0.0
+        weight = max(min(product, WEIGHT_LIMIT), -WEIGHT_LIMIT)
+        weights.append(weight)
+        wanted.append(product)
+        clamped_at.append(node if weight != product else clamped_at[parent])
+    return weights, wanted, clamped_at
+
+
+def _merge(fragments: list[Fragment]) -> list[Fragment]:
+    """Join consecutive fragments of equal weight (a BREAK joins nothing)."""
+    merged: list[Fragment] = []
+    for weight, group in itertools.groupby(fragments, key=lambda f: f if f is BREAK else f[1]):
+        if weight is BREAK:
+            merged.extend(group)
+        else:
+            merged.append(("".join(part for part, _ in group), weight))
+    return merged
 
 
 def encode_prompts(
@@ -169,10 +243,11 @@ def _weighted_tokens(prompt: str, tokenizer: Any) -> list[tuple[int, float] | No
     Each fragment is tokenised on its own, so ``"(red:1.5) circle"`` has the ids of ``"red circle"``.
     """
     tokens: list[tuple[int, float] | None] = []
-    for text, weight in parse_prompt_attention(prompt):
-        if (text, weight) == BREAK:
+    for fragment in parse_prompt_attention(prompt):
+        if fragment is BREAK:
             tokens.append(None)
         else:
+            text, weight = fragment
             tokens.extend((token, weight) for token in tokenizer.encode(text))
     return tokens
 
@@ -225,18 +300,22 @@ def _apply_weights(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Scale token features z: (B, L, D) by weights: (B, L), then restore each row's mean over (L, D).
 
     Rows whose weights are all 1 come back untouched. Computed in float32: fp16 means lose too much precision.
+    Restoring a mean scales a row by at most WEIGHT_LIMIT, and never through a change of sign: weights that bring the
+    weighted mean near zero (for the tiny test model, 20 tokens at 3.85) would multiply the row by a million (inf in
+    fp16), and past zero turn it inside out; there the mean is left as the weights make it.
     """
     reweighted = (weights != 1).any(dim=1)
     if not reweighted.any():
         return z
     z32 = z.float()
     weighted = z32 * weights[..., None]
-    weighted = weighted * (z32.mean(dim=(1, 2), keepdim=True) / weighted.mean(dim=(1, 2), keepdim=True))
+    ratio = z32.mean(dim=(1, 2), keepdim=True) / weighted.mean(dim=(1, 2), keepdim=True)
+    weighted = weighted * torch.where(ratio > 0, ratio.clamp(max=WEIGHT_LIMIT), 1.0)
     return torch.where(reweighted[:, None, None], weighted, z32).to(z.dtype)
 
 
 def unknown_words(prompt: str, vocabulary: Collection[str]) -> list[str]:
     """The words of ``prompt`` (attention syntax removed, lower-cased) that are not in ``vocabulary``, in order."""
-    text = " ".join(fragment for fragment, weight in parse_prompt_attention(prompt) if weight >= 0)
+    text = " ".join(fragment[0] for fragment in _parse(prompt)[0] if fragment is not BREAK)
     words = re.findall(r"[a-z0-9']+", text.lower())
     return list(dict.fromkeys(w for w in words if w not in vocabulary))

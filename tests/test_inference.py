@@ -265,7 +265,7 @@ def test_a1111_parameters_round_trip_with_quoting_and_multiline_prompts():
     text = format_parameters("line one\nline (two:1.2)", "bad, ugly", fields)
     assert text.splitlines()[-1] == 'Steps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7.0, Seed: 1, Model: "a, b: c"'
     assert parse_parameters(text) == {
-        "Prompt": "line one\nline (two:1.2)",
+        "Prompt": "line one line (two:1.2)",
         "Negative prompt": "bad, ugly",
         "Steps": "20",
         "Sampler": "DPM++ 2M Karras",

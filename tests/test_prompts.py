@@ -1,5 +1,7 @@
 """Prompt handling: A1111 attention syntax, weighting, 75-token chunks, BREAK, negative padding, CLIP skip."""
 
+import math
+import time
 import warnings
 from types import SimpleNamespace
 
@@ -7,7 +9,7 @@ import pytest
 import torch
 
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder
-from ldm.prompts import encode_prompts, parse_prompt_attention
+from ldm.prompts import BREAK, WEIGHT_LIMIT, encode_prompts, parse_prompt_attention, unknown_words
 
 TINY_OPENCLIP_CFG = {"width": 32, "heads": 4, "layers": 3, "context_length": 77, "vocab_size": 49408}
 
@@ -45,16 +47,16 @@ TINY_OPENCLIP_CFG = {"width": 32, "heads": 4, "layers": 3, "context_length": 77,
         ("(a:1.2.3)", [("a:1.2.3)", 1.1)]),
         (r"\\ and a\b", [("\\ and ab", 1.0)]),
         ("", [("", 1.0)]),
-        ("a BREAK b", [("a", 1.0), ("BREAK", -1.0), ("b", 1.0)]),
-        ("(a BREAK b)", [("a", 1.1), ("BREAK", -1.0), ("b", 1.1)]),
-        ("BREAK a", [("BREAK", -1.0), ("a", 1.0)]),
+        ("a BREAK b", [("a", 1.0), BREAK, ("b", 1.0)]),
+        ("(a BREAK b)", [("a", 1.1), BREAK, ("b", 1.1)]),
+        ("BREAK a", [BREAK, ("a", 1.0)]),
         ("a break BREAKfast", [("a break BREAKfast", 1.0)]),
     ],
 )
-def test_parse_prompt_attention(text: str, expected: list[tuple[str, float]]) -> None:
+def test_parse_prompt_attention(text: str, expected: list) -> None:
     parsed = parse_prompt_attention(text)
-    assert [t for t, _ in parsed] == [t for t, _ in expected]
-    assert [w for _, w in parsed] == pytest.approx([w for _, w in expected])
+    assert [f if f is BREAK else f[0] for f in parsed] == [f if f is BREAK else f[0] for f in expected]
+    assert [f[1] for f in parsed if f is not BREAK] == pytest.approx([f[1] for f in expected if f is not BREAK])
 
 
 def _glc(model, prompts: list[str]) -> torch.Tensor:
@@ -90,6 +92,21 @@ def test_weights_scale_their_tokens_and_keep_the_mean(tiny_model) -> None:
     torch.testing.assert_close(weighted.mean(), plain.mean())
     torch.testing.assert_close(factor, plain.mean() / (plain * weights[:, None]).mean())
     assert not torch.isclose(factor, torch.tensor(1.0))
+
+
+@torch.no_grad()
+def test_weights_that_cancel_the_mean_do_not_blow_the_features_up(tiny_model) -> None:
+    # The weight at which 20 weighted "cat"s cancel the mean of the rest of their chunk: restoring the mean there
+    # multiplied the features by 600,000, inf in float16.
+    encoder = tiny_model.cond_stage_model
+    cats = " ".join(["cat"] * 20)
+    z = encoder.encode_token_ids(encoder.tokenizer([cats]))[0]
+    cancelling = (-(z.sum() - z[1:21].sum()) / z[1:21].sum()).item()
+    assert -WEIGHT_LIMIT < cancelling < WEIGHT_LIMIT
+    plain = _glc(tiny_model, [cats])
+    for weight in (cancelling, cancelling * 0.999, cancelling * 1.001):
+        cond = encode_prompts(tiny_model, [f"({cats}:{weight:.9f})"])[0]
+        assert cond.abs().max() <= WEIGHT_LIMIT**2 * plain.abs().max()
 
 
 @torch.no_grad()
@@ -218,8 +235,91 @@ def test_other_cond_stages_get_the_text_as_is(tiny_dir, tiny_model) -> None:
 
 
 def test_unknown_words_ignore_attention_syntax_and_case():
-    from ldm.prompts import unknown_words
-
     vocabulary = {"a", "red", "circle", "on", "blue", "background"}
     assert unknown_words("A (RED:1.3) circle on a [blue] dragon BREAK background", vocabulary) == ["dragon"]
     assert unknown_words("a red circle", vocabulary) == []
+    # Negatively weighted words are still words the model reads; only a real BREAK is not a word.
+    assert unknown_words("(dragon:-1) BREAK (BRE()AK:-1)", vocabulary) == ["dragon", "break"]
+
+
+OVERFLOWING = {
+    "400 digits": "a (fox:" + "9" * 400 + ")",
+    "1e38 written out": "a (fox:1" + "0" * 38 + ")",
+    "negative 400 digits": "a (fox:-" + "9" * 400 + ")",
+    "10,000 nested brackets": "a " + "(" * 10_000 + "fox" + ")" * 10_000,
+    "long unclosed brackets": "a " + "(fox " * 1_000,
+}
+
+
+def _weights(fragments) -> list[float]:
+    return [f[1] for f in fragments if f is not BREAK]
+
+
+def _parse_warnings(text: str) -> tuple[list, list[str]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fragments = parse_prompt_attention(text)
+    return fragments, [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("text", OVERFLOWING.values(), ids=OVERFLOWING.keys())
+def test_overflowing_weights_are_clamped_with_one_warning(text: str) -> None:
+    fragments, messages = _parse_warnings(text)
+    assert len(messages) == 1
+    assert "limited to [-10, 10]" in messages[0] and "'fox" in messages[0]
+    assert all(math.isfinite(w) and -WEIGHT_LIMIT <= w <= WEIGHT_LIMIT for w in _weights(fragments))
+    assert fragments[0] == ("a ", 1.0)
+    assert abs(fragments[-1][1]) == WEIGHT_LIMIT
+
+
+def test_clamping_goes_bracket_by_bracket_and_never_gives_nan() -> None:
+    huge = "1" + "0" * 400
+    assert _parse_warnings(f"((a:{huge}):0)") == ([("a", 0.0)], [])
+    assert _parse_warnings("(a:nan) (b:inf)") == ([("a:nan", 1.1), (" ", 1.0), ("b:inf", 1.1)], [])
+    assert _parse_warnings("(a:10) (b:-10)") == ([("a", 10.0), (" ", 1.0), ("b", -10.0)], [])
+    # Inside brackets that are already at the limit, a factor scales from the limit.
+    fragments, messages = _parse_warnings(f"(x (y:0.5):{huge})")
+    assert fragments == [("x ", 10.0), ("y", 5.0)]
+    assert messages == ["prompt weights are limited to [-10, 10]: the brackets around 'x ' ask for inf; clamped to 10."]
+    assert 0 <= _weights(_parse_warnings("[" * 10_000 + "a")[0])[0] < 1e-300
+
+
+@torch.no_grad()
+def test_overflowing_weights_give_finite_conditioning(tiny_model) -> None:
+    prompts, negatives = list(OVERFLOWING.values()), list(reversed(OVERFLOWING.values()))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cond, uncond = encode_prompts(tiny_model, prompts, negative_prompts=negatives)
+    assert len(caught) == 2 * len(prompts)
+    assert torch.isfinite(cond).all() and torch.isfinite(uncond).all()
+
+
+def test_parsing_is_linear_in_the_prompt_length() -> None:
+    # 100,000 characters each; the old parser rescaled every later fragment at each closing bracket, so that
+    # "(a" * 50,000 took 33 s to parse.
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for text in ("(a" * 50_000, "[a" * 50_000, "(" * 100_000, "\\(" * 50_000, "a:" * 50_000):
+            parse_prompt_attention(text)
+            unknown_words(text, {"a"})
+    assert time.perf_counter() - start < 5, "well under a second when linear"
+
+
+@pytest.mark.parametrize(
+    "text", ["(BRE()AK:-1)", "(BRE[]AK:-1)", "(BRE\\AK:-1)", "(BRE\\(\\)AK:-1)", "BRE(AK:-1)", "(BREAK_:-1)"]
+)
+def test_only_a_written_break_word_is_a_break(text: str) -> None:
+    fragments = parse_prompt_attention(text)
+    assert BREAK not in fragments
+    assert all(isinstance(f, tuple) for f in fragments)
+
+
+@torch.no_grad()
+def test_literal_text_weighted_minus_one_is_encoded_as_text(tiny_model) -> None:
+    assert parse_prompt_attention("(BRE()AK:-1)") == [("BREAK", -1.0)]
+    assert parse_prompt_attention("(BREAK:-1)") == [BREAK]
+    assert encode_prompts(tiny_model, ["a (BRE()AK:-1) b"])[0].shape == (1, 77, 32)
+    assert encode_prompts(tiny_model, ["a (BREAK:-1) b"])[0].shape == (1, 154, 32)
+    literal = encode_prompts(tiny_model, ["a (BRE()AK:-1) b"])[0]
+    assert not torch.allclose(literal, encode_prompts(tiny_model, ["a b"])[0])
