@@ -58,6 +58,18 @@ def test_tokenizer_short_prompts_do_not_warn_and_expose_raw_ids() -> None:
     assert tokenizer.encode(PROMPTS[1]) == ids[1, 1:10].tolist()
 
 
+def test_tokenizer_is_linear_in_word_length_and_keeps_real_words() -> None:
+    tokenizer = CLIPTokenizer()
+    words = "a photo of an astronaut, masterpiece,best_quality!!! " + "x" * 64 + " " + "?" * 64
+    assert tokenizer.encode(words) == _open_clip_bpe().encode(words), "words up to 64 characters are unchanged"
+    start = time.perf_counter()
+    letters = tokenizer.encode("qwertzuiop" * 10_000)  # one 100,000-letter word: minutes of BPE merges uncut
+    symbols = tokenizer.encode("!?" * 50_000)
+    assert time.perf_counter() - start < 30
+    assert len(letters) > 10_000 and len(symbols) > 1_000
+    assert letters[:10] == _open_clip_bpe().encode(("qwertzuiop" * 7)[:64])[:10]
+
+
 def test_clip_embedder_matches_reference(
     tiny_clip: FrozenCLIPEmbedder, tiny_cases: dict[str, torch.Tensor], assert_matches_reference
 ) -> None:

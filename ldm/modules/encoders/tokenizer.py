@@ -8,6 +8,7 @@ they differ only in the padding id, which is therefore a constructor argument.
 
 import functools
 import os
+import re
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -16,6 +17,13 @@ from open_clip.tokenizer import SimpleTokenizer
 
 BOS_TOKEN_ID = 49406  # <|startoftext|>
 EOS_TOKEN_ID = 49407  # <|endoftext|>
+# BPE merges a word in time quadratic in its length (a 100,000-letter word took minutes), so runs of letters or of
+# symbols, the BPE's words, are cut into pieces of at most this many characters first. No real word is that long.
+MAX_WORD = 64
+_LONG_RUNS = (
+    re.compile(rf"[^\W\d_]{{{MAX_WORD}}}(?=[^\W\d_])"),
+    re.compile(rf"(?:[^\w\s]|_){{{MAX_WORD}}}(?=[^\w\s]|_)"),
+)
 
 
 @functools.cache
@@ -57,7 +65,12 @@ class CLIPTokenizer:
             self._encode = functools.partial(hf_tokenizer.encode, add_special_tokens=False)
 
     def encode(self, text: str) -> list[int]:
-        """Raw BPE ids of one prompt, without BOS/EOS and without truncation (its length is the prompt's length)."""
+        """Raw BPE ids of one prompt, without BOS/EOS and without truncation (its length is the prompt's length).
+
+        Words longer than :data:`MAX_WORD` characters are encoded in pieces of that length.
+        """
+        for long_run in _LONG_RUNS:
+            text = long_run.sub(r"\g<0> ", text)
         return list(self._encode(text))
 
     def __call__(self, texts: str | Sequence[str]) -> torch.LongTensor:
