@@ -34,7 +34,7 @@ from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from ldm.callbacks import AtomicCheckpointIO, ImageLogger, LastCheckpoint, SetupCallback
+from ldm.callbacks import AtomicCheckpointIO, ImageLogger, LastCheckpoint, SetupCallback, TrainingRng
 from ldm.checkpoint import CheckpointError
 from ldm.data.base import DataModuleFromConfig, WrappedDataset
 from ldm.util import ConfigError, instantiate_from_config, load_config
@@ -233,9 +233,10 @@ def make_logger(config: Any, logdir: Path) -> Any:
 
 
 def make_callbacks(lightning_config: DictConfig, setup: SetupCallback, ckptdir: Path) -> list[pl.Callback]:
-    """The run's callbacks: set-up, ``last.ckpt`` keeping, ``ModelCheckpoint`` and the ``lightning.callbacks``."""
+    """The run's callbacks: set-up, the random generators' states, ``last.ckpt`` keeping, ``ModelCheckpoint`` and
+    the ``lightning.callbacks``."""
     checkpoint_defaults = {
-        "target": "pytorch_lightning.callbacks.ModelCheckpoint",
+        "target": "ldm.callbacks.PeriodicCheckpoint",
         "params": {
             "dirpath": str(ckptdir),
             "filename": "{epoch:06}-{step:09}",
@@ -259,7 +260,7 @@ def make_callbacks(lightning_config: DictConfig, setup: SetupCallback, ckptdir: 
         },
     }
     callback_configs = OmegaConf.merge(callback_defaults, lightning_config.get("callbacks") or {})
-    callbacks = [setup, instantiate_from_config(checkpoint_config, path="lightning.modelcheckpoint")]
+    callbacks = [setup, TrainingRng(), instantiate_from_config(checkpoint_config, path="lightning.modelcheckpoint")]
     callbacks.append(LastCheckpoint(ckptdir / "last.ckpt"))
     for name, node in callback_configs.items():
         callbacks.append(instantiate_from_config(node, path=f"lightning.callbacks.{name}"))

@@ -300,3 +300,31 @@ def test_datamodule_wrap_and_errors():
     with pytest.raises(ConfigError, match=r"data\.params\.validation\.params\.sise.*'size'"):
         typo.setup()
 
+
+def test_training_loader_resumes_mid_epoch_without_touching_the_global_generator():
+    data = DataModuleFromConfig(batch_size=2, train=shapes_node(length=7), num_workers=0)
+    data.setup()
+
+    def epoch(loader, number: int) -> list[torch.Tensor]:
+        loader.sampler.set_epoch(number)  # as Lightning does at the start of every epoch
+        return [batch["jpg"] for batch in loader]
+
+    generator = torch.get_rng_state()
+    stopped = data.train_dataloader()
+    whole = epoch(stopped, 1)
+    assert torch.equal(torch.get_rng_state(), generator)
+    assert len(whole) == 4 and not all(torch.equal(a, b) for a, b in zip(whole, epoch(stopped, 2), strict=True))
+
+    stopped.sampler.set_epoch(1)
+    batches = iter(stopped)
+    next(batches), next(batches)
+    state = stopped.state_dict()
+    assert state == {"batches": 2}
+    resumed = data.train_dataloader()
+    resumed.load_state_dict(state)
+    rest = epoch(resumed, 1)
+    assert len(rest) == 2 and all(torch.equal(a, b) for a, b in zip(rest, whole[2:], strict=True))
+    assert resumed.state_dict() == {"batches": 4} and len(epoch(resumed, 2)) == 4  # later epochs are whole
+
+    resumed.load_state_dict({"batches": 4})  # saved at the end of an epoch: the next one starts from its beginning
+    assert len(epoch(resumed, 2)) == 4

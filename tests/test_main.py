@@ -59,6 +59,14 @@ def checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def tensors(node, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of a nested checkpoint part, by dotted path."""
+    if isinstance(node, torch.Tensor):
+        return {prefix: node}
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list | tuple) else ()
+    return {path: t for key, value in items for path, t in tensors(value, f"{prefix}.{key}").items()}
+
+
 def metric_rows(logdir: Path, version: int = 0) -> list[dict[str, str]]:
     with open(logdir / "csv" / f"version_{version}" / "metrics.csv") as file:
         return list(csv.DictReader(file))
@@ -266,6 +274,29 @@ def test_resume_after_kill_then_sigusr1_and_sigterm(tmp_path):
     resumed_steps = [int(r["step"]) for r in metric_rows(logdir, version=1)]
     assert min(resumed_steps) >= killed_step - 1 and max(resumed_steps) < final_step
     assert len(list((logdir / "configs").glob("*-project.yaml"))) == 2  # each run saved its configs
+
+
+def test_resumed_run_matches_an_uninterrupted_one_bit_for_bit(tmp_path):
+    # 2 batches an epoch: the stop at step 3 falls mid-epoch and the resumed run crosses into the next epoch.
+    # Validation at step 3 runs after the stopped run's last save, and the resumed run logs image grids at other
+    # steps than the uninterrupted one: neither may change what training draws.
+    run = [*QUIET, "data.params.train.params.length=16",
+           "lightning.trainer.val_check_interval=3", "lightning.trainer.limit_val_batches=1",
+           "lightning.callbacks.image_logger.params.batch_frequency=3",
+           "lightning.callbacks.image_logger.params.max_images=2"]  # fmt: skip
+    assert main.main(["-b", CONFIG, "-t", "-l", str(tmp_path / "straight"), *run, "lightning.trainer.max_steps=5"]) == 0
+    assert main.main(["-b", CONFIG, "-t", "-l", str(tmp_path / "stopped"), *run, "lightning.trainer.max_steps=3"]) == 0
+    logdir = only_logdir(tmp_path / "stopped")
+    more_grids = "lightning.callbacks.image_logger.params.batch_frequency=1"
+    assert main.main(["-r", str(logdir), "-t", *run, more_grids, "lightning.trainer.max_steps=5"]) == 0
+
+    straight = checkpoint(only_logdir(tmp_path / "straight") / "checkpoints" / "last.ckpt")
+    resumed = checkpoint(logdir / "checkpoints" / "last.ckpt")
+    assert straight["global_step"] == resumed["global_step"] == 5 and straight["epoch"] == resumed["epoch"] == 2
+    for part in ("state_dict", "optimizer_states"):
+        expected, actual = tensors(straight[part]), tensors(resumed[part])
+        differ = [key for key, value in expected.items() if not torch.equal(value, actual[key])]
+        assert expected.keys() == actual.keys() and not differ, f"{part}: {len(differ)} of {len(expected)} differ"
 
 
 class InterruptAt(pl.Callback):
