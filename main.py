@@ -158,9 +158,17 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     opt.base = [b for b in opt.base if b not in overrides]
     if opt.name and opt.resume:
         parser.error("-n/--name and -r/--resume cannot both be given: a resumed run keeps its logdir")
+    for flag, value in (("-n/--name", opt.name), ("-f/--postfix", opt.postfix)):
+        if not is_plain_name(value):
+            parser.error(f"{flag} must be a name, not a path: got {value!r} (-l/--logdir chooses the folder)")
     if not opt.base and not opt.resume:
         parser.error("give the configs with -b/--base, or a logdir to resume with -r/--resume")
     return opt, overrides
+
+
+def is_plain_name(value: str) -> bool:
+    """Whether ``value`` can only be part of one path component: the logdir's name, inside ``-l``, is made of it."""
+    return not any(separator and separator in value for separator in (os.sep, os.altsep, "\0"))
 
 
 def info(message: str) -> None:

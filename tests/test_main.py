@@ -377,6 +377,13 @@ def test_bad_configs_give_one_line_errors(tmp_path, capsys):
     assert line == "error: model.params.ckpt_path: checkpoint 'no/such/model.ckpt' does not exist."
 
 
+def test_run_names_cannot_leave_the_logdir(tmp_path, capsys):
+    for flag, value in (("-n", "/../../x"), ("-n", "../x"), ("-f", "/../y"), ("-n", "a\0b")):
+        line = run_failing(capsys, tmp_path / "logs", "-b", CONFIG, "-t", flag, value)
+        assert f"must be a name, not a path: got {value!r}" in line and "-l/--logdir" in line
+    assert not any(tmp_path.iterdir())
+
+
 def test_tensorboard_logger_needs_its_package(tmp_path, capsys):
     if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
         pytest.skip("tensorboard is installed")
