@@ -37,10 +37,19 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from ldm.callbacks import AtomicCheckpointIO, ImageLogger, LastCheckpoint, SetupCallback, TrainingRng
 from ldm.checkpoint import CheckpointError
 from ldm.data.base import DataModuleFromConfig, WrappedDataset
+from ldm.resume import check_resumable, find_resume_checkpoint, read_resume_checkpoint
 from ldm.util import ConfigError, instantiate_from_config, load_config
 
 # CompVis configs name ``main.ImageLogger`` and ``main.DataModuleFromConfig``; they resolve to the ldm classes.
-__all__ = ["DataModuleFromConfig", "ImageLogger", "SetupCallback", "WrappedDataset", "get_parser", "main"]
+__all__ = [
+    "DataModuleFromConfig",
+    "ImageLogger",
+    "SetupCallback",
+    "WrappedDataset",
+    "find_resume_checkpoint",
+    "get_parser",
+    "main",
+]
 
 # Lightning's DDP launcher starts the other ranks by running this script again; they read the logdir rank 0 chose
 # from here, since their own clock may already show the next second.
@@ -176,24 +185,6 @@ def info(message: str) -> None:
         print(message, flush=True)
 
 
-def find_resume_checkpoint(resume: Path) -> tuple[Path, Path]:
-    """``(logdir, checkpoint)`` for ``-r``: a logdir (its ``checkpoints/last.ckpt``, else the newest checkpoint) or a
-    checkpoint inside ``<logdir>/checkpoints/``."""
-    if not resume.exists():
-        raise ConfigError(f"cannot resume from '{resume}': it does not exist.")
-    if resume.is_file():
-        if resume.parent.name != "checkpoints":
-            raise ConfigError(f"cannot resume from '{resume}': it is not in a logdir's checkpoints/ folder.")
-        return resume.parent.parent, resume
-    last = resume / "checkpoints" / "last.ckpt"
-    if last.is_file():
-        return resume, last
-    found = sorted((resume / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise ConfigError(f"cannot resume from '{resume}': no checkpoints in {resume / 'checkpoints'}.")
-    return resume, found[-1]
-
-
 def check_checkpoint_paths(node: Any, path: str) -> None:
     """Fail before any model is built when a ``ckpt_path`` in the config names no file (building SD takes a while)."""
     if isinstance(node, Mapping):
@@ -315,6 +306,9 @@ def build(opt: argparse.Namespace, overrides: Sequence[str], now: str) -> Run:
 
     pl.seed_everything(opt.seed, workers=True)
     model = instantiate_from_config(config.model, path="model")
+    if ckpt is not None:
+        # Here rather than in trainer.fit: a checkpoint that cannot be resumed must fail before the logdir is touched.
+        check_resumable(read_resume_checkpoint(ckpt), model, ckpt, training=opt.train)
     data = instantiate_from_config(config.data, path="data")
     if isinstance(data, DataModuleFromConfig):
         if opt.train and "train" not in data.dataset_configs:
@@ -379,7 +373,8 @@ def set_learning_rate(
 
 
 def execute(run: Run, opt: argparse.Namespace) -> int:
-    """Train and/or test; returns the exit code (143 after SIGTERM, as a process killed by it would)."""
+    """Train and/or test; returns the exit code (143 after SIGTERM, as a process killed by it would; 2 when the
+    checkpoint to resume from cannot be loaded)."""
     trainer = run.trainer
     try:
         if opt.train:
@@ -388,6 +383,11 @@ def execute(run: Run, opt: argparse.Namespace) -> int:
             trainer.test(run.model, run.data, ckpt_path=None if opt.train else run.ckpt)
     except SIGTERMException:
         return 143
+    except CheckpointError as err:  # the resume checkpoint, as Lightning loads it
+        if opt.debug:
+            raise
+        print_error(str(err))
+        return 2
     except Exception:
         if opt.debug and trainer.is_global_zero:
             import pdb
@@ -398,6 +398,11 @@ def execute(run: Run, opt: argparse.Namespace) -> int:
     sys.stdout.write(f"[rank {trainer.global_rank}] finished at global step {trainer.global_step}: {run.logdir}\n")
     sys.stdout.flush()
     return 0
+
+
+def print_error(message: str) -> None:
+    # Messages from OmegaConf and the datasets can span lines; errors here are one line.
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -412,8 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, CheckpointError, OSError, ValueError) as err:
         if opt.debug:
             raise
-        # Messages from OmegaConf and the datasets can span lines; errors here are one line.
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        print_error(str(err))
         return 2
     previous = os.environ.get(LOGDIR_ENV)
     os.environ[LOGDIR_ENV] = str(run.logdir)

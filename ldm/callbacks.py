@@ -26,6 +26,9 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+# AtomicCheckpointIO's temporary files: ``.<checkpoint name>.<random>.tmp``.
+TEMP_SUFFIX = ".tmp"
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file beside its destination, syncs it, then renames it into place.
@@ -43,7 +46,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError(f"{type(self).__name__} takes no storage_options.")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
         try:
             with os.fdopen(fd, "wb") as file:
                 torch.save(checkpoint, file)
@@ -53,6 +56,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
+
+
+def remove_partial_checkpoints(folder: Path) -> list[Path]:
+    """Delete the temporary files an ``AtomicCheckpointIO`` killed mid-save left in ``folder``; returns them.
+
+    Only a run writing into ``folder`` can be writing them, so call this before it saves anything.
+    """
+    partial = [path for path in folder.glob(f".*{TEMP_SUFFIX}") if path.is_file()]
+    for path in partial:
+        path.unlink(missing_ok=True)
+    return partial
 
 
 def rng_states() -> dict[str, Any]:
@@ -128,10 +142,13 @@ class TrainingRng(Callback):
 
 
 class SetupCallback(Callback):
-    """Creates the logdir and its ``checkpoints/`` and ``configs/`` folders, and saves the run's merged configs as
-    ``configs/<now>-project.yaml`` and ``configs/<now>-lightning.yaml`` (global rank 0 only).
+    """Prepares the logdir when training (or testing) starts, on global rank 0: creates it and its ``checkpoints/``
+    and ``configs/`` folders, deletes the temporary files of checkpoint saves a kill interrupted, and saves the run's
+    merged configs as ``configs/<now>-project.yaml`` and ``configs/<now>-lightning.yaml``.
 
-    ``main.py -r`` merges every saved pair in time order, so a resumed run starts from the configs it had.
+    ``main.py -r`` merges every saved pair in time order, so a resumed run starts from the configs it had. Nothing
+    is saved before the run has restored its checkpoint and built its data: a resume that fails (say, with an
+    override that changes the model) must not leave configs that make every later ``-r`` fail the same way.
     """
 
     def __init__(
@@ -148,12 +165,22 @@ class SetupCallback(Callback):
         self.logdir, self.ckptdir, self.cfgdir = Path(logdir), Path(ckptdir), Path(cfgdir)
         self.config = config
         self.lightning_config = lightning_config
+        self.prepared = False
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not trainer.is_global_zero:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.prepare(trainer)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.prepare(trainer)
+
+    def prepare(self, trainer: pl.Trainer) -> None:
+        if not trainer.is_global_zero or self.prepared:
             return
+        self.prepared = True
         for folder in (self.logdir, self.ckptdir, self.cfgdir):
             folder.mkdir(parents=True, exist_ok=True)
+        for path in remove_partial_checkpoints(self.ckptdir):
+            print(f"removed {path}, left by a checkpoint save that was interrupted", flush=True)
         OmegaConf.save(self.config, self.cfgdir / f"{self.now}-project.yaml")
         lightning = OmegaConf.create({"lightning": self.lightning_config})
         OmegaConf.save(lightning, self.cfgdir / f"{self.now}-lightning.yaml")

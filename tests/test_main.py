@@ -8,6 +8,7 @@ with SIGUSR1 and SIGTERM, and 2-process DDP.
 import csv
 import importlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +23,8 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.callbacks import AtomicCheckpointIO, ImageLogger
+from ldm.checkpoint import CheckpointError
+from ldm.util import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "latent-diffusion" / "shapes-tiny.yaml")
@@ -384,6 +387,75 @@ def test_run_names_cannot_leave_the_logdir(tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.fixture
+def resumable(trained, tmp_path) -> Path:
+    """A copy of the trained run's logdir (modification times kept), to resume."""
+    _, logdir = trained
+    return Path(shutil.copytree(logdir, tmp_path / logdir.name))
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+class RunsCode:
+    """Pickles to a call of ``open(path, "w")``: loading it unsafely creates ``path``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
+
+
+def resume_failing(capsys, *argv: str) -> str:
+    code = main.main(list(argv))
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_a_resume_that_cannot_work_fails_in_one_line_and_writes_nothing(resumable, tmp_path, capsys):
+    ckpts = resumable / "checkpoints"
+    before = snapshot(resumable)
+    line = resume_failing(capsys, "-r", str(resumable), "-t", "model.params.unet_config.params.model_channels=64")
+    assert f"'{ckpts / 'last.ckpt'}'" in line and "does not fit the config" in line
+    assert snapshot(resumable) == before  # no configs saved: a plain -r still works (below)
+
+    data = (ckpts / "last.ckpt").read_bytes()
+    (ckpts / "truncated.ckpt").write_bytes(data[: len(data) // 2])
+    (ckpts / "empty.ckpt").write_bytes(b"")
+    marker = tmp_path / "payload-ran"
+    torch.save({"state_dict": {}, "payload": RunsCode(marker)}, ckpts / "payload.ckpt")
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(ckpts / "script.ckpt"))
+    torch.save({"state_dict": checkpoint(ckpts / "last.ckpt")["state_dict"]}, ckpts / "weights.ckpt")
+    before = snapshot(resumable)
+    for name in ("truncated.ckpt", "empty.ckpt", "payload.ckpt", "script.ckpt", "weights.ckpt"):
+        assert str(ckpts / name) in resume_failing(capsys, "-r", str(ckpts / name), "-t")  # names the file
+    assert snapshot(resumable) == before and not marker.exists()
+    for name in ("truncated.ckpt", "empty.ckpt", "payload.ckpt", "script.ckpt", "weights.ckpt"):
+        (ckpts / name).unlink()
+
+    (ckpts / ".last.ckpt.k2j4h5g6.tmp").write_bytes(data[:1000])  # left by a kill mid-save
+    assert main.main(["-r", str(resumable), "-t", *BARE, "lightning.trainer.max_steps=31"]) == 0
+    assert sorted(p.name for p in ckpts.iterdir()) == ["epoch=000029-step=000000030.ckpt", "last.ckpt"]
+    assert checkpoint(ckpts / "last.ckpt")["global_step"] == 31
+    assert len(list((resumable / "configs").glob("*-project.yaml"))) == 2
+
+
+def test_a_checkpoint_lightning_cannot_load_fails_in_one_line(resumable, capsys, monkeypatch):
+    def unreadable(self, path, *args, **kwargs):
+        raise CheckpointError(f"cannot resume from '{path}': unreadable.")
+
+    monkeypatch.setattr(main, "check_resumable", lambda *args, **kwargs: None)  # as if it changed after the check
+    monkeypatch.setattr(AtomicCheckpointIO, "load_checkpoint", unreadable)
+    before = snapshot(resumable / "configs")
+    line = resume_failing(capsys, "-r", str(resumable), "-t", *BARE, "lightning.trainer.max_steps=31")
+    assert line == f"error: cannot resume from '{resumable / 'checkpoints' / 'last.ckpt'}': unreadable."
+    assert snapshot(resumable / "configs") == before
+
+
 def test_tensorboard_logger_needs_its_package(tmp_path, capsys):
     if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
         pytest.skip("tensorboard is installed")
@@ -438,6 +510,26 @@ def test_image_logger_frequency_follows_compvis():
     assert logged() == [1, 2, 4, 8, 16]
     assert logged(increase_log_steps=False) == [8, 16]
     assert logged(increase_log_steps=False, log_first_step=True) == [0, 8, 16]
+
+
+def test_resume_takes_the_newest_complete_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    now = time.time_ns()
+    for age, name in enumerate(["epoch=0-step=15.ckpt", "last.ckpt", "epoch=0-step=10.ckpt"]):
+        torch.save({"global_step": 0}, run / "checkpoints" / name)
+        os.utime(run / "checkpoints" / name, ns=(now - age * 10**9,) * 2)
+    newest = run / "checkpoints" / "epoch=0-step=15.ckpt"
+    assert main.find_resume_checkpoint(run) == (run, newest)  # killed between the periodic save and last.ckpt's
+    with open(newest, "r+b") as file:
+        file.truncate(100)
+    os.utime(newest, ns=(now, now))
+    assert main.find_resume_checkpoint(run) == (run, run / "checkpoints" / "last.ckpt")
+    assert f"warning: skipping '{newest}': it is incomplete" in capsys.readouterr().err
+    for path in (run / "checkpoints").iterdir():
+        path.write_bytes(b"")
+    with pytest.raises(ConfigError, match="none of its 3 checkpoints is complete"):
+        main.find_resume_checkpoint(run)
 
 
 def test_checkpoints_are_replaced_atomically(tmp_path, monkeypatch):
