@@ -34,7 +34,7 @@ from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from ldm.callbacks import AtomicCheckpointIO, ImageLogger, LastCheckpoint, SetupCallback, TrainingRng
+from ldm.callbacks import AtomicCheckpointIO, DiskFullError, ImageLogger, LastCheckpoint, SetupCallback, TrainingRng
 from ldm.checkpoint import CheckpointError
 from ldm.data.base import DataModuleFromConfig, WrappedDataset
 from ldm.resume import check_resumable, find_resume_checkpoint, read_resume_checkpoint
@@ -372,9 +372,19 @@ def set_learning_rate(
     )
 
 
+def disk_full(err: DiskFullError, logdir: Path) -> str:
+    """The one-line report of a checkpoint that found the disk full."""
+    last = logdir / "checkpoints" / "last.ckpt"
+    kept = f"{last} is intact, as of its previous save" if last.is_file() else "no last.ckpt had been saved yet"
+    return (
+        f"the disk is full: checkpoint '{err.filename}' could not be written ({err.strerror}); {kept}. "
+        f"Free some space, then go on with main.py -r {logdir} -t."
+    )
+
+
 def execute(run: Run, opt: argparse.Namespace) -> int:
-    """Train and/or test; returns the exit code (143 after SIGTERM, as a process killed by it would; 2 when the
-    checkpoint to resume from cannot be loaded)."""
+    """Train and/or test; returns the exit code (143 after SIGTERM, as a process killed by it would; 1 when a
+    checkpoint found the disk full; 2 when the checkpoint to resume from cannot be loaded)."""
     trainer = run.trainer
     try:
         if opt.train:
@@ -383,6 +393,11 @@ def execute(run: Run, opt: argparse.Namespace) -> int:
             trainer.test(run.model, run.data, ckpt_path=None if opt.train else run.ckpt)
     except SIGTERMException:
         return 143
+    except DiskFullError as err:
+        if opt.debug:
+            raise
+        print_error(disk_full(err, run.logdir))
+        return 1
     except CheckpointError as err:  # the resume checkpoint, as Lightning loads it
         if opt.debug:
             raise

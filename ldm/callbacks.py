@@ -3,6 +3,7 @@ end, the random generators' states, and checkpoint files written atomically."""
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import random
@@ -39,6 +40,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        """Raises :class:`DiskFullError` when the disk (or quota) is full."""
         if "://" in str(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
@@ -53,9 +55,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(tmp, path)
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFullError(err.errno, os.strerror(err.errno), str(path)) from err
+            raise
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
+
+
+class DiskFullError(OSError):
+    """A checkpoint could not be written for want of space; ``filename`` is the checkpoint, and the file of that
+    name (if any) is still the previous, complete one."""
 
 
 def remove_partial_checkpoints(folder: Path) -> list[Path]:

@@ -6,6 +6,7 @@ with SIGUSR1 and SIGTERM, and 2-process DDP.
 """
 
 import csv
+import errno
 import importlib
 import os
 import shutil
@@ -454,6 +455,33 @@ def test_a_checkpoint_lightning_cannot_load_fails_in_one_line(resumable, capsys,
     line = resume_failing(capsys, "-r", str(resumable), "-t", *BARE, "lightning.trainer.max_steps=31")
     assert line == f"error: cannot resume from '{resumable / 'checkpoints' / 'last.ckpt'}': unreadable."
     assert snapshot(resumable / "configs") == before
+
+
+def test_a_full_disk_during_a_checkpoint_leaves_last_ckpt_intact(tmp_path, capsys, monkeypatch):
+    save = torch.save
+
+    def full_after_two(obj, file) -> None:  # step 1's periodic checkpoint and last.ckpt fit; step 2's does not
+        full_after_two.calls += 1
+        if full_after_two.calls <= 2:
+            return save(obj, file)
+        file.write(b"the start of a checkpoint")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    full_after_two.calls = 0
+    monkeypatch.setattr(torch, "save", full_after_two)
+    code = main.main(["-b", CONFIG, "-t", "-l", str(tmp_path), *BARE, "lightning.trainer.max_steps=3",
+                      "lightning.modelcheckpoint.params.every_n_train_steps=1"])  # fmt: skip
+    monkeypatch.undo()
+    logdir = only_logdir(tmp_path)
+    ckpts = logdir / "checkpoints"
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+    assert code == 1 and errors == [
+        f"error: the disk is full: checkpoint '{ckpts / 'epoch=000000-step=000000002.ckpt'}' could not be written "
+        f"(No space left on device); {ckpts / 'last.ckpt'} is intact, as of its previous save. Free some space, then "
+        f"go on with main.py -r {logdir} -t."
+    ]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["epoch=000000-step=000000001.ckpt", "last.ckpt"]
+    assert checkpoint(ckpts / "last.ckpt")["global_step"] == 1
 
 
 def test_tensorboard_logger_needs_its_package(tmp_path, capsys):
