@@ -34,13 +34,22 @@ from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from ldm.callbacks import AtomicCheckpointIO, ImageLogger, LastCheckpoint, SetupCallback
+from ldm.callbacks import AtomicCheckpointIO, DiskFullError, ImageLogger, LastCheckpoint, SetupCallback, TrainingRng
 from ldm.checkpoint import CheckpointError
 from ldm.data.base import DataModuleFromConfig, WrappedDataset
+from ldm.resume import check_resumable, find_resume_checkpoint, read_resume_checkpoint
 from ldm.util import ConfigError, instantiate_from_config, load_config
 
 # CompVis configs name ``main.ImageLogger`` and ``main.DataModuleFromConfig``; they resolve to the ldm classes.
-__all__ = ["DataModuleFromConfig", "ImageLogger", "SetupCallback", "WrappedDataset", "get_parser", "main"]
+__all__ = [
+    "DataModuleFromConfig",
+    "ImageLogger",
+    "SetupCallback",
+    "WrappedDataset",
+    "find_resume_checkpoint",
+    "get_parser",
+    "main",
+]
 
 # Lightning's DDP launcher starts the other ranks by running this script again; they read the logdir rank 0 chose
 # from here, since their own clock may already show the next second.
@@ -158,32 +167,22 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     opt.base = [b for b in opt.base if b not in overrides]
     if opt.name and opt.resume:
         parser.error("-n/--name and -r/--resume cannot both be given: a resumed run keeps its logdir")
+    for flag, value in (("-n/--name", opt.name), ("-f/--postfix", opt.postfix)):
+        if not is_plain_name(value):
+            parser.error(f"{flag} must be a name, not a path: got {value!r} (-l/--logdir chooses the folder)")
     if not opt.base and not opt.resume:
         parser.error("give the configs with -b/--base, or a logdir to resume with -r/--resume")
     return opt, overrides
 
 
+def is_plain_name(value: str) -> bool:
+    """Whether ``value`` can only be part of one path component: the logdir's name, inside ``-l``, is made of it."""
+    return not any(separator and separator in value for separator in (os.sep, os.altsep, "\0"))
+
+
 def info(message: str) -> None:
     if rank_zero_only.rank == 0:
         print(message, flush=True)
-
-
-def find_resume_checkpoint(resume: Path) -> tuple[Path, Path]:
-    """``(logdir, checkpoint)`` for ``-r``: a logdir (its ``checkpoints/last.ckpt``, else the newest checkpoint) or a
-    checkpoint inside ``<logdir>/checkpoints/``."""
-    if not resume.exists():
-        raise ConfigError(f"cannot resume from '{resume}': it does not exist.")
-    if resume.is_file():
-        if resume.parent.name != "checkpoints":
-            raise ConfigError(f"cannot resume from '{resume}': it is not in a logdir's checkpoints/ folder.")
-        return resume.parent.parent, resume
-    last = resume / "checkpoints" / "last.ckpt"
-    if last.is_file():
-        return resume, last
-    found = sorted((resume / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise ConfigError(f"cannot resume from '{resume}': no checkpoints in {resume / 'checkpoints'}.")
-    return resume, found[-1]
 
 
 def check_checkpoint_paths(node: Any, path: str) -> None:
@@ -233,9 +232,10 @@ def make_logger(config: Any, logdir: Path) -> Any:
 
 
 def make_callbacks(lightning_config: DictConfig, setup: SetupCallback, ckptdir: Path) -> list[pl.Callback]:
-    """The run's callbacks: set-up, ``last.ckpt`` keeping, ``ModelCheckpoint`` and the ``lightning.callbacks``."""
+    """The run's callbacks: set-up, the random generators' states, ``last.ckpt`` keeping, ``ModelCheckpoint`` and
+    the ``lightning.callbacks``."""
     checkpoint_defaults = {
-        "target": "pytorch_lightning.callbacks.ModelCheckpoint",
+        "target": "ldm.callbacks.PeriodicCheckpoint",
         "params": {
             "dirpath": str(ckptdir),
             "filename": "{epoch:06}-{step:09}",
@@ -259,7 +259,7 @@ def make_callbacks(lightning_config: DictConfig, setup: SetupCallback, ckptdir: 
         },
     }
     callback_configs = OmegaConf.merge(callback_defaults, lightning_config.get("callbacks") or {})
-    callbacks = [setup, instantiate_from_config(checkpoint_config, path="lightning.modelcheckpoint")]
+    callbacks = [setup, TrainingRng(), instantiate_from_config(checkpoint_config, path="lightning.modelcheckpoint")]
     callbacks.append(LastCheckpoint(ckptdir / "last.ckpt"))
     for name, node in callback_configs.items():
         callbacks.append(instantiate_from_config(node, path=f"lightning.callbacks.{name}"))
@@ -306,6 +306,11 @@ def build(opt: argparse.Namespace, overrides: Sequence[str], now: str) -> Run:
 
     pl.seed_everything(opt.seed, workers=True)
     model = instantiate_from_config(config.model, path="model")
+    resumed = None
+    if ckpt is not None:
+        # Here rather than in trainer.fit: a checkpoint that cannot be resumed must fail before the logdir is touched.
+        resumed = read_resume_checkpoint(ckpt)
+        check_resumable(resumed, model, ckpt, training=opt.train)
     data = instantiate_from_config(config.data, path="data")
     if isinstance(data, DataModuleFromConfig):
         if opt.train and "train" not in data.dataset_configs:
@@ -319,7 +324,7 @@ def build(opt: argparse.Namespace, overrides: Sequence[str], now: str) -> Run:
         settings["strategy"] = instantiate_from_config(settings["strategy"], path="lightning.trainer.strategy")
     if "plugins" not in settings and "deepspeed" not in str(settings.get("strategy", "")):
         # DeepSpeed writes its own sharded checkpoint folders; everything else saves through this plugin.
-        settings["plugins"] = [AtomicCheckpointIO()]
+        settings["plugins"] = [AtomicCheckpointIO(preloaded=(ckpt, resumed) if resumed is not None else None)]
     setup = SetupCallback(now, logdir, ckptdir, cfgdir, config, lightning_config)
     logger = make_logger(lightning_config.get("logger"), logdir)
     callbacks = make_callbacks(lightning_config, setup, ckptdir)
@@ -369,8 +374,19 @@ def set_learning_rate(
     )
 
 
+def disk_full(err: DiskFullError, logdir: Path) -> str:
+    """The one-line report of a checkpoint that found the disk full."""
+    last = logdir / "checkpoints" / "last.ckpt"
+    kept = f"{last} is intact, as of its previous save" if last.is_file() else "no last.ckpt had been saved yet"
+    return (
+        f"the disk is full: checkpoint '{err.filename}' could not be written ({err.strerror}); {kept}. "
+        f"Free some space, then go on with main.py -r {logdir} -t."
+    )
+
+
 def execute(run: Run, opt: argparse.Namespace) -> int:
-    """Train and/or test; returns the exit code (143 after SIGTERM, as a process killed by it would)."""
+    """Train and/or test; returns the exit code (143 after SIGTERM, as a process killed by it would; 1 when a
+    checkpoint found the disk full; 2 when the checkpoint to resume from cannot be loaded)."""
     trainer = run.trainer
     try:
         if opt.train:
@@ -379,6 +395,16 @@ def execute(run: Run, opt: argparse.Namespace) -> int:
             trainer.test(run.model, run.data, ckpt_path=None if opt.train else run.ckpt)
     except SIGTERMException:
         return 143
+    except DiskFullError as err:
+        if opt.debug:
+            raise
+        print_error(disk_full(err, run.logdir))
+        return 1
+    except CheckpointError as err:  # the resume checkpoint, as Lightning loads it
+        if opt.debug:
+            raise
+        print_error(str(err))
+        return 2
     except Exception:
         if opt.debug and trainer.is_global_zero:
             import pdb
@@ -389,6 +415,11 @@ def execute(run: Run, opt: argparse.Namespace) -> int:
     sys.stdout.write(f"[rank {trainer.global_rank}] finished at global step {trainer.global_step}: {run.logdir}\n")
     sys.stdout.flush()
     return 0
+
+
+def print_error(message: str) -> None:
+    # Messages from OmegaConf and the datasets can span lines; errors here are one line.
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -403,8 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, CheckpointError, OSError, ValueError) as err:
         if opt.debug:
             raise
-        # Messages from OmegaConf and the datasets can span lines; errors here are one line.
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        print_error(str(err))
         return 2
     previous = os.environ.get(LOGDIR_ENV)
     os.environ[LOGDIR_ENV] = str(run.logdir)

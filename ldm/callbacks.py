@@ -1,14 +1,17 @@
 """Lightning callbacks and plugins of ``main.py``: the logdir set-up, image grids, ``last.ckpt`` on signals and at the
-end, and checkpoint files written atomically."""
+end, the random generators' states, and checkpoint files written atomically."""
 
 from __future__ import annotations
 
+import errno
 import math
 import os
+import random
 import signal
 import tempfile
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +21,16 @@ import torch
 import torchvision
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
-from pytorch_lightning.callbacks import Callback, Checkpoint
+from pytorch_lightning.callbacks import Callback, Checkpoint, ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ldm.checkpoint import read_training_checkpoint
+
+# AtomicCheckpointIO's temporary files: ``.<checkpoint name>.<random>.tmp``.
+TEMP_SUFFIX = ".tmp"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -36,11 +42,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     paths (``s3://...``) are written by Lightning's writer.
     """
 
+    def __init__(self, preloaded: tuple[Path, dict[str, Any]] | None = None) -> None:
+        super().__init__()
+        # The resume checkpoint main.py has already read and checked: handed over instead of read a second time.
+        self.preloaded = preloaded
+
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         # Lightning moves the states to their devices itself; the tensors are read onto the CPU.
+        if self.preloaded is not None and Path(path).resolve() == self.preloaded[0].resolve():
+            checkpoint, self.preloaded = self.preloaded[1], None
+            return checkpoint
         return read_training_checkpoint(path)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        """Raises :class:`DiskFullError` when the disk (or quota) is full."""
         if "://" in str(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
@@ -48,23 +63,118 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError(f"{type(self).__name__} takes no storage_options.")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
         try:
             with os.fdopen(fd, "wb") as file:
                 torch.save(checkpoint, file)
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(tmp, path)
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFullError(err.errno, os.strerror(err.errno), str(path)) from err
+            raise
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
 
 
-class SetupCallback(Callback):
-    """Creates the logdir and its ``checkpoints/`` and ``configs/`` folders, and saves the run's merged configs as
-    ``configs/<now>-project.yaml`` and ``configs/<now>-lightning.yaml`` (global rank 0 only).
+class DiskFullError(OSError):
+    """A checkpoint could not be written for want of space; ``filename`` is the checkpoint, and the file of that
+    name (if any) is still the previous, complete one."""
 
-    ``main.py -r`` merges every saved pair in time order, so a resumed run starts from the configs it had.
+
+def remove_partial_checkpoints(folder: Path) -> list[Path]:
+    """Delete the temporary files an ``AtomicCheckpointIO`` killed mid-save left in ``folder``; returns them.
+
+    Only a run writing into ``folder`` can be writing them, so call this before it saves anything.
+    """
+    partial = [path for path in folder.glob(f".*{TEMP_SUFFIX}") if path.is_file()]
+    for path in partial:
+        path.unlink(missing_ok=True)
+    return partial
+
+
+def rng_states() -> dict[str, Any]:
+    """The states of the generators training draws from: torch's (CPU and the current CUDA device), numpy's and
+    Python's, as tensors and plain values, which a weights-only checkpoint load reads back."""
+    version, python_state, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    states = {
+        "torch": torch.get_rng_state(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached),
+        "python": (version, torch.tensor(python_state), gauss),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def set_rng_states(states: Mapping[str, Any]) -> None:
+    """Restore what :func:`rng_states` returned (the CUDA state only where CUDA is in use)."""
+    torch.set_rng_state(states["torch"])
+    kind, keys, position, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    version, python_state, gauss = states["python"]
+    random.setstate((version, tuple(python_state.tolist()), gauss))
+    if "cuda" in states and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+@contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Run the block on a copy of the generators: what it draws leaves training's sequence unchanged."""
+    states = rng_states()
+    try:
+        yield
+    finally:
+        set_rng_states(states)
+
+
+class TrainingRng(Callback):
+    """Makes training draw the same random numbers (noise, timesteps, caption dropout, random crops) whether or not
+    it was stopped and resumed, and whenever validation runs.
+
+    Checkpoints carry the generators' states and a resumed run restores them before its first batch. Validation
+    (and its sanity check) runs on a copy of them: a resumed run does not repeat the validation of the step it
+    resumed at, so validation must not move training's sequence. All ranks are seeded alike and draw alike, so the
+    states rank 0 saves are every rank's.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.resumed: dict[str, Any] | None = None
+        self.before_validation: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return rng_states()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Applied at the start of training: the model and optimizer are set up in between.
+        self.resumed = state_dict
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.resumed is not None:
+            set_rng_states(self.resumed)
+            self.resumed = None
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.before_validation = rng_states()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.before_validation is not None:
+            set_rng_states(self.before_validation)
+            self.before_validation = None
+
+
+class SetupCallback(Callback):
+    """Prepares the logdir when training (or testing) starts, on global rank 0: creates it and its ``checkpoints/``
+    and ``configs/`` folders, deletes the temporary files of checkpoint saves a kill interrupted, and saves the run's
+    merged configs as ``configs/<now>-project.yaml`` and ``configs/<now>-lightning.yaml``.
+
+    ``main.py -r`` merges every saved pair in time order, so a resumed run starts from the configs it had. Nothing
+    is saved before the run has restored its checkpoint and built its data: a resume that fails (say, with an
+    override that changes the model) must not leave configs that make every later ``-r`` fail the same way.
     """
 
     def __init__(
@@ -81,12 +191,22 @@ class SetupCallback(Callback):
         self.logdir, self.ckptdir, self.cfgdir = Path(logdir), Path(ckptdir), Path(cfgdir)
         self.config = config
         self.lightning_config = lightning_config
+        self.prepared = False
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not trainer.is_global_zero:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.prepare(trainer)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.prepare(trainer)
+
+    def prepare(self, trainer: pl.Trainer) -> None:
+        if not trainer.is_global_zero or self.prepared:
             return
+        self.prepared = True
         for folder in (self.logdir, self.ckptdir, self.cfgdir):
             folder.mkdir(parents=True, exist_ok=True)
+        for path in remove_partial_checkpoints(self.ckptdir):
+            print(f"removed {path}, left by a checkpoint save that was interrupted", flush=True)
         OmegaConf.save(self.config, self.cfgdir / f"{self.now}-project.yaml")
         lightning = OmegaConf.create({"lightning": self.lightning_config})
         OmegaConf.save(lightning, self.cfgdir / f"{self.now}-lightning.yaml")
@@ -147,14 +267,16 @@ class ImageLogger(Callback):
     def log_img(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, split: str
     ) -> None:
-        """Call ``log_images`` in eval mode and write its grids."""
+        """Call ``log_images`` in eval mode, on a copy of the random generators (sampling must not change what
+        training draws next), and write its grids."""
         if not callable(getattr(pl_module, "log_images", None)) or self.max_images <= 0:
             return
         was_training = pl_module.training
         pl_module.eval()
         try:
             kwargs = {"N": self.max_images, **self.log_images_kwargs}
-            images = pl_module.log_images(batch, split=split, **kwargs)
+            with preserved_rng():
+                images = pl_module.log_images(batch, split=split, **kwargs)
         finally:
             pl_module.train(was_training)
         if trainer.is_global_zero:
@@ -205,6 +327,17 @@ class ImageLogger(Callback):
             self.log_img(trainer, pl_module, batch, batch_idx, split="val")
 
 
+class PeriodicCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` without its save of ``last.ckpt`` when training ends, which ``LastCheckpoint`` makes.
+
+    Lightning's own comes after it has counted an epoch stopped by ``max_steps`` as finished, so a run resumed from
+    it would skip the rest of that epoch; ``LastCheckpoint`` saves the final step while it is still inside its epoch.
+    """
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        return
+
+
 class LastCheckpoint(Checkpoint):
     """Keeps ``path`` (``checkpoints/last.ckpt``) current when a run stops or is asked to.
 
@@ -212,8 +345,9 @@ class LastCheckpoint(Checkpoint):
       sends it ahead of a job's time limit).
     - SIGTERM and Ctrl-C: saved, then the run stops. Lightning turns SIGTERM into a stop after the current step
       (``SIGTERMException``); Ctrl-C interrupts wherever it lands.
-    - End of training: saved unless a checkpoint was already written at the final step (``ModelCheckpoint``'s
-      ``save_last`` writes ``last.ckpt`` with every periodic checkpoint).
+    - End of training: saved after the final step (``max_steps``) or, for other ends (``max_epochs``), when training
+      ends; not again when ``ModelCheckpoint`` saved that step (its ``save_last`` writes ``last.ckpt`` with every
+      periodic checkpoint).
 
     SIGKILL cannot be caught: ``main.py -r`` then resumes from the last periodic save. Being a ``Checkpoint``
     callback, Lightning runs it after the callbacks listed before it (give it after ``ModelCheckpoint``), so at the
@@ -259,9 +393,13 @@ class LastCheckpoint(Checkpoint):
         if trainer.world_size > 1:
             # The signal may reach one process only; saving is collective, so every rank must agree to save now.
             requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
-        if requested:
+        # The final step is saved here rather than at the end of training: by then Lightning counts the epoch as
+        # finished, and a run resumed from that checkpoint would skip the rest of it.
+        final = 0 <= trainer.max_steps <= trainer.global_step and self.saved_step != trainer.global_step
+        if requested or final:
             self.requested = False
             trainer.save_checkpoint(self.path)
+        if requested:
             self.report(trainer, "SIGUSR1")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -106,6 +106,20 @@ def test_torchscript_is_refused_by_main_py(torchscript, tmp_path, capsys, key):
     assert not marker.exists() and not (tmp_path / "logs").exists()
 
 
+def test_torchscript_is_refused_as_the_checkpoint_to_resume(torchscript, tmp_path, capsys):
+    path, marker = torchscript
+    logdir = tmp_path / "logs" / "2026-01-01T00-00-00_shapes-tiny"
+    (logdir / "configs").mkdir(parents=True)
+    (logdir / "configs" / "2026-01-01T00-00-00-project.yaml").write_text(SHAPES_TINY.read_text())
+    (logdir / "checkpoints").mkdir()
+    os.replace(path, logdir / "checkpoints" / "last.ckpt")
+    before = sorted(logdir.rglob("*"))
+    code = main.main(["-r", str(logdir), "-t"])
+    err = capsys.readouterr().err
+    assert code == 2 and re.fullmatch(r"error: cannot resume from .*TorchScript archive.*\n", err)
+    assert not marker.exists() and sorted(logdir.rglob("*")) == before
+
+
 def test_a_torchscript_safety_checker_in_the_working_directory_is_refused(
     torchscript, tiny_files, tmp_path, capsys, monkeypatch
 ):

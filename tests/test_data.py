@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -105,6 +106,33 @@ def test_caption_folder_metadata_layout(tmp_path):
     (tmp_path / "metadata.jsonl").write_text('{"text": "no file"}')
     with pytest.raises(ValueError, match="line 1 has no 'file_name'"):
         CaptionFolder(tmp_path)
+
+
+def write_metadata(root: Path, *file_names: str) -> None:
+    (root / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": n}) + "\n" for n in file_names))
+
+
+def test_caption_folder_metadata_stays_inside_the_folder(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    halves(8, 8).save(root / "x.png")
+    halves(8, 8).save(tmp_path / "secret.png")
+    (root / "link.png").symlink_to(tmp_path / "secret.png")
+    for name in ("../secret.png", str(tmp_path / "secret.png"), "link.png", "x/../../secret.png", "x.png\0"):
+        write_metadata(root, "x.png", name)
+        with pytest.raises(ValueError, match=rf"line 2: file_name '{re.escape(name)}' leads outside the folder"):
+            CaptionFolder(root)
+
+
+def test_caption_folder_rejects_non_images_when_built(tmp_path):
+    halves(8, 8).save(tmp_path / "a.png")
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(ValueError, match=r"notes\.png' is not an image"):
+        CaptionFolder(tmp_path, default_caption="")
+    write_metadata(tmp_path, "a.png", "notes.png")
+    node = {"target": "ldm.data.folder.CaptionFolder", "params": {"root": str(tmp_path)}}
+    with pytest.raises(ConfigError, match=r"^data\.params\.train: .*jsonl line 2: .*notes\.png' is not an image"):
+        DataModuleFromConfig(batch_size=1, train=node).setup()
 
 
 def test_caption_folder_errors_name_the_folder(tmp_path):
@@ -271,3 +299,32 @@ def test_datamodule_wrap_and_errors():
     )
     with pytest.raises(ConfigError, match=r"data\.params\.validation\.params\.sise.*'size'"):
         typo.setup()
+
+
+def test_training_loader_resumes_mid_epoch_without_touching_the_global_generator():
+    data = DataModuleFromConfig(batch_size=2, train=shapes_node(length=7), num_workers=0)
+    data.setup()
+
+    def epoch(loader, number: int) -> list[torch.Tensor]:
+        loader.sampler.set_epoch(number)  # as Lightning does at the start of every epoch
+        return [batch["jpg"] for batch in loader]
+
+    generator = torch.get_rng_state()
+    stopped = data.train_dataloader()
+    whole = epoch(stopped, 1)
+    assert torch.equal(torch.get_rng_state(), generator)
+    assert len(whole) == 4 and not all(torch.equal(a, b) for a, b in zip(whole, epoch(stopped, 2), strict=True))
+
+    stopped.sampler.set_epoch(1)
+    batches = iter(stopped)
+    next(batches), next(batches)
+    state = stopped.state_dict()
+    assert state == {"batches": 2}
+    resumed = data.train_dataloader()
+    resumed.load_state_dict(state)
+    rest = epoch(resumed, 1)
+    assert len(rest) == 2 and all(torch.equal(a, b) for a, b in zip(rest, whole[2:], strict=True))
+    assert resumed.state_dict() == {"batches": 4} and len(epoch(resumed, 2)) == 4  # later epochs are whole
+
+    resumed.load_state_dict({"batches": 4})  # saved at the end of an epoch: the next one starts from its beginning
+    assert len(epoch(resumed, 2)) == 4

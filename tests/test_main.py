@@ -6,8 +6,10 @@ with SIGUSR1 and SIGTERM, and 2-process DDP.
 """
 
 import csv
+import errno
 import importlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +24,8 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.callbacks import AtomicCheckpointIO, ImageLogger
+from ldm.checkpoint import CheckpointError
+from ldm.util import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "latent-diffusion" / "shapes-tiny.yaml")
@@ -57,6 +61,14 @@ def only_logdir(logs: Path) -> Path:
 
 def checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def tensors(node, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of a nested checkpoint part, by dotted path."""
+    if isinstance(node, torch.Tensor):
+        return {prefix: node}
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list | tuple) else ()
+    return {path: t for key, value in items for path, t in tensors(value, f"{prefix}.{key}").items()}
 
 
 def metric_rows(logdir: Path, version: int = 0) -> list[dict[str, str]]:
@@ -268,6 +280,29 @@ def test_resume_after_kill_then_sigusr1_and_sigterm(tmp_path):
     assert len(list((logdir / "configs").glob("*-project.yaml"))) == 2  # each run saved its configs
 
 
+def test_resumed_run_matches_an_uninterrupted_one_bit_for_bit(tmp_path):
+    # 2 batches an epoch: the stop at step 3 falls mid-epoch and the resumed run crosses into the next epoch.
+    # Validation at step 3 runs after the stopped run's last save, and the resumed run logs image grids at other
+    # steps than the uninterrupted one: neither may change what training draws.
+    run = [*QUIET, "data.params.train.params.length=16",
+           "lightning.trainer.val_check_interval=3", "lightning.trainer.limit_val_batches=1",
+           "lightning.callbacks.image_logger.params.batch_frequency=3",
+           "lightning.callbacks.image_logger.params.max_images=2"]  # fmt: skip
+    assert main.main(["-b", CONFIG, "-t", "-l", str(tmp_path / "straight"), *run, "lightning.trainer.max_steps=5"]) == 0
+    assert main.main(["-b", CONFIG, "-t", "-l", str(tmp_path / "stopped"), *run, "lightning.trainer.max_steps=3"]) == 0
+    logdir = only_logdir(tmp_path / "stopped")
+    more_grids = "lightning.callbacks.image_logger.params.batch_frequency=1"
+    assert main.main(["-r", str(logdir), "-t", *run, more_grids, "lightning.trainer.max_steps=5"]) == 0
+
+    straight = checkpoint(only_logdir(tmp_path / "straight") / "checkpoints" / "last.ckpt")
+    resumed = checkpoint(logdir / "checkpoints" / "last.ckpt")
+    assert straight["global_step"] == resumed["global_step"] == 5 and straight["epoch"] == resumed["epoch"] == 2
+    for part in ("state_dict", "optimizer_states"):
+        expected, actual = tensors(straight[part]), tensors(resumed[part])
+        differ = [key for key, value in expected.items() if not torch.equal(value, actual[key])]
+        assert expected.keys() == actual.keys() and not differ, f"{part}: {len(differ)} of {len(expected)} differ"
+
+
 class InterruptAt(pl.Callback):
     """Raises KeyboardInterrupt after training step ``step``, as Ctrl-C landing there would."""
 
@@ -346,6 +381,109 @@ def test_bad_configs_give_one_line_errors(tmp_path, capsys):
     assert line == "error: model.params.ckpt_path: checkpoint 'no/such/model.ckpt' does not exist."
 
 
+def test_run_names_cannot_leave_the_logdir(tmp_path, capsys):
+    for flag, value in (("-n", "/../../x"), ("-n", "../x"), ("-f", "/../y"), ("-n", "a\0b")):
+        line = run_failing(capsys, tmp_path / "logs", "-b", CONFIG, "-t", flag, value)
+        assert f"must be a name, not a path: got {value!r}" in line and "-l/--logdir" in line
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.fixture
+def resumable(trained, tmp_path) -> Path:
+    """A copy of the trained run's logdir (modification times kept), to resume."""
+    _, logdir = trained
+    return Path(shutil.copytree(logdir, tmp_path / logdir.name))
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+class RunsCode:
+    """Pickles to a call of ``open(path, "w")``: loading it unsafely creates ``path``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
+
+
+def resume_failing(capsys, *argv: str) -> str:
+    code = main.main(list(argv))
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_a_resume_that_cannot_work_fails_in_one_line_and_writes_nothing(resumable, tmp_path, capsys):
+    ckpts = resumable / "checkpoints"
+    before = snapshot(resumable)
+    line = resume_failing(capsys, "-r", str(resumable), "-t", "model.params.unet_config.params.model_channels=64")
+    assert f"'{ckpts / 'last.ckpt'}'" in line and "does not fit the config" in line
+    assert snapshot(resumable) == before  # no configs saved: a plain -r still works (below)
+
+    data = (ckpts / "last.ckpt").read_bytes()
+    (ckpts / "truncated.ckpt").write_bytes(data[: len(data) // 2])
+    (ckpts / "empty.ckpt").write_bytes(b"")
+    marker = tmp_path / "payload-ran"
+    torch.save({"state_dict": {}, "payload": RunsCode(marker)}, ckpts / "payload.ckpt")
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(ckpts / "script.ckpt"))
+    torch.save({"state_dict": checkpoint(ckpts / "last.ckpt")["state_dict"]}, ckpts / "weights.ckpt")
+    before = snapshot(resumable)
+    for name in ("truncated.ckpt", "empty.ckpt", "payload.ckpt", "script.ckpt", "weights.ckpt"):
+        assert str(ckpts / name) in resume_failing(capsys, "-r", str(ckpts / name), "-t")  # names the file
+    assert snapshot(resumable) == before and not marker.exists()
+    for name in ("truncated.ckpt", "empty.ckpt", "payload.ckpt", "script.ckpt", "weights.ckpt"):
+        (ckpts / name).unlink()
+
+    (ckpts / ".last.ckpt.k2j4h5g6.tmp").write_bytes(data[:1000])  # left by a kill mid-save
+    assert main.main(["-r", str(resumable), "-t", *BARE, "lightning.trainer.max_steps=31"]) == 0
+    assert sorted(p.name for p in ckpts.iterdir()) == ["epoch=000029-step=000000030.ckpt", "last.ckpt"]
+    assert checkpoint(ckpts / "last.ckpt")["global_step"] == 31
+    assert len(list((resumable / "configs").glob("*-project.yaml"))) == 2
+
+
+def test_a_checkpoint_lightning_cannot_load_fails_in_one_line(resumable, capsys, monkeypatch):
+    def unreadable(self, path, *args, **kwargs):
+        raise CheckpointError(f"cannot resume from '{path}': unreadable.")
+
+    monkeypatch.setattr(main, "check_resumable", lambda *args, **kwargs: None)  # as if it changed after the check
+    monkeypatch.setattr(AtomicCheckpointIO, "load_checkpoint", unreadable)
+    before = snapshot(resumable / "configs")
+    line = resume_failing(capsys, "-r", str(resumable), "-t", *BARE, "lightning.trainer.max_steps=31")
+    assert line == f"error: cannot resume from '{resumable / 'checkpoints' / 'last.ckpt'}': unreadable."
+    assert snapshot(resumable / "configs") == before
+
+
+def test_a_full_disk_during_a_checkpoint_leaves_last_ckpt_intact(tmp_path, capsys, monkeypatch):
+    save = torch.save
+
+    def full_after_two(obj, file) -> None:  # step 1's periodic checkpoint and last.ckpt fit; step 2's does not
+        full_after_two.calls += 1
+        if full_after_two.calls <= 2:
+            return save(obj, file)
+        file.write(b"the start of a checkpoint")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    full_after_two.calls = 0
+    monkeypatch.setattr(torch, "save", full_after_two)
+    code = main.main(["-b", CONFIG, "-t", "-l", str(tmp_path), *BARE, "lightning.trainer.max_steps=3",
+                      "lightning.modelcheckpoint.params.every_n_train_steps=1"])  # fmt: skip
+    monkeypatch.undo()
+    logdir = only_logdir(tmp_path)
+    ckpts = logdir / "checkpoints"
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+    assert code == 1 and errors == [
+        f"error: the disk is full: checkpoint '{ckpts / 'epoch=000000-step=000000002.ckpt'}' could not be written "
+        f"(No space left on device); {ckpts / 'last.ckpt'} is intact, as of its previous save. Free some space, then "
+        f"go on with main.py -r {logdir} -t."
+    ]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["epoch=000000-step=000000001.ckpt", "last.ckpt"]
+    assert checkpoint(ckpts / "last.ckpt")["global_step"] == 1
+
+
 def test_tensorboard_logger_needs_its_package(tmp_path, capsys):
     if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
         pytest.skip("tensorboard is installed")
@@ -402,10 +540,30 @@ def test_image_logger_frequency_follows_compvis():
     assert logged(increase_log_steps=False, log_first_step=True) == [0, 8, 16]
 
 
+def test_resume_takes_the_newest_complete_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    now = time.time_ns()
+    for age, name in enumerate(["epoch=0-step=15.ckpt", "last.ckpt", "epoch=0-step=10.ckpt"]):
+        torch.save({"global_step": 0}, run / "checkpoints" / name)
+        os.utime(run / "checkpoints" / name, ns=(now - age * 10**9,) * 2)
+    newest = run / "checkpoints" / "epoch=0-step=15.ckpt"
+    assert main.find_resume_checkpoint(run) == (run, newest)  # killed between the periodic save and last.ckpt's
+    with open(newest, "r+b") as file:
+        file.truncate(100)
+    os.utime(newest, ns=(now, now))
+    assert main.find_resume_checkpoint(run) == (run, run / "checkpoints" / "last.ckpt")
+    assert f"warning: skipping '{newest}': it is incomplete" in capsys.readouterr().err
+    for path in (run / "checkpoints").iterdir():
+        path.write_bytes(b"")
+    with pytest.raises(ConfigError, match="none of its 3 checkpoints is complete"):
+        main.find_resume_checkpoint(run)
+
+
 def test_checkpoints_are_replaced_atomically(tmp_path, monkeypatch):
     path = tmp_path / "last.ckpt"
     io = AtomicCheckpointIO()
-    io.save_checkpoint({"global_step": 1}, path)
+    io.save_checkpoint({"global_step": 1, "state_dict": {}}, path)
 
     def crash(obj, file):  # a process dying halfway through writing
         file.write(b"half a checkpoint")
@@ -413,7 +571,7 @@ def test_checkpoints_are_replaced_atomically(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        io.save_checkpoint({"global_step": 2}, path)
+        io.save_checkpoint({"global_step": 2, "state_dict": {}}, path)
     monkeypatch.undo()
     assert io.load_checkpoint(path)["global_step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]

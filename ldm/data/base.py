@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+from collections.abc import Iterator, Mapping
 from functools import partial
 from typing import Any
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
 from ldm.util import ConfigError, instantiate_from_config
 
@@ -83,12 +84,54 @@ class WrappedDataset(Dataset):
         return self.data[index]
 
 
+class ResumableSampler(DistributedSampler):
+    """A ``DistributedSampler`` (epoch ``e`` in an order drawn from ``seed + e``, one share per rank) whose next pass
+    can start ``start`` indices in, where a resumed epoch left off."""
+
+    start = 0
+
+    def __iter__(self) -> Iterator[int]:
+        start, self.start = self.start, 0
+        return iter(list(super().__iter__())[start:])
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader over a :class:`ResumableSampler` that Lightning saves in checkpoints (its stateful-loader
+    protocol) as the batches served in the current epoch; a resumed run then skips those batches by their indices,
+    without loading them. Lightning sets the sampler's epoch, so the order of every epoch is the same in any run.
+    """
+
+    served = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        # A generator: the sampler is read at the first batch, after Lightning has set its epoch.
+        self.served = self.sampler.start // self.batch_size
+        for batch in super().__iter__():
+            self.served += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches": self.served}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        batches = int(state["batches"])
+        # A checkpoint from the end of an epoch resumes at the start of the next one.
+        self.sampler.start = batches * self.batch_size if batches < len(self) else 0
+
+
+def global_seed() -> int:
+    """The ``--seed`` given to ``seed_everything``, which Lightning also seeds its own distributed samplers with."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
 class DataModuleFromConfig(pl.LightningDataModule):
     """Datasets built from ``target``/``params`` nodes, served in batches of ``batch_size``.
 
     Each of ``train``, ``validation``, ``test`` and ``predict`` is a dataset config; only the stages that have one
-    get a loader, so Lightning skips the others. Map-style training data is shuffled; iterable datasets (WebDataset
-    shards) shuffle themselves and split their shards across processes and workers. ``num_workers`` defaults to
+    get a loader, so Lightning skips the others. Map-style training data is shuffled, by a :class:`ResumableLoader`:
+    a run resumed mid-epoch goes on with the batches the interrupted one would have drawn. Iterable datasets
+    (WebDataset shards) shuffle themselves and split their shards across processes and workers. No loader draws from
+    torch's global generator, so loading data leaves training's random numbers alone. ``num_workers`` defaults to
     ``2 * batch_size`` as in CompVis. ``use_worker_init_fn`` is accepted for CompVis configs only: PyTorch now seeds
     numpy in every worker, and the iterable datasets here split their own shards.
     """
@@ -145,11 +188,22 @@ class DataModuleFromConfig(pl.LightningDataModule):
         """The DataLoader of ``split`` (one of ``train``, ``validation``, ``test``, ``predict``)."""
         self.setup()
         dataset = self.datasets[split]
-        iterable = isinstance(dataset, IterableDataset)
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            shuffle=self.shuffle.get(split, False) and not iterable,
-            persistent_workers=self.num_workers > 0 and split != "predict",
-        )
+        settings = {
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "persistent_workers": self.num_workers > 0 and split != "predict",
+            # Without a generator of its own, every pass would take its worker seeds from the global one.
+            "generator": torch.Generator().manual_seed(global_seed()),
+        }
+        if isinstance(dataset, IterableDataset):
+            return DataLoader(dataset, **settings)
+        if split == "train":
+            trainer = self.trainer
+            sampler = ResumableSampler(
+                dataset,
+                num_replicas=trainer.world_size if trainer else 1,
+                rank=trainer.global_rank if trainer else 0,
+                seed=global_seed(),
+            )
+            return ResumableLoader(dataset, sampler=sampler, **settings)
+        return DataLoader(dataset, shuffle=self.shuffle.get(split, False), **settings)

@@ -7,8 +7,14 @@ Two layouts (``metadata.jsonl`` wins when present):
 
       {"file_name": "images/0001.png", "text": "a photo of a fox"}
 
+  A ``file_name`` must lead to a file inside the folder: ``../``, absolute paths and symbolic links out of it are
+  errors, so that a downloaded dataset cannot make training read other files.
+
 - pairs: every image (searched recursively) with a caption file of the same name next to it,
   ``fox.png`` + ``fox.txt``.
+
+Every image's header is read when the dataset is built, so a file that is not an image stops the run at set-up,
+naming it, instead of in the middle of training.
 """
 
 from __future__ import annotations
@@ -26,6 +32,25 @@ from ldm.data.base import ImageTransform
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
+def inside(root: Path, file_name: str, where: str) -> Path:
+    """``root / file_name``, which must resolve (through any ``..`` and symbolic links) to a path inside ``root``."""
+    path = root / file_name
+    if "\0" in file_name or not path.resolve().is_relative_to(root.resolve()):
+        raise ValueError(f"{where}: file_name '{file_name}' leads outside the folder '{root}'; give a path inside it.")
+    return path
+
+
+def check_image(path: Path, where: str | None = None) -> None:
+    """Raise ValueError naming ``path`` (and ``where`` it is listed) unless PIL recognises it as an image; reads the
+    header, not the pixels."""
+    try:
+        with Image.open(path):
+            pass
+    except (OSError, Image.DecompressionBombError) as err:  # UnidentifiedImageError is an OSError
+        listed = f"{where}: " if where else ""
+        raise ValueError(f"{listed}'{path}' is not an image ({err}); remove it or replace it.") from err
+
+
 def read_metadata(root: Path, default_caption: str | None) -> list[tuple[Path, str]]:
     """``(image path, caption)`` pairs from ``root/metadata.jsonl``."""
     items = []
@@ -38,11 +63,12 @@ def read_metadata(root: Path, default_caption: str | None) -> list[tuple[Path, s
             entry = json.loads(line)
         except json.JSONDecodeError as err:
             raise ValueError(f"{where} is not JSON: {err}") from err
-        if not isinstance(entry, dict) or "file_name" not in entry:
-            raise ValueError(f"{where} has no 'file_name'.")
-        path = root / entry["file_name"]
+        if not isinstance(entry, dict) or not isinstance(entry.get("file_name"), str):
+            raise ValueError(f"{where} has no 'file_name' (a path relative to the folder).")
+        path = inside(root, entry["file_name"], where)
         if not path.is_file():
             raise FileNotFoundError(f"{where}: image '{path}' does not exist.")
+        check_image(path, where)
         caption = entry.get("text", default_caption)
         if caption is None:
             raise ValueError(f"{where} has no 'text' (set default_caption to allow images without captions).")
@@ -55,6 +81,7 @@ def pair_captions(root: Path, default_caption: str | None) -> list[tuple[Path, s
     images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     items, missing = [], []
     for path in images:
+        check_image(path)
         caption_file = path.with_suffix(".txt")
         if caption_file.is_file():
             items.append((path, caption_file.read_text(encoding="utf-8").strip()))
