@@ -35,7 +35,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +56,7 @@ from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.tiling import tiled_decode
 from ldm.outputs import format_parameters, load_image, model_hash
 from ldm.prompts import encode_prompts, unknown_words
-from ldm.util import apply_overrides, default_device, load_config
+from ldm.util import apply_overrides, config_value, default_device, load_config, positive_int, positive_ints
 
 PRECISIONS = ("full", "autocast", "fp16", "bf16")
 DTYPES = {"autocast": torch.float16, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -90,24 +90,33 @@ class LatentGeometry:
 
     @classmethod
     def from_config(cls, config: Any) -> LatentGeometry:
-        """From a full config (with ``model:``) or its model node; ValueError unless it describes a latent model."""
-        node = config.model if "model" in config else config
-        params = node.get("params") or {}
-        first_stage = params.get("first_stage_config")
-        if first_stage is None or "unet_config" not in params:
+        """From a full config (with ``model:``) or its model node; ValueError unless it describes a latent model.
+
+        The values read here are checked (ConfigError naming the key), as they are used before any model is built.
+        """
+        at = "model." if "model" in config else ""
+
+        def read(key: str, default: Any = None) -> Any:
+            return config_value(config, at + key, default)
+
+        if read("params.first_stage_config") is None or read("params.unet_config") is None:
             raise ValueError(
                 "this config has no model.params.first_stage_config / unet_config; image generation needs a "
                 "LatentDiffusion config such as configs/stable-diffusion/v1-inference.yaml."
             )
-        ddconfig = first_stage.get("params", {}).get("ddconfig") if isinstance(first_stage, Mapping) else None
-        factor = 2 ** (len(ddconfig["ch_mult"]) - 1) if ddconfig else 1
-        unet_levels = len((params.unet_config.get("params") or {}).get("channel_mult", UNET_DEFAULT_CHANNEL_MULT))
+        ddconfig = "params.first_stage_config.params.ddconfig"
+        ch_mult = read(f"{ddconfig}.ch_mult") if read(ddconfig) is not None else [1]  # no ddconfig: no downsampling
+        factor = 2 ** (len(positive_ints(ch_mult, f"{at}{ddconfig}.ch_mult")) - 1)
+        channel_mult = "params.unet_config.params.channel_mult"
+        unet_levels = len(positive_ints(read(channel_mult, UNET_DEFAULT_CHANNEL_MULT), at + channel_mult))
+        latent_size = read("params.image_size", DDPM_DEFAULT_IMAGE_SIZE)
+        timesteps = read("params.timesteps", DDPM_DEFAULT_TIMESTEPS)
         return cls(
-            channels=int(params.get("channels", DDPM_DEFAULT_CHANNELS)),
+            channels=positive_int(read("params.channels", DDPM_DEFAULT_CHANNELS), f"{at}params.channels"),
             factor=factor,
             multiple=factor * 2 ** (unet_levels - 1),
-            default_size=int(params.get("image_size", DDPM_DEFAULT_IMAGE_SIZE)) * factor,
-            timesteps=int(params.get("timesteps", DDPM_DEFAULT_TIMESTEPS)),
+            default_size=positive_int(latent_size, f"{at}params.image_size", " (the latent side, 64 for SD)") * factor,
+            timesteps=positive_int(timesteps, f"{at}params.timesteps", " (the diffusion steps it was trained with)"),
         )
 
     def check_size(self, height: int, width: int) -> None:

@@ -39,6 +39,8 @@ def tiny_files(tiny_config, tiny_dir, tmp_path_factory) -> Path:
     Image.new("L", (12, 12), 255).save(folder / "small-mask.png")
     (folder / "garbage.png").write_text("this is not a PNG")
     (folder / "prompts.txt").write_text("a red circle\n\na blue square\na green (triangle:1.2)\n")
+    (folder / "bad.yaml").write_text("model: [unclosed\n  a: b: c\n")
+    (folder / "list.yaml").write_text("- model\n- params\n")
     return folder
 
 
@@ -178,6 +180,8 @@ def test_inpaint_repaints_only_the_white_part_of_the_mask(tiny_files, tmp_path, 
     assert (out / "grid-0000.png").is_file()
 
 
+VAE = "model.params.first_stage_config.params"
+UNET = "model.params.unet_config.params"
 BAD_INPUTS = [
     ("txt2img", ["--ckpt", "missing.ckpt"], "checkpoint 'missing.ckpt' does not exist"),
     ("txt2img", ["--config", "missing.yaml"], "config file 'missing.yaml' does not exist"),
@@ -202,6 +206,14 @@ BAD_INPUTS = [
     ("txt2img", ["--attention_slicing", "0"], "--attention_slicing takes a positive number of query rows or 'auto'"),
     ("txt2img", ["--attention_slicing", "half"], "--attention_slicing takes .*, got 'half'"),
     ("txt2img", ["--idle_device", "tpu"], "unknown device 'tpu' for --idle_device; use cpu"),
+    ("txt2img", [f"{VAE}.ddconfig.ch_mult=5"], rf"{VAE}.ddconfig.ch_mult must be a list of positive integers.*got 5"),
+    ("txt2img", [f"{UNET}.channel_mult=3"], rf"{UNET}.channel_mult must be a list of positive integers.*got 3"),
+    ("txt2img", ["model=5"], r"model: expected a mapping \(key: value\), got int 5"),
+    ("txt2img", ["model.params.image_size=[1]"], r"model.params.image_size must be a positive integer .*got \[1\]"),
+    ("txt2img", ["model.params.timesteps=0"], r"model.params.timesteps must be a positive integer .*got 0; fix"),
+    ("txt2img", ["model.params.unet_config.target=os.path.sep"], "'os.path.sep' is a str, not a class or function"),
+    ("txt2img", ["--config", "{folder}/bad.yaml"], "is not valid YAML: did not find expected ',' or ']' at line 2"),
+    ("txt2img", ["--config", "{folder}/list.yaml"], "holds a list at its top level; a config is a mapping"),
 ]
 
 
