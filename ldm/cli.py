@@ -35,6 +35,7 @@ from ldm.inference import (
     prepare_init_image,
     resolve_device,
 )
+from ldm.models.diffusion.noise import MAX_SEED, check_seed
 from ldm.models.diffusion.samplers import sampler_names
 from ldm.outputs import load_post_processing, make_grid, read_prompt_file, save_numbered
 from ldm.util import ConfigError, load_config
@@ -226,7 +227,7 @@ def _sampler(args: argparse.Namespace) -> str:
         return "plms"
     if args.dpm_solver:
         return "dpm_solver"
-    return args.sampler or "ddim"
+    return args.sampler if args.sampler is not None else "ddim"
 
 
 def parse_slice_size(text: str | None) -> int | str | None:
@@ -291,10 +292,19 @@ def plan(mode: str, args: argparse.Namespace) -> Job:
         if len(args.batch_seeds) != total:
             raise ValueError(f"--batch_seeds gives {len(args.batch_seeds)} seeds for {total} images; give one each.")
         flat = list(args.batch_seeds)
-    elif args.fixed_code:
-        flat = [args.seed + j for b in batches for j in range(len(b))]
     else:
-        flat = [args.seed + k for k in range(total)]
+        check_seed(args.seed, "--seed")
+        if args.fixed_code:
+            flat = [args.seed + j for b in batches for j in range(len(b))]
+        else:
+            flat = [args.seed + k for k in range(total)]
+        if max(flat) > MAX_SEED:
+            raise ValueError(
+                f"--seed {args.seed} would give the run's last image seed {max(flat)}, past the largest seed "
+                f"{MAX_SEED} (2**64 - 1); use --seed {MAX_SEED - (max(flat) - args.seed)} or less."
+            )
+    for seed in flat:
+        check_seed(seed, "--batch_seeds seed")
     seeds, start = [], 0
     for batch in batches:
         seeds.append(flat[start : start + len(batch)])

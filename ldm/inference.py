@@ -49,7 +49,7 @@ from PIL import Image
 
 from ldm.checkpoint import load_model_from_config
 from ldm.models.diffusion.ddpm import LatentInpaintDiffusion
-from ldm.models.diffusion.noise import Noise
+from ldm.models.diffusion.noise import Noise, check_seed
 from ldm.models.diffusion.samplers import check_sampling_arguments, resolve_sampler, sample
 from ldm.modules.attention import check_slice_size, set_attention_slicing
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
@@ -121,14 +121,19 @@ class LatentGeometry:
 
     def check_size(self, height: int, width: int) -> None:
         """ValueError naming the nearest valid sizes unless height and width are positive multiples of ``multiple``."""
-        for name, value in (("height", height), ("width", width)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % self.multiple:
-                lower = max(self.multiple, value // self.multiple * self.multiple) if isinstance(value, int) else 0
-                raise ValueError(
-                    f"{name} {value} is not a multiple of {self.multiple} (this model's VAE downsamples by "
-                    f"{self.factor} and its UNet by {self.multiple // self.factor}); use {lower} or "
-                    f"{lower + self.multiple}."
-                )
+        self.check_side("height", height)
+        self.check_side("width", width)
+
+    def check_side(self, name: str, value: int) -> None:
+        """ValueError naming the nearest valid sizes unless ``value`` is a positive multiple of ``multiple``."""
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % self.multiple:
+            lower = max(self.multiple, value // self.multiple * self.multiple) if isinstance(value, int) else 0
+            positive = "positive " if isinstance(value, int) and value <= 0 else ""
+            raise ValueError(
+                f"{name} {value} is not a {positive}multiple of {self.multiple} (this model's VAE downsamples by "
+                f"{self.factor} and its UNet by {self.multiple // self.factor}); use {lower} or "
+                f"{lower + self.multiple}."
+            )
 
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
         return (batch, self.channels, height // self.factor, width // self.factor)
@@ -206,15 +211,38 @@ def check_settings(
     eta: float | None = None,
 ) -> None:
     """Validate generation settings that do not need the model's weights (ValueError naming the fix)."""
-    check_sampling_arguments(
-        sampler, steps, geometry.timesteps, 1.0 if strength is None else strength, eta, img2img=strength is not None
-    )
+    strength_or_1 = 1.0 if strength is None else strength
+    check_sampling_arguments(sampler, steps, geometry.timesteps, strength_or_1, eta, strength is not None, scale)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"the number of images per prompt must be at least 1, got {n!r}.")
-    if not np.isfinite(scale):
-        raise ValueError(f"the guidance scale must be a finite number, got {scale}.")
     if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 1:
         raise ValueError(f"clip_skip must be an integer of at least 1 (1 = last layer), got {clip_skip!r}.")
+
+
+def output_size(
+    image_size: tuple[int, int], geometry: LatentGeometry, height: int | None = None, width: int | None = None
+) -> tuple[int, int]:
+    """The (width, height) an init image of ``image_size`` = (width, height) is generated at.
+
+    Without height/width its own size, rounded down to the model's ``multiple`` (64 for SD), as CompVis's img2img
+    did. With both, exactly those; with one, the other follows the image's aspect ratio, rounded to the multiple.
+    """
+    for name, side in (("height", height), ("width", width)):
+        if side is not None:
+            geometry.check_side(name, side)
+    m = geometry.multiple
+    if width is None and height is None:
+        width, height = image_size[0] // m * m, image_size[1] // m * m
+    elif width is None:
+        width = max(m, round(image_size[0] * height / image_size[1] / m) * m)
+    elif height is None:
+        height = max(m, round(image_size[1] * width / image_size[0] / m) * m)
+    if width == 0 or height == 0:
+        raise ValueError(
+            f"the init image is {image_size[0]}x{image_size[1]}, smaller than this model's minimum {m}x{m}; "
+            "give a larger image or --H/--W."
+        )
+    return width, height
 
 
 def prepare_init_image(
@@ -224,12 +252,10 @@ def prepare_init_image(
     height: int | None = None,
     width: int | None = None,
 ) -> tuple[Image.Image, Image.Image | None]:
-    """Load (if paths) and size the img2img / inpainting inputs.
+    """Load (if paths) and size the img2img / inpainting inputs to :func:`output_size`.
 
-    Without height/width the init image keeps its size, rounded down to the model's ``multiple`` (64 for SD), as
-    CompVis's img2img did. With both it is resized to exactly that (stretched if the aspect differs); with one, the
-    other side follows the image's aspect ratio, rounded to the multiple. The mask
-    (white = repaint) must have the init image's size; it is resized alike and made binary at 50% grey.
+    With both height and width the image is stretched if the aspect differs. The mask (white = repaint) must have
+    the init image's size; it is resized alike and made binary at 50% grey.
     Returns (RGB image, "L" mask with values 0/255, or None).
     """
     image = load_image(init_image, "init image") if not isinstance(init_image, Image.Image) else init_image
@@ -241,19 +267,7 @@ def prepare_init_image(
                 f"the mask is {mask.width}x{mask.height} but the init image is {image.width}x{image.height}; "
                 "give a mask of the same size (white = repaint)."
             )
-    m = geometry.multiple
-    if width is None and height is None:
-        width, height = image.width // m * m, image.height // m * m
-    elif width is None:
-        width = max(m, round(image.width * height / image.height / m) * m)
-    elif height is None:
-        height = max(m, round(image.height * width / image.width / m) * m)
-    if width == 0 or height == 0:
-        raise ValueError(
-            f"the init image is {image.width}x{image.height}, smaller than this model's minimum {m}x{m}; "
-            "give a larger image or --H/--W."
-        )
-    geometry.check_size(height, width)
+    width, height = output_size(image.size, geometry, height, width)
     if image.size != (width, height):
         image = image.resize((width, height), Image.Resampling.LANCZOS)
         if mask is not None:
@@ -339,7 +353,7 @@ class GenerationResult:
 def _seeds(seed: int | Sequence[int] | None, count: int) -> list[int]:
     if seed is None or isinstance(seed, int):
         return Noise.from_seed(seed, count).seeds
-    seeds = [int(s) for s in seed]
+    seeds = [check_seed(int(s)) for s in seed]
     if len(seeds) != count:
         raise ValueError(f"got {len(seeds)} seeds for {count} images; give one per image, or a single seed.")
     return seeds
