@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
+
+from ldm.memory import available_memory, gib
 
 SAMPLE_NAME = re.compile(r"^(\d+)\.png$")
 GRID_NAME = re.compile(r"^grid-(\d+)\.png$")
@@ -35,19 +38,47 @@ PARAMETERS_KEY = "parameters"
 def load_image(path: str | os.PathLike, what: str = "image", mode: str = "RGB") -> Image.Image:
     """Open an image file fully (so a truncated file fails here, not later) and convert it to ``mode``.
 
-    Raises FileNotFoundError for a missing file and ValueError for one PIL cannot decode, both naming ``what``
-    (e.g. ``"init image"``) and the path.
+    Raises FileNotFoundError for a missing file and ValueError for one PIL cannot decode or that would not fit in
+    memory decoded, all naming ``what`` (e.g. ``"init image"``) and the path.
     """
     path = Path(path)
+    with _open_image(path, what) as image:
+        # PIL's RGB takes 4 bytes a pixel, as do its other multi-band and 32-bit modes.
+        needed = image.width * image.height * sum(1 if m in ("1", "L", "P") else 4 for m in (image.mode, mode))
+        available = available_memory(torch.device("cpu"))
+        if available is not None and needed > available:
+            raise ValueError(
+                f"{what} '{path}' is {image.width}x{image.height}: decoding it needs about {gib(needed)} of memory "
+                f"but {gib(available)} is available; give a smaller image."
+            )
+        try:
+            image.load()
+            return image.convert(mode)
+        except (OSError, SyntaxError, ValueError) as err:
+            raise _unreadable(what, path, err) from None
+
+
+def image_size(path: str | os.PathLike, what: str = "image") -> tuple[int, int]:
+    """(width, height) of an image file, read from its header: nothing is decoded. Errors as :func:`load_image`."""
+    with _open_image(Path(path), what) as image:
+        return image.size
+
+
+def _open_image(path: Path, what: str) -> Image.Image:
     if not path.is_file():
         raise FileNotFoundError(f"{what} '{path}' does not exist; check the path.")
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image.convert(mode)
+        with warnings.catch_warnings():
+            # PIL warns of images past 89M pixels; load_image checks what decoding needs against the memory there is.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(path)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        reason = "not an image file PIL can read" if isinstance(err, UnidentifiedImageError) else str(err)
-        raise ValueError(f"cannot read {what} '{path}': {reason}. Give a PNG or JPEG image.") from None
+        raise _unreadable(what, path, err) from None
+
+
+def _unreadable(what: str, path: Path, err: Exception) -> ValueError:
+    reason = "not an image file PIL can read" if isinstance(err, UnidentifiedImageError) else str(err)
+    return ValueError(f"cannot read {what} '{path}': {reason}. Give a PNG or JPEG image.")
 
 
 def read_prompt_file(path: str | os.PathLike) -> list[str]:
