@@ -12,10 +12,12 @@ and ``outdir/grid-0000.png``. Each PNG carries a ``parameters`` text chunk in AU
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
+import secrets
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -113,26 +115,54 @@ def save_numbered(
 ) -> Path:
     """Save ``image`` as the next ``NNNNN.png`` (or ``grid-NNNN.png``) in ``folder`` and return its path.
 
-    The file is created exclusively, so two runs writing to the same folder at once never overwrite each other:
-    whoever loses the race for a number takes the next one.
+    The PNG is written to a hidden temporary file first and only then given its name, so a run killed mid-write
+    leaves no partial image under a sample's name (the temporary file stays; its name matches no pattern). Names are
+    claimed exclusively, so two runs writing to the same folder at once never overwrite each other: whoever loses the
+    race for a number takes the next one.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     pattern, template = (GRID_NAME, "grid-{:04d}.png") if grid else (SAMPLE_NAME, "{:05d}.png")
     number = next_number(folder, pattern)
+    # Opened like any new file (not mkstemp's 0600), so the sample gets the permissions the umask gives.
+    tmp = folder / f".{template.format(number)}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    try:
+        with open(tmp, "xb") as handle:
+            image.save(handle, format="PNG", pnginfo=png_info(parameters))
+            handle.flush()
+            os.fsync(handle.fileno())
+        return _claim(tmp, folder, template, number)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# errno values of file systems without hard links (FAT, some network and FUSE file systems).
+NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV}
+
+
+def _claim(tmp: Path, folder: Path, template: str, number: int) -> Path:
+    """Give the finished file ``tmp`` the first free name from ``number`` on, never replacing an existing file."""
     while True:
         path = folder / template.format(number)
         try:
-            handle = open(path, "xb")
+            os.link(tmp, path)  # fails if the name is taken, unlike a rename
+            return path
+        except FileExistsError:
+            number += 1
+        except OSError as err:
+            if err.errno not in NO_HARD_LINKS:
+                raise
+            break
+    # Without hard links: claim the name with an empty file, then move the image over it. Only a kill between the
+    # two system calls can leave that empty file behind.
+    while True:
+        path = folder / template.format(number)
+        try:
+            open(path, "xb").close()
         except FileExistsError:
             number += 1
             continue
-        try:
-            with handle:
-                image.save(handle, format="PNG", pnginfo=png_info(parameters))
-        except BaseException:
-            path.unlink(missing_ok=True)
-            raise
+        os.replace(tmp, path)
         return path
 
 
