@@ -26,17 +26,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from ldm.checkpoint import CheckpointError
-from ldm.inference import (
-    PRECISIONS,
-    LatentGeometry,
-    Pipeline,
-    check_compile,
-    check_precision,
-    check_settings,
-    output_size,
-    prepare_init_image,
-    resolve_device,
-)
+from ldm.devices import PRECISIONS, check_compile, check_precision, resolve_device
+from ldm.inference import LatentGeometry, Pipeline, check_settings, output_size, prepare_init_image
 from ldm.memory import Footprint, MemoryEstimate, available_memory, estimate, gib, is_out_of_memory, min_chunks
 from ldm.models.diffusion.noise import MAX_SEED, check_seed
 from ldm.models.diffusion.samplers import sampler_names

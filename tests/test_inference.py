@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.inference import LatentGeometry, Pipeline, check_precision, image_to_tensor, prepare_init_image
+from ldm.devices import check_precision
+from ldm.inference import LatentGeometry, Pipeline, image_to_tensor, prepare_init_image
 from ldm.models.diffusion.ddpm import LatentInpaintDiffusion
 from ldm.outputs import (
     format_parameters,
