@@ -176,10 +176,6 @@ class Job:
     generate: dict[str, Any]
     pipeline_options: dict[str, Any]  # idle_device and the speed options of Pipeline.from_config
 
-    @property
-    def images(self) -> int:
-        return self.n_iter * sum(len(batch) for batch in self.batches)
-
     def seeded_batches(self) -> Iterator[tuple[list[str], list[int]]]:
         """Each batch's prompts and seeds, made when the run reaches it: ``--n_iter`` may be any size."""
         k = 0
@@ -292,18 +288,15 @@ def plan(mode: str, args: argparse.Namespace) -> Job:
         # Sized from the file's header: the memory check below comes before any image is decoded.
         width, height = output_size(image_size(args.init_img, "init image"), geometry, height=height, width=width)
 
-    if args.from_file:
-        prompts = read_prompt_file(args.from_file)
-        batches = [prompts[i : i + args.n_samples] for i in range(0, len(prompts), args.n_samples)]
-    else:
-        prompts = [args.prompt if args.prompt is not None else ""]
-        batches = [prompts * args.n_samples]
-    total = args.n_iter * sum(len(b) for b in batches)
-    _check_seeds(args, total, max(len(b) for b in batches))
+    prompts = read_prompt_file(args.from_file) if args.from_file else [args.prompt if args.prompt is not None else ""]
+    # A file's prompts go n_samples at a time; a single prompt makes batches of n_samples copies.
+    batch = min(args.n_samples, len(prompts)) if args.from_file else args.n_samples
+    total = args.n_iter * (len(prompts) if args.from_file else args.n_samples)
+    _check_seeds(args, total, batch)
     grid = None if args.skip_grid else args.n_rows or args.n_samples
     memory = estimate(
         Footprint.from_config(config),
-        batch=max(len(b) for b in batches),
+        batch=batch,
         height=height,
         width=width,
         chunks=max(min_chunks(p) for p in [*prompts, args.negative_prompt]),
@@ -313,6 +306,10 @@ def plan(mode: str, args: argparse.Namespace) -> Job:
         kept_images=total if grid is not None else 0,
     )
     check_memory(memory, available_memory(device), device, args.vae_tiling)
+    if args.from_file:
+        batches = [prompts[i : i + args.n_samples] for i in range(0, len(prompts), args.n_samples)]
+    else:
+        batches = [prompts * args.n_samples]
     init_image = mask = None
     if mode != "txt2img":
         init_image, mask = prepare_init_image(args.init_img, getattr(args, "mask", None), geometry, height, width)
@@ -376,21 +373,15 @@ def _check_seeds(args: argparse.Namespace, total: int, largest_batch: int) -> No
         )
 
 
-MEMORY_ADVICE = {
-    "context": "shorten the prompt (each BREAK adds 77 tokens to attend to) or lower --n_samples",
-    "attention": "shorten the prompt (each BREAK adds 77 tokens to attend to) or lower --n_samples",
-    "unet": "lower --H/--W or --n_samples",
-    "encoder": "give a smaller --H/--W (the init image is resized to it)",
-    "decoder": "add --vae_tiling, or lower --H/--W or --n_samples",
-    "grid": "add --skip_grid, or lower --n_iter or --n_samples",
-}
+SHORTER_PROMPT = "shorten the prompt (each BREAK adds 77 tokens to attend to) or lower --n_samples"
+# What each part of a MemoryEstimate is, and what makes it smaller.
 MEMORY_PARTS = {
-    "context": "the prompt embeddings",
-    "attention": "the cross-attention to the prompt",
-    "unet": "the UNet",
-    "encoder": "encoding the init image",
-    "decoder": "the VAE decoder",
-    "grid": "the grid of all the run's images",
+    "context": ("the prompt embeddings", SHORTER_PROMPT),
+    "attention": ("the cross-attention to the prompt", SHORTER_PROMPT),
+    "unet": ("the UNet", "lower --H/--W or --n_samples"),
+    "encoder": ("encoding the init image", "give a smaller --H/--W (the init image is resized to it)"),
+    "decoder": ("the VAE decoder", "add --vae_tiling, or lower --H/--W or --n_samples"),
+    "grid": ("the grid of all the run's images", "add --skip_grid, or lower --n_iter or --n_samples"),
 }
 
 
@@ -399,9 +390,11 @@ def check_memory(memory: MemoryEstimate, available: int | None, device: torch.de
     if available is None or memory.peak <= available:
         return
     part = memory.largest
-    advice = "lower --H/--W or --n_samples" if part == "decoder" and vae_tiling else MEMORY_ADVICE[part]
+    what, advice = MEMORY_PARTS[part]
+    if part == "decoder" and vae_tiling:
+        advice = "lower --H/--W or --n_samples"
     raise ValueError(
-        f"out of memory: this run needs about {gib(memory.peak)} on {device}, most of it for {MEMORY_PARTS[part]} "
+        f"out of memory: this run needs about {gib(memory.peak)} on {device}, most of it for {what} "
         f"({gib(getattr(memory, part))}), but {gib(available)} is available; {advice}."
     )
 
@@ -457,10 +450,7 @@ BAD_INPUT = (ConfigError, CheckpointError, ValueError, OSError)
 def describe(err: BaseException) -> str:
     """The one line an error of a run prints, after ``error:``."""
     if is_out_of_memory(err):
-        return (
-            "out of memory while generating; lower --n_samples or --H/--W, or add --vae_tiling (large images) or "
-            "--attention_slicing."
-        )
+        return "out of memory; lower --n_samples or --H/--W, or add --vae_tiling (large images) or --attention_slicing."
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
         where = f" writing {_shown(Path(err.filename))}" if err.filename else ""
         return f"the disk is full ({err.strerror}){where}; free some space or give another --outdir."

@@ -372,7 +372,7 @@ def test_stable_diffusion_jobs_that_do_not_fit_name_what_to_lower(sd_args, capsy
 def test_n_iter_batches_are_made_as_the_run_reaches_them(tiny_files, tmp_path):
     args = tiny_args(tiny_files, "--n_iter", "1000000000", "--skip_grid", "--seed", "5", "--outdir", str(tmp_path))
     job = cli.plan("txt2img", cli.build_parser("txt2img").parse_args(args))
-    assert job.images == 3 * 10**9
+    assert job.n_iter == 10**9 and job.batches == [["a painting of a virus monster playing guitar"] * 3]
     batches = job.seeded_batches()
     assert [next(batches)[1], next(batches)[1]] == [[5, 6, 7], [8, 9, 10]]
     fixed = cli.plan("txt2img", cli.build_parser("txt2img").parse_args([*args, "--fixed_code"])).seeded_batches()
@@ -456,7 +456,7 @@ def test_running_out_of_memory_mid_run_is_one_line_naming_the_files_written(tiny
     code = cli.main("txt2img", args)
     captured = capsys.readouterr()
     error = last_error(captured.err)
-    assert code == 2 and error.startswith("error: out of memory while generating; lower --n_samples or --H/--W")
+    assert code == 2 and error.startswith("error: out of memory; lower --n_samples or --H/--W")
     written = [str(out / "samples" / "00000.png"), str(out / "samples" / "00001.png")]
     assert error.endswith(f" 2 files had been written: {', '.join(written)}.")
     assert captured.out.splitlines() == [f"wrote {path}" for path in written]
