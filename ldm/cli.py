@@ -26,9 +26,17 @@ from PIL import Image
 from tqdm import tqdm
 
 from ldm.checkpoint import CheckpointError
-from ldm.devices import PRECISIONS, check_compile, check_precision, resolve_device
+from ldm.devices import (
+    PRECISIONS,
+    available_memory,
+    check_compile,
+    check_precision,
+    gib,
+    is_out_of_memory,
+    resolve_device,
+)
 from ldm.inference import LatentGeometry, Pipeline, check_settings, output_size, prepare_init_image
-from ldm.memory import Footprint, MemoryEstimate, available_memory, estimate, gib, is_out_of_memory, min_chunks
+from ldm.memory import Footprint, MemoryEstimate, estimate, min_chunks
 from ldm.models.diffusion.noise import MAX_SEED, check_seed
 from ldm.models.diffusion.samplers import sampler_names
 from ldm.outputs import image_size, load_post_processing, make_grid, read_prompt_file, save_numbered
@@ -450,10 +458,12 @@ BAD_INPUT = (ConfigError, CheckpointError, ValueError, OSError)
 def describe(err: BaseException) -> str:
     """The one line an error of a run prints, after ``error:``."""
     if is_out_of_memory(err):
-        return "out of memory; lower --n_samples or --H/--W, or add --vae_tiling (large images) or --attention_slicing."
+        return (
+            "out of memory; lower --n_samples or --H/--W, or add --vae_tiling (large images), --attention_slicing "
+            "(MPS) or --precision fp16 (GPUs)."
+        )
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-        where = f" writing {_shown(Path(err.filename))}" if err.filename else ""
-        return f"the disk is full ({err.strerror}){where}; free some space or give another --outdir."
+        return f"the disk is full ({err.strerror}); free some space or give another --outdir."
     # Messages from OmegaConf and PIL can span lines; the scripts promise one.
     return " ".join(str(err).split())
 
@@ -473,6 +483,7 @@ def main(mode: str, argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit:  # --help, or a usage error already reported in one line
         return int(exit.code or 0)
     written: list[Path] = []
+    error = None
     try:
         job = plan(mode, args)
         for path in run(job):
@@ -480,12 +491,12 @@ def main(mode: str, argv: Sequence[str] | None = None) -> int:
     except Exception as err:
         if not (isinstance(err, BAD_INPUT) or is_out_of_memory(err)):
             raise  # a bug, not bad input
-        for path in written:
-            print(f"wrote {_shown(path)}")
-        print(f"error: {describe(err)}{_written_note(written)}", file=sys.stderr)
-        return 2
+        error = f"error: {describe(err)}{_written_note(written)}"
     for path in written:
         print(f"wrote {_shown(path)}")
+    if error is not None:
+        print(error, file=sys.stderr)
+        return 2
     if written:
         files = f"{len(written)} file" + ("s" if len(written) != 1 else "")
         print(f"Your samples are ready and waiting for you here: {_shown(job.outdir)} ({files})")

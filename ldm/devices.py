@@ -1,15 +1,21 @@
 """Which devices and precisions a generation can use here, checked before anything is loaded.
 
 Each check raises ValueError naming the fix, in the words of the command line (``--device``, ``--compile``).
+:func:`available_memory` says how much memory a device has free, :func:`is_out_of_memory` whether an error is an
+allocation failure.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
 from ldm.util import default_device
 
 PRECISIONS = ("full", "autocast", "fp16", "bf16")
+CGROUP = Path("/sys/fs/cgroup")  # a container's own cgroup (v2), where its memory limit is
+GIB = 2**30
 
 
 def resolve_device(device: str | torch.device | None, option: str = "--device") -> torch.device:
@@ -70,3 +76,50 @@ def check_compile(device: torch.device) -> None:
 
 def _compile_probe(x: torch.Tensor) -> torch.Tensor:
     return x * 2 + 1
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes an allocation on ``device`` can get now; None where that cannot be told (MPS, CPUs off Linux)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        # Blocks torch's caching allocator holds but does not use are free to it, not to the driver.
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type == "cpu":
+        return _available_ram()
+    return None
+
+
+def _available_ram() -> int | None:
+    """MemAvailable (free plus reclaimable cache), within the limit of a cgroup v2 container; None off Linux."""
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    lines = (line.split() for line in meminfo.splitlines())
+    available = next((int(p[1]) * 1024 for p in lines if p and p[0] == "MemAvailable:"), None)
+    try:
+        limit = (CGROUP / "memory.max").read_text().strip()
+        used = int((CGROUP / "memory.current").read_text())
+        stat = dict(line.split() for line in (CGROUP / "memory.stat").read_text().splitlines())
+    except (OSError, ValueError):
+        return available
+    if limit == "max":
+        return available
+    # The cgroup counts page cache as used; its inactive part is reclaimed before the container is out of memory.
+    room = int(limit) - used + int(stat.get("inactive_file", 0))
+    return room if available is None else min(available, room)
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocation failure: CUDA's OutOfMemoryError, Python's MemoryError, or the RuntimeError
+    of torch's CPU and MPS allocators."""
+    if isinstance(err, torch.cuda.OutOfMemoryError | MemoryError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("DefaultCPUAllocator" in text or "MPS backend out of memory" in text)
+
+
+def gib(size: int) -> str:
+    """Bytes as GiB for messages: ``"107.4 GiB"``; sizes past a million GiB in powers of ten."""
+    value = size / GIB
+    return f"{value:.1f} GiB" if value < 1e6 else f"{value:.1e} GiB"

@@ -2,9 +2,9 @@
 
 Activations, not weights, are what a large request runs out of: they grow with the batch and the image area, and an
 8192x8192 Stable Diffusion image needs hundreds of GiB however small the model. :func:`estimate` counts them per
-batch from the widths in the config; :func:`available_memory` says what the device has free. The estimate is of the
-order the measurements below give, not an upper bound: what it misses is still caught as an allocation failure
-(:func:`is_out_of_memory`).
+batch from the widths in the config; :func:`ldm.devices.available_memory` says what the device has free. The
+estimate is of the order the measurements below give, not an upper bound: what it misses is still caught as an
+allocation failure (:func:`ldm.devices.is_out_of_memory`).
 
 The formula, in elements (4 bytes each; 2 for the UNet when it computes in float16/bfloat16). B is the batch,
 H x W the image, h x w = H/f x W/f the latent, L the context length (one 77-token chunk per 75 prompt tokens):
@@ -34,11 +34,9 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any
 
-import torch
-
+from ldm.inference import DDPM_DEFAULT_CHANNELS, UNET_DEFAULT_CHANNEL_MULT
 from ldm.prompts import BREAK, parse_prompt_attention
 from ldm.util import config_value, positive_int, positive_ints
 
@@ -51,7 +49,6 @@ ENCODER_ACTIVATIONS = 7
 TILE = 64  # ldm.modules.tiling.tiled_decode's default tile, in latents
 PIXEL_BYTES = 4
 CHUNK_TOKENS = 75  # prompt tokens a CLIP chunk holds (77 with its start and end tokens)
-GIB = 2**30
 
 
 @dataclass(frozen=True)
@@ -77,7 +74,7 @@ class Footprint:
 
         unet = "params.unet_config.params"
         model_channels = read(f"{unet}.model_channels", positive_int)
-        channel_mult = read(f"{unet}.channel_mult", positive_ints, (1, 2, 4, 8))
+        channel_mult = read(f"{unet}.channel_mult", positive_ints, UNET_DEFAULT_CHANNEL_MULT)
         context_dim = config_value(config, f"{at}{unet}.context_dim")
         vae = "params.first_stage_config.params.ddconfig"
         has_vae = config_value(config, at + vae) is not None
@@ -85,7 +82,7 @@ class Footprint:
         ch_mult = read(f"{vae}.ch_mult", positive_ints) if has_vae else [1]
         return cls(
             factor=2 ** (len(ch_mult) - 1),
-            latent_channels=read("params.channels", positive_int, 3),
+            latent_channels=read("params.channels", positive_int, DDPM_DEFAULT_CHANNELS),
             unet_width=model_channels * channel_mult[0],
             attention_width=model_channels * max(channel_mult),
             context_dim=positive_int(context_dim, at + f"{unet}.context_dim") if context_dim is not None else None,
@@ -164,51 +161,3 @@ def min_chunks(prompt: str) -> int:
         else:
             segments[-1] += len(fragment[0].split())
     return sum(max(1, math.ceil(words / CHUNK_TOKENS)) for words in segments)
-
-
-def available_memory(device: torch.device) -> int | None:
-    """Bytes an allocation on ``device`` can get now; None where that cannot be told (MPS, CPUs off Linux)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        # Blocks torch's caching allocator holds but does not use are free to it, not to the driver.
-        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    if device.type == "cpu":
-        return _available_ram()
-    return None
-
-
-def _available_ram() -> int | None:
-    """MemAvailable (free plus reclaimable cache), within the limit of a cgroup v2 container; None off Linux."""
-    try:
-        meminfo = Path("/proc/meminfo").read_text()
-    except OSError:
-        return None
-    lines = (line.split() for line in meminfo.splitlines())
-    available = next((int(p[1]) * 1024 for p in lines if p and p[0] == "MemAvailable:"), None)
-    cgroup = Path("/sys/fs/cgroup")
-    try:
-        limit = (cgroup / "memory.max").read_text().strip()
-        used = int((cgroup / "memory.current").read_text())
-        stat = dict(line.split() for line in (cgroup / "memory.stat").read_text().splitlines())
-    except (OSError, ValueError):
-        return available
-    if limit == "max":
-        return available
-    # The cgroup counts page cache as used; its inactive part is reclaimed before the container is out of memory.
-    room = int(limit) - used + int(stat.get("inactive_file", 0))
-    return room if available is None else min(available, room)
-
-
-def is_out_of_memory(err: BaseException) -> bool:
-    """Whether ``err`` is an allocation failure: CUDA's OutOfMemoryError, Python's MemoryError, or the RuntimeError
-    of torch's CPU and MPS allocators."""
-    if isinstance(err, torch.cuda.OutOfMemoryError | MemoryError):
-        return True
-    text = str(err)
-    return isinstance(err, RuntimeError) and ("DefaultCPUAllocator" in text or "MPS backend out of memory" in text)
-
-
-def gib(size: int) -> str:
-    """Bytes as GiB for messages: ``"107.4 GiB"``; sizes past a million GiB in powers of ten."""
-    value = size / GIB
-    return f"{value:.1f} GiB" if value < 1e6 else f"{value:.1e} GiB"

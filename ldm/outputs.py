@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
-from ldm.memory import available_memory, gib
+from ldm.devices import available_memory, gib
 
 SAMPLE_NAME = re.compile(r"^(\d+)\.png$")
 GRID_NAME = re.compile(r"^grid-(\d+)\.png$")

@@ -1,19 +1,14 @@
-"""ldm.memory: the activation estimate from a config, prompt chunk counts, free memory and allocation failures."""
+"""ldm.memory: the activation estimate from a config and prompt chunk counts; ldm.devices: free memory and
+allocation failures."""
 
 from pathlib import Path
 
 import pytest
 import torch
 
-from ldm.memory import (
-    GIB,
-    Footprint,
-    available_memory,
-    estimate,
-    gib,
-    is_out_of_memory,
-    min_chunks,
-)
+from ldm import devices
+from ldm.devices import GIB, available_memory, gib, is_out_of_memory
+from ldm.memory import Footprint, estimate, min_chunks
 from ldm.util import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,6 +94,19 @@ def test_available_memory_on_the_cpu_is_a_positive_number_on_linux():
         pytest.skip("no /proc/meminfo here")
     assert available_memory(torch.device("cpu")) > 0
     assert available_memory(torch.device("meta")) is None
+
+
+def test_a_containers_memory_limit_caps_the_available_memory(tmp_path, monkeypatch):
+    if not Path("/proc/meminfo").is_file():
+        pytest.skip("no /proc/meminfo here")
+    monkeypatch.setattr(devices, "CGROUP", tmp_path)
+    (tmp_path / "memory.max").write_text(f"{4 * GIB}\n")
+    (tmp_path / "memory.current").write_text(f"{3 * GIB}\n")
+    (tmp_path / "memory.stat").write_text(f"anon {2 * GIB}\ninactive_file {GIB // 2}\nactive_file 0\n")
+    capped = available_memory(torch.device("cpu"))
+    assert capped <= GIB + GIB // 2, "the limit less what is used, plus the cache the kernel can reclaim"
+    (tmp_path / "memory.max").write_text("max\n")
+    assert available_memory(torch.device("cpu")) > 0
 
 
 def test_allocation_failures_are_recognised_and_bugs_are_not():
