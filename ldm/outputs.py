@@ -162,7 +162,11 @@ def _claim(tmp: Path, folder: Path, template: str, number: int) -> Path:
         except FileExistsError:
             number += 1
             continue
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
         return path
 
 

@@ -94,6 +94,20 @@ def test_without_hard_links_the_write_still_never_overwrites(tmp_path, monkeypat
     assert outputs.read_parameters(path) == "a prompt" and len(os.listdir(tmp_path)) == 2
 
 
+def test_without_hard_links_a_failed_move_leaves_no_empty_file(tmp_path, monkeypatch):
+    def no_links(source, target):
+        raise OSError(errno.ENOTSUP, "Operation not supported")
+
+    def failing_replace(source, target):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "link", no_links)
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="Input/output error"):
+        save_numbered(Image.new("RGB", (4, 4)), tmp_path)
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_sample_gets_the_permissions_of_an_ordinary_new_file(tmp_path):
     old = os.umask(0o022)
     try:
