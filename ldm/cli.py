@@ -14,8 +14,9 @@ lists each image's seed.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -25,18 +26,20 @@ from PIL import Image
 from tqdm import tqdm
 
 from ldm.checkpoint import CheckpointError
-from ldm.inference import (
+from ldm.devices import (
     PRECISIONS,
-    LatentGeometry,
-    Pipeline,
+    available_memory,
     check_compile,
     check_precision,
-    check_settings,
-    prepare_init_image,
+    gib,
+    is_out_of_memory,
     resolve_device,
 )
+from ldm.inference import LatentGeometry, Pipeline, check_settings, output_size, prepare_init_image
+from ldm.memory import Footprint, MemoryEstimate, estimate, min_chunks
+from ldm.models.diffusion.noise import MAX_SEED, check_seed
 from ldm.models.diffusion.samplers import sampler_names
-from ldm.outputs import load_post_processing, make_grid, read_prompt_file, save_numbered
+from ldm.outputs import image_size, load_post_processing, make_grid, read_prompt_file, save_numbered
 from ldm.util import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,13 +172,29 @@ class Job:
     device: torch.device
     precision: str
     geometry: LatentGeometry
-    batches: list[list[str]]
-    seeds: list[list[int]]
+    batches: list[list[str]]  # the prompts of one iteration, batch by batch
+    n_iter: int
+    seed: int
+    fixed_code: bool
+    batch_seeds: list[int] | None
+    memory: MemoryEstimate  # of the largest batch
     outdir: Path
     save_samples: bool
     grid_images_per_row: int | None  # None: no grid
     generate: dict[str, Any]
     pipeline_options: dict[str, Any]  # idle_device and the speed options of Pipeline.from_config
+
+    def seeded_batches(self) -> Iterator[tuple[list[str], list[int]]]:
+        """Each batch's prompts and seeds, made when the run reaches it: ``--n_iter`` may be any size."""
+        k = 0
+        for _ in range(self.n_iter):
+            for prompts in self.batches:
+                if self.batch_seeds is not None:
+                    seeds = self.batch_seeds[k : k + len(prompts)]
+                else:
+                    seeds = [self.seed + (0 if self.fixed_code else k) + j for j in range(len(prompts))]
+                k += len(prompts)
+                yield prompts, seeds
 
 
 def _shown(path: Path) -> str:
@@ -226,7 +245,7 @@ def _sampler(args: argparse.Namespace) -> str:
         return "plms"
     if args.dpm_solver:
         return "dpm_solver"
-    return args.sampler or "ddim"
+    return args.sampler if args.sampler is not None else "ddim"
 
 
 def parse_slice_size(text: str | None) -> int | str | None:
@@ -271,34 +290,37 @@ def plan(mode: str, args: argparse.Namespace) -> Job:
         raise ValueError(f"--n_rows must be 0 (= n_samples) or more, got {args.n_rows}.")
 
     height, width = args.H, args.W
-    init_image = mask = None
     if mode == "txt2img":
         geometry.check_size(height, width)
     else:
-        init_image, mask = prepare_init_image(
-            args.init_img, getattr(args, "mask", None), geometry, height=height, width=width
-        )
-        width, height = init_image.size
+        # Sized from the file's header: the memory check below comes before any image is decoded.
+        width, height = output_size(image_size(args.init_img, "init image"), geometry, height=height, width=width)
 
+    prompts = read_prompt_file(args.from_file) if args.from_file else [args.prompt if args.prompt is not None else ""]
+    # A file's prompts go n_samples at a time; a single prompt makes batches of n_samples copies.
+    batch = min(args.n_samples, len(prompts)) if args.from_file else args.n_samples
+    total = args.n_iter * (len(prompts) if args.from_file else args.n_samples)
+    _check_seeds(args, total, batch)
+    grid = None if args.skip_grid else args.n_rows or args.n_samples
+    memory = estimate(
+        Footprint.from_config(config),
+        batch=batch,
+        height=height,
+        width=width,
+        chunks=max(min_chunks(p) for p in [*prompts, args.negative_prompt]),
+        half=args.precision in ("fp16", "bf16") or (args.precision == "autocast" and device.type == "cuda"),
+        vae_tiling=args.vae_tiling,
+        encode=mode != "txt2img",
+        kept_images=total if grid is not None else 0,
+    )
+    check_memory(memory, available_memory(device), device, args.vae_tiling)
     if args.from_file:
-        prompts = read_prompt_file(args.from_file)
         batches = [prompts[i : i + args.n_samples] for i in range(0, len(prompts), args.n_samples)]
     else:
-        batches = [[args.prompt if args.prompt is not None else ""] * args.n_samples]
-    batches = batches * args.n_iter
-    total = sum(len(b) for b in batches)
-    if args.batch_seeds is not None:
-        if len(args.batch_seeds) != total:
-            raise ValueError(f"--batch_seeds gives {len(args.batch_seeds)} seeds for {total} images; give one each.")
-        flat = list(args.batch_seeds)
-    elif args.fixed_code:
-        flat = [args.seed + j for b in batches for j in range(len(b))]
-    else:
-        flat = [args.seed + k for k in range(total)]
-    seeds, start = [], 0
-    for batch in batches:
-        seeds.append(flat[start : start + len(batch)])
-        start += len(batch)
+        batches = [prompts * args.n_samples]
+    init_image = mask = None
+    if mode != "txt2img":
+        init_image, mask = prepare_init_image(args.init_img, getattr(args, "mask", None), geometry, height, width)
 
     outdir = Path(args.outdir)
     if outdir.exists() and not outdir.is_dir():
@@ -311,10 +333,14 @@ def plan(mode: str, args: argparse.Namespace) -> Job:
         precision=args.precision,
         geometry=geometry,
         batches=batches,
-        seeds=seeds,
+        n_iter=args.n_iter,
+        seed=args.seed,
+        fixed_code=args.fixed_code,
+        batch_seeds=args.batch_seeds,
+        memory=memory,
         outdir=outdir,
         save_samples=not args.skip_save,
-        grid_images_per_row=None if args.skip_grid else args.n_rows or args.n_samples,
+        grid_images_per_row=grid,
         generate={
             "negative_prompt": args.negative_prompt,
             "init_image": init_image,
@@ -338,26 +364,70 @@ def plan(mode: str, args: argparse.Namespace) -> Job:
     )
 
 
+def _check_seeds(args: argparse.Namespace, total: int, largest_batch: int) -> None:
+    """ValueError unless every image's seed is one the noise generator takes (see ldm.models.diffusion.noise)."""
+    if args.batch_seeds is not None:
+        if len(args.batch_seeds) != total:
+            raise ValueError(f"--batch_seeds gives {len(args.batch_seeds)} seeds for {total} images; give one each.")
+        for seed in args.batch_seeds:
+            check_seed(seed, "--batch_seeds seed")
+        return
+    check_seed(args.seed, "--seed")
+    last = args.seed + (largest_batch if args.fixed_code else total) - 1
+    if last > MAX_SEED:
+        raise ValueError(
+            f"--seed {args.seed} would give the run's last image seed {last}, past the largest seed {MAX_SEED} "
+            f"(2**64 - 1); use --seed {MAX_SEED - (last - args.seed)} or less."
+        )
+
+
+SHORTER_PROMPT = "shorten the prompt (each BREAK adds 77 tokens to attend to) or lower --n_samples"
+# What each part of a MemoryEstimate is, and what makes it smaller.
+MEMORY_PARTS = {
+    "context": ("the prompt embeddings", SHORTER_PROMPT),
+    "attention": ("the cross-attention to the prompt", SHORTER_PROMPT),
+    "unet": ("the UNet", "lower --H/--W or --n_samples"),
+    "encoder": ("encoding the init image", "give a smaller --H/--W (the init image is resized to it)"),
+    "decoder": ("the VAE decoder", "add --vae_tiling, or lower --H/--W or --n_samples"),
+    "grid": ("the grid of all the run's images", "add --skip_grid, or lower --n_iter or --n_samples"),
+}
+
+
+def check_memory(memory: MemoryEstimate, available: int | None, device: torch.device, vae_tiling: bool) -> None:
+    """ValueError naming the flag to lower when a batch needs more than ``available`` bytes (None: unknown)."""
+    if available is None or memory.peak <= available:
+        return
+    part = memory.largest
+    what, advice = MEMORY_PARTS[part]
+    if part == "decoder" and vae_tiling:
+        advice = "lower --H/--W or --n_samples"
+    raise ValueError(
+        f"out of memory: this run needs about {gib(memory.peak)} on {device}, most of it for {what} "
+        f"({gib(getattr(memory, part))}), but {gib(available)} is available; {advice}."
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Running it
 
 
-def run(job: Job) -> list[Path]:
-    """Load the model, generate every batch and save samples and grid; returns the written files."""
+def run(job: Job) -> Iterator[Path]:
+    """Load the model, generate every batch and save samples and grid; yields each file as it is written."""
     pipe = Pipeline.from_config(
         job.config, job.ckpt, device=job.device, precision=job.precision, **job.pipeline_options
     )
+    # Again now that the weights take their share: a job that fits no more fails here, before any sample.
+    check_memory(job.memory, available_memory(job.device), job.device, job.pipeline_options["vae_tiling"])
     checker = watermarker = None
     if job.save_samples or job.grid_images_per_row is not None:
         checker, watermarker, notices = load_post_processing(project_path(SAFETY_DIR), job.device)
         for notice in notices:
             print(f"note: {notice}", file=sys.stderr)
     steps = job.generate["steps"]
-    images: list[Image.Image] = []
-    parameters: list[str] = []
-    written: list[Path] = []
-    with tqdm(total=len(job.batches) * steps, desc=job.mode, unit="step") as bar:
-        for b, (prompts, seeds) in enumerate(zip(job.batches, job.seeds, strict=True)):
+    grid_images: list[Image.Image] = []
+    grid_parameters = None
+    with tqdm(total=job.n_iter * len(job.batches) * steps, desc=job.mode, unit="step") as bar:
+        for b, (prompts, seeds) in enumerate(job.seeded_batches()):
             result = pipe.generate(
                 prompts, seed=seeds, callback=lambda i, x: bar.update(1), progress=False, **job.generate
             )
@@ -371,15 +441,39 @@ def run(job: Job) -> list[Path]:
                         tqdm.write(f"note: the image of seed {seed} was flagged by the safety checker and blacked out.")
             if watermarker is not None:
                 batch_images = [watermarker(im) for im in batch_images]
+            grid_parameters = grid_parameters or result.parameters(0)
             for i, image in enumerate(batch_images):
-                parameters.append(result.parameters(i))
                 if job.save_samples:
-                    written.append(save_numbered(image, job.outdir / "samples", parameters[-1]))
-            images.extend(batch_images)
+                    yield save_numbered(image, job.outdir / "samples", result.parameters(i))
+            if job.grid_images_per_row is not None:
+                grid_images.extend(batch_images)
     if job.grid_images_per_row is not None:
-        grid = make_grid(images, job.grid_images_per_row)
-        written.append(save_numbered(grid, job.outdir, parameters[0], grid=True))
-    return written
+        yield save_numbered(make_grid(grid_images, job.grid_images_per_row), job.outdir, grid_parameters, grid=True)
+
+
+# What bad input (and a full disk) raises; each message names the fix.
+BAD_INPUT = (ConfigError, CheckpointError, ValueError, OSError)
+
+
+def describe(err: BaseException) -> str:
+    """The one line an error of a run prints, after ``error:``."""
+    if is_out_of_memory(err):
+        return (
+            "out of memory; lower --n_samples or --H/--W, or add --vae_tiling (large images), --attention_slicing "
+            "(MPS) or --precision fp16 (GPUs)."
+        )
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"the disk is full ({err.strerror}); free some space or give another --outdir."
+    # Messages from OmegaConf and PIL can span lines; the scripts promise one.
+    return " ".join(str(err).split())
+
+
+def _written_note(written: list[Path]) -> str:
+    if not written:
+        return ""
+    names = [_shown(path) for path in written]
+    listed = names if len(names) <= 4 else [*names[:2], "...", names[-1]]
+    return f" {len(names)} file{'s' if len(names) != 1 else ''} had been written: {', '.join(listed)}."
 
 
 def main(mode: str, argv: Sequence[str] | None = None) -> int:
@@ -388,18 +482,21 @@ def main(mode: str, argv: Sequence[str] | None = None) -> int:
         args = build_parser(mode).parse_args(argv)
     except SystemExit as exit:  # --help, or a usage error already reported in one line
         return int(exit.code or 0)
+    written: list[Path] = []
+    error = None
     try:
         job = plan(mode, args)
-        written = run(job)
-    except (ConfigError, CheckpointError, ValueError, OSError) as err:
-        # Messages from OmegaConf and PIL can span lines; the scripts promise one.
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    except torch.OutOfMemoryError:
-        print("error: out of memory; lower --n_samples or --H/--W, or use --precision fp16.", file=sys.stderr)
-        return 2
+        for path in run(job):
+            written.append(path)
+    except Exception as err:
+        if not (isinstance(err, BAD_INPUT) or is_out_of_memory(err)):
+            raise  # a bug, not bad input
+        error = f"error: {describe(err)}{_written_note(written)}"
     for path in written:
         print(f"wrote {_shown(path)}")
+    if error is not None:
+        print(error, file=sys.stderr)
+        return 2
     if written:
         files = f"{len(written)} file" + ("s" if len(written) != 1 else "")
         print(f"Your samples are ready and waiting for you here: {_shown(job.outdir)} ({files})")

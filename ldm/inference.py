@@ -35,7 +35,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,17 +48,17 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from ldm.checkpoint import load_model_from_config
+from ldm.devices import check_compile, check_precision, resolve_device
 from ldm.models.diffusion.ddpm import LatentInpaintDiffusion
-from ldm.models.diffusion.noise import Noise
+from ldm.models.diffusion.noise import Noise, check_seed
 from ldm.models.diffusion.samplers import check_sampling_arguments, resolve_sampler, sample
 from ldm.modules.attention import check_slice_size, set_attention_slicing
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.tiling import tiled_decode
 from ldm.outputs import format_parameters, load_image, model_hash
 from ldm.prompts import encode_prompts, unknown_words
-from ldm.util import apply_overrides, default_device, load_config
+from ldm.util import apply_overrides, config_value, load_config, positive_int, positive_ints
 
-PRECISIONS = ("full", "autocast", "fp16", "bf16")
 DTYPES = {"autocast": torch.float16, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # Defaults of the UNet and DDPM constructors, for configs that leave these parameters out.
@@ -90,99 +90,53 @@ class LatentGeometry:
 
     @classmethod
     def from_config(cls, config: Any) -> LatentGeometry:
-        """From a full config (with ``model:``) or its model node; ValueError unless it describes a latent model."""
-        node = config.model if "model" in config else config
-        params = node.get("params") or {}
-        first_stage = params.get("first_stage_config")
-        if first_stage is None or "unet_config" not in params:
+        """From a full config (with ``model:``) or its model node; ValueError unless it describes a latent model.
+
+        The values read here are checked (ConfigError naming the key), as they are used before any model is built.
+        """
+        at = "model." if "model" in config else ""
+
+        def read(key: str, default: Any = None) -> Any:
+            return config_value(config, at + key, default)
+
+        if read("params.first_stage_config") is None or read("params.unet_config") is None:
             raise ValueError(
                 "this config has no model.params.first_stage_config / unet_config; image generation needs a "
                 "LatentDiffusion config such as configs/stable-diffusion/v1-inference.yaml."
             )
-        ddconfig = first_stage.get("params", {}).get("ddconfig") if isinstance(first_stage, Mapping) else None
-        factor = 2 ** (len(ddconfig["ch_mult"]) - 1) if ddconfig else 1
-        unet_levels = len((params.unet_config.get("params") or {}).get("channel_mult", UNET_DEFAULT_CHANNEL_MULT))
+        ddconfig = "params.first_stage_config.params.ddconfig"
+        ch_mult = read(f"{ddconfig}.ch_mult") if read(ddconfig) is not None else [1]  # no ddconfig: no downsampling
+        factor = 2 ** (len(positive_ints(ch_mult, f"{at}{ddconfig}.ch_mult")) - 1)
+        channel_mult = "params.unet_config.params.channel_mult"
+        unet_levels = len(positive_ints(read(channel_mult, UNET_DEFAULT_CHANNEL_MULT), at + channel_mult))
+        latent_size = read("params.image_size", DDPM_DEFAULT_IMAGE_SIZE)
+        timesteps = read("params.timesteps", DDPM_DEFAULT_TIMESTEPS)
         return cls(
-            channels=int(params.get("channels", DDPM_DEFAULT_CHANNELS)),
+            channels=positive_int(read("params.channels", DDPM_DEFAULT_CHANNELS), f"{at}params.channels"),
             factor=factor,
             multiple=factor * 2 ** (unet_levels - 1),
-            default_size=int(params.get("image_size", DDPM_DEFAULT_IMAGE_SIZE)) * factor,
-            timesteps=int(params.get("timesteps", DDPM_DEFAULT_TIMESTEPS)),
+            default_size=positive_int(latent_size, f"{at}params.image_size", " (the latent side, 64 for SD)") * factor,
+            timesteps=positive_int(timesteps, f"{at}params.timesteps", " (the diffusion steps it was trained with)"),
         )
 
     def check_size(self, height: int, width: int) -> None:
         """ValueError naming the nearest valid sizes unless height and width are positive multiples of ``multiple``."""
-        for name, value in (("height", height), ("width", width)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % self.multiple:
-                lower = max(self.multiple, value // self.multiple * self.multiple) if isinstance(value, int) else 0
-                raise ValueError(
-                    f"{name} {value} is not a multiple of {self.multiple} (this model's VAE downsamples by "
-                    f"{self.factor} and its UNet by {self.multiple // self.factor}); use {lower} or "
-                    f"{lower + self.multiple}."
-                )
+        self.check_side("height", height)
+        self.check_side("width", width)
+
+    def check_side(self, name: str, value: int) -> None:
+        """ValueError naming the nearest valid sizes unless ``value`` is a positive multiple of ``multiple``."""
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % self.multiple:
+            lower = max(self.multiple, value // self.multiple * self.multiple) if isinstance(value, int) else 0
+            positive = "positive " if isinstance(value, int) and value <= 0 else ""
+            raise ValueError(
+                f"{name} {value} is not a {positive}multiple of {self.multiple} (this model's VAE downsamples by "
+                f"{self.factor} and its UNet by {self.multiple // self.factor}); use {lower} or "
+                f"{lower + self.multiple}."
+            )
 
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
         return (batch, self.channels, height // self.factor, width // self.factor)
-
-
-def resolve_device(device: str | torch.device | None, option: str = "--device") -> torch.device:
-    """``device`` as a torch.device (None: CUDA, then MPS, then CPU); ValueError when it is unknown or absent here.
-
-    ``option``: the command-line flag that the error messages name.
-    """
-    if device is None:
-        return default_device()
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device '{device}' for {option}; use cpu, cuda, cuda:N or mps.") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0 or (device.index is not None and device.index >= count):
-            raise ValueError(f"device '{device}' is not available here ({count} CUDA GPU(s)); use {option} cpu.")
-    elif device.type == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise ValueError(f"device 'mps' is not available here (no Apple GPU); use {option} cpu.")
-    elif device.type != "cpu":
-        raise ValueError(f"device '{device}' for {option} is not supported; use cpu, cuda, cuda:N or mps.")
-    return device
-
-
-def check_precision(precision: str, device: torch.device) -> None:
-    """ValueError unless ``precision`` is one of PRECISIONS and runs on ``device``."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'.")
-    if precision == "fp16" and device.type == "cpu":
-        raise ValueError("precision fp16 needs a GPU (the CPU has no fast float16); use full or bf16 on the CPU.")
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError("this GPU has no bfloat16 support; use fp16 or autocast.")
-
-
-# Device types where the compile probe succeeded: the scripts check before loading and Pipeline again, and each
-# probe costs seconds.
-COMPILE_WORKS_ON: set[str] = set()
-
-
-def check_compile(device: torch.device) -> None:
-    """ValueError naming the fix unless ``torch.compile`` works on ``device`` here.
-
-    Compiles a one-line function (seconds the first time): whether it works depends on the platform (a C++
-    compiler for the CPU, Triton for CUDA, a supported Python), and it otherwise fails only at the first image.
-    """
-    if device.type in COMPILE_WORKS_ON:
-        return
-    try:
-        torch.compile(_compile_probe)(torch.ones(2, device=device))
-    except Exception as err:  # Dynamo and Inductor fail in many ways; any of them means compile is unusable here.
-        reason = " ".join(f"{type(err).__name__}: {err}".split())[:200]
-        hint = ", or install a C++ compiler (g++ or clang)" if device.type == "cpu" else ""
-        raise ValueError(f"torch.compile does not work on {device} here ({reason}); drop --compile{hint}.") from None
-    COMPILE_WORKS_ON.add(device.type)
-
-
-def _compile_probe(x: torch.Tensor) -> torch.Tensor:
-    return x * 2 + 1
 
 
 def check_settings(
@@ -197,15 +151,38 @@ def check_settings(
     eta: float | None = None,
 ) -> None:
     """Validate generation settings that do not need the model's weights (ValueError naming the fix)."""
-    check_sampling_arguments(
-        sampler, steps, geometry.timesteps, 1.0 if strength is None else strength, eta, img2img=strength is not None
-    )
+    strength_or_1 = 1.0 if strength is None else strength
+    check_sampling_arguments(sampler, steps, geometry.timesteps, strength_or_1, eta, strength is not None, scale)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"the number of images per prompt must be at least 1, got {n!r}.")
-    if not np.isfinite(scale):
-        raise ValueError(f"the guidance scale must be a finite number, got {scale}.")
     if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 1:
         raise ValueError(f"clip_skip must be an integer of at least 1 (1 = last layer), got {clip_skip!r}.")
+
+
+def output_size(
+    image_size: tuple[int, int], geometry: LatentGeometry, height: int | None = None, width: int | None = None
+) -> tuple[int, int]:
+    """The (width, height) an init image of ``image_size`` = (width, height) is generated at.
+
+    Without height/width its own size, rounded down to the model's ``multiple`` (64 for SD), as CompVis's img2img
+    did. With both, exactly those; with one, the other follows the image's aspect ratio, rounded to the multiple.
+    """
+    for name, side in (("height", height), ("width", width)):
+        if side is not None:
+            geometry.check_side(name, side)
+    m = geometry.multiple
+    if width is None and height is None:
+        width, height = image_size[0] // m * m, image_size[1] // m * m
+    elif width is None:
+        width = max(m, round(image_size[0] * height / image_size[1] / m) * m)
+    elif height is None:
+        height = max(m, round(image_size[1] * width / image_size[0] / m) * m)
+    if width == 0 or height == 0:
+        raise ValueError(
+            f"the init image is {image_size[0]}x{image_size[1]}, smaller than this model's minimum {m}x{m}; "
+            "give a larger image or --H/--W."
+        )
+    return width, height
 
 
 def prepare_init_image(
@@ -215,12 +192,10 @@ def prepare_init_image(
     height: int | None = None,
     width: int | None = None,
 ) -> tuple[Image.Image, Image.Image | None]:
-    """Load (if paths) and size the img2img / inpainting inputs.
+    """Load (if paths) and size the img2img / inpainting inputs to :func:`output_size`.
 
-    Without height/width the init image keeps its size, rounded down to the model's ``multiple`` (64 for SD), as
-    CompVis's img2img did. With both it is resized to exactly that (stretched if the aspect differs); with one, the
-    other side follows the image's aspect ratio, rounded to the multiple. The mask
-    (white = repaint) must have the init image's size; it is resized alike and made binary at 50% grey.
+    With both height and width the image is stretched if the aspect differs. The mask (white = repaint) must have
+    the init image's size; it is resized alike and made binary at 50% grey.
     Returns (RGB image, "L" mask with values 0/255, or None).
     """
     image = load_image(init_image, "init image") if not isinstance(init_image, Image.Image) else init_image
@@ -232,19 +207,7 @@ def prepare_init_image(
                 f"the mask is {mask.width}x{mask.height} but the init image is {image.width}x{image.height}; "
                 "give a mask of the same size (white = repaint)."
             )
-    m = geometry.multiple
-    if width is None and height is None:
-        width, height = image.width // m * m, image.height // m * m
-    elif width is None:
-        width = max(m, round(image.width * height / image.height / m) * m)
-    elif height is None:
-        height = max(m, round(image.height * width / image.width / m) * m)
-    if width == 0 or height == 0:
-        raise ValueError(
-            f"the init image is {image.width}x{image.height}, smaller than this model's minimum {m}x{m}; "
-            "give a larger image or --H/--W."
-        )
-    geometry.check_size(height, width)
+    width, height = output_size(image.size, geometry, height, width)
     if image.size != (width, height):
         image = image.resize((width, height), Image.Resampling.LANCZOS)
         if mask is not None:
@@ -330,7 +293,7 @@ class GenerationResult:
 def _seeds(seed: int | Sequence[int] | None, count: int) -> list[int]:
     if seed is None or isinstance(seed, int):
         return Noise.from_seed(seed, count).seeds
-    seeds = [int(s) for s in seed]
+    seeds = [check_seed(int(s)) for s in seed]
     if len(seeds) != count:
         raise ValueError(f"got {len(seeds)} seeds for {count} images; give one per image, or a single seed.")
     return seeds
@@ -343,13 +306,13 @@ class Pipeline:
         model: a ``LatentDiffusion`` (or ``LatentInpaintDiffusion``) in eval mode, already placed on its devices.
         geometry: its :class:`LatentGeometry`.
         device: where the UNet runs (and the other stages while they are used).
-        precision: one of PRECISIONS (see the module docstring); weights must already be in its dtype.
+        precision: one of ldm.devices.PRECISIONS (see the module docstring); weights must already be in its dtype.
         idle_device: where the text encoder and VAE wait between uses (e.g. ``"cpu"`` to save GPU memory), or None
             to keep them on ``device``.
         ckpt: the checkpoint file, for the model name and hash written into image metadata.
         channels_last, compile, attention_slicing, vae_tiling: the speed and memory options of the module
             docstring. The first three change ``model`` in place; ``compile`` raises ValueError where
-            torch.compile cannot run (see :func:`check_compile`).
+            torch.compile cannot run (see :func:`ldm.devices.check_compile`).
     """
 
     def __init__(

@@ -12,10 +12,13 @@ and ``outdir/grid-0000.png``. Each PNG carries a ``parameters`` text chunk in AU
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
+import secrets
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
+
+from ldm.devices import available_memory, gib
 
 SAMPLE_NAME = re.compile(r"^(\d+)\.png$")
 GRID_NAME = re.compile(r"^grid-(\d+)\.png$")
@@ -35,19 +40,47 @@ PARAMETERS_KEY = "parameters"
 def load_image(path: str | os.PathLike, what: str = "image", mode: str = "RGB") -> Image.Image:
     """Open an image file fully (so a truncated file fails here, not later) and convert it to ``mode``.
 
-    Raises FileNotFoundError for a missing file and ValueError for one PIL cannot decode, both naming ``what``
-    (e.g. ``"init image"``) and the path.
+    Raises FileNotFoundError for a missing file and ValueError for one PIL cannot decode or that would not fit in
+    memory decoded, all naming ``what`` (e.g. ``"init image"``) and the path.
     """
     path = Path(path)
+    with _open_image(path, what) as image:
+        # PIL's RGB takes 4 bytes a pixel, as do its other multi-band and 32-bit modes.
+        needed = image.width * image.height * sum(1 if m in ("1", "L", "P") else 4 for m in (image.mode, mode))
+        available = available_memory(torch.device("cpu"))
+        if available is not None and needed > available:
+            raise ValueError(
+                f"{what} '{path}' is {image.width}x{image.height}: decoding it needs about {gib(needed)} of memory "
+                f"but {gib(available)} is available; give a smaller image."
+            )
+        try:
+            image.load()
+            return image.convert(mode)
+        except (OSError, SyntaxError, ValueError) as err:
+            raise _unreadable(what, path, err) from None
+
+
+def image_size(path: str | os.PathLike, what: str = "image") -> tuple[int, int]:
+    """(width, height) of an image file, read from its header: nothing is decoded. Errors as :func:`load_image`."""
+    with _open_image(Path(path), what) as image:
+        return image.size
+
+
+def _open_image(path: Path, what: str) -> Image.Image:
     if not path.is_file():
         raise FileNotFoundError(f"{what} '{path}' does not exist; check the path.")
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image.convert(mode)
+        with warnings.catch_warnings():
+            # PIL warns of images past 89M pixels; load_image checks what decoding needs against the memory there is.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(path)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        reason = "not an image file PIL can read" if isinstance(err, UnidentifiedImageError) else str(err)
-        raise ValueError(f"cannot read {what} '{path}': {reason}. Give a PNG or JPEG image.") from None
+        raise _unreadable(what, path, err) from None
+
+
+def _unreadable(what: str, path: Path, err: Exception) -> ValueError:
+    reason = "not an image file PIL can read" if isinstance(err, UnidentifiedImageError) else str(err)
+    return ValueError(f"cannot read {what} '{path}': {reason}. Give a PNG or JPEG image.")
 
 
 def read_prompt_file(path: str | os.PathLike) -> list[str]:
@@ -82,23 +115,55 @@ def save_numbered(
 ) -> Path:
     """Save ``image`` as the next ``NNNNN.png`` (or ``grid-NNNN.png``) in ``folder`` and return its path.
 
-    The file is created exclusively, so two runs writing to the same folder at once never overwrite each other:
-    whoever loses the race for a number takes the next one.
+    The PNG is written to a hidden temporary file first and only then given its name, so a run killed mid-write
+    leaves no partial image under a sample's name (the temporary file stays; its name matches no pattern). Names are
+    claimed exclusively, so two runs writing to the same folder at once never overwrite each other: whoever loses the
+    race for a number takes the next one.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     pattern, template = (GRID_NAME, "grid-{:04d}.png") if grid else (SAMPLE_NAME, "{:05d}.png")
     number = next_number(folder, pattern)
+    # Opened like any new file (not mkstemp's 0600), so the sample gets the permissions the umask gives.
+    tmp = folder / f".{template.format(number)}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    try:
+        with open(tmp, "xb") as handle:
+            image.save(handle, format="PNG", pnginfo=png_info(parameters))
+            handle.flush()
+            os.fsync(handle.fileno())
+        return _claim(tmp, folder, template, number)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# errno values of file systems without hard links (FAT, some network and FUSE file systems).
+NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV}
+
+
+def _claim(tmp: Path, folder: Path, template: str, number: int) -> Path:
+    """Give the finished file ``tmp`` the first free name from ``number`` on, never replacing an existing file."""
     while True:
         path = folder / template.format(number)
         try:
-            handle = open(path, "xb")
+            os.link(tmp, path)  # fails if the name is taken, unlike a rename
+            return path
+        except FileExistsError:
+            number += 1
+        except OSError as err:
+            if err.errno not in NO_HARD_LINKS:
+                raise
+            break
+    # Without hard links: claim the name with an empty file, then move the image over it. Only a kill between the
+    # two system calls can leave that empty file behind.
+    while True:
+        path = folder / template.format(number)
+        try:
+            open(path, "xb").close()
         except FileExistsError:
             number += 1
             continue
         try:
-            with handle:
-                image.save(handle, format="PNG", pnginfo=png_info(parameters))
+            os.replace(tmp, path)
         except BaseException:
             path.unlink(missing_ok=True)
             raise

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -75,8 +76,9 @@ def _path_of(config: Any) -> str:
 def _accepted_names(target: Any) -> set[str] | None:
     """Keyword names ``target`` accepts, following ``**kwargs`` up the class hierarchy; None if open-ended."""
     keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    functions = [k.__dict__["__init__"] for k in inspect.getmro(target) if "__init__" in k.__dict__]
-    if not inspect.isclass(target):
+    if inspect.isclass(target):
+        functions = [k.__dict__["__init__"] for k in inspect.getmro(target) if "__init__" in k.__dict__]
+    else:
         functions = [target]
     names: set[str] = set()
     for function in functions:
@@ -136,6 +138,12 @@ def instantiate_from_config(config: Any, path: str | None = None) -> Any:
         cls = get_obj_from_str(str(target))
     except ConfigError as err:
         raise ConfigError(f"{path}.target: {err}") from None
+    if not callable(cls):
+        # Functions are fine (some configs name factories); a constant or a module cannot build anything.
+        raise ConfigError(
+            f"{path}.target: '{target}' is a {type(cls).__name__}, not a class or function; name the class to build, "
+            "e.g. 'ldm.modules.diffusionmodules.openaimodel.UNetModel'."
+        )
     params = config.get("params", None) or {}
     if not isinstance(params, Mapping | DictConfig):
         raise ConfigError(f"{path}.params: expected a mapping, got {type(params).__name__}.")
@@ -159,10 +167,25 @@ def load_config(paths: str | Path | Sequence[str | Path], overrides: Sequence[st
         if not Path(p).is_file():
             raise ConfigError(f"config file '{p}' does not exist.")
         try:
-            configs.append(OmegaConf.load(p))
+            config = OmegaConf.load(p)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file '{p}' is not valid YAML: {_yaml_problem(err)}; fix that line.") from None
         except (OmegaConfBaseException, ValueError) as err:
             raise ConfigError(f"config file '{p}' is not valid YAML: {err}") from err
+        if not isinstance(config, DictConfig):
+            raise ConfigError(
+                f"config file '{p}' holds a {type(config).__name__.removesuffix('Config').lower()} at its top level; "
+                "a config is a mapping of keys such as 'model:' (target and params)."
+            )
+        configs.append(config)
     return apply_overrides(OmegaConf.merge(*configs) if configs else OmegaConf.create(), overrides)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's complaint without its multi-line context: the problem and where it is, 1-based."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
 def apply_overrides(config: DictConfig, overrides: Sequence[str]) -> DictConfig:
@@ -174,6 +197,42 @@ def apply_overrides(config: DictConfig, overrides: Sequence[str]) -> DictConfig:
         return OmegaConf.merge(config, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as err:
         raise ConfigError(f"cannot apply overrides {list(overrides)}: {err}") from err
+
+
+def config_value(config: Any, path: str, default: Any = None) -> Any:
+    """The value at the dotted ``path`` of ``config``, ``default`` where a key is missing or null.
+
+    ConfigError naming the node when something along the path is not a mapping (``model=5``).
+    """
+    node = config
+    keys = path.split(".")
+    for i, key in enumerate(keys):
+        if not isinstance(node, Mapping | DictConfig):
+            where = ".".join(keys[:i]) or "config"
+            kind = type(node).__name__
+            raise ConfigError(f"{where}: expected a mapping (key: value), got {kind} {node!r}; fix the config.")
+        node = node.get(key)
+        if node is None:
+            return default
+    return node
+
+
+def positive_int(value: Any, path: str, meaning: str = "") -> int:
+    """``value`` if it is a positive integer, else ConfigError naming ``path`` (and what it means, if given)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{path} must be a positive integer{meaning}, got {to_container(value)!r}; fix the config.")
+    return value
+
+
+def positive_ints(value: Any, path: str) -> list[int]:
+    """``value`` if it is a non-empty list of positive integers, else ConfigError naming ``path``."""
+    values = list(value) if isinstance(value, ListConfig | list | tuple) else None
+    if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+        raise ConfigError(
+            f"{path} must be a list of positive integers, one per resolution level such as [1, 2, 4, 4], "
+            f"got {to_container(value)!r}; fix the config."
+        )
+    return values
 
 
 def to_container(config: Any) -> Any:

@@ -29,7 +29,8 @@ from ldm.checkpoint import CheckpointError
 from ldm.cli import ScriptParser
 from ldm.data.shapes import COLORS, COMBINATIONS, HOLDOUT, SHAPES, caption
 from ldm.data.shapes_checker import ATTRIBUTES, Prediction, accuracy, classify
-from ldm.inference import LatentGeometry, Pipeline, check_settings, resolve_device
+from ldm.devices import resolve_device
+from ldm.inference import LatentGeometry, Pipeline, check_settings
 from ldm.outputs import save_numbered
 from ldm.util import ConfigError, load_config
 

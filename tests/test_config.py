@@ -94,3 +94,32 @@ def test_typo_in_a_parameter_passed_through_kwargs_is_caught():
     with torch.device("meta"), pytest.raises(ConfigError) as err:
         instantiate_from_config(config.model, path="model")
     assert "model.params.linear_strat" in str(err.value) and "'linear_start'" in str(err.value)
+
+
+def test_a_yaml_syntax_error_is_one_line_naming_the_file_and_line(tmp_path):
+    (tmp_path / "bad.yaml").write_text("model: [unclosed\n  a: b: c\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(tmp_path / "bad.yaml")
+    message = str(err.value)
+    assert "\n" not in message and "bad.yaml' is not valid YAML" in message
+    assert "did not find expected ',' or ']' at line 2, column 4" in message
+
+
+def test_a_yaml_file_that_is_a_list_is_not_a_config(tmp_path):
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="'.*list.yaml' holds a list at its top level; a config is a mapping"):
+        load_config(tmp_path / "list.yaml")
+
+
+@pytest.mark.parametrize(("target", "kind"), [("os.path.sep", "str"), ("math.pi", "float"), ("os.path", "module")])
+def test_a_target_that_cannot_build_anything_names_the_config_path(target, kind):
+    config = OmegaConf.create({"model": {"target": "torch.nn.Sequential", "params": {}}})
+    config.model.target = target
+    with pytest.raises(ConfigError, match=rf"^model.target: '{target}' is a {kind}, not a class or function"):
+        instantiate_from_config(config.model, path="model")
+
+
+def test_a_function_is_a_valid_target():
+    assert instantiate_from_config({"target": "os.path.join", "params": {"a": "x"}}) == "x"
+    with pytest.raises(ConfigError, match="join has no parameter 'b'"):
+        instantiate_from_config({"target": "os.path.join", "params": {"b": "x"}})

@@ -15,10 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import ldm.devices
 import ldm.inference
 from ldm.checkpoint import load_model_from_config
 from ldm.data.shapes import draw
-from ldm.inference import Pipeline, check_compile, image_to_tensor
+from ldm.devices import check_compile
+from ldm.inference import Pipeline, image_to_tensor
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.modules import attention as attention_module
 from ldm.modules.attention import attention, set_attention_slicing
@@ -360,7 +362,7 @@ def test_an_unusable_torch_compile_is_a_value_error_naming_the_fix(monkeypatch):
         raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nin torch._inductor")
 
     monkeypatch.setattr(torch, "compile", broken)
-    monkeypatch.setattr(ldm.inference, "COMPILE_WORKS_ON", set())
+    monkeypatch.setattr(ldm.devices, "COMPILE_WORKS_ON", set())
     with pytest.raises(
         ValueError, match=r"torch.compile does not work on cpu here \(RuntimeError: .*compiler found in"
     ):

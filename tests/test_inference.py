@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.inference import LatentGeometry, Pipeline, check_precision, image_to_tensor, prepare_init_image
+from ldm.devices import check_precision
+from ldm.inference import LatentGeometry, Pipeline, image_to_tensor, prepare_init_image
 from ldm.models.diffusion.ddpm import LatentInpaintDiffusion
 from ldm.outputs import (
     format_parameters,
@@ -124,6 +125,11 @@ def test_bad_settings_are_value_errors_naming_the_fix(pipe):
         pipe.generate("a", steps=0, height=16, width=16)
     with pytest.raises(ValueError, match="a mask needs an init image"):
         pipe.generate("a", mask=center_mask())
+    with pytest.raises(ValueError, match="the guidance scale must be in -100..100"):
+        pipe.generate("a", steps=2, height=16, width=16, scale=1e308)
+    for seed, n in ((-1, 1), (2**64 - 1, 2), ([1, 2**64], 2)):
+        with pytest.raises(ValueError, match=f"seed {2**64 if n == 2 else -1} is out of range"):
+            pipe.generate("a", steps=2, height=16, width=16, seed=seed, n=n)
     with pytest.raises(ValueError, match="fp16 needs a GPU"):
         check_precision("fp16", torch.device("cpu"))
     with pytest.raises(ValueError, match="precision must be one of"):

@@ -7,7 +7,7 @@ import torch
 from analytic_model import GaussianDataModel
 
 from ldm.models.diffusion.noise import Noise
-from ldm.models.diffusion.samplers import SAMPLERS, resolve_sampler, sample, sampler_names
+from ldm.models.diffusion.samplers import SAMPLERS, check_sampling_arguments, resolve_sampler, sample, sampler_names
 
 ALL = list(SAMPLERS)
 DETERMINISTIC = [k for k, spec in SAMPLERS.items() if not spec.stochastic]
@@ -154,3 +154,23 @@ def test_tiny_model_txt2img_with_negative_prompt(tiny_model):
             progress=False,
         )
         assert z.shape == (1, 4, 8, 8) and torch.isfinite(z).all()
+
+
+def test_an_empty_sampler_name_and_an_unbounded_scale_are_refused():
+    for name in ("", "  "):
+        with pytest.raises(ValueError, match="the sampler name .* is empty; give one of DDIM, PLMS"):
+            resolve_sampler(name)
+    for scale in (1e308, -101.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"the guidance scale must be in -100..100"):
+            check_sampling_arguments("ddim", 10, 1000, scale=scale)
+    for scale in (-100.0, 0.0, 7.5, 100):
+        check_sampling_arguments("ddim", 10, 1000, scale=scale)
+
+
+def test_seeds_are_what_the_noise_generator_takes():
+    assert Noise([0, 2**64 - 1]).seeds == [0, 2**64 - 1]
+    for seed in (-1, 2**64):
+        with pytest.raises(ValueError, match=rf"seed {seed} is out of range: seeds are integers in 0..{2**64 - 1}"):
+            Noise([seed])
+    with pytest.raises(ValueError, match=f"seed {2**64} is out of range"):
+        Noise.from_seed(2**64 - 1, 2)

@@ -4,11 +4,14 @@ Every Python start costs seconds (torch, transformers, Lightning), so only a few
 bad-input cases call ``ldm.cli.main``, which is all a script does (``sys.exit(main("txt2img"))``).
 """
 
+import errno
 import hashlib
 import os
 import re
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +42,8 @@ def tiny_files(tiny_config, tiny_dir, tmp_path_factory) -> Path:
     Image.new("L", (12, 12), 255).save(folder / "small-mask.png")
     (folder / "garbage.png").write_text("this is not a PNG")
     (folder / "prompts.txt").write_text("a red circle\n\na blue square\na green (triangle:1.2)\n")
+    (folder / "bad.yaml").write_text("model: [unclosed\n  a: b: c\n")
+    (folder / "list.yaml").write_text("- model\n- params\n")
     return folder
 
 
@@ -178,6 +183,8 @@ def test_inpaint_repaints_only_the_white_part_of_the_mask(tiny_files, tmp_path, 
     assert (out / "grid-0000.png").is_file()
 
 
+VAE = "model.params.first_stage_config.params"
+UNET = "model.params.unet_config.params"
 BAD_INPUTS = [
     ("txt2img", ["--ckpt", "missing.ckpt"], "checkpoint 'missing.ckpt' does not exist"),
     ("txt2img", ["--config", "missing.yaml"], "config file 'missing.yaml' does not exist"),
@@ -202,6 +209,21 @@ BAD_INPUTS = [
     ("txt2img", ["--attention_slicing", "0"], "--attention_slicing takes a positive number of query rows or 'auto'"),
     ("txt2img", ["--attention_slicing", "half"], "--attention_slicing takes .*, got 'half'"),
     ("txt2img", ["--idle_device", "tpu"], "unknown device 'tpu' for --idle_device; use cpu"),
+    ("txt2img", ["--sampler", ""], "the sampler name '' is empty; give one of DDIM, PLMS"),
+    ("txt2img", ["--scale", "1e308"], r"the guidance scale must be in -100..100 \(7.5 is usual\), got 1e\+308"),
+    ("txt2img", ["--seed", str(2**64)], rf"--seed {2**64} is out of range: seeds are integers in 0..{2**64 - 1}"),
+    ("txt2img", ["--seed", "-1"], "--seed -1 is out of range"),
+    ("txt2img", ["--seed", str(2**64 - 2)], rf"last image seed {2**64 + 3}, .*use --seed {2**64 - 6} or less"),
+    ("txt2img", ["--batch_seeds", "1", "2", "3", "4", "5", "-6"], "--batch_seeds seed -6 is out of range"),
+    ("img2img", ["--init-img", "{folder}/init.png", "--H", "0"], "height 0 is not a positive multiple of 4 .*use 4"),
+    ("txt2img", [f"{VAE}.ddconfig.ch_mult=5"], rf"{VAE}.ddconfig.ch_mult must be a list of positive integers.*got 5"),
+    ("txt2img", [f"{UNET}.channel_mult=3"], rf"{UNET}.channel_mult must be a list of positive integers.*got 3"),
+    ("txt2img", ["model=5"], r"model: expected a mapping \(key: value\), got int 5"),
+    ("txt2img", ["model.params.image_size=[1]"], r"model.params.image_size must be a positive integer .*got \[1\]"),
+    ("txt2img", ["model.params.timesteps=0"], r"model.params.timesteps must be a positive integer .*got 0; fix"),
+    ("txt2img", ["model.params.unet_config.target=os.path.sep"], "'os.path.sep' is a str, not a class or function"),
+    ("txt2img", ["--config", "{folder}/bad.yaml"], "is not valid YAML: did not find expected ',' or ']' at line 2"),
+    ("txt2img", ["--config", "{folder}/list.yaml"], "holds a list at its top level; a config is a mapping"),
 ]
 
 
@@ -280,3 +302,185 @@ def test_an_unusable_compile_is_reported_before_loading(tiny_files, tmp_path, ca
     assert code == 2 and err.count("\n") == 1
     assert "torch.compile does not work on cpu here (RuntimeError: InvalidCxxCompiler" in err
     assert err.rstrip().endswith("drop --compile, or install a C++ compiler (g++ or clang).")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Memory: jobs too large are refused before loading; allocation failures and full disks mid-run are one line
+
+
+def free_memory(monkeypatch, *sizes: int) -> None:
+    """Make ``available_memory`` report ``sizes`` in turn (the last one from then on), whatever this machine has."""
+    answers = list(sizes)
+    monkeypatch.setattr(cli, "available_memory", lambda device: answers.pop(0) if len(answers) > 1 else answers[0])
+
+
+def never_load(monkeypatch) -> None:
+    monkeypatch.setattr(cli.Pipeline, "from_config", lambda *a, **kw: pytest.fail("the model was loaded"))
+
+
+TOO_LARGE = [
+    (["--H", "8192", "--W", "8192"], "the UNet .*lower --H/--W or --n_samples"),
+    (["--H", "99968", "--W", "99968"], "the UNet .*lower --H/--W or --n_samples"),
+    (["--H", "100000", "--W", "100000"], "the UNet .*lower --H/--W or --n_samples"),
+    (["--H", "16", "--W", "16", "--n_samples", "1000000"], "the UNet .*lower --H/--W or --n_samples"),
+    (["--H", "16", "--W", "16", "--n_iter", "1000000000"], "the grid of all the run's images .*add --skip_grid"),
+]
+
+
+@pytest.mark.parametrize(("extra", "message"), TOO_LARGE, ids=[" ".join(t[0]) for t in TOO_LARGE])
+def test_a_job_too_large_for_the_memory_is_refused_before_loading(tiny_files, tmp_path, capsys, monkeypatch, extra,
+                                                                   message):  # fmt: skip
+    free_memory(monkeypatch, 16 * 2**30)
+    never_load(monkeypatch)
+    out = tmp_path / "out"
+    code, err = run_main("txt2img", tiny_args(tiny_files, "--outdir", str(out), *extra), capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert re.match(rf"error: out of memory: this run needs about [\d.e+]+ GiB on cpu, most of it for {message}", err)
+    assert "but 16.0 GiB is available" in err
+    assert not out.exists()
+
+
+@pytest.fixture
+def sd_args(tmp_path) -> list[str]:
+    """Stable Diffusion 1.x's config with a stand-in checkpoint: plan() only checks that the file exists."""
+    (tmp_path / "sd.ckpt").write_bytes(b"")
+    return ["--config", str(ROOT / "configs/stable-diffusion/v1-inference.yaml"), "--ckpt", str(tmp_path / "sd.ckpt"),
+            "--device", "cpu", "--outdir", str(tmp_path / "out")]  # fmt: skip
+
+
+def test_stable_diffusion_at_its_defaults_is_planned_on_a_24_gib_machine(sd_args, monkeypatch):
+    free_memory(monkeypatch, 24 * 2**30)
+    job = cli.plan("txt2img", cli.build_parser("txt2img").parse_args(sd_args))
+    assert job.memory.peak < 8 * 2**30 and (job.generate["height"], job.generate["width"]) == (512, 512)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--prompt", " BREAK ".join(["a"] * 6501), "--n_samples", "1"], "the cross-attention to the prompt .*BREAK"),
+        (["--H", "2048", "--W", "2048"], r"the VAE decoder .*add --vae_tiling, or lower --H/--W or --n_samples\."),
+        (["--H", "4096", "--W", "4096", "--vae_tiling", "--n_samples", "1"], r"the UNet .*lower --H/--W"),
+    ],
+)
+def test_stable_diffusion_jobs_that_do_not_fit_name_what_to_lower(sd_args, capsys, monkeypatch, extra, message):
+    free_memory(monkeypatch, 24 * 2**30)
+    never_load(monkeypatch)
+    code, err = run_main("txt2img", [*sd_args, *extra], capsys)
+    assert code == 2 and err.count("\n") == 1 and re.search(message, err), err
+
+
+def test_n_iter_batches_are_made_as_the_run_reaches_them(tiny_files, tmp_path):
+    args = tiny_args(tiny_files, "--n_iter", "1000000000", "--skip_grid", "--seed", "5", "--outdir", str(tmp_path))
+    job = cli.plan("txt2img", cli.build_parser("txt2img").parse_args(args))
+    assert job.n_iter == 10**9 and job.batches == [["a painting of a virus monster playing guitar"] * 3]
+    batches = job.seeded_batches()
+    assert [next(batches)[1], next(batches)[1]] == [[5, 6, 7], [8, 9, 10]]
+    fixed = cli.plan("txt2img", cli.build_parser("txt2img").parse_args([*args, "--fixed_code"])).seeded_batches()
+    assert [next(fixed)[1], next(fixed)[1]] == [[5, 6, 7], [5, 6, 7]]
+
+
+def write_black_png(path: Path, width: int, height: int) -> None:
+    """A black RGB PNG, compressed row by row so that its decoded size is never held in memory."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    compressor, row, body = zlib.compressobj(9), bytes(1 + 3 * width), bytearray()
+    for _ in range(height):
+        body += compressor.compress(row)
+    body += compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", bytes(body)) + chunk(b"IEND", b""))
+
+
+def test_an_init_image_too_large_to_process_is_refused_before_it_is_decoded(tiny_files, tmp_path, capsys,
+                                                                           monkeypatch, recwarn):  # fmt: skip
+    big = tmp_path / "big.png"
+    write_black_png(big, 12000, 12000)  # 144M pixels: below PIL's decompression-bomb error (179M)
+    free_memory(monkeypatch, 16 * 2**30)
+    never_load(monkeypatch)
+    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("the image was decoded"))
+    args = tiny_args(tiny_files, "--init-img", str(big), "--n_samples", "1", "--outdir", str(tmp_path / "out"))
+    code, err = run_main("img2img", args, capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: out of memory: this run needs about") and "lower --H/--W" in err
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def test_memory_is_checked_again_once_the_weights_are_loaded(tiny_files, tmp_path, capsys, monkeypatch):
+    free_memory(monkeypatch, 16 * 2**30, 2**20)
+    out = tmp_path / "out"
+    code, err = run_main("txt2img", tiny_args(tiny_files, "--H", "16", "--W", "16", "--outdir", str(out)), capsys)
+    assert code == 2 and err.startswith("error: out of memory: this run needs about") and "but 0.0 GiB is" in err
+    assert not out.exists()
+
+
+def last_error(stderr: str) -> str:
+    """The error line of a run that failed mid-way (notes and the progress bar come first); it must be the only one."""
+    assert stderr.count("error: ") == 1 and stderr.endswith("\n"), stderr
+    return stderr.splitlines()[-1]
+
+
+def replace_call(monkeypatch, owner, name: str, call: int, replacement) -> None:
+    """Send the ``call``-th call (1-based) of ``owner.name`` to ``replacement``; the others work as before."""
+    original, calls = getattr(owner, name), []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        return (replacement if len(calls) == call else original)(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapper)
+
+
+def raising(error: BaseException):
+    def raise_it(*args, **kwargs):
+        raise error
+
+    return raise_it
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB"),
+        RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried"),
+        MemoryError(),
+    ],
+    ids=["cuda", "cpu", "python"],
+)
+def test_running_out_of_memory_mid_run_is_one_line_naming_the_files_written(tiny_files, tmp_path, capsys,
+                                                                           monkeypatch, error):  # fmt: skip
+    replace_call(monkeypatch, cli.Pipeline, "generate", 3, raising(error))
+    out = tmp_path / "out"
+    args = tiny_args(tiny_files, "--H", "16", "--W", "16", "--n_samples", "1", "--n_iter", "3", "--outdir", str(out))
+    code = cli.main("txt2img", args)
+    captured = capsys.readouterr()
+    error = last_error(captured.err)
+    assert code == 2 and error.startswith("error: out of memory; lower --n_samples or --H/--W")
+    written = [str(out / "samples" / "00000.png"), str(out / "samples" / "00001.png")]
+    assert error.endswith(f" 2 files had been written: {', '.join(written)}.")
+    assert captured.out.splitlines() == [f"wrote {path}" for path in written]
+    assert sorted(os.listdir(out / "samples")) == ["00000.png", "00001.png"] and not list(out.glob("grid-*"))
+
+
+def test_a_bug_mid_run_is_not_dressed_up_as_bad_input(tiny_files, tmp_path, monkeypatch):
+    bug = RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    replace_call(monkeypatch, cli.Pipeline, "generate", 1, raising(bug))
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        cli.main("txt2img", tiny_args(tiny_files, "--H", "16", "--W", "16", "--outdir", str(tmp_path / "out")))
+
+
+def test_a_full_disk_mid_run_says_so_and_lists_the_samples_written(tiny_files, tmp_path, capsys, monkeypatch):
+    def full_disk(self, fp, *args, **kwargs):
+        fp.write(b"\x89PNG\r\n\x1a\n")  # a partial file, as a write that runs out of space leaves
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    replace_call(monkeypatch, Image.Image, "save", 3, full_disk)
+    out = tmp_path / "out"
+    args = tiny_args(tiny_files, "--H", "16", "--W", "16", "--n_samples", "1", "--n_iter", "4", "--outdir", str(out))
+    code = cli.main("txt2img", args)
+    error = last_error(capsys.readouterr().err)
+    assert code == 2 and error.startswith("error: the disk is full (No space left on device); free some space or")
+    samples = out / "samples"
+    assert error.endswith(f"2 files had been written: {samples / '00000.png'}, {samples / '00001.png'}.")
+    assert sorted(os.listdir(out / "samples")) == ["00000.png", "00001.png"], "no partial file, not even hidden"

@@ -11,6 +11,17 @@ from collections.abc import Sequence
 
 import torch
 
+# torch.Generator.manual_seed takes 0..2**64 - 1; it would also take negative seeds down to -2**63, but as their
+# two's complement (-1 is 2**64 - 1), so two seeds would name one image.
+MAX_SEED = 2**64 - 1
+
+
+def check_seed(seed: int, what: str = "seed") -> int:
+    """``seed`` if it is an integer in 0..MAX_SEED, else ValueError naming ``what`` and the range."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"{what} {seed!r} is out of range: seeds are integers in 0..{MAX_SEED} (2**64 - 1).")
+    return seed
+
 
 class Noise:
     """Per-sample seeded normal noise.
@@ -23,7 +34,7 @@ class Noise:
     def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu") -> None:
         if len(seeds) == 0:
             raise ValueError("Noise needs at least one seed (one per sample).")
-        self.seeds = [int(s) for s in seeds]
+        self.seeds = [check_seed(int(s)) for s in seeds]
         self.device = torch.device(device)
         self.generators = [torch.Generator("cpu").manual_seed(s) for s in self.seeds]
 

@@ -26,6 +26,10 @@ from ldm.models.diffusion.plms import sample_plms
 from ldm.models.diffusion.timesteps import ddim_schedule, make_ddim_timesteps
 
 SCHEDULES = ("discrete", "karras", "exponential")
+# The largest guidance scale accepted. A1111 offers 1..30; far beyond, eps_u + scale * (eps_c - eps_u) only
+# saturates the image, and a float16 UNet output overflows once scale * |eps_c - eps_u| passes 65504 (scale 1e308
+# gave black images). 100 keeps that product far from the float16 limit for any eps of the order of one.
+MAX_SCALE = 100
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,8 @@ def sampler_names() -> list[str]:
 def resolve_sampler(name: str) -> tuple[SamplerSpec, str]:
     """``"DPM++ 2M Karras"`` -> (the DPM++ 2M spec, ``"karras"``). Unknown names raise ValueError listing the known."""
     key = _normalise(name)
+    if not key:
+        raise ValueError(f"the sampler name {name!r} is empty; give one of {', '.join(sampler_names())}.")
     schedule = "discrete"
     for suffix in ("karras", "exponential"):
         if key.endswith("_" + suffix):
@@ -112,15 +118,24 @@ def resolve_sampler(name: str) -> tuple[SamplerSpec, str]:
 
 
 def check_sampling_arguments(
-    sampler: str, steps: int, num_timesteps: int, strength: float = 1.0, eta: float | None = None, img2img: bool = False
+    sampler: str,
+    steps: int,
+    num_timesteps: int,
+    strength: float = 1.0,
+    eta: float | None = None,
+    img2img: bool = False,
+    scale: float = 1.0,
 ) -> tuple[SamplerSpec, str]:
     """Validate sampling settings before any work is done; returns :func:`resolve_sampler`'s answer.
 
     Raises ValueError naming the setting and its valid range. Entry points call this before loading a model.
+    The guidance scale must lie within +-MAX_SCALE (see there).
     """
     spec, schedule = resolve_sampler(sampler)
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= num_timesteps:
         raise ValueError(f"steps must be an integer in 1..{num_timesteps}, got {steps!r}.")
+    if not (math.isfinite(scale) and abs(scale) <= MAX_SCALE):
+        raise ValueError(f"the guidance scale must be in -{MAX_SCALE}..{MAX_SCALE} (7.5 is usual), got {scale}.")
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1] (0 keeps the input, 1 replaces it), got {strength}.")
     if eta is not None:
@@ -235,7 +250,7 @@ def sample(
         progress: show a progress bar.
     """
     spec, schedule = check_sampling_arguments(
-        sampler, steps, len(model.alphas_cumprod), strength, eta, img2img=init_latent is not None
+        sampler, steps, len(model.alphas_cumprod), strength, eta, img2img=init_latent is not None, scale=scale
     )
     reference = init_latent if init_latent is not None else x_T
     if shape is None:
