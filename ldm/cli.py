@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import errno
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -476,6 +477,11 @@ def _written_note(written: list[Path]) -> str:
     return f" {len(names)} file{'s' if len(names) != 1 else ''} had been written: {', '.join(listed)}."
 
 
+def _show_warning(message: Warning | str, category: type, filename: str, lineno: int, *args: Any) -> None:
+    """Warnings (a clamped prompt weight, NaN weights in a checkpoint) as one ``warning: ...`` line, like errors."""
+    tqdm.write(f"warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+
 def main(mode: str, argv: Sequence[str] | None = None) -> int:
     """Run one script (``mode``: txt2img, img2img or inpaint) with ``argv``; returns the exit code."""
     try:
@@ -484,14 +490,16 @@ def main(mode: str, argv: Sequence[str] | None = None) -> int:
         return int(exit.code or 0)
     written: list[Path] = []
     error = None
-    try:
-        job = plan(mode, args)
-        for path in run(job):
-            written.append(path)
-    except Exception as err:
-        if not (isinstance(err, BAD_INPUT) or is_out_of_memory(err)):
-            raise  # a bug, not bad input
-        error = f"error: {describe(err)}{_written_note(written)}"
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            job = plan(mode, args)
+            for path in run(job):
+                written.append(path)
+        except Exception as err:
+            if not (isinstance(err, BAD_INPUT) or is_out_of_memory(err)):
+                raise  # a bug, not bad input
+            error = f"error: {describe(err)}{_written_note(written)}"
     for path in written:
         print(f"wrote {_shown(path)}")
     if error is not None:

@@ -484,3 +484,14 @@ def test_a_full_disk_mid_run_says_so_and_lists_the_samples_written(tiny_files, t
     samples = out / "samples"
     assert error.endswith(f"2 files had been written: {samples / '00000.png'}, {samples / '00001.png'}.")
     assert sorted(os.listdir(out / "samples")) == ["00000.png", "00001.png"], "no partial file, not even hidden"
+
+
+def test_warnings_are_one_line_each(tiny_files, tmp_path, capsys):
+    args = tiny_args(tiny_files, "--prompt", "a (red:1000) circle", "--n_samples", "1", "--n_iter", "1", "--H", "16",
+                     "--W", "16", "--skip_save", "--skip_grid", "--outdir", str(tmp_path / "out"))  # fmt: skip
+    code, err = run_main("txt2img", args, capsys)
+    lines = [line for line in err.splitlines() if "prompt weights" in line]
+    assert code == 0 and lines == [
+        "warning: prompt weights are limited to [-10, 10]: the brackets around 'red' ask for 1000; clamped to 10."
+    ]
+    assert "UserWarning" not in err
