@@ -297,7 +297,8 @@ def _declared_storages(stream: BinaryIO, legacy: bool) -> dict[str, tuple[int, i
         if not isinstance(saved_id, tuple) or len(saved_id) != (6 if legacy else 5):
             raise pickle.UnpicklingError(f"unexpected storage reference {str(saved_id)[:80]}")
         storage_type, key, numel = saved_id[1], str(saved_id[2]), saved_id[4]
-        dtype = storage_type.dtype
+        # Dtypes without a storage class of their own (float8, the unsigned ints) are saved as bytes.
+        dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
         if not isinstance(numel, int) or numel < 0:
             raise pickle.UnpicklingError(f"storage '{key}' declares {numel!r} elements")
         nbytes = numel * torch._utils._element_size(dtype)

@@ -203,6 +203,23 @@ def test_legacy_files_load_and_never_return_uninitialised_memory(tmp_path):
     refused(huge, "not in the file in full")
 
 
+@pytest.mark.parametrize("legacy", [False, True])
+def test_every_dtype_and_shared_storage_round_trips(tmp_path, legacy):
+    base = torch.arange(10.0)
+    tensors = {"empty": torch.zeros(0), "bf16": torch.ones(3, dtype=torch.bfloat16), "bool": torch.tensor([True]),
+               "i64": torch.arange(3), "complex": torch.ones(2, dtype=torch.complex64), "scalar": torch.tensor(3.0),
+               "transposed": torch.ones(3, 4).t(), "base": base, "view": base[2:5]}  # fmt: skip
+    if not legacy:  # storages of these dtypes are saved as bytes, which the legacy format cannot name
+        tensors |= {"fp8": torch.ones(2, dtype=torch.float8_e4m3fn), "u16": torch.ones(2, dtype=torch.uint16)}
+    path = tmp_path / "dtypes.ckpt"
+    torch.save({"state_dict": tensors}, path, _use_new_zipfile_serialization=not legacy)
+    state_dict, _ = read_checkpoint(path)
+    for key, expected in tensors.items():
+        assert state_dict[key].dtype == expected.dtype and state_dict[key].stride() == expected.stride(), key
+        assert torch.equal(state_dict[key].reshape(-1).view(torch.uint8), expected.reshape(-1).view(torch.uint8)), key
+    assert state_dict["view"].untyped_storage().data_ptr() == state_dict["base"].untyped_storage().data_ptr()
+
+
 def test_torch_legacy_format_round_trips(tmp_path):
     path = tmp_path / "legacy.pt"
     torch.save({"x": torch.arange(6.0).reshape(2, 3)}, path, _use_new_zipfile_serialization=False)
