@@ -32,12 +32,11 @@ from ldm.devices import (
     available_memory,
     check_compile,
     check_precision,
-    gib,
     is_out_of_memory,
     resolve_device,
 )
 from ldm.inference import LatentGeometry, Pipeline, check_settings, output_size, prepare_init_image
-from ldm.memory import Footprint, MemoryEstimate, estimate, min_chunks
+from ldm.memory import Footprint, MemoryEstimate, check_memory, estimate, min_chunks
 from ldm.models.diffusion.noise import MAX_SEED, check_seed
 from ldm.models.diffusion.samplers import sampler_names
 from ldm.outputs import image_size, load_post_processing, make_grid, read_prompt_file, save_numbered
@@ -380,32 +379,6 @@ def _check_seeds(args: argparse.Namespace, total: int, largest_batch: int) -> No
             f"--seed {args.seed} would give the run's last image seed {last}, past the largest seed {MAX_SEED} "
             f"(2**64 - 1); use --seed {MAX_SEED - (last - args.seed)} or less."
         )
-
-
-SHORTER_PROMPT = "shorten the prompt (each BREAK adds 77 tokens to attend to) or lower --n_samples"
-# What each part of a MemoryEstimate is, and what makes it smaller.
-MEMORY_PARTS = {
-    "context": ("the prompt embeddings", SHORTER_PROMPT),
-    "attention": ("the cross-attention to the prompt", SHORTER_PROMPT),
-    "unet": ("the UNet", "lower --H/--W or --n_samples"),
-    "encoder": ("encoding the init image", "give a smaller --H/--W (the init image is resized to it)"),
-    "decoder": ("the VAE decoder", "add --vae_tiling, or lower --H/--W or --n_samples"),
-    "grid": ("the grid of all the run's images", "add --skip_grid, or lower --n_iter or --n_samples"),
-}
-
-
-def check_memory(memory: MemoryEstimate, available: int | None, device: torch.device, vae_tiling: bool) -> None:
-    """ValueError naming the flag to lower when a batch needs more than ``available`` bytes (None: unknown)."""
-    if available is None or memory.peak <= available:
-        return
-    part = memory.largest
-    what, advice = MEMORY_PARTS[part]
-    if part == "decoder" and vae_tiling:
-        advice = "lower --H/--W or --n_samples"
-    raise ValueError(
-        f"out of memory: this run needs about {gib(memory.peak)} on {device}, most of it for {what} "
-        f"({gib(getattr(memory, part))}), but {gib(available)} is available; {advice}."
-    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------

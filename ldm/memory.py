@@ -36,6 +36,9 @@ import warnings
 from dataclasses import dataclass, fields
 from typing import Any
 
+import torch
+
+from ldm.devices import gib
 from ldm.inference import DDPM_DEFAULT_CHANNELS, UNET_DEFAULT_CHANNEL_MULT
 from ldm.prompts import BREAK, parse_prompt_attention
 from ldm.util import config_value, positive_int, positive_ints
@@ -161,3 +164,30 @@ def min_chunks(prompt: str) -> int:
         else:
             segments[-1] += len(fragment[0].split())
     return sum(max(1, math.ceil(words / CHUNK_TOKENS)) for words in segments)
+
+
+SHORTER_PROMPT = "shorten the prompt (each BREAK adds 77 tokens to attend to) or lower --n_samples"
+# What each part of a MemoryEstimate is, and what makes it smaller.
+MEMORY_PARTS = {
+    "context": ("the prompt embeddings", SHORTER_PROMPT),
+    "attention": ("the cross-attention to the prompt", SHORTER_PROMPT),
+    "unet": ("the UNet", "lower --H/--W or --n_samples"),
+    "encoder": ("encoding the init image", "give a smaller --H/--W (the init image is resized to it)"),
+    "decoder": ("the VAE decoder", "add --vae_tiling, or lower --H/--W or --n_samples"),
+    "grid": ("the grid of all the run's images", "add --skip_grid, or lower --n_iter or --n_samples"),
+}
+
+
+def check_memory(memory: MemoryEstimate, available: int | None, device: torch.device, vae_tiling: bool) -> None:
+    """ValueError naming the scripts' flag to lower when a batch needs more than ``available`` bytes (None:
+    unknown)."""
+    if available is None or memory.peak <= available:
+        return
+    part = memory.largest
+    what, advice = MEMORY_PARTS[part]
+    if part == "decoder" and vae_tiling:
+        advice = "lower --H/--W or --n_samples"
+    raise ValueError(
+        f"out of memory: this run needs about {gib(memory.peak)} on {device}, most of it for {what} "
+        f"({gib(getattr(memory, part))}), but {gib(available)} is available; {advice}."
+    )
