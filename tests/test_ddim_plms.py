@@ -127,6 +127,22 @@ def test_plms_lands_on_the_probability_flow_solution():
     assert flow_error(PLMSSampler, 1000) < 1e-4
 
 
+class IndexingModel(GaussianDataModel):
+    """A third-party style model that indexes its schedule table with ``t``, as CompVis code may."""
+
+    def apply_model(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        a = self.alphas_cumprod[t].view(-1, *([1] * (x_t.dim() - 1)))  # "tensors used as indices must be long"
+        return (1 - a).sqrt() * (x_t - a.sqrt() * self.mu) / (a * self.s**2 + 1 - a)
+
+
+@pytest.mark.parametrize("sampler_cls", [DDIMSampler, PLMSSampler])
+def test_compvis_samplers_pass_integer_timesteps_as_long(sampler_cls):
+    x_T = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(1)).double()
+    indexed = sampler_cls(IndexingModel()).sample(10, 2, (1, 4, 4), x_T=x_T, verbose=False)[0]
+    plain = sampler_cls(GaussianDataModel()).sample(10, 2, (1, 4, 4), x_T=x_T, verbose=False)[0]
+    torch.testing.assert_close(indexed, plain, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("sampler_cls", [DDIMSampler, PLMSSampler])
 def test_v_model_gives_the_eps_result(sampler_cls):
     x_T = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(1)).double()

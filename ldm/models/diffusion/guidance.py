@@ -114,10 +114,15 @@ class GuidedEps:
         self.batched = _batch_conditionings(self.uncond, cond) if self.uncond is not None else None
 
     def model_output(self, x_t: torch.Tensor, t: float) -> torch.Tensor:
-        """The guided raw model output (eps, x0 or v) at ``x_t``: (B, C, H, W) and timestep ``t``."""
-        # float32 timesteps, unless the whole computation is float64 (analytic tests need the exact fractional t).
-        dtype = torch.promote_types(x_t.dtype, torch.float32)
-        ts = torch.full((x_t.shape[0],), float(t), device=x_t.device, dtype=dtype)
+        """The guided raw model output (eps, x0 or v) at ``x_t``: (B, C, H, W) and timestep ``t``, which reaches
+        ``apply_model`` as a (B,) torch.long tensor when it is an integer and as floats otherwise."""
+        if float(t).is_integer():
+            # As CompVis's samplers pass them: models and wrappers index their schedule tables with t.
+            ts = torch.full((x_t.shape[0],), int(t), device=x_t.device, dtype=torch.long)
+        else:
+            # float32, unless the whole computation is float64 (analytic tests need the exact fractional t).
+            dtype = torch.promote_types(x_t.dtype, torch.float32)
+            ts = torch.full((x_t.shape[0],), float(t), device=x_t.device, dtype=dtype)
         if self.uncond is None:
             return self.model.apply_model(x_t, ts, self.cond)
         if self.batched is not None:
