@@ -327,3 +327,11 @@ def test_bad_img2img_arguments():
         sampler.stochastic_encode(z, t=[3, 11])
     with pytest.raises(ValueError, match="t has 3 entries"):
         sampler.stochastic_encode(z, t=[3, 3, 3])
+
+
+@pytest.mark.parametrize("loop", [sample_ddim, sample_plms])
+def test_the_loops_build_no_autograd_graph_when_called_directly(loop):
+    weight = torch.nn.Parameter(torch.tensor(0.5))
+    table = ddim_schedule(GaussianDataModel().alphas_cumprod, make_ddim_timesteps(5), eta=0.0)
+    out = loop(lambda x, t, alpha_cumprod: x * weight, torch.ones(1, 1, 2, 2), table, progress=False)
+    assert not out.requires_grad

@@ -296,3 +296,11 @@ if __name__ == "__main__":
             f"DPMSolverSampler ({param}) max abs error: 20 steps {dpm_solver_error(param, 20):.2e}, "
             f"200 steps {dpm_solver_error(param, 200):.2e}, 1000 steps {dpm_solver_error(param, 1000):.2e}"
         )
+
+
+@pytest.mark.parametrize("name", DETERMINISTIC + STOCHASTIC)
+def test_samplers_build_no_autograd_graph_when_called_directly(name: str) -> None:
+    weight = torch.nn.Parameter(torch.tensor(0.5, dtype=torch.float64))
+    sigmas = sampling.get_sigmas_karras(4, 0.03, 10.0).double()
+    out = sampler(name)(lambda x, sigma: x * weight, start_noise() * sigmas[0], sigmas, progress=False)
+    assert not out.requires_grad

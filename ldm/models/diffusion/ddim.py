@@ -78,6 +78,7 @@ def _dropout(z: torch.Tensor, p: float, noise: Noise | None) -> torch.Tensor:
     return z * keep / (1.0 - p)
 
 
+@torch.no_grad()
 def sample_ddim(
     eps: EpsFn,
     x: torch.Tensor,

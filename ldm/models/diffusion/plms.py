@@ -34,6 +34,7 @@ def adams_bashforth(e_t: torch.Tensor, history: list[torch.Tensor]) -> torch.Ten
     return (55 * e_t - 59 * history[-1] + 37 * history[-2] - 9 * history[-3]) / 24
 
 
+@torch.no_grad()
 def sample_plms(
     eps: EpsFn,
     x: torch.Tensor,

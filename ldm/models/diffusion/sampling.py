@@ -174,6 +174,7 @@ def _ancestral(
 # -- deterministic samplers. x: (B, ...) at sigmas[0]; returns the sample (B, ...) at sigmas[-1]. --
 
 
+@torch.no_grad()
 def sample_euler(
     denoiser: DenoiserFn,
     x: torch.Tensor,
@@ -186,6 +187,7 @@ def sample_euler(
     return _ancestral(_euler_to, denoiser, x, sigmas, 0.0, 0.0, None, callback, progress)
 
 
+@torch.no_grad()
 def sample_heun(
     denoiser: DenoiserFn,
     x: torch.Tensor,
@@ -210,6 +212,7 @@ def sample_heun(
     return x
 
 
+@torch.no_grad()
 def sample_dpm_2(
     denoiser: DenoiserFn,
     x: torch.Tensor,
@@ -242,6 +245,7 @@ def _lms_coefficients(sig: list[float], i: int, order: int) -> list[float]:
     return coeffs
 
 
+@torch.no_grad()
 def sample_lms(
     denoiser: DenoiserFn,
     x: torch.Tensor,
@@ -268,6 +272,7 @@ def sample_lms(
     return x
 
 
+@torch.no_grad()
 def sample_dpmpp_2m(
     denoiser: DenoiserFn,
     x: torch.Tensor,
@@ -300,6 +305,7 @@ def sample_dpmpp_2m(
 # -- stochastic samplers: fresh noise each step from ``noise`` (a Noise) or torch's global generator. --
 
 
+@torch.no_grad()
 def sample_euler_ancestral(
     denoiser: DenoiserFn,
     x: torch.Tensor,
@@ -315,6 +321,7 @@ def sample_euler_ancestral(
     return _ancestral(_euler_to, denoiser, x, sigmas, eta, s_noise, noise, callback, progress)
 
 
+@torch.no_grad()
 def sample_dpm_2_ancestral(
     denoiser: DenoiserFn,
     x: torch.Tensor,
@@ -330,6 +337,7 @@ def sample_dpm_2_ancestral(
     return _ancestral(_dpm2_to, denoiser, x, sigmas, eta, s_noise, noise, callback, progress)
 
 
+@torch.no_grad()
 def sample_dpmpp_2s_ancestral(
     denoiser: DenoiserFn,
     x: torch.Tensor,
@@ -345,6 +353,7 @@ def sample_dpmpp_2s_ancestral(
     return _ancestral(_dpmpp_2s_to, denoiser, x, sigmas, eta, s_noise, noise, callback, progress)
 
 
+@torch.no_grad()
 def sample_dpmpp_sde(
     denoiser: DenoiserFn,
     x: torch.Tensor,
@@ -386,6 +395,7 @@ def sample_dpmpp_sde(
     return x
 
 
+@torch.no_grad()
 def sample_dpmpp_2m_sde(
     denoiser: DenoiserFn,
     x: torch.Tensor,
