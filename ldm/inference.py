@@ -506,7 +506,7 @@ class Pipeline:
                 (``LatentInpaintDiffusion``) get it as conditioning; other models keep the unmasked latent at every
                 step. Either way the unmasked pixels of the init image are pasted back, as CompVis's inpainting did.
             strength: how much of the schedule img2img/inpainting runs: 0 returns the init image (through the VAE),
-                1 starts from noise. Default 0.8 for img2img, 1.0 for inpainting.
+                1 starts from noise. Default 0.75 for img2img (CompVis, and the scripts), 1.0 for inpainting.
             steps, sampler, scale, eta: sampling settings (any name of ``ldm.models.diffusion.samplers``).
             seed: image i gets ``seed + i`` (its own noise generator, so a batch equals single runs); a list gives
                 each image's seed; None draws one.
@@ -537,7 +537,7 @@ class Pipeline:
         if mask is not None and init_image is None:
             raise ValueError("a mask needs an init image to inpaint.")
         if init_image is not None and strength is None:
-            strength = 1.0 if mask is not None else 0.8
+            strength = 1.0 if mask is not None else 0.75
         check_settings(
             self.geometry,
             steps=steps,

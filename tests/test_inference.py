@@ -153,6 +153,13 @@ def test_img2img_at_strength_zero_reconstructs_the_init_image_through_the_vae(pi
     assert np.abs(pixels(changed.images[0]) - pixels(result.images[0])).mean() > 1
 
 
+def test_img2img_default_strength_is_compvis_075_as_in_the_scripts(pipe):
+    from ldm import cli
+
+    result = pipe.generate("a", init_image=random_image(), steps=4, seed=1)
+    assert result.strength == 0.75 == cli.build_parser("img2img").get_default("strength")
+
+
 def test_init_images_keep_their_size_rounded_down_or_take_the_given_one(pipe, tmp_path):
     geometry = pipe.geometry
     image, mask = prepare_init_image(random_image((35, 38)), None, geometry)
