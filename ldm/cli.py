@@ -99,8 +99,8 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
         help="eta: 0 = deterministic DDIM (default 0.0 for DDIM, 1.0 for ancestral/SDE samplers)",
     )
     add("--n_iter", type=int, default=2, help="sample this often")
-    add("--H", type=int, default=None if image_input else 512, help="image height, in pixel space" + _size_help(mode))
-    add("--W", type=int, default=None if image_input else 512, help="image width, in pixel space" + _size_help(mode))
+    add("--H", type=int, default=None, help="image height, in pixel space" + _size_help(mode))
+    add("--W", type=int, default=None, help="image width, in pixel space" + _size_help(mode))
     add("--C", type=int, default=None, help="latent channels (default: the model's, 4 for SD); must match the model")
     add("--f", type=int, default=None, help="downsampling factor (default: the model's, 8 for SD); must match")
     add("--n_samples", type=int, default=3, help="how many samples to produce for each given prompt (batch size)")
@@ -154,7 +154,7 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
 
 def _size_help(mode: str) -> str:
     if mode == "txt2img":
-        return " (default 512)"
+        return " (default: the size the model was trained at, 512 for SD 1.x, 64 for the demo model)"
     return " (default: the init image's, rounded down to a multiple of 64 for SD, as CompVis did)"
 
 
@@ -291,6 +291,8 @@ def plan(mode: str, args: argparse.Namespace) -> Job:
 
     height, width = args.H, args.W
     if mode == "txt2img":
+        height = geometry.default_size if height is None else height
+        width = geometry.default_size if width is None else width
         geometry.check_size(height, width)
     else:
         # Sized from the file's header: the memory check below comes before any image is decoded.

@@ -495,3 +495,17 @@ def test_warnings_are_one_line_each(tiny_files, tmp_path, capsys):
         "warning: prompt weights are limited to [-10, 10]: the brackets around 'red' ask for 1000; clamped to 10."
     ]
     assert "UserWarning" not in err
+
+
+@pytest.mark.parametrize(
+    "config, side",
+    [("configs/stable-diffusion/v2-inference-v.yaml", 768), ("models/ldm/shapes/config.yaml", 64)],
+)
+def test_txt2img_defaults_to_the_size_the_model_was_trained_at(tmp_path, config, side):
+    (tmp_path / "model.ckpt").write_bytes(b"")
+    args = ["--config", str(ROOT / config), "--ckpt", str(tmp_path / "model.ckpt"), "--device", "cpu",
+            "--n_samples", "1"]  # fmt: skip
+    job = cli.plan("txt2img", cli.build_parser("txt2img").parse_args(args))
+    assert (job.generate["height"], job.generate["width"]) == (side, side)
+    job = cli.plan("txt2img", cli.build_parser("txt2img").parse_args([*args, "--H", "128"]))
+    assert (job.generate["height"], job.generate["width"]) == (128, side)
