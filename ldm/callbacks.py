@@ -8,7 +8,6 @@ import math
 import os
 import random
 import signal
-import tempfile
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -27,10 +26,7 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from ldm.checkpoint import read_training_checkpoint
-
-# AtomicCheckpointIO's temporary files: ``.<checkpoint name>.<random>.tmp``.
-TEMP_SUFFIX = ".tmp"
+from ldm.checkpoint import TEMP_SUFFIX, atomic_path, read_training_checkpoint
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -61,22 +57,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options.")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
         try:
-            with os.fdopen(fd, "wb") as file:
+            with atomic_path(path) as tmp, open(tmp, "wb") as file:
                 torch.save(checkpoint, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(tmp, path)
         except OSError as err:
             if err.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise DiskFullError(err.errno, os.strerror(err.errno), str(path)) from err
             raise
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
 
 
 class DiskFullError(OSError):

@@ -8,7 +8,7 @@ that says which config fits, never a silently half-random model.
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
@@ -32,7 +32,12 @@ UNET_PREFIX = "model.diffusion_model."
 # constant arange that recent transformers releases no longer save.
 DROPPABLE_SUFFIXES = ("embeddings.position_ids",)
 
-# The diffusion schedule is derived from the config; a checkpoint without it (pruned files) is fine.
+# The diffusion schedule is computed from the config (in float64, stored as float32), so a checkpoint's copy is
+# only checked for its shape: it may be rounded (an fp16 export moved sigma_min from 0.02917 to 0.03127), and
+# pruned files lack it.
+# Temporary files of :func:`atomic_path`: ``.<file name>.<random>.tmp``.
+TEMP_SUFFIX = ".tmp"
+
 SCHEDULE_BUFFERS = frozenset(
     {
         "betas",
@@ -205,7 +210,8 @@ def fit_state_dict(
 
     Missing, unexpected or wrongly shaped keys raise CheckpointError with a short per-component summary and, where it
     can tell, the config that fits. Tolerated: the extras real SD checkpoints carry (``position_ids``, ``model_ema.*``
-    for a model without EMA), schedule buffers absent from pruned files, and keys under ``ignore_prefixes``.
+    for a model without EMA), schedule buffers absent from pruned files, and keys under ``ignore_prefixes``. The
+    model keeps its own schedule buffers (see :data:`SCHEDULE_BUFFERS`).
     """
     ignore_prefixes = tuple(ignore_prefixes)
     expected = model.state_dict()
@@ -221,7 +227,7 @@ def fit_state_dict(
             unexpected.append(key)
         elif value.shape != expected[key].shape:
             wrong_shape.append(f"{key}: {tuple(value.shape)} in the checkpoint, {tuple(expected[key].shape)} here")
-        else:
+        elif key not in SCHEDULE_BUFFERS:
             fitted[key] = value
     missing = [
         k
@@ -347,27 +353,39 @@ def _unshare(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_checkpoint(
-    state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, info: Mapping[str, Any] | None = None
-) -> None:
-    """Write a state dict in the original layout as ``.safetensors`` or as a Lightning-style ``.ckpt``.
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write the file at; when the block ends, the file is synced and renamed to
+    ``path``, so it appears complete or not at all (a crash leaves the hidden ``.<name>.<random>.tmp``).
 
-    The file appears atomically: it is written next to its destination and renamed, so a crash mid-write never leaves
-    a truncated checkpoint under the final name.
+    The result gets the permissions a new file gets from the umask (mkstemp's, and safetensors', would be 0600).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state_dict = {k: v.detach().cpu().contiguous() for k, v in to_original_layout(state_dict).items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
+    open(tmp, "xb").close()
+    mode = tmp.stat().st_mode & 0o777
     try:
-        if path.suffix == ".safetensors":
+        yield tmp
+        os.chmod(tmp, mode)  # some writers (safetensors) replace the file with one of their own
+        with open(tmp, "rb+") as file:
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_checkpoint(
+    state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, info: Mapping[str, Any] | None = None
+) -> None:
+    """Write a state dict in the original layout as ``.safetensors`` or as a Lightning-style ``.ckpt``, atomically
+    (:func:`atomic_path`)."""
+    path = Path(path)
+    state_dict = {k: v.detach().cpu().contiguous() for k, v in to_original_layout(state_dict).items()}
+    with atomic_path(path) as tmp:
+        if path.suffix.lower() == ".safetensors":
             from safetensors.torch import save_file
 
             save_file(_unshare(state_dict), tmp, metadata={k: str(v) for k, v in (info or {}).items()})
         else:
             torch.save({"state_dict": state_dict, **(info or {})}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

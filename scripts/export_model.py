@@ -18,7 +18,14 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from ldm.checkpoint import CheckpointError, ema_to_model_keys, load_model_from_config, read_checkpoint, save_checkpoint
+from ldm.checkpoint import (
+    SCHEDULE_BUFFERS,
+    CheckpointError,
+    ema_to_model_keys,
+    load_model_from_config,
+    read_checkpoint,
+    save_checkpoint,
+)
 from ldm.util import ConfigError, load_config
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -51,7 +58,11 @@ def export(config_path: Path, ckpt: Path, out: Path, dtype: str, use_ema: bool, 
     if use_ema and any(k.startswith("model_ema.") for k in state_dict):
         state_dict = ema_to_model_keys(state_dict, [k for k in state_dict if k.startswith("model.")])
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith(("model_ema.", "first_stage_model.loss."))}
-    state_dict = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state_dict.items()}
+    # The schedule and the latent scale are not weights: rounding them to fp16 would change every sample.
+    kept = SCHEDULE_BUFFERS | {"scale_factor"}
+    state_dict = {
+        k: v.to(DTYPES[dtype]) if v.is_floating_point() and k not in kept else v for k, v in state_dict.items()
+    }
 
     out.mkdir(parents=True, exist_ok=True)
     save_checkpoint(state_dict, out / "model.safetensors")

@@ -175,3 +175,28 @@ def test_ckpt_path_in_config_loads_with_ignore_keys(tiny_config, tiny_dir, tiny_
     model = instantiate_from_config(config.model, path="model")
     key = "model.diffusion_model.input_blocks.0.0.weight"
     torch.testing.assert_close(model.state_dict()[key], tiny_weights[key])
+
+
+def test_the_schedule_comes_from_the_config_not_from_a_rounded_copy_in_the_file(tiny_config, tiny_weights):
+    from ldm.models.diffusion.guidance import DiscreteSchedule
+
+    rounded = dict(tiny_weights)
+    rounded["alphas_cumprod"] = torch.linspace(0.999, 0.005, 1000).half().float()  # an fp16 export's copy
+    model = load_model_from_config(tiny_config, None, device="cpu")
+    computed = model.alphas_cumprod.clone()
+    load_state_dict_into(model, rounded)
+    assert torch.equal(model.alphas_cumprod, computed)
+    assert abs(DiscreteSchedule(model.alphas_cumprod).sigma_min - 0.02917) < 1e-5  # SD's schedule
+    with pytest.raises(CheckpointError, match="alphas_cumprod: \\(500,\\) in the checkpoint"):
+        load_state_dict_into(model, {**tiny_weights, "alphas_cumprod": torch.ones(500)})
+
+
+def test_saved_checkpoints_get_the_permissions_the_umask_gives(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        for name in ("model.safetensors", "model.ckpt"):
+            save_checkpoint({"w": torch.ones(1)}, tmp_path / name)
+            assert (tmp_path / name).stat().st_mode & 0o777 == 0o644  # mkstemp's would be 0o600
+    finally:
+        os.umask(umask)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.ckpt", "model.safetensors"]

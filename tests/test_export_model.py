@@ -37,6 +37,8 @@ def test_export_uses_ema_weights_in_fp16_and_drops_training_links(tmp_path, tiny
     weight = state_dict["model.diffusion_model.out.2.weight"]
     assert weight.dtype == torch.float16 and bool((weight == 0.5).all())
     assert not any(k.startswith("model_ema.") for k in state_dict)
+    assert state_dict["alphas_cumprod"].dtype == torch.float32, "the schedule is not a weight"
+    torch.testing.assert_close(state_dict["alphas_cumprod"], model.alphas_cumprod, rtol=0, atol=0)
     exported = load_config(out / "config.yaml")
     assert "ckpt_path" not in exported.model.params.first_stage_config.params
     assert exported.model.params.use_ema is False and "circle" in exported.vocabulary
