@@ -124,6 +124,8 @@ def test_callback_sees_every_step(exact):
         ({"eta": -1.0}, "eta must be >= 0"),
         ({"sampler": "euler", "eta": 0.5}, "deterministic"),
         ({"sampler": "plms", "eta": 0.5}, "PLMS only works with eta = 0"),
+        ({"sampler": "DDPM", "eta": 0.5}, "DDPM is DDIM with eta = 1, so eta 0.5 would be ignored"),
+        ({"sampler": "ddpm", "eta": 0.0}, "use DDIM for another eta"),
         ({"x_T": torch.zeros(1, 1, 3, 3)}, r"x_T has shape \(1, 1, 3, 3\), expected \(1, 1, 2, 2\)"),
         ({"mask": torch.ones(1, 1, 2, 2)}, "a mask needs init_latent"),
         ({"init_latent": torch.zeros(1, 1, 2, 2), "mask": torch.ones(1, 1, 4, 4)}, "mask has shape"),

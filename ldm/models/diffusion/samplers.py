@@ -143,6 +143,8 @@ def check_sampling_arguments(
             raise ValueError(f"eta must be >= 0, got {eta}.")
         if spec.id == "plms" and eta != 0:
             raise ValueError("PLMS only works with eta = 0.")
+        if spec.id == "ddpm" and eta != 1:
+            raise ValueError(f"DDPM is DDIM with eta = 1, so eta {eta:g} would be ignored; use DDIM for another eta.")
         if eta != 0 and not spec.stochastic and spec.id != "ddim":
             raise ValueError(f"sampler '{spec.label}' is deterministic: eta applies to DDIM and ancestral/SDE ones.")
     if not img2img and strength != 1.0:
