@@ -1,9 +1,12 @@
-"""``DPMSolverSampler``: DPM-Solver++ (multistep, order 2) behind the CompVis sampler API.
+"""``DPMSolverSampler``: DPM-Solver++ (multistep, order 2) behind the CompVis sampler API, on the original's grid.
 
-A thin adapter: the solver is :func:`~ldm.models.diffusion.sampling.sample_dpmpp_2m` over ``S`` timesteps evenly
-spaced from the last to the first (the original's ``skip_type="time_uniform"``), on the classifier-free guided
-denoiser of :mod:`ldm.models.diffusion.guidance`, which also handles v-prediction models. The last step jumps to the
-denoised estimate at sigma 0, so the result is a clean latent after exactly ``S`` model evaluations.
+The solver is :func:`~ldm.models.diffusion.sampling.sample_dpmpp_2m` (the same update in the sigma view) on the time
+discretisation of the original DPM-Solver that CompVis and Stability ship (``skip_type="time_uniform"``,
+``method="multistep"``, ``order=2``, ``lower_order_final=True``, DPM-Solver++): its discrete noise schedule puts
+training step n at continuous time ``(n + 1) / N`` and interpolates ``log sqrt(alpha_cumprod)`` linearly between
+them; sampling visits ``S + 1`` times uniform from 1 down to ``1 / N``, where the model sees timestep
+``(t - 1 / N) * 1000``. So the run ends at the model's smallest noise level, not at sigma 0, after exactly ``S``
+model evaluations, and returns ``x_t`` there, as the original does.
 """
 
 from __future__ import annotations
@@ -16,7 +19,34 @@ import torch
 
 from ldm.models.diffusion.guidance import Denoiser, GuidedEps
 from ldm.models.diffusion.noise import Noise
-from ldm.models.diffusion.sampling import get_sigmas_discrete, sample_dpmpp_2m
+from ldm.models.diffusion.sampling import sample_dpmpp_2m
+
+
+def dpm_solver_grid(alphas_cumprod: torch.Tensor, steps: int) -> tuple[list[float], list[float]]:
+    """The original DPM-Solver's ``steps + 1`` points: (k-diffusion sigmas, the model's timesteps at them).
+
+    sigma = sqrt(1 - alpha^2) / alpha, with log(alpha) interpolated as the original's ``NoiseScheduleVP("discrete")``.
+    """
+    log_alpha = (0.5 * alphas_cumprod.detach().to("cpu", torch.float64).log()).tolist()
+    n = len(log_alpha)
+    sigmas, timesteps = [], []
+    for t in torch.linspace(1.0, 1.0 / n, steps + 1, dtype=torch.float64).tolist():
+        position = t * n - 1  # the fractional training step at continuous time t
+        low = min(max(math.floor(position), 0), n - 2)
+        w = position - low
+        alpha_sq = math.exp(2 * ((1 - w) * log_alpha[low] + w * log_alpha[low + 1]))
+        sigmas.append(math.sqrt((1 - alpha_sq) / alpha_sq))
+        timesteps.append((t - 1.0 / n) * 1000.0)
+    return sigmas, timesteps
+
+
+def dpm_solver_denoiser(
+    eps: GuidedEps, steps: int, mask: torch.Tensor | None = None, x0: torch.Tensor | None = None
+) -> tuple[Denoiser, torch.Tensor]:
+    """The denoiser that calls the model at the original's timesteps, and the (S + 1,) float64 sigmas to run it on."""
+    sigmas, timesteps = dpm_solver_grid(eps.model.alphas_cumprod, steps)
+    at = dict(zip(sigmas, timesteps, strict=True))
+    return Denoiser(eps, mask=mask, x0=x0, timestep=at.__getitem__), torch.tensor(sigmas, dtype=torch.float64)
 
 
 def _reject_unsupported(
@@ -77,7 +107,8 @@ class DPMSolverSampler:
     ) -> tuple[torch.Tensor, None]:
         """Sample ``batch_size`` latents of ``shape`` = (C, H, W) in ``S`` steps; returns ``(samples, None)``.
 
-        ``samples``: (B, C, H, W) clean latents (decode with ``model.decode_first_stage``). ``x_T``: optional
+        ``samples``: (B, C, H, W) latents at the model's smallest noise level, as the original returns them (decode
+        with ``model.decode_first_stage``). ``x_T``: optional
         (B, C, H, W) start noise in the model's x_t space at the last timestep; otherwise drawn from ``noise`` (a
         :class:`Noise`, one seed per sample) or torch's global generator. ``mask`` and ``x0`` (mask 1 = keep ``x0``)
         inpaint. ``callback(i)`` and ``img_callback(pred_x0, i)`` run once per step. As in the original, ``eta``,
@@ -87,19 +118,18 @@ class DPMSolverSampler:
         _reject_unsupported(quantize_x0, temperature, noise_dropout, score_corrector, kwargs)
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}.")
-        guided = GuidedEps(self.model, conditioning, unconditional_conditioning, unconditional_guidance_scale)
-        denoiser = Denoiser(guided, mask=mask, x0=x0)
-        num_timesteps = denoiser.schedule.num_timesteps
+        num_timesteps = len(self.model.alphas_cumprod)
         if not 1 <= S <= num_timesteps:
             raise ValueError(f"S (number of steps) must be in 1..{num_timesteps}, got {S}.")
+        guided = GuidedEps(self.model, conditioning, unconditional_conditioning, unconditional_guidance_scale)
+        denoiser, sigmas = dpm_solver_denoiser(guided, S, mask=mask, x0=x0)
         size = (batch_size, *shape)
         if x_T is None:
             x_T = noise.randn(size).to(self.device) if noise is not None else torch.randn(size, device=self.device)
         elif tuple(x_T.shape) != size:
             raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected (batch_size, *shape) = {size}.")
 
-        sigmas = get_sigmas_discrete(S, denoiser.schedule)
-        # x_T is the model's x_t at the last timestep; the sigma view divides by sqrt(alpha_cumprod).
+        # x_T is the model's x_t at the first point; the sigma view divides by sqrt(alpha_cumprod).
         x = x_T * math.sqrt(1.0 + float(sigmas[0]) ** 2)
 
         def report(step: dict[str, Any]) -> None:
@@ -108,5 +138,5 @@ class DPMSolverSampler:
             if img_callback is not None:
                 img_callback(step["denoised"], step["i"])
 
-        samples = sample_dpmpp_2m(denoiser, x, sigmas, callback=report, progress=verbose)
-        return samples, None
+        samples = sample_dpmpp_2m(denoiser, x, sigmas, callback=report, progress=verbose, lower_order_final=True)
+        return samples / math.sqrt(1.0 + float(sigmas[-1]) ** 2), None

@@ -9,7 +9,7 @@ The schedule is a CPU table, and step arguments are Python floats, so a sampling
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -143,17 +143,25 @@ class Denoiser:
     """The k-diffusion view of a discrete-time model: ``D(x, sigma)`` estimates x0 from ``x = x0 + sigma * eps``.
 
     ``x`` is the model's ``x_t`` divided by ``sqrt(alpha_cumprod)``; the model sees ``x_t`` at the (possibly
-    fractional) timestep whose sigma this is. With ``mask`` and ``x0`` (mask 1 = keep ``x0``, as in CompVis), the
-    known region of the estimate is replaced by ``x0``, which inpaints with any sampler.
+    fractional) timestep whose sigma this is, or at ``timestep(sigma)`` where a solver defines its own time (DPM-Solver
+    interpolates the schedule in another variable). With ``mask`` and ``x0`` (mask 1 = keep ``x0``, as in CompVis),
+    the known region of the estimate is replaced by ``x0``, which inpaints with any sampler.
     """
 
-    def __init__(self, eps: GuidedEps, mask: torch.Tensor | None = None, x0: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        eps: GuidedEps,
+        mask: torch.Tensor | None = None,
+        x0: torch.Tensor | None = None,
+        timestep: Callable[[float], float] | None = None,
+    ) -> None:
         if (mask is None) != (x0 is None):
             raise ValueError("inpainting needs both mask and x0 (the known latent).")
         self.eps = eps
         self.schedule = eps.schedule
         self.mask = mask
         self.x0 = x0
+        self.timestep = timestep if timestep is not None else self.schedule.sigma_to_t
 
     @property
     def sigma_min(self) -> float:
@@ -167,7 +175,7 @@ class Denoiser:
         """x: (B, C, H, W) at noise level ``sigma`` (a Python float) -> denoised (B, C, H, W)."""
         sigma = float(sigma)
         alpha_cumprod = 1.0 / (1.0 + sigma**2)
-        eps = self.eps(x * math.sqrt(alpha_cumprod), self.schedule.sigma_to_t(sigma), alpha_cumprod)
+        eps = self.eps(x * math.sqrt(alpha_cumprod), self.timestep(sigma), alpha_cumprod)
         denoised = x - sigma * eps
         if self.mask is not None:
             denoised = self.x0 * self.mask + (1.0 - self.mask) * denoised

@@ -20,6 +20,7 @@ import torch
 
 from ldm.models.diffusion import sampling
 from ldm.models.diffusion.ddim import sample_ddim
+from ldm.models.diffusion.dpm_solver import dpm_solver_denoiser
 from ldm.models.diffusion.guidance import Denoiser, GuidedEps
 from ldm.models.diffusion.noise import Noise
 from ldm.models.diffusion.plms import sample_plms
@@ -196,8 +197,11 @@ def _run_discrete(spec: SamplerSpec, run: _Run) -> torch.Tensor:
 
 def _run_k(spec: SamplerSpec, schedule: str, run: _Run) -> torch.Tensor:
     """A k-diffusion sampler on the sigma view of the model."""
-    denoiser = Denoiser(run.eps, run.mask, run.init if run.mask is not None else None)
-    if schedule == "karras":
+    x0 = run.init if run.mask is not None else None
+    denoiser = Denoiser(run.eps, run.mask, x0)
+    if spec.id == "dpm_solver":
+        denoiser, sigmas = dpm_solver_denoiser(run.eps, run.steps, run.mask, x0)
+    elif schedule == "karras":
         sigmas = sampling.get_sigmas_karras(run.steps, denoiser.sigma_min, denoiser.sigma_max)
     elif schedule == "exponential":
         sigmas = sampling.get_sigmas_exponential(run.steps, denoiser.sigma_min, denoiser.sigma_max)
@@ -210,9 +214,13 @@ def _run_k(spec: SamplerSpec, schedule: str, run: _Run) -> torch.Tensor:
     else:
         x = run.init + run.noise.randn_like(run.init) * float(sigmas[0])
     extra = {"noise": run.noise, "eta": 1.0 if run.eta is None else run.eta} if spec.stochastic else {}
-    return spec.loop(
+    if spec.id == "dpm_solver":
+        extra["lower_order_final"] = True
+    x = spec.loop(
         denoiser, x, sigmas, callback=lambda d: run.report(d["i"], d["denoised"]), progress=run.progress, **extra
     )
+    # Back to the model's x_t: the same unless the schedule ends above sigma 0 (DPM-Solver's does).
+    return x / math.sqrt(1.0 + float(sigmas[-1]) ** 2)
 
 
 @torch.no_grad()

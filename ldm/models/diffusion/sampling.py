@@ -280,13 +280,16 @@ def sample_dpmpp_2m(
     *,
     callback: Callback | None = None,
     progress: bool = True,
+    lower_order_final: bool = False,
 ) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022): second-order multistep in ``lambda = -log(sigma)``, one call per step.
 
     The denoised estimate is extrapolated linearly (in lambda) to the middle of the step from the current and the
-    previous one; the first step and the last step to sigma 0 are first order.
+    previous one; the first step and the last step to sigma 0 are first order. ``lower_order_final`` makes the last
+    step first order in any schedule of fewer than 15 steps, as the original DPM-Solver's option of that name.
     """
     sig = _sigma_list(sigmas)
+    first_order_last = lower_order_final and len(sig) - 1 < 15
     old_denoised, h_last = None, 0.0
     for i in _steps(sig, progress):
         sigma, sigma_next = sig[i], sig[i + 1]
@@ -294,7 +297,8 @@ def sample_dpmpp_2m(
         _report(callback, i, x, sigma, denoised)
         h = math.log(sigma / sigma_next) if sigma_next > 0 else math.inf
         denoised_mid = denoised
-        if old_denoised is not None and sigma_next > 0:
+        last = i == len(sig) - 2
+        if old_denoised is not None and sigma_next > 0 and not (last and first_order_last):
             w = h / (2 * h_last)
             denoised_mid = (1 + w) * denoised - w * old_denoised
         x = _exp_step(x, denoised_mid, sigma, sigma_next)
