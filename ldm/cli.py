@@ -35,7 +35,8 @@ from ldm.devices import (
     is_out_of_memory,
     resolve_device,
 )
-from ldm.inference import LatentGeometry, Pipeline, check_settings, output_size, prepare_init_image
+from ldm.geometry import LatentGeometry, check_settings, output_size, prepare_init_image
+from ldm.inference import Pipeline
 from ldm.memory import Footprint, MemoryEstimate, check_memory, estimate, min_chunks
 from ldm.models.diffusion.noise import MAX_SEED, check_seed
 from ldm.models.diffusion.samplers import sampler_names

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from ldm.devices import gib
-from ldm.inference import DDPM_DEFAULT_CHANNELS, UNET_DEFAULT_CHANNEL_MULT
+from ldm.geometry import DDPM_DEFAULT_CHANNELS, UNET_DEFAULT_CHANNEL_MULT
 from ldm.prompts import BREAK, parse_prompt_attention
 from ldm.util import config_value, positive_int, positive_ints
 

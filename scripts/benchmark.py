@@ -79,7 +79,8 @@ from ldm import to_diffusers
 from ldm.checkpoint import CheckpointError, load_model_from_config, read_checkpoint, save_checkpoint, to_original_layout
 from ldm.cli import ScriptParser
 from ldm.devices import resolve_device
-from ldm.inference import LatentGeometry, Pipeline
+from ldm.geometry import LatentGeometry
+from ldm.inference import Pipeline
 from ldm.models.diffusion.noise import Noise
 from ldm.util import ConfigError, load_config
 

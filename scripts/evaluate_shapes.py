@@ -30,7 +30,8 @@ from ldm.cli import ScriptParser
 from ldm.data.shapes import COLORS, COMBINATIONS, HOLDOUT, SHAPES, caption
 from ldm.data.shapes_checker import ATTRIBUTES, Prediction, accuracy, classify
 from ldm.devices import resolve_device
-from ldm.inference import LatentGeometry, Pipeline, check_settings
+from ldm.geometry import LatentGeometry, check_settings
+from ldm.inference import Pipeline
 from ldm.outputs import save_numbered
 from ldm.util import ConfigError, load_config
 

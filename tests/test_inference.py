@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from ldm.devices import check_precision
-from ldm.inference import LatentGeometry, Pipeline, image_to_tensor, prepare_init_image
+from ldm.geometry import LatentGeometry, prepare_init_image
+from ldm.inference import Pipeline, image_to_tensor
 from ldm.models.diffusion.ddpm import LatentInpaintDiffusion
 from ldm.outputs import (
     format_parameters,
