@@ -14,6 +14,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -50,7 +51,10 @@ SAMPLERS: dict[str, SamplerSpec] = {
         SamplerSpec("ddim", "DDIM", sample_ddim, False, False),
         SamplerSpec("plms", "PLMS", sample_plms, False, False),
         SamplerSpec("ddpm", "DDPM", sample_ddim, True, False),
-        SamplerSpec("dpm_solver", "DPM-Solver++", sampling.sample_dpmpp_2m, False, True),
+        # The original DPM-Solver's grid ends above sigma 0 and its last step is first order below 15 steps.
+        SamplerSpec(
+            "dpm_solver", "DPM-Solver++", partial(sampling.sample_dpmpp_2m, lower_order_final=True), False, True
+        ),
         SamplerSpec("euler", "Euler", sampling.sample_euler, False, True),
         SamplerSpec("euler_a", "Euler a", sampling.sample_euler_ancestral, True, True),
         SamplerSpec("heun", "Heun", sampling.sample_heun, False, True),
@@ -195,18 +199,23 @@ def _run_discrete(spec: SamplerSpec, run: _Run) -> torch.Tensor:
     )
 
 
+def _sigmas(schedule: str, steps: int, denoiser: Denoiser) -> torch.Tensor:
+    """The (steps + 1,) sigmas of a named schedule for this model, ending at 0."""
+    if schedule == "karras":
+        return sampling.get_sigmas_karras(steps, denoiser.sigma_min, denoiser.sigma_max)
+    if schedule == "exponential":
+        return sampling.get_sigmas_exponential(steps, denoiser.sigma_min, denoiser.sigma_max)
+    return sampling.get_sigmas_discrete(steps, denoiser.schedule)
+
+
 def _run_k(spec: SamplerSpec, schedule: str, run: _Run) -> torch.Tensor:
     """A k-diffusion sampler on the sigma view of the model."""
     x0 = run.init if run.mask is not None else None
-    denoiser = Denoiser(run.eps, run.mask, x0)
     if spec.id == "dpm_solver":
         denoiser, sigmas = dpm_solver_denoiser(run.eps, run.steps, run.mask, x0)
-    elif schedule == "karras":
-        sigmas = sampling.get_sigmas_karras(run.steps, denoiser.sigma_min, denoiser.sigma_max)
-    elif schedule == "exponential":
-        sigmas = sampling.get_sigmas_exponential(run.steps, denoiser.sigma_min, denoiser.sigma_max)
     else:
-        sigmas = sampling.get_sigmas_discrete(run.steps, denoiser.schedule)
+        denoiser = Denoiser(run.eps, run.mask, x0)
+        sigmas = _sigmas(schedule, run.steps, denoiser)
     sigmas = sigmas[run.steps - run.steps_to_run :]
     if run.init is None:
         # x_T is standard normal in the model's space, where x_t = sqrt(a) * x: so x = x_T * sqrt(1 + sigma^2).
@@ -214,8 +223,6 @@ def _run_k(spec: SamplerSpec, schedule: str, run: _Run) -> torch.Tensor:
     else:
         x = run.init + run.noise.randn_like(run.init) * float(sigmas[0])
     extra = {"noise": run.noise, "eta": 1.0 if run.eta is None else run.eta} if spec.stochastic else {}
-    if spec.id == "dpm_solver":
-        extra["lower_order_final"] = True
     x = spec.loop(
         denoiser, x, sigmas, callback=lambda d: run.report(d["i"], d["denoised"]), progress=run.progress, **extra
     )
