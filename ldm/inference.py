@@ -85,7 +85,7 @@ def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
 def sampler_label(name: str) -> str:
     """The A1111 label of a sampler name: ``"dpmpp_2m_karras"`` -> ``"DPM++ 2M Karras"``."""
     spec, schedule = resolve_sampler(name)
-    return spec.label if schedule == "discrete" else f"{spec.label} {schedule.capitalize()}"
+    return spec.label if schedule == spec.schedule else f"{spec.label} {schedule.replace('_', ' ').title()}"
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from ldm.models.diffusion.guidance import DiscreteSchedule
+from ldm.models.diffusion.schedules import DiscreteSchedule
 from ldm.modules.diffusionmodules.util import make_beta_schedule
 
 

@@ -178,7 +178,7 @@ def test_ckpt_path_in_config_loads_with_ignore_keys(tiny_config, tiny_dir, tiny_
 
 
 def test_the_schedule_comes_from_the_config_not_from_a_rounded_copy_in_the_file(tiny_config, tiny_weights):
-    from ldm.models.diffusion.guidance import DiscreteSchedule
+    from ldm.models.diffusion.schedules import DiscreteSchedule
 
     rounded = dict(tiny_weights)
     rounded["alphas_cumprod"] = torch.linspace(0.999, 0.005, 1000).half().float()  # an fp16 export's copy

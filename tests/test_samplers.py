@@ -8,6 +8,7 @@ from analytic_model import GaussianDataModel
 
 from ldm.models.diffusion.noise import Noise
 from ldm.models.diffusion.samplers import SAMPLERS, check_sampling_arguments, resolve_sampler, sample, sampler_names
+from ldm.models.diffusion.schedules import COMPVIS_GRIDS
 
 ALL = list(SAMPLERS)
 DETERMINISTIC = [k for k, spec in SAMPLERS.items() if not spec.stochastic]
@@ -16,16 +17,23 @@ DETERMINISTIC = [k for k, spec in SAMPLERS.items() if not spec.stochastic]
 @pytest.mark.parametrize(
     "name, expected_id, schedule",
     [
-        ("Euler a", "euler_a", "discrete"),
+        ("Euler a", "euler_ancestral", "discrete"),
         ("DPM++ 2M Karras", "dpmpp_2m", "karras"),
         ("DPM++ SDE Karras", "dpmpp_sde", "karras"),
-        ("DDIM", "ddim", "discrete"),
-        ("PLMS", "plms", "discrete"),
+        ("DDIM", "ddim", "ddim"),
+        ("PLMS", "plms", "ddim"),
         ("dpmpp_2m_sde_exponential", "dpmpp_2m_sde", "exponential"),
-        ("k_euler_ancestral", "euler_a", "discrete"),
-        ("DPM2 a", "dpm_2_a", "discrete"),
-        ("dpm_solver", "dpm_solver", "discrete"),
+        ("k_euler_ancestral", "euler_ancestral", "discrete"),
+        ("DPM2 a", "dpm_2_ancestral", "discrete"),
+        ("dpm_solver", "dpm_solver", "dpm_solver"),
         ("  lms  ", "lms", "discrete"),
+        # A1111's k_* aliases with their schedule suffixes, and ComfyUI's names.
+        ("k_dpmpp_2m_ka", "dpmpp_2m", "karras"),
+        ("k_lms_ka", "lms", "karras"),
+        ("k_dpmpp_2m_sde_exp", "dpmpp_2m_sde", "exponential"),
+        ("dpmpp_sde_gpu", "dpmpp_sde", "discrete"),
+        ("DDIM Karras", "ddim", "karras"),
+        ("euler normal", "euler", "discrete"),
     ],
 )
 def test_names_users_know_resolve(name, expected_id, schedule):
@@ -39,7 +47,7 @@ def test_every_listed_name_resolves_and_unknown_names_are_clear():
     with pytest.raises(ValueError, match=r"unknown sampler 'Eular a'.*Known samplers: DDIM, PLMS"):
         resolve_sampler("Eular a")
     with pytest.raises(ValueError, match="no karras schedule"):
-        resolve_sampler("DDIM Karras")
+        resolve_sampler("PLMS Karras")
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +55,13 @@ def exact():
     return GaussianDataModel(mu=0.5, s=0.7)
 
 
-def _flow_target(model, x_T):
-    # All samplers end at (or within a step of) sigma 0: compare with the exact flow from the top of the schedule.
+def _flow_target(model, x_T, name):
+    # All samplers end at (or within a step of) sigma 0: compare with the exact flow from the top of the schedule,
+    # which starts from x_T * sqrt(1 + sigma^2) on the CompVis grids and from x_T * sigma (A1111) otherwise.
     sigma_max = model.schedule.sigma_max
-    return model.exact_flow(x_T * math.sqrt(1 + sigma_max**2), sigma_max, 0.0)
+    compvis = SAMPLERS[name].schedule in COMPVIS_GRIDS
+    x = x_T * (math.sqrt(1 + sigma_max**2) if compvis else sigma_max)
+    return model.exact_flow(x, sigma_max, 0.0)
 
 
 @pytest.mark.parametrize("name", DETERMINISTIC)
@@ -58,7 +69,7 @@ def test_deterministic_samplers_land_on_the_flow_solution(exact, name):
     x_T = torch.randn(4, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     out = sample(exact, name, steps=200, x_T=x_T, progress=False)
     # DDIM/PLMS stop at alphas_cumprod[0] (sigma 0.029), the rest at 0: 2e-2 covers both and first-order error.
-    torch.testing.assert_close(out, _flow_target(exact, x_T), atol=2e-2, rtol=0)
+    torch.testing.assert_close(out, _flow_target(exact, x_T, name), atol=2e-2, rtol=0)
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -72,12 +83,13 @@ def test_img2img_strength_zero_returns_input_and_one_works(exact, name):
     assert not torch.equal(half, init)
 
 
-@pytest.mark.parametrize("name", ["ddim", "euler", "dpmpp_2m"])
-def test_img2img_runs_int_strength_times_steps_model_calls(name):
+@pytest.mark.parametrize("name, calls", [("ddim", 5), ("euler", 6), ("dpmpp_2m", 6)])
+def test_img2img_runs_int_strength_times_steps_model_calls(name, calls):
+    # CompVis runs int(strength * steps) DDIM steps, A1111 int(strength * steps) + 1 k-diffusion steps.
     model = GaussianDataModel()
     init = torch.zeros(1, 1, 2, 2, dtype=torch.float64)
     sample(model, name, steps=10, init_latent=init, strength=0.55, noise=Noise([0]), progress=False)
-    assert model.calls == 5
+    assert model.calls == calls
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -123,9 +135,9 @@ def test_callback_sees_every_step(exact):
         ({"strength": 0.5}, "strength is for img2img"),
         ({"eta": -1.0}, "eta must be >= 0"),
         ({"sampler": "euler", "eta": 0.5}, "deterministic"),
-        ({"sampler": "plms", "eta": 0.5}, "PLMS only works with eta = 0"),
-        ({"sampler": "DDPM", "eta": 0.5}, "DDPM is DDIM with eta = 1, so eta 0.5 would be ignored"),
-        ({"sampler": "ddpm", "eta": 0.0}, "use DDIM for another eta"),
+        ({"sampler": "plms", "eta": 0.5}, "'PLMS' only works with eta = 0"),
+        ({"sampler": "DDPM", "eta": 0.5}, "'DDPM' only works with eta = 1 .use DDIM or an ancestral sampler"),
+        ({"sampler": "ddpm", "eta": 0.0}, "'DDPM' only works with eta = 1"),
         ({"x_T": torch.zeros(1, 1, 3, 3)}, r"x_T has shape \(1, 1, 3, 3\), expected \(1, 1, 2, 2\)"),
         ({"mask": torch.ones(1, 1, 2, 2)}, "a mask needs init_latent"),
         ({"init_latent": torch.zeros(1, 1, 2, 2), "mask": torch.ones(1, 1, 4, 4)}, "mask has shape"),

@@ -15,10 +15,11 @@ import torch
 from analytic_model import GaussianDataModel
 
 from ldm.models.diffusion import sampling
-from ldm.models.diffusion.dpm_solver import DPMSolverSampler, dpm_solver_grid
+from ldm.models.diffusion.dpm_solver import DPMSolverSampler
 from ldm.models.diffusion.guidance import Denoiser, GuidedEps
 from ldm.models.diffusion.noise import Noise
 from ldm.models.diffusion.samplers import sample
+from ldm.models.diffusion.schedules import dpm_solver_grid
 
 DETERMINISTIC = ["euler", "heun", "dpm_2", "lms", "dpmpp_2m"]
 STOCHASTIC = ["euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m_sde"]
@@ -200,7 +201,7 @@ def dpm_solver_error(parameterization: str = "eps", steps: int = 50) -> float:
     x_T = start_noise()
     samples, intermediates = DPMSolverSampler(model).sample(steps, 2, (1, 4, 4), x_T=x_T, verbose=False)
     assert intermediates is None
-    sigmas, _ = dpm_solver_grid(model.alphas_cumprod, steps)
+    sigmas, _ = dpm_solver_grid(model.schedule, steps)
     x = x_T * math.sqrt(1 + sigmas[0] ** 2)
     exact = model.exact_flow(x, sigmas[0], sigmas[-1]) / math.sqrt(1 + sigmas[-1] ** 2)  # x_t at the end, as returned
     return float((samples - exact).abs().max())

@@ -205,7 +205,7 @@ BAD_INPUTS = [
     ("txt2img", ["--from-file", "none.txt"], "prompt file 'none.txt' does not exist"),
     ("txt2img", ["--batch_seeds", "1", "2"], "--batch_seeds gives 2 seeds for 6 images"),
     ("txt2img", ["--steps", "0"], "steps must be an integer in 1..1000"),
-    ("txt2img", ["--plms", "--ddim_eta", "0.5"], "PLMS only works with eta = 0"),
+    ("txt2img", ["--plms", "--ddim_eta", "0.5"], "'PLMS' only works with eta = 0"),
     ("txt2img", ["--attention_slicing", "0"], "--attention_slicing takes a positive number of query rows or 'auto'"),
     ("txt2img", ["--attention_slicing", "half"], "--attention_slicing takes .*, got 'half'"),
     ("txt2img", ["--idle_device", "tpu"], "unknown device 'tpu' for --idle_device; use cpu"),

@@ -17,11 +17,13 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
-from tqdm import tqdm
 
-from ldm.models.diffusion.guidance import GuidedEps
+from ldm.models.diffusion.compvis_sampler import to_sigma_view
+from ldm.models.diffusion.guidance import Denoiser, GuidedEps
 from ldm.models.diffusion.noise import Noise
 from ldm.models.diffusion.samplers import sample as run_sampler
+from ldm.models.diffusion.sampling import sample_ddpm
+from ldm.models.diffusion.schedules import ddim_sigmas
 from ldm.models.diffusion.training import DiffusionTrainingMixin, check_ucg_training
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
@@ -439,32 +441,33 @@ class DDPM(DiffusionTrainingMixin, pl.LightningModule):
         callback: Callable[[int, torch.Tensor], None] | None = None,
         progress: bool = True,
     ) -> torch.Tensor:
-        """Ancestral sampling through all ``num_timesteps`` steps: ``x_{t-1} ~ q(x_{t-1} | x_t, x0_pred)``.
+        """Ancestral sampling through all ``num_timesteps`` steps: ``x_{t-1} ~ q(x_{t-1} | x_t, x0_pred)``, which is
+        :func:`~ldm.models.diffusion.sampling.sample_ddpm` on every training timestep.
 
-        shape: (B, C, H, W). ``mask``/``x0`` (mask 1 = keep ``x0``) inpaint by replacing the known region with
-        ``x0`` noised to the current step. ``clip_denoised`` (default: the config's) clamps x0_pred to [-1, 1],
-        as the original did. Returns x_0: (B, C, H, W).
+        shape: (B, C, H, W). ``mask``/``x0`` (mask 1 = keep ``x0``) inpaint: the known region of every x0 estimate
+        is ``x0``. ``clip_denoised`` (default: the config's) clamps x0_pred to [-1, 1], as the original did.
+        Returns x_0: (B, C, H, W).
         """
-        eps_model = GuidedEps(self, cond, unconditional_conditioning, unconditional_guidance_scale)
+        if self.v_posterior != 0:
+            raise ValueError("p_sample_loop draws from the posterior of v_posterior = 0 (as every SD config sets).")
         noise = noise if noise is not None else Noise.from_seed(None, shape[0], self.betas.device)
         clip = self.clip_denoised if clip_denoised is None else clip_denoised
         x = noise.randn(shape) if x_T is None else x_T
         if tuple(x.shape) != tuple(shape):
             raise ValueError(f"x_T has shape {tuple(x.shape)}, expected {tuple(shape)}.")
-        steps = reversed(range(self.num_timesteps))
-        for i, t in enumerate(tqdm(steps, total=self.num_timesteps, desc="DDPM", disable=not progress)):
-            ts = torch.full((shape[0],), t, device=x.device, dtype=torch.long)
-            x0_pred = self.predict_start_from_noise(x, ts, eps_model(x, t))
-            if clip:
-                x0_pred = x0_pred.clamp(-1.0, 1.0)
-            mean, _, log_variance = self.q_posterior(x0_pred, x, ts)
-            x = mean + (0.5 * log_variance).exp() * noise.randn_like(x) if t > 0 else mean
-            if mask is not None:
-                known = self.q_sample(x0, (ts - 1).clamp(min=0), noise.randn_like(x)) if t > 0 else x0
-                x = known * mask + (1.0 - mask) * x
+        eps = GuidedEps(self, cond, unconditional_conditioning, unconditional_guidance_scale)
+        denoiser = Denoiser(eps, mask, x0)
+        sigmas = ddim_sigmas(eps.schedule, self.num_timesteps)
+
+        def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
+            return denoiser(x, sigma).clamp(-1.0, 1.0) if clip else denoiser(x, sigma)
+
+        def report(step: dict[str, Any]) -> None:
             if callback is not None:
-                callback(i, x0_pred)
-        return x
+                callback(step["i"], step["denoised"])
+
+        x = to_sigma_view(x, float(sigmas[0]))
+        return sample_ddpm(denoise, x, sigmas, noise=noise, callback=report, progress=progress)
 
     @torch.no_grad()
     def sample(

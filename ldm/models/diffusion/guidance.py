@@ -1,8 +1,8 @@
 """How every sampler calls the model: classifier-free guidance, eps/x0/v conversion, and the sigma view.
 
-Samplers never call the UNet directly. Discrete-time samplers (DDIM, PLMS) use :class:`GuidedEps`, an eps-predictor
-``eps(x_t, t)``; the k-diffusion family uses :class:`Denoiser`, ``D(x, sigma)`` with ``x = x0 + sigma * eps``.
-Both go through ``model.apply_model`` once per step, with the unconditional and conditional halves in one batch.
+Samplers never call the UNet directly: every sampler calls a :class:`Denoiser`, ``D(x, sigma)`` with
+``x = x0 + sigma * eps``, which calls :class:`GuidedEps`, the guided eps-prediction ``eps(x_t, t)``, which calls
+``model.apply_model`` once per evaluation, with the unconditional and conditional halves in one batch.
 The schedule is a CPU table, and step arguments are Python floats, so a sampling loop makes no host-device syncs.
 """
 
@@ -14,51 +14,7 @@ from typing import Any
 
 import torch
 
-
-class DiscreteSchedule:
-    """The model's discrete noise levels, continued to fractional timesteps by interpolating log-sigma.
-
-    ``sigma(t) = sqrt((1 - alpha_cumprod[t]) / alpha_cumprod[t])``, the noise-to-signal ratio at integer step ``t``.
-    Held on the CPU in float64; scalars in and out are Python floats.
-    """
-
-    def __init__(self, alphas_cumprod: torch.Tensor) -> None:
-        self.alphas_cumprod = alphas_cumprod.detach().to("cpu", torch.float64)
-        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
-        self.log_sigmas = self.sigmas.log()
-
-    @property
-    def num_timesteps(self) -> int:
-        return len(self.sigmas)
-
-    @property
-    def sigma_min(self) -> float:
-        return float(self.sigmas[0])
-
-    @property
-    def sigma_max(self) -> float:
-        return float(self.sigmas[-1])
-
-    def t_to_sigma(self, t: float) -> float:
-        t = min(max(float(t), 0.0), self.num_timesteps - 1.0)
-        low = min(int(math.floor(t)), self.num_timesteps - 2)
-        w = t - low
-        return math.exp((1 - w) * float(self.log_sigmas[low]) + w * float(self.log_sigmas[low + 1]))
-
-    def sigma_to_t(self, sigma: float) -> float:
-        """Inverse of :meth:`t_to_sigma`; sigmas outside the table clamp to its ends."""
-        log_sigma = math.log(max(float(sigma), 1e-10))
-        high = int(torch.searchsorted(self.log_sigmas, torch.tensor(log_sigma, dtype=torch.float64)))
-        high = min(max(high, 1), self.num_timesteps - 1)
-        lo, hi = float(self.log_sigmas[high - 1]), float(self.log_sigmas[high])
-        w = min(max((log_sigma - lo) / (hi - lo), 0.0), 1.0)
-        return high - 1 + w
-
-    def alpha_cumprod(self, t: float) -> float:
-        """``alpha_cumprod`` at a possibly fractional ``t`` (exactly the table value at integers)."""
-        if float(t).is_integer() and 0 <= t < self.num_timesteps:
-            return float(self.alphas_cumprod[int(t)])
-        return 1.0 / (1.0 + self.t_to_sigma(t) ** 2)
+from ldm.models.diffusion.schedules import DiscreteSchedule
 
 
 def output_to_eps(output: torch.Tensor, x_t: torch.Tensor, alpha_cumprod: float, parameterization: str) -> torch.Tensor:

@@ -3,9 +3,15 @@
     latents = sample(model, "DPM++ 2M Karras", steps=20, cond=c, uncond=uc, scale=7.5, shape=(1, 4, 64, 64),
                      noise=Noise.from_seed(42, 1))
 
-Names resolve case- and punctuation-insensitively: A1111 labels ("Euler a", "DPM++ SDE Karras"), snake_case ids
-("dpmpp_2m_karras"), CompVis/k-diffusion script names ("k_euler_ancestral", "plms"). A k-diffusion sampler takes a
-schedule suffix: " Karras" or " Exponential" (default: the model's own discrete sigmas).
+Names resolve case- and punctuation-insensitively: A1111 labels ("Euler a", "DPM++ SDE Karras") and their ``k_*``
+aliases ("k_dpmpp_2m_ka"), ComfyUI names ("dpmpp_2m", "uni_pc_bh2"), snake_case ids and CompVis script names
+("plms"). A name may end in a schedule ("DPM++ 2M Karras"; see :data:`~ldm.models.diffusion.schedules.
+SIGMA_SCHEDULES`); without one each sampler runs on its default: the model's discrete sigmas for the k-diffusion
+family, the CompVis DDIM grid for DDIM, PLMS and DDPM, the original's grid for DPM-Solver.
+
+Where conventions differ, this follows A1111 for the k-diffusion family (start noise ``x_T * sigma_0``, DPM2
+dropping the next-to-last sigma, ``int(strength * steps) + 1`` img2img steps) and CompVis for the samplers on its
+grids (start noise the model's ``x_T``, ``int(strength * steps)`` img2img steps).
 """
 
 from __future__ import annotations
@@ -20,14 +26,10 @@ from typing import Any
 import torch
 
 from ldm.models.diffusion import sampling
-from ldm.models.diffusion.ddim import sample_ddim
-from ldm.models.diffusion.dpm_solver import dpm_solver_denoiser
 from ldm.models.diffusion.guidance import Denoiser, GuidedEps
 from ldm.models.diffusion.noise import Noise
-from ldm.models.diffusion.plms import sample_plms
-from ldm.models.diffusion.timesteps import ddim_schedule, make_ddim_timesteps
+from ldm.models.diffusion.schedules import COMPVIS_GRIDS, SIGMA_SCHEDULES, get_sigmas, model_timesteps
 
-SCHEDULES = ("discrete", "karras", "exponential")
 # The largest guidance scale accepted. A1111 offers 1..30; far beyond, eps_u + scale * (eps_c - eps_u) only
 # saturates the image, and a float16 UNet output overflows once scale * |eps_c - eps_u| passes 65504 (scale 1e308
 # gave black images). 100 keeps that product far from the float16 limit for any eps of the order of one.
@@ -36,57 +38,100 @@ MAX_SCALE = 100
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    """One sampler: its id, the label A1111 users know, the loop that runs it and whether it draws fresh noise."""
+    """One sampler, described by what the front end needs to know to run it.
+
+    Attributes:
+        id: the snake_case id (ComfyUI's name where it has one).
+        label: the name A1111 shows.
+        loop: the sampling function (the protocol of :mod:`ldm.models.diffusion.sampling`).
+        stochastic: draws fresh noise every step (so the seed matters beyond the start noise).
+        eta: the default of the ``eta`` option where the user may set it; None where the sampler has no such option
+            (then only the value it implies, 0 or 1 for stochastic ones, is accepted).
+        schedule: the schedule it runs on when the name names none.
+        schedules: whether it runs on any schedule (False: only on its own grid).
+        discard_penultimate_sigma: as A1111 for DPM2: compute ``steps + 1`` sigmas and drop the next-to-last.
+        aliases: other names in use (A1111 ``k_*`` names, ComfyUI names, long forms).
+    """
 
     id: str
     label: str
     loop: Callable[..., torch.Tensor]
-    stochastic: bool
-    k_diffusion: bool
+    stochastic: bool = False
+    eta: float | None = None
+    schedule: str = "discrete"
+    schedules: bool = True
+    discard_penultimate_sigma: bool = False
+    aliases: tuple[str, ...] = ()
 
 
 SAMPLERS: dict[str, SamplerSpec] = {
     spec.id: spec
     for spec in (
-        SamplerSpec("ddim", "DDIM", sample_ddim, False, False),
-        SamplerSpec("plms", "PLMS", sample_plms, False, False),
-        SamplerSpec("ddpm", "DDPM", sample_ddim, True, False),
-        # The original DPM-Solver's grid ends above sigma 0 and its last step is first order below 15 steps.
+        SamplerSpec("ddim", "DDIM", sampling.sample_ddim, stochastic=True, eta=0.0, schedule="ddim"),
+        # PLMS's fixed multistep weights assume evenly spaced timesteps.
+        SamplerSpec("plms", "PLMS", sampling.sample_plms, schedule="ddim", schedules=False),
+        SamplerSpec("ddpm", "DDPM", sampling.sample_ddpm, stochastic=True, schedule="ddim"),
         SamplerSpec(
-            "dpm_solver", "DPM-Solver++", partial(sampling.sample_dpmpp_2m, lower_order_final=True), False, True
+            "dpm_solver",
+            "DPM-Solver++",
+            partial(sampling.sample_dpmpp_2m, lower_order_final=True),
+            schedule="dpm_solver",
+            schedules=False,
+            aliases=("dpm_solver_pp", "dpmsolver", "dpm_solverpp"),
         ),
-        SamplerSpec("euler", "Euler", sampling.sample_euler, False, True),
-        SamplerSpec("euler_a", "Euler a", sampling.sample_euler_ancestral, True, True),
-        SamplerSpec("heun", "Heun", sampling.sample_heun, False, True),
-        SamplerSpec("dpm_2", "DPM2", sampling.sample_dpm_2, False, True),
-        SamplerSpec("dpm_2_a", "DPM2 a", sampling.sample_dpm_2_ancestral, True, True),
-        SamplerSpec("lms", "LMS", sampling.sample_lms, False, True),
-        SamplerSpec("dpmpp_2s_a", "DPM++ 2S a", sampling.sample_dpmpp_2s_ancestral, True, True),
-        SamplerSpec("dpmpp_sde", "DPM++ SDE", sampling.sample_dpmpp_sde, True, True),
-        SamplerSpec("dpmpp_2m", "DPM++ 2M", sampling.sample_dpmpp_2m, False, True),
-        SamplerSpec("dpmpp_2m_sde", "DPM++ 2M SDE", sampling.sample_dpmpp_2m_sde, True, True),
+        SamplerSpec("euler", "Euler", sampling.sample_euler, aliases=("k_euler",)),
+        SamplerSpec(
+            "euler_ancestral",
+            "Euler a",
+            sampling.sample_euler_ancestral,
+            stochastic=True,
+            eta=1.0,
+            aliases=("euler_a", "k_euler_a", "k_euler_ancestral"),
+        ),
+        SamplerSpec("heun", "Heun", sampling.sample_heun, aliases=("k_heun",)),
+        SamplerSpec(
+            "dpm_2", "DPM2", sampling.sample_dpm_2, discard_penultimate_sigma=True, aliases=("k_dpm_2", "dpm2")
+        ),
+        SamplerSpec(
+            "dpm_2_ancestral",
+            "DPM2 a",
+            sampling.sample_dpm_2_ancestral,
+            stochastic=True,
+            eta=1.0,
+            discard_penultimate_sigma=True,
+            aliases=("dpm_2_a", "k_dpm_2_a", "k_dpm_2_ancestral", "dpm2_a"),
+        ),
+        SamplerSpec("lms", "LMS", sampling.sample_lms, aliases=("k_lms",)),
+        SamplerSpec(
+            "dpmpp_2s_ancestral",
+            "DPM++ 2S a",
+            sampling.sample_dpmpp_2s_ancestral,
+            stochastic=True,
+            eta=1.0,
+            aliases=("dpmpp_2s_a", "k_dpmpp_2s_a"),
+        ),
+        SamplerSpec(
+            "dpmpp_sde",
+            "DPM++ SDE",
+            sampling.sample_dpmpp_sde,
+            stochastic=True,
+            eta=1.0,
+            aliases=("k_dpmpp_sde", "dpmpp_sde_gpu"),
+        ),
+        SamplerSpec("dpmpp_2m", "DPM++ 2M", sampling.sample_dpmpp_2m, aliases=("k_dpmpp_2m",)),
+        SamplerSpec(
+            "dpmpp_2m_sde",
+            "DPM++ 2M SDE",
+            sampling.sample_dpmpp_2m_sde,
+            stochastic=True,
+            eta=1.0,
+            aliases=("k_dpmpp_2m_sde", "dpmpp_2m_sde_gpu"),
+        ),
     )
 }
 
-# Other spellings in use: CompVis/k-diffusion script names and long forms.
-ALIASES = {
-    "k_euler": "euler",
-    "k_euler_a": "euler_a",
-    "k_euler_ancestral": "euler_a",
-    "euler_ancestral": "euler_a",
-    "k_heun": "heun",
-    "k_dpm_2": "dpm_2",
-    "dpm2": "dpm_2",
-    "k_dpm_2_a": "dpm_2_a",
-    "k_dpm_2_ancestral": "dpm_2_a",
-    "dpm_2_ancestral": "dpm_2_a",
-    "dpm2_a": "dpm_2_a",
-    "k_lms": "lms",
-    "dpmpp_2s_ancestral": "dpmpp_2s_a",
-    "dpm_solver_pp": "dpm_solver",
-    "dpmsolver": "dpm_solver",
-    "dpm_solverpp": "dpm_solver",
-}
+# A1111's short schedule suffixes on k_* aliases ("k_lms_ka"), and the names A1111 and ComfyUI give schedules.
+SCHEDULE_NAMES = {"ka": "karras", "exp": "exponential", "normal": "discrete", **{s: s for s in SIGMA_SCHEDULES}}
 
 
 def _normalise(name: str) -> str:
@@ -94,32 +139,50 @@ def _normalise(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name).strip("_")
 
 
+def _by_name() -> dict[str, SamplerSpec]:
+    names = {}
+    for spec in SAMPLERS.values():
+        for name in (spec.id, spec.label, *spec.aliases):
+            names[_normalise(name)] = spec
+    return names
+
+
 def sampler_names() -> list[str]:
-    """Every name a user can give: labels, with their Karras/Exponential forms, and ids."""
+    """Every sampler as A1111 labels it, the k-diffusion family with its Karras/Exponential forms, then the ids."""
     names = []
     for spec in SAMPLERS.values():
         names.append(spec.label)
-        if spec.k_diffusion and spec.id != "dpm_solver":
+        if spec.schedule == "discrete":
             names += [f"{spec.label} Karras", f"{spec.label} Exponential"]
     return names + list(SAMPLERS)
 
 
-def resolve_sampler(name: str) -> tuple[SamplerSpec, str]:
-    """``"DPM++ 2M Karras"`` -> (the DPM++ 2M spec, ``"karras"``). Unknown names raise ValueError listing the known."""
+def resolve_sampler(name: str, schedule: str | None = None) -> tuple[SamplerSpec, str]:
+    """``"DPM++ 2M Karras"`` -> (the DPM++ 2M spec, ``"karras"``). Unknown names raise ValueError listing the known.
+
+    ``schedule`` (a name of :data:`SIGMA_SCHEDULES`, or A1111's "Automatic"/None) overrides the name's suffix.
+    """
     key = _normalise(name)
     if not key:
         raise ValueError(f"the sampler name {name!r} is empty; give one of {', '.join(sampler_names())}.")
-    schedule = "discrete"
-    for suffix in ("karras", "exponential"):
-        if key.endswith("_" + suffix):
-            key, schedule = key[: -len(suffix) - 1], suffix
-    key = ALIASES.get(key, key)
-    spec = SAMPLERS.get(key)
+    specs = _by_name()
+    suffix = None
+    if key not in specs:
+        head, _, tail = key.rpartition("_")
+        if head in specs and tail in SCHEDULE_NAMES:
+            key, suffix = head, SCHEDULE_NAMES[tail]
+    spec = specs.get(key)
     if spec is None:
         raise ValueError(f"unknown sampler '{name}'. Known samplers: {', '.join(sampler_names())}.")
-    if schedule != "discrete" and (not spec.k_diffusion or spec.id == "dpm_solver"):
-        raise ValueError(f"sampler '{spec.label}' runs on the model's own timesteps; it has no {schedule} schedule.")
-    return spec, schedule
+    if schedule is not None and _normalise(schedule) not in ("", "automatic", "default"):
+        if _normalise(schedule) not in SCHEDULE_NAMES:
+            known = ", ".join(SIGMA_SCHEDULES)
+            raise ValueError(f"unknown schedule '{schedule}'. Known schedules: {known} (or automatic).")
+        suffix = SCHEDULE_NAMES[_normalise(schedule)]
+    chosen = suffix or spec.schedule
+    if chosen != spec.schedule and not spec.schedules:
+        raise ValueError(f"sampler '{spec.label}' runs on its own grid ({spec.schedule}); it has no {chosen} schedule.")
+    return spec, chosen
 
 
 def check_sampling_arguments(
@@ -130,15 +193,18 @@ def check_sampling_arguments(
     eta: float | None = None,
     img2img: bool = False,
     scale: float = 1.0,
+    schedule: str | None = None,
 ) -> tuple[SamplerSpec, str]:
     """Validate sampling settings before any work is done; returns :func:`resolve_sampler`'s answer.
 
     Raises ValueError naming the setting and its valid range. Entry points call this before loading a model.
     The guidance scale must lie within +-MAX_SCALE (see there).
     """
-    spec, schedule = resolve_sampler(sampler)
+    spec, schedule = resolve_sampler(sampler, schedule)
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= num_timesteps:
         raise ValueError(f"steps must be an integer in 1..{num_timesteps}, got {steps!r}.")
+    if spec.discard_penultimate_sigma and steps == num_timesteps:
+        raise ValueError(f"{spec.label} computes steps + 1 sigmas: steps must be at most {num_timesteps - 1}.")
     if not (math.isfinite(scale) and abs(scale) <= MAX_SCALE):
         raise ValueError(f"the guidance scale must be in -{MAX_SCALE}..{MAX_SCALE} (7.5 is usual), got {scale}.")
     if not 0.0 <= strength <= 1.0:
@@ -146,88 +212,38 @@ def check_sampling_arguments(
     if eta is not None:
         if not math.isfinite(eta) or eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}.")
-        if spec.id == "plms" and eta != 0:
-            raise ValueError("PLMS only works with eta = 0.")
-        if spec.id == "ddpm" and eta != 1:
-            raise ValueError(f"DDPM is DDIM with eta = 1, so eta {eta:g} would be ignored; use DDIM for another eta.")
-        if eta != 0 and not spec.stochastic and spec.id != "ddim":
-            raise ValueError(f"sampler '{spec.label}' is deterministic: eta applies to DDIM and ancestral/SDE ones.")
+        implied = 1.0 if spec.stochastic else 0.0
+        if spec.eta is None and eta != implied:
+            hint = "use DDIM or an ancestral sampler for another eta" if spec.stochastic else "it is deterministic"
+            raise ValueError(f"sampler '{spec.label}' only works with eta = {implied:g} ({hint}), got {eta:g}.")
     if not img2img and strength != 1.0:
         raise ValueError("strength is for img2img: give init_latent too.")
     return spec, schedule
 
 
-@dataclass
-class _Run:
-    """What a sampling run needs besides the sampler: the guided model, the start, and the img2img/inpainting inputs."""
-
-    eps: GuidedEps
-    steps: int
-    x_start: torch.Tensor | None  # standard normal start for txt2img
-    init: torch.Tensor | None  # img2img / inpainting latent
-    strength: float
-    eta: float | None
-    noise: Noise
-    mask: torch.Tensor | None
-    report: Callable[[int, torch.Tensor], None]
-    progress: bool
-
-    @property
-    def steps_to_run(self) -> int:
-        return self.steps if self.init is None else int(self.strength * self.steps)
+def _grid(spec: SamplerSpec, schedule: str, steps: int, denoiser_schedule: Any) -> torch.Tensor:
+    if not spec.discard_penultimate_sigma:
+        return get_sigmas(schedule, steps, denoiser_schedule)
+    sigmas = get_sigmas(schedule, steps + 1, denoiser_schedule)
+    return torch.cat([sigmas[:-2], sigmas[-1:]])
 
 
-def _run_discrete(spec: SamplerSpec, run: _Run) -> torch.Tensor:
-    """DDIM / PLMS / DDPM (DDIM with eta 1) over ``steps`` leading-spaced timesteps."""
-    eta = 1.0 if spec.id == "ddpm" else (run.eta or 0.0)
-    timesteps = make_ddim_timesteps(run.steps, run.eps.schedule.num_timesteps)
-    table = ddim_schedule(run.eps.model.alphas_cumprod, timesteps, eta).truncated(run.steps_to_run)
-    x = run.x_start
-    if run.init is not None:
-        # img2img runs the last int(strength * steps) steps, starting from init noised to the first of them.
-        alpha = float(table.alphas[-1])
-        x = math.sqrt(alpha) * run.init + math.sqrt(1.0 - alpha) * run.noise.randn_like(run.init)
-    return spec.loop(
-        run.eps,
-        x,
-        table,
-        noise=run.noise,
-        mask=run.mask,
-        x0=run.init if run.mask is not None else None,
-        callback=lambda i, x, pred_x0: run.report(i, pred_x0),
-        progress=run.progress,
-    )
+def img2img_start(sigmas: torch.Tensor, strength: float, compvis: bool, sigma_top: float) -> tuple[torch.Tensor, float]:
+    """The tail of ``sigmas`` an img2img run of this ``strength`` takes, and the sigma to noise the input to.
 
-
-def _sigmas(schedule: str, steps: int, denoiser: Denoiser) -> torch.Tensor:
-    """The (steps + 1,) sigmas of a named schedule for this model, ending at 0."""
-    if schedule == "karras":
-        return sampling.get_sigmas_karras(steps, denoiser.sigma_min, denoiser.sigma_max)
-    if schedule == "exponential":
-        return sampling.get_sigmas_exponential(steps, denoiser.sigma_min, denoiser.sigma_max)
-    return sampling.get_sigmas_discrete(steps, denoiser.schedule)
-
-
-def _run_k(spec: SamplerSpec, schedule: str, run: _Run) -> torch.Tensor:
-    """A k-diffusion sampler on the sigma view of the model."""
-    x0 = run.init if run.mask is not None else None
-    if spec.id == "dpm_solver":
-        denoiser, sigmas = dpm_solver_denoiser(run.eps, run.steps, run.mask, x0)
-    else:
-        denoiser = Denoiser(run.eps, run.mask, x0)
-        sigmas = _sigmas(schedule, run.steps, denoiser)
-    sigmas = sigmas[run.steps - run.steps_to_run :]
-    if run.init is None:
-        # x_T is standard normal in the model's space, where x_t = sqrt(a) * x: so x = x_T * sqrt(1 + sigma^2).
-        x = run.x_start * math.sqrt(1.0 + float(sigmas[0]) ** 2)
-    else:
-        x = run.init + run.noise.randn_like(run.init) * float(sigmas[0])
-    extra = {"noise": run.noise, "eta": 1.0 if run.eta is None else run.eta} if spec.stochastic else {}
-    x = spec.loop(
-        denoiser, x, sigmas, callback=lambda d: run.report(d["i"], d["denoised"]), progress=run.progress, **extra
-    )
-    # Back to the model's x_t: the same unless the schedule ends above sigma 0 (DPM-Solver's does).
-    return x / math.sqrt(1.0 + float(sigmas[-1]) ** 2)
+    CompVis (and A1111's DDIM) run ``int(strength * S)`` steps, from an input noised to one step above the first
+    (``stochastic_encode(t_enc)`` then ``decode(t_start=t_enc)``; at strength 1 to the model's ``sigma_top``);
+    A1111's k-diffusion samplers run ``int(min(strength, 0.999) * S) + 1`` steps from an input noised to their
+    first sigma. Strength 0 runs none.
+    """
+    steps = len(sigmas) - 1
+    if strength == 0:
+        return sigmas[-1:], float(sigmas[-1])
+    if compvis:
+        run = int(strength * steps)
+        return sigmas[steps - run :], float(sigmas[steps - run - 1]) if run < steps else sigma_top
+    run = min(int(min(strength, 0.999) * steps) + 1, steps)
+    return sigmas[steps - run :], float(sigmas[steps - run])
 
 
 @torch.no_grad()
@@ -246,6 +262,7 @@ def sample(
     strength: float = 1.0,
     mask: torch.Tensor | None = None,
     eta: float | None = None,
+    schedule: str | None = None,
     callback: Callable[[int, torch.Tensor], None] | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
@@ -254,7 +271,7 @@ def sample(
     Args:
         model: a ``LatentDiffusion`` (or anything with ``apply_model``, ``alphas_cumprod``, ``parameterization``).
         sampler: a name :func:`resolve_sampler` knows.
-        steps: number of steps S in 1..num_timesteps (img2img runs ``int(strength * S)`` of them).
+        steps: number of steps S in 1..num_timesteps (img2img runs a share of them, see :func:`img2img_start`).
         cond, uncond, scale: conditioning, unconditional/negative conditioning and guidance scale.
         shape: (B, C, h, w) for txt2img; taken from ``x_T`` or ``init_latent`` when those are given.
         noise: per-sample seeded noise (:class:`Noise`); by default seeds drawn from torch's global generator.
@@ -263,11 +280,12 @@ def sample(
             schedule to run: 0 returns it unchanged, 1 starts from (almost) pure noise.
         mask: (B or 1, 1, h, w), 1 = keep ``init_latent`` there, 0 = generate (CompVis convention).
         eta: noise of DDIM (default 0) and of the ancestral/SDE samplers (default 1).
+        schedule: a schedule name overriding the sampler name's (A1111's "Schedule type").
         callback: ``callback(i, denoised)`` after each step with the current x0 estimate.
         progress: show a progress bar.
     """
     spec, schedule = check_sampling_arguments(
-        sampler, steps, len(model.alphas_cumprod), strength, eta, img2img=init_latent is not None, scale=scale
+        sampler, steps, len(model.alphas_cumprod), strength, eta, init_latent is not None, scale, schedule
     )
     reference = init_latent if init_latent is not None else x_T
     if shape is None:
@@ -289,18 +307,30 @@ def sample(
         noise = Noise.from_seed(None, shape[0], model.alphas_cumprod.device)
     elif len(noise) != shape[0]:
         raise ValueError(f"noise has {len(noise)} seeds for a batch of {shape[0]}.")
-    run = _Run(
-        eps=GuidedEps(model, cond, uncond, scale),
-        steps=steps,
-        x_start=None if init_latent is not None else (x_T if x_T is not None else noise.randn(shape)),
-        init=init_latent,
-        strength=strength,
-        eta=eta,
-        noise=noise,
-        mask=mask,
-        report=callback if callback is not None else (lambda i, denoised: None),
-        progress=progress,
-    )
-    if init_latent is not None and run.steps_to_run == 0:
-        return init_latent
-    return _run_k(spec, schedule, run) if spec.k_diffusion else _run_discrete(spec, run)
+
+    eps = GuidedEps(model, cond, uncond, scale)
+    timestep = model_timesteps(schedule, steps, eps.schedule)
+    denoiser = Denoiser(eps, mask, init_latent if mask is not None else None, timestep=timestep)
+    sigmas = _grid(spec, schedule, steps, eps.schedule)
+    compvis = schedule in COMPVIS_GRIDS
+    if init_latent is None:
+        x_T = x_T if x_T is not None else noise.randn(shape)
+        # x_T is standard normal. Exactly, the model's x_t is sqrt(a) * x in the sigma view, so x = x_T *
+        # sqrt(1 + sigma^2) (CompVis); A1111 and k-diffusion start from x_T * sigma_0 instead.
+        x = x_T * (math.sqrt(1.0 + float(sigmas[0]) ** 2) if compvis else float(sigmas[0]))
+    else:
+        sigmas, sigma_noised = img2img_start(sigmas, strength, compvis, eps.schedule.sigma_max)
+        if len(sigmas) == 1:
+            return init_latent
+        x_t = init_latent + noise.randn_like(init_latent) * sigma_noised
+        # The input is noised to sigma_noised; the sampler takes it as x_t at its first step (CompVis's quirk).
+        x = x_t * math.sqrt((1.0 + float(sigmas[0]) ** 2) / (1.0 + sigma_noised**2))
+    options = {"eta": spec.eta if eta is None else eta} if spec.eta is not None else {}
+
+    def report(step: dict[str, Any]) -> None:
+        if callback is not None:
+            callback(step["i"], step["denoised"])
+
+    x = spec.loop(denoiser, x, sigmas, noise=noise, callback=report, progress=progress, **options)
+    # Back to the model's x_t: the same unless the schedule ends above sigma 0 (the CompVis grids do).
+    return x / math.sqrt(1.0 + float(sigmas[-1]) ** 2)

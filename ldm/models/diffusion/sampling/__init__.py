@@ -1,0 +1,45 @@
+"""Every sampler as a small pure function over ``denoiser(x, sigma)``, k-diffusion style (the protocol: :mod:`.core`).
+
+``sample_x(denoiser, x, sigmas, *, noise=None, callback=None, progress=True, **options)`` takes ``x`` at
+``sigmas[0]`` (CPU float64, decreasing) to ``sigmas[-1]``; schedules come from
+:mod:`ldm.models.diffusion.schedules`, denoisers from :class:`ldm.models.diffusion.guidance.Denoiser`, and the names
+users know from :mod:`ldm.models.diffusion.samplers`.
+"""
+
+from ldm.models.diffusion.sampling.classic import (
+    sample_ddim,
+    sample_ddpm,
+    sample_dpm_2,
+    sample_dpm_2_ancestral,
+    sample_euler,
+    sample_euler_ancestral,
+    sample_heun,
+    sample_lms,
+    sample_plms,
+)
+from ldm.models.diffusion.sampling.dpmpp import (
+    sample_dpmpp_2m,
+    sample_dpmpp_2m_sde,
+    sample_dpmpp_2s_ancestral,
+    sample_dpmpp_sde,
+)
+from ldm.models.diffusion.schedules import get_sigmas_discrete, get_sigmas_exponential, get_sigmas_karras
+
+__all__ = [
+    "get_sigmas_discrete",
+    "get_sigmas_exponential",
+    "get_sigmas_karras",
+    "sample_ddim",
+    "sample_ddpm",
+    "sample_dpm_2",
+    "sample_dpm_2_ancestral",
+    "sample_dpmpp_2m",
+    "sample_dpmpp_2m_sde",
+    "sample_dpmpp_2s_ancestral",
+    "sample_dpmpp_sde",
+    "sample_euler",
+    "sample_euler_ancestral",
+    "sample_heun",
+    "sample_lms",
+    "sample_plms",
+]

@@ -1,0 +1,251 @@
+"""Noise schedules: the model's discrete noise levels, the timestep grids samplers visit, and named sigma schedules.
+
+Every sampler in :mod:`ldm.models.diffusion.sampling` walks a decreasing list of noise levels ``sigmas`` in the
+"sigma view" (``x = x_t / sqrt(alpha_cumprod)``, ``sigma^2 = (1 - alpha_cumprod) / alpha_cumprod``). This module is
+where those lists come from:
+
+- :class:`DiscreteSchedule`: the model's own ``alphas_cumprod`` as sigmas, with the sigma <-> timestep map
+  (log-sigma interpolation between integer steps, exact at them).
+- :func:`make_ddim_timesteps` and :func:`ddim_sigmas`: the CompVis DDIM/PLMS grid ("leading" spacing, offset 1).
+- :func:`get_sigmas` and :data:`SIGMA_SCHEDULES`: the named schedules users pick ("Karras", "Exponential", ...).
+
+Everything is a CPU table (Python floats, float64 tensors), computed once per run, so sampling loops never
+synchronise with the device.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+
+
+class DiscreteSchedule:
+    """The model's discrete noise levels, continued to fractional timesteps by interpolating log-sigma.
+
+    ``sigma(t) = sqrt((1 - alpha_cumprod[t]) / alpha_cumprod[t])``, the noise-to-signal ratio at integer step ``t``.
+    Held on the CPU in float64; scalars in and out are Python floats. A sigma that is exactly one of the table's maps
+    back to its integer timestep, so samplers on the model's grid call the model with integer timesteps.
+    """
+
+    def __init__(self, alphas_cumprod: torch.Tensor) -> None:
+        self.alphas_cumprod = alphas_cumprod.detach().to("cpu", torch.float64)
+        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
+        self.log_sigmas = self.sigmas.log()
+        self._sigma_list = self.sigmas.tolist()
+        self._timestep_of = {sigma: t for t, sigma in enumerate(self._sigma_list)}
+
+    @property
+    def num_timesteps(self) -> int:
+        return len(self.sigmas)
+
+    @property
+    def sigma_min(self) -> float:
+        return self._sigma_list[0]
+
+    @property
+    def sigma_max(self) -> float:
+        return self._sigma_list[-1]
+
+    def t_to_sigma(self, t: float) -> float:
+        """sigma at timestep ``t`` in 0..T-1: the table value at integers, log-linear in between."""
+        t = min(max(float(t), 0.0), self.num_timesteps - 1.0)
+        if t.is_integer():
+            return self._sigma_list[int(t)]
+        low = min(int(math.floor(t)), self.num_timesteps - 2)
+        w = t - low
+        return math.exp((1 - w) * float(self.log_sigmas[low]) + w * float(self.log_sigmas[low + 1]))
+
+    def sigma_to_t(self, sigma: float) -> float:
+        """Inverse of :meth:`t_to_sigma` (an exact float for table sigmas); sigmas outside the table clamp."""
+        sigma = float(sigma)
+        if sigma in self._timestep_of:
+            return float(self._timestep_of[sigma])
+        log_sigma = math.log(max(sigma, 1e-10))
+        high = int(torch.searchsorted(self.log_sigmas, torch.tensor(log_sigma, dtype=torch.float64)))
+        high = min(max(high, 1), self.num_timesteps - 1)
+        lo, hi = float(self.log_sigmas[high - 1]), float(self.log_sigmas[high])
+        w = min(max((log_sigma - lo) / (hi - lo), 0.0), 1.0)
+        return high - 1 + w
+
+    def alpha_cumprod(self, t: float) -> float:
+        """``alpha_cumprod`` at a possibly fractional ``t`` (exactly the table value at integers)."""
+        if float(t).is_integer() and 0 <= t < self.num_timesteps:
+            return float(self.alphas_cumprod[int(t)])
+        return 1.0 / (1.0 + self.t_to_sigma(t) ** 2)
+
+
+def sigma_to_alpha_cumprod(sigma: float) -> float:
+    return 1.0 / (1.0 + sigma * sigma)
+
+
+# -- the CompVis DDIM grid --
+
+
+def make_ddim_timesteps(num_steps: int, num_timesteps: int = 1000, discretize: str = "uniform") -> list[int]:
+    """The ``num_steps`` training timesteps a DDIM/PLMS run visits, ascending.
+
+    ``uniform``: ``i * (T // S) + 1`` for ``i < S`` ("leading" spacing with offset 1): for ``S`` dividing ``T``
+    exactly the original's ``arange(0, T, T // S) + 1``, and exactly ``S`` steps for every other ``S`` too. For
+    ``S == T`` that rule would reach ``t = T``, past the table, so every timestep ``0 .. T-1`` is used instead.
+    ``quad``: the original's ``int(linspace(0, sqrt(0.8 T), S) ** 2) + 1``, dense at low noise; the repeats that rule
+    makes for larger ``S`` are dropped (a DDIM step between equal timesteps changes nothing).
+    """
+    try:
+        steps = operator.index(num_steps)
+    except TypeError:
+        raise ValueError(f"the number of steps S must be an integer, got {num_steps!r}.") from None
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(f"the number of steps S must be in 1..{num_timesteps}, got {steps}.")
+    if discretize == "quad":
+        ramp = torch.linspace(0, math.sqrt(num_timesteps * 0.8), steps, dtype=torch.float64) ** 2
+        return sorted({int(t) + 1 for t in ramp.tolist()})
+    if discretize != "uniform":
+        raise ValueError(f"ddim_discretize must be 'uniform' or 'quad', got '{discretize}'.")
+    if steps == num_timesteps:
+        return list(range(num_timesteps))
+    stride = num_timesteps // steps
+    return [i * stride + 1 for i in range(steps)]
+
+
+def ddim_sigmas(schedule: DiscreteSchedule, steps: int, discretize: str = "uniform") -> torch.Tensor:
+    """The (S + 1,) sigmas of a CompVis DDIM/PLMS run: the DDIM timesteps, noisiest first, then where it ends.
+
+    As CompVis, the last step goes to ``alphas_cumprod[0]`` (the smallest sigma of the table), not to the clean data.
+    With every timestep (``S == T``) the grid already holds that level, so the run ends at sigma 0 instead, as DDPM
+    does, and no step is wasted.
+    """
+    timesteps = make_ddim_timesteps(steps, schedule.num_timesteps, discretize)
+    sigmas = [schedule.t_to_sigma(t) for t in reversed(timesteps)]
+    sigmas.append(0.0 if timesteps[0] == 0 else schedule.sigma_min)
+    return torch.tensor(sigmas, dtype=torch.float64)
+
+
+class DDIMSchedule(NamedTuple):
+    """Per-step DDIM coefficients, indexed like ``timesteps`` (ascending), as CompVis's ``DDIMSampler`` exposes them.
+
+    Step ``i`` takes ``x_t`` at ``alphas[i] = alphas_cumprod[timesteps[i]]`` to ``alphas_prev[i]`` with extra noise
+    of std ``sigmas[i]``. ``alphas``, ``alphas_prev``, ``sigmas``: (S,) float64 on the CPU.
+    """
+
+    timesteps: list[int]
+    alphas: torch.Tensor
+    alphas_prev: torch.Tensor
+    sigmas: torch.Tensor
+
+
+def ddim_coefficients(alphas_cumprod: torch.Tensor, timesteps: Sequence[int], eta: float = 0.0) -> DDIMSchedule:
+    """CompVis's DDIM table for ``timesteps`` (ascending) of a model with ``alphas_cumprod``: (T,).
+
+    ``sigma_i = eta * sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))``: ``eta = 0`` is deterministic DDIM, ``eta = 1``
+    ancestral sampling (DDPM over the reduced schedule). The first ``alphas_prev`` is ``alphas_cumprod[0]``.
+    """
+    eta = float(eta)
+    if not math.isfinite(eta) or eta < 0:
+        raise ValueError(f"eta must be >= 0 (0 = deterministic DDIM, 1 = ancestral), got {eta}.")
+    table = alphas_cumprod.detach().to("cpu", torch.float64)
+    timesteps = [int(t) for t in timesteps]
+    alphas = table[timesteps]
+    alphas_prev = torch.cat([table[:1], alphas])[: len(alphas)]
+    sigmas = eta * ((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev)).sqrt()
+    # The deterministic part of a step keeps a share sqrt(1 - a_prev - sigma^2) of eps; it must stay real.
+    if bool((1 - alphas_prev - sigmas**2 < -1e-12).any()):
+        raise ValueError(f"eta = {eta} is too large: a step's noise would exceed its variance; use eta in 0..1.")
+    return DDIMSchedule(timesteps, alphas, alphas_prev, sigmas)
+
+
+# -- named sigma schedules: CPU float64, n + 1 values from sigma_max down to sigma_min, then 0. --
+
+
+def _check_schedule_args(n: int, sigma_min: float, sigma_max: float) -> None:
+    if n < 1:
+        raise ValueError(f"number of steps n must be >= 1, got {n}.")
+    if not 0 < sigma_min <= sigma_max:
+        raise ValueError(f"need 0 < sigma_min <= sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}.")
+
+
+def append_zero(sigmas: torch.Tensor) -> torch.Tensor:
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def get_sigmas_karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """Karras et al. (2022) schedule: evenly spaced in ``sigma ** (1 / rho)``. Returns (n + 1,) float64 on the CPU."""
+    _check_schedule_args(n, sigma_min, sigma_max)
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return append_zero((hi + ramp * (lo - hi)) ** rho)
+
+
+def get_sigmas_exponential(n: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """Schedule evenly spaced in ``log(sigma)``. Returns (n + 1,) float64 on the CPU."""
+    _check_schedule_args(n, sigma_min, sigma_max)
+    return append_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64).exp())
+
+
+def get_sigmas_discrete(n: int, schedule: DiscreteSchedule) -> torch.Tensor:
+    """The "normal" schedule: the model's own sigmas at ``n`` evenly spaced (fractional) timesteps from the last to 0.
+
+    Returns (n + 1,) float64 on the CPU.
+    """
+    _check_schedule_args(n, schedule.sigma_min, schedule.sigma_max)
+    ts = torch.linspace(schedule.num_timesteps - 1, 0, n, dtype=torch.float64)
+    return append_zero(torch.tensor([schedule.t_to_sigma(float(t)) for t in ts], dtype=torch.float64))
+
+
+def dpm_solver_grid(schedule: DiscreteSchedule, steps: int) -> tuple[list[float], list[float]]:
+    """The original DPM-Solver's ``steps + 1`` points: (sigmas, the model's timesteps at them).
+
+    Its discrete noise schedule (``NoiseScheduleVP("discrete")``) puts training step n at continuous time
+    ``(n + 1) / N`` and interpolates ``log(alpha) = log(sqrt(alpha_cumprod))`` linearly in between; sampling visits
+    ``steps + 1`` times uniform from 1 down to ``1 / N`` (``skip_type="time_uniform"``), where the model sees timestep
+    ``(t - 1 / N) * 1000``. So the run ends at the model's smallest noise level, not at sigma 0.
+    """
+    log_alpha = (0.5 * schedule.alphas_cumprod.log()).tolist()
+    n = len(log_alpha)
+    sigmas, timesteps = [], []
+    for t in torch.linspace(1.0, 1.0 / n, steps + 1, dtype=torch.float64).tolist():
+        position = t * n - 1  # the fractional training step at continuous time t
+        low = min(max(math.floor(position), 0), n - 2)
+        w = position - low
+        alpha_sq = math.exp(2 * ((1 - w) * log_alpha[low] + w * log_alpha[low + 1]))
+        sigmas.append(math.sqrt((1 - alpha_sq) / alpha_sq))
+        timesteps.append((t - 1.0 / n) * 1000.0)
+    return sigmas, timesteps
+
+
+ScheduleFn = Callable[[int, DiscreteSchedule], torch.Tensor]
+"""``schedule_fn(n, model_schedule) -> (n + 1,)`` float64 sigmas, decreasing, for a model's discrete schedule."""
+
+SIGMA_SCHEDULES: dict[str, ScheduleFn] = {
+    "discrete": get_sigmas_discrete,
+    "karras": lambda n, s: get_sigmas_karras(n, s.sigma_min, s.sigma_max),
+    "exponential": lambda n, s: get_sigmas_exponential(n, s.sigma_min, s.sigma_max),
+    "ddim": lambda n, s: ddim_sigmas(s, n),
+    "ddim_quad": lambda n, s: ddim_sigmas(s, n, "quad"),
+    "dpm_solver": lambda n, s: torch.tensor(dpm_solver_grid(s, n)[0], dtype=torch.float64),
+}
+"""Every schedule by name: ``discrete`` (A1111's and ComfyUI's "normal"), ``karras``, ``exponential``, and the
+grids of the CompVis samplers: ``ddim`` (DDIM, PLMS; ``ddim_quad`` its "quad" discretisation) and ``dpm_solver``
+(the original DPM-Solver's)."""
+
+COMPVIS_GRIDS = ("ddim", "ddim_quad", "dpm_solver")
+"""Schedules on which a run follows the CompVis samplers: the start noise ``x_T`` is the model's ``x_t`` at the first
+step, and the result the model's ``x_t`` at the last, which lies above sigma 0."""
+
+
+def get_sigmas(name: str, steps: int, schedule: DiscreteSchedule) -> torch.Tensor:
+    """The (steps + 1,) sigmas of the named schedule for a model with this discrete schedule."""
+    if name not in SIGMA_SCHEDULES:
+        raise ValueError(f"unknown schedule '{name}'. Known schedules: {', '.join(SIGMA_SCHEDULES)}.")
+    return SIGMA_SCHEDULES[name](steps, schedule)
+
+
+def model_timesteps(name: str, steps: int, schedule: DiscreteSchedule) -> Callable[[float], float]:
+    """Which timestep the model sees at each sigma of the named schedule: the discrete schedule's own inverse, except
+    on the DPM-Solver grid, whose continuous time maps to the model differently."""
+    if name != "dpm_solver":
+        return schedule.sigma_to_t
+    return dict(zip(*dpm_solver_grid(schedule, steps), strict=True)).__getitem__
