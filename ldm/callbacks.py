@@ -27,6 +27,7 @@ from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ldm.checkpoint import TEMP_SUFFIX, atomic_path, read_training_checkpoint
+from ldm.errors import UserError
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -226,7 +227,7 @@ class ImageLogger(Callback):
     ) -> None:
         super().__init__()
         if batch_frequency < 1:
-            raise ValueError(f"batch_frequency must be at least 1, got {batch_frequency}.")
+            raise UserError(f"batch_frequency must be at least 1, got {batch_frequency}.")
         self.batch_freq = batch_frequency
         self.max_images = max_images
         self.clamp = clamp

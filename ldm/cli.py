@@ -14,6 +14,7 @@ lists each image's seed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import sys
 import warnings
@@ -22,26 +23,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-import torch
-from PIL import Image
 from tqdm import tqdm
 
-from ldm.checkpoint import CheckpointError
 from ldm.devices import (
     PRECISIONS,
     available_memory,
-    check_compile,
-    check_precision,
     is_out_of_memory,
-    resolve_device,
 )
-from ldm.geometry import LatentGeometry, check_settings, output_size, prepare_init_image
+from ldm.errors import UserError
+from ldm.geometry import LatentGeometry, output_size
 from ldm.inference import Pipeline
 from ldm.memory import Footprint, MemoryEstimate, check_memory, estimate, min_chunks
 from ldm.models.diffusion.noise import MAX_SEED, check_seed
 from ldm.models.diffusion.samplers import sampler_names
-from ldm.outputs import image_size, load_post_processing, make_grid, read_prompt_file, save_numbered
-from ldm.util import ConfigError, load_config
+from ldm.models.diffusion.schedules import SIGMA_SCHEDULES
+from ldm.outputs import image_size, read_prompt_file
+from ldm.postprocess import OutputStep
+from ldm.request import IMG2IMG_STRENGTH, INPAINT_STRENGTH, GenerationRequest, RuntimeOptions
+from ldm.util import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = Path("configs/stable-diffusion/v1-inference.yaml")
@@ -91,6 +90,15 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
         help="sampler by its A1111 name (default DDIM): "
         + ", ".join(n for n in sampler_names() if not n.islower() and not n.endswith((" Karras", " Exponential")))
         + "; add ' Karras' or ' Exponential' to k-diffusion ones for that schedule. Ids such as dpmpp_2m work too.",
+    )
+    add(
+        "--schedule",
+        type=str,
+        default=None,
+        metavar="NAME",
+        help="sigma schedule (A1111's Schedule type), overriding the sampler name's: "
+        + ", ".join(SIGMA_SCHEDULES)
+        + " (default: the sampler's own)",
     )
     add("--fixed_code", action="store_true", help="every batch starts from the same noise (the first batch's seeds)")
     add(
@@ -144,7 +152,7 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
         add(
             "--strength",
             type=float,
-            default=0.75 if mode == "img2img" else 1.0,
+            default=IMG2IMG_STRENGTH if mode == "img2img" else INPAINT_STRENGTH,
             help="strength for noising/unnoising: 1.0 corresponds to full destruction of the init image",
         )
     if mode == "inpaint":
@@ -170,9 +178,8 @@ class Job:
     mode: str
     config: Any
     ckpt: Path
-    device: torch.device
-    precision: str
-    geometry: LatentGeometry
+    options: RuntimeOptions
+    request: GenerationRequest  # the first batch's, checked against the model: each batch changes prompts and seeds
     batches: list[list[str]]  # the prompts of one iteration, batch by batch
     n_iter: int
     seed: int
@@ -182,8 +189,6 @@ class Job:
     outdir: Path
     save_samples: bool
     grid_images_per_row: int | None  # None: no grid
-    generate: dict[str, Any]
-    pipeline_options: dict[str, Any]  # idle_device and the speed options of Pipeline.from_config
 
     def seeded_batches(self) -> Iterator[tuple[list[str], list[int]]]:
         """Each batch's prompts and seeds, made when the run reaches it: ``--n_iter`` may be any size."""
@@ -254,7 +259,7 @@ def parse_slice_size(text: str | None) -> int | str | None:
     if text is None or text == "auto":
         return text
     if not text.isdigit() or int(text) < 1:
-        raise ValueError(f"--attention_slicing takes a positive number of query rows or 'auto', got '{text}'.")
+        raise UserError(f"--attention_slicing takes a positive number of query rows or 'auto', got '{text}'.")
     return int(text)
 
 
@@ -264,77 +269,79 @@ def plan(mode: str, args: argparse.Namespace) -> Job:
     config = load_config(args.config if args.config is not None else project_path(DEFAULT_CONFIG), args.overrides)
     geometry = LatentGeometry.from_config(config)
     if args.C is not None and args.C != geometry.channels:
-        raise ValueError(f"--C {args.C} does not match the model's {geometry.channels} latent channels; drop --C.")
+        raise UserError(f"--C {args.C} does not match the model's {geometry.channels} latent channels; drop --C.")
     if args.f is not None and args.f != geometry.factor:
-        raise ValueError(f"--f {args.f} does not match the model's downsampling factor {geometry.factor}; drop --f.")
-    device = resolve_device(args.device)
-    check_precision(args.precision, device)
-    idle_device = resolve_device(args.idle_device, option="--idle_device") if args.idle_device is not None else None
-    attention_slicing = parse_slice_size(args.attention_slicing)
-    if args.compile:
-        check_compile(device)
-    sampler = _sampler(args)
-    strength = getattr(args, "strength", None)
-    check_settings(
-        geometry,
-        steps=args.ddim_steps,
-        sampler=sampler,
-        scale=args.scale,
-        n=args.n_samples,
-        strength=strength,
-        clip_skip=args.clip_skip,
-        eta=args.ddim_eta,
+        raise UserError(f"--f {args.f} does not match the model's downsampling factor {geometry.factor}; drop --f.")
+    options = RuntimeOptions(
+        device=args.device,
+        precision=args.precision,
+        idle_device=args.idle_device,
+        channels_last=args.channels_last,
+        compile=args.compile,
+        attention_slicing=parse_slice_size(args.attention_slicing),
+        vae_tiling=args.vae_tiling,
     )
     if args.n_iter < 1:
-        raise ValueError(f"--n_iter must be at least 1, got {args.n_iter}.")
+        raise UserError(f"--n_iter must be at least 1, got {args.n_iter}.")
     if args.n_rows < 0:
-        raise ValueError(f"--n_rows must be 0 (= n_samples) or more, got {args.n_rows}.")
-
-    height, width = args.H, args.W
+        raise UserError(f"--n_rows must be 0 (= n_samples) or more, got {args.n_rows}.")
+    if args.n_samples < 1:
+        raise UserError(f"--n_samples must be at least 1, got {args.n_samples}.")
     if mode == "txt2img":
-        height = geometry.default_size if height is None else height
-        width = geometry.default_size if width is None else width
+        height, width = args.H or geometry.default_size, args.W or geometry.default_size
         geometry.check_size(height, width)
     else:
         # Sized from the file's header: the memory check below comes before any image is decoded.
-        width, height = output_size(image_size(args.init_img, "init image"), geometry, height=height, width=width)
+        width, height = output_size(image_size(args.init_img, "init image"), geometry, height=args.H, width=args.W)
 
     prompts = read_prompt_file(args.from_file) if args.from_file else [args.prompt if args.prompt is not None else ""]
     # A file's prompts go n_samples at a time; a single prompt makes batches of n_samples copies.
-    batch = min(args.n_samples, len(prompts)) if args.from_file else args.n_samples
-    total = args.n_iter * (len(prompts) if args.from_file else args.n_samples)
-    _check_seeds(args, total, batch)
-    grid = None if args.skip_grid else args.n_rows or args.n_samples
-    memory = estimate(
-        Footprint.from_config(config),
-        batch=batch,
-        height=height,
-        width=width,
-        chunks=max(min_chunks(p) for p in [*prompts, args.negative_prompt]),
-        half=args.precision in ("fp16", "bf16") or (args.precision == "autocast" and device.type == "cuda"),
-        vae_tiling=args.vae_tiling,
-        encode=mode != "txt2img",
-        kept_images=total if grid is not None else 0,
-    )
-    check_memory(memory, available_memory(device), device, args.vae_tiling)
     if args.from_file:
         batches = [prompts[i : i + args.n_samples] for i in range(0, len(prompts), args.n_samples)]
     else:
         batches = [prompts * args.n_samples]
-    init_image = mask = None
-    if mode != "txt2img":
-        init_image, mask = prepare_init_image(args.init_img, getattr(args, "mask", None), geometry, height, width)
+    total = args.n_iter * sum(len(b) for b in batches)
+    _check_seeds(args, total, len(batches[0]))
+    request = GenerationRequest(
+        batches[0],
+        negative_prompts=args.negative_prompt,
+        steps=args.ddim_steps,
+        sampler=_sampler(args),
+        schedule=args.schedule,
+        scale=args.scale,
+        eta=args.ddim_eta,
+        seed=args.seed,
+        height=args.H,
+        width=args.W,
+        init_image=getattr(args, "init_img", None),
+        mask=getattr(args, "mask", None),
+        strength=getattr(args, "strength", None),
+        clip_skip=args.clip_skip,
+    )
+    grid = None if args.skip_grid else args.n_rows or args.n_samples
+    memory = estimate(
+        Footprint.from_config(config),
+        batch=len(batches[0]),
+        height=height,
+        width=width,
+        chunks=max(min_chunks(p) for p in [*prompts, args.negative_prompt]),
+        half=options.half,
+        vae_tiling=args.vae_tiling,
+        encode=mode != "txt2img",
+        kept_images=total if grid is not None else 0,
+    )
+    check_memory(memory, available_memory(options.device), options.device, args.vae_tiling)
+    request = request.for_model(geometry)
 
     outdir = Path(args.outdir)
     if outdir.exists() and not outdir.is_dir():
-        raise ValueError(f"--outdir '{args.outdir}' is a file; give a directory.")
+        raise UserError(f"--outdir '{args.outdir}' is a file; give a directory.")
     return Job(
         mode=mode,
         config=config,
         ckpt=ckpt,
-        device=device,
-        precision=args.precision,
-        geometry=geometry,
+        options=options,
+        request=request,
         batches=batches,
         n_iter=args.n_iter,
         seed=args.seed,
@@ -344,26 +351,6 @@ def plan(mode: str, args: argparse.Namespace) -> Job:
         outdir=outdir,
         save_samples=not args.skip_save,
         grid_images_per_row=grid,
-        generate={
-            "negative_prompt": args.negative_prompt,
-            "init_image": init_image,
-            "mask": mask,
-            "strength": strength,
-            "steps": args.ddim_steps,
-            "sampler": sampler,
-            "scale": args.scale,
-            "height": height,
-            "width": width,
-            "eta": args.ddim_eta,
-            "clip_skip": args.clip_skip,
-        },
-        pipeline_options={
-            "idle_device": idle_device,
-            "channels_last": args.channels_last,
-            "compile": args.compile,
-            "attention_slicing": attention_slicing,
-            "vae_tiling": args.vae_tiling,
-        },
     )
 
 
@@ -371,14 +358,14 @@ def _check_seeds(args: argparse.Namespace, total: int, largest_batch: int) -> No
     """ValueError unless every image's seed is one the noise generator takes (see ldm.models.diffusion.noise)."""
     if args.batch_seeds is not None:
         if len(args.batch_seeds) != total:
-            raise ValueError(f"--batch_seeds gives {len(args.batch_seeds)} seeds for {total} images; give one each.")
+            raise UserError(f"--batch_seeds gives {len(args.batch_seeds)} seeds for {total} images; give one each.")
         for seed in args.batch_seeds:
             check_seed(seed, "--batch_seeds seed")
         return
     check_seed(args.seed, "--seed")
     last = args.seed + (largest_batch if args.fixed_code else total) - 1
     if last > MAX_SEED:
-        raise ValueError(
+        raise UserError(
             f"--seed {args.seed} would give the run's last image seed {last}, past the largest seed {MAX_SEED} "
             f"(2**64 - 1); use --seed {MAX_SEED - (last - args.seed)} or less."
         )
@@ -388,48 +375,41 @@ def _check_seeds(args: argparse.Namespace, total: int, largest_batch: int) -> No
 # Running it
 
 
+def _note_flagged(seed: int) -> None:
+    tqdm.write(f"note: the image of seed {seed} was flagged by the safety checker and blacked out.")
+
+
 def run(job: Job) -> Iterator[Path]:
     """Load the model, generate every batch and save samples and grid; yields each file as it is written."""
-    pipe = Pipeline.from_config(
-        job.config, job.ckpt, device=job.device, precision=job.precision, **job.pipeline_options
-    )
+    pipe = Pipeline.from_config(job.config, job.ckpt, job.options)
+    device = job.options.device
     # Again now that the weights take their share: a job that fits no more fails here, before any sample.
-    check_memory(job.memory, available_memory(job.device), job.device, job.pipeline_options["vae_tiling"])
-    checker = watermarker = None
+    check_memory(job.memory, available_memory(device), device, job.options.vae_tiling)
+    keeps = {"save_samples": job.save_samples, "grid_images_per_row": job.grid_images_per_row}
     if job.save_samples or job.grid_images_per_row is not None:
-        checker, watermarker, notices = load_post_processing(project_path(SAFETY_DIR), job.device)
+        step, notices = OutputStep.load(
+            job.outdir, device, safety_dir=project_path(SAFETY_DIR), on_flagged=_note_flagged, **keeps
+        )
         for notice in notices:
             print(f"note: {notice}", file=sys.stderr)
-    steps = job.generate["steps"]
-    grid_images: list[Image.Image] = []
-    grid_parameters = None
+    else:
+        step = OutputStep(job.outdir, **keeps)
+    steps = job.request.steps
     with tqdm(total=job.n_iter * len(job.batches) * steps, desc=job.mode, unit="step") as bar:
         for b, (prompts, seeds) in enumerate(job.seeded_batches()):
-            result = pipe.generate(
-                prompts, seed=seeds, callback=lambda i, x: bar.update(1), progress=False, **job.generate
+            # The scripts take one negative prompt for all images.
+            request = dataclasses.replace(
+                job.request, prompts=prompts, negative_prompts=job.request.negative_prompts[:1], seed=seeds
             )
+            result = pipe.run(request, callback=lambda i, x: bar.update(1), progress=False)
             # img2img runs only part of the schedule; the bar still ends each batch at its boundary.
             bar.update((b + 1) * steps - bar.n)
-            batch_images = result.images
-            if checker is not None:
-                batch_images, flagged = checker(batch_images)
-                for seed, bad in zip(result.seeds, flagged, strict=True):
-                    if bad:
-                        tqdm.write(f"note: the image of seed {seed} was flagged by the safety checker and blacked out.")
-            if watermarker is not None:
-                batch_images = [watermarker(im) for im in batch_images]
-            grid_parameters = grid_parameters or result.parameters(0)
-            for i, image in enumerate(batch_images):
-                if job.save_samples:
-                    yield save_numbered(image, job.outdir / "samples", result.parameters(i))
-            if job.grid_images_per_row is not None:
-                grid_images.extend(batch_images)
-    if job.grid_images_per_row is not None:
-        yield save_numbered(make_grid(grid_images, job.grid_images_per_row), job.outdir, grid_parameters, grid=True)
+            yield from step.save(result)
+    yield from step.finish()
 
 
 # What bad input (and a full disk) raises; each message names the fix.
-BAD_INPUT = (ConfigError, CheckpointError, ValueError, OSError)
+BAD_INPUT = (UserError, OSError)
 
 
 def describe(err: BaseException) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ldm.errors import UserError
 from ldm.util import default_device
 
 PRECISIONS = ("full", "autocast", "fp16", "bf16")
@@ -28,28 +29,28 @@ def resolve_device(device: str | torch.device | None, option: str = "--device") 
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device '{device}' for {option}; use cpu, cuda, cuda:N or mps.") from None
+        raise UserError(f"unknown device '{device}' for {option}; use cpu, cuda, cuda:N or mps.") from None
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0 or (device.index is not None and device.index >= count):
-            raise ValueError(f"device '{device}' is not available here ({count} CUDA GPU(s)); use {option} cpu.")
+            raise UserError(f"device '{device}' is not available here ({count} CUDA GPU(s)); use {option} cpu.")
     elif device.type == "mps":
         mps = getattr(torch.backends, "mps", None)
         if mps is None or not mps.is_available():
-            raise ValueError(f"device 'mps' is not available here (no Apple GPU); use {option} cpu.")
+            raise UserError(f"device 'mps' is not available here (no Apple GPU); use {option} cpu.")
     elif device.type != "cpu":
-        raise ValueError(f"device '{device}' for {option} is not supported; use cpu, cuda, cuda:N or mps.")
+        raise UserError(f"device '{device}' for {option} is not supported; use cpu, cuda, cuda:N or mps.")
     return device
 
 
 def check_precision(precision: str, device: torch.device) -> None:
     """ValueError unless ``precision`` is one of PRECISIONS and runs on ``device``."""
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'.")
+        raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'.")
     if precision == "fp16" and device.type == "cpu":
-        raise ValueError("precision fp16 needs a GPU (the CPU has no fast float16); use full or bf16 on the CPU.")
+        raise UserError("precision fp16 needs a GPU (the CPU has no fast float16); use full or bf16 on the CPU.")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError("this GPU has no bfloat16 support; use fp16 or autocast.")
+        raise UserError("this GPU has no bfloat16 support; use fp16 or autocast.")
 
 
 # Device types where the compile probe succeeded: the scripts check before loading and Pipeline again, and each
@@ -70,7 +71,7 @@ def check_compile(device: torch.device) -> None:
     except Exception as err:  # Dynamo and Inductor fail in many ways; any of them means compile is unusable here.
         reason = " ".join(f"{type(err).__name__}: {err}".split())[:200]
         hint = ", or install a C++ compiler (g++ or clang)" if device.type == "cpu" else ""
-        raise ValueError(f"torch.compile does not work on {device} here ({reason}); drop --compile{hint}.") from None
+        raise UserError(f"torch.compile does not work on {device} here ({reason}); drop --compile{hint}.") from None
     COMPILE_WORKS_ON.add(device.type)
 
 

@@ -1,5 +1,5 @@
 """What a generation request can be checked against before any model is loaded: how image sizes map to latents,
-the sampling settings, and the init image's size.
+and the init image's size (:class:`ldm.request.GenerationRequest` checks the rest).
 
 Read from the config alone (no weights), so every entry point can refuse a bad request in one line, at once.
 """
@@ -12,7 +12,7 @@ from typing import Any
 
 from PIL import Image
 
-from ldm.models.diffusion.samplers import check_sampling_arguments
+from ldm.errors import UserError
 from ldm.outputs import load_image
 from ldm.util import config_value, positive_int, positive_ints
 
@@ -55,7 +55,7 @@ class LatentGeometry:
             return config_value(config, at + key, default)
 
         if read("params.first_stage_config") is None or read("params.unet_config") is None:
-            raise ValueError(
+            raise UserError(
                 "this config has no model.params.first_stage_config / unet_config; image generation needs a "
                 "LatentDiffusion config such as configs/stable-diffusion/v1-inference.yaml."
             )
@@ -84,7 +84,7 @@ class LatentGeometry:
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % self.multiple:
             lower = max(self.multiple, value // self.multiple * self.multiple) if isinstance(value, int) else 0
             positive = "positive " if isinstance(value, int) and value <= 0 else ""
-            raise ValueError(
+            raise UserError(
                 f"{name} {value} is not a {positive}multiple of {self.multiple} (this model's VAE downsamples by "
                 f"{self.factor} and its UNet by {self.multiple // self.factor}); use {lower} or "
                 f"{lower + self.multiple}."
@@ -92,26 +92,6 @@ class LatentGeometry:
 
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
         return (batch, self.channels, height // self.factor, width // self.factor)
-
-
-def check_settings(
-    geometry: LatentGeometry,
-    *,
-    steps: int,
-    sampler: str,
-    scale: float,
-    n: int,
-    strength: float | None = None,
-    clip_skip: int = 1,
-    eta: float | None = None,
-) -> None:
-    """Validate generation settings that do not need the model's weights (ValueError naming the fix)."""
-    strength_or_1 = 1.0 if strength is None else strength
-    check_sampling_arguments(sampler, steps, geometry.timesteps, strength_or_1, eta, strength is not None, scale)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"the number of images per prompt must be at least 1, got {n!r}.")
-    if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 1:
-        raise ValueError(f"clip_skip must be an integer of at least 1 (1 = last layer), got {clip_skip!r}.")
 
 
 def output_size(
@@ -133,7 +113,7 @@ def output_size(
     elif height is None:
         height = max(m, round(image_size[1] * width / image_size[0] / m) * m)
     if width == 0 or height == 0:
-        raise ValueError(
+        raise UserError(
             f"the init image is {image_size[0]}x{image_size[1]}, smaller than this model's minimum {m}x{m}; "
             "give a larger image or --H/--W."
         )
@@ -158,7 +138,7 @@ def prepare_init_image(
     if mask is not None:
         mask = load_image(mask, "mask", mode="L") if not isinstance(mask, Image.Image) else mask.convert("L")
         if mask.size != image.size:
-            raise ValueError(
+            raise UserError(
                 f"the mask is {mask.width}x{mask.height} but the init image is {image.width}x{image.height}; "
                 "give a mask of the same size (white = repaint)."
             )

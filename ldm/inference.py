@@ -48,16 +48,17 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from ldm.checkpoint import load_model_from_config
-from ldm.devices import check_compile, check_precision, resolve_device
-from ldm.geometry import LatentGeometry, check_settings, prepare_init_image
+from ldm.errors import UserError
+from ldm.geometry import LatentGeometry
 from ldm.models.diffusion.ddpm import LatentInpaintDiffusion
-from ldm.models.diffusion.noise import Noise, check_seed
+from ldm.models.diffusion.noise import Noise
 from ldm.models.diffusion.samplers import resolve_sampler, sample
-from ldm.modules.attention import check_slice_size, set_attention_slicing
+from ldm.modules.attention import set_attention_slicing
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.tiling import tiled_decode
 from ldm.outputs import format_parameters, model_hash
 from ldm.prompts import encode_prompts, unknown_words
+from ldm.request import GenerationRequest, RuntimeOptions
 from ldm.util import apply_overrides, load_config
 
 DTYPES = {"autocast": torch.float16, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -82,9 +83,9 @@ def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in pixels.permute(0, 2, 3, 1).cpu().numpy()]
 
 
-def sampler_label(name: str) -> str:
+def sampler_label(name: str, schedule: str | None = None) -> str:
     """The A1111 label of a sampler name: ``"dpmpp_2m_karras"`` -> ``"DPM++ 2M Karras"``."""
-    spec, schedule = resolve_sampler(name)
+    spec, schedule = resolve_sampler(name, schedule)
     return spec.label if schedule == spec.schedule else f"{spec.label} {schedule.replace('_', ' ').title()}"
 
 
@@ -135,65 +136,41 @@ class GenerationResult:
         return format_parameters(self.prompts[i], self.negative_prompts[i], self.fields(i))
 
 
-def _seeds(seed: int | Sequence[int] | None, count: int) -> list[int]:
-    if seed is None or isinstance(seed, int):
-        return Noise.from_seed(seed, count).seeds
-    seeds = [check_seed(int(s)) for s in seed]
-    if len(seeds) != count:
-        raise ValueError(f"got {len(seeds)} seeds for {count} images; give one per image, or a single seed.")
-    return seeds
-
-
 class Pipeline:
     """A loaded latent diffusion model ready to generate images; see :meth:`from_config` and :meth:`generate`.
 
     Args:
-        model: a ``LatentDiffusion`` (or ``LatentInpaintDiffusion``) in eval mode, already placed on its devices.
+        model: a ``LatentDiffusion`` (or ``LatentInpaintDiffusion``) in eval mode, already placed on its devices
+            and, for fp16/bf16, converted to that dtype.
         geometry: its :class:`LatentGeometry`.
-        device: where the UNet runs (and the other stages while they are used).
-        precision: one of ldm.devices.PRECISIONS (see the module docstring); weights must already be in its dtype.
-        idle_device: where the text encoder and VAE wait between uses (e.g. ``"cpu"`` to save GPU memory), or None
-            to keep them on ``device``.
+        options: where and how it runs (see the module docstring). ``channels_last``, ``compile`` and
+            ``attention_slicing`` are applied to ``model`` in place here.
         ckpt: the checkpoint file, for the model name and hash written into image metadata.
-        channels_last, compile, attention_slicing, vae_tiling: the speed and memory options of the module
-            docstring. The first three change ``model`` in place; ``compile`` raises ValueError where
-            torch.compile cannot run (see :func:`ldm.devices.check_compile`).
+        vocabulary: the words a model trained on a closed set of words knows (the bundled shapes model lists
+            them in its config), for a warning about the others.
     """
 
     def __init__(
         self,
         model: Any,
         geometry: LatentGeometry,
-        device: torch.device | str,
-        precision: str = "full",
-        idle_device: torch.device | str | None = None,
+        options: RuntimeOptions,
         ckpt: str | os.PathLike | None = None,
         vocabulary: Sequence[str] | None = None,
-        channels_last: bool = False,
-        compile: bool = False,
-        attention_slicing: int | str | None = None,
-        vae_tiling: bool = False,
     ) -> None:
         self.model = model
-        # Models trained on a closed set of words (the bundled shapes model) list them in their config.
-        self.vocabulary = frozenset(w.lower() for w in vocabulary) if vocabulary else None
         self.geometry = geometry
-        self.device = torch.device(device)
-        check_precision(precision, self.device)
-        self.precision = precision
-        self.idle_device = torch.device(idle_device) if idle_device is not None else None
+        self.options = options
+        self.device = options.device
+        self.idle_device = options.idle_device
         self.ckpt = Path(ckpt) if ckpt is not None else None
+        self.vocabulary = frozenset(w.lower() for w in vocabulary) if vocabulary else None
         self.inpainting = isinstance(model, LatentInpaintDiffusion)
-        self.channels_last = channels_last
-        self.compile = compile
-        self.attention_slicing = attention_slicing
-        self.vae_tiling = vae_tiling
-        set_attention_slicing(model, attention_slicing)
-        if channels_last:
+        set_attention_slicing(model, options.attention_slicing)
+        if options.channels_last:
             for stage in (model.model, model.first_stage_model):
                 stage.to(memory_format=torch.channels_last)
-        if compile:
-            check_compile(self.device)
+        if options.compile:
             # In place (not torch.compile(module)), so the model's state dict keeps its keys.
             model.model.diffusion_model.compile()
 
@@ -202,53 +179,33 @@ class Pipeline:
         cls,
         config: str | os.PathLike | DictConfig,
         ckpt: str | os.PathLike | None,
-        device: str | torch.device | None = None,
-        precision: str = "autocast",
+        options: RuntimeOptions | None = None,
+        *,
         overrides: Sequence[str] = (),
         use_ema_weights: bool = False,
-        idle_device: str | torch.device | None = None,
-        channels_last: bool = False,
-        compile: bool = False,
-        attention_slicing: int | str | None = None,
-        vae_tiling: bool = False,
+        **runtime: Any,
     ) -> Pipeline:
         """Build the model of a config (path or OmegaConf, plus ``key=value`` overrides) and load ``ckpt`` strictly.
 
-        ``ckpt=None`` keeps random weights (for tests). ``idle_device``, ``channels_last``, ``compile``,
-        ``attention_slicing`` and ``vae_tiling``: see the module docstring. Raises ConfigError / CheckpointError /
-        ValueError with a message naming the fix.
+        ``options``, or the same as keyword arguments (``device="cpu", precision="full", ...``; see
+        :class:`RuntimeOptions`). ``ckpt=None`` keeps random weights (for tests). Raises UserError (ConfigError,
+        CheckpointError) with a message naming the fix.
         """
+        if options is not None and runtime:
+            raise UserError(f"give RuntimeOptions or {', '.join(runtime)} as keywords, not both.")
+        options = options if options is not None else RuntimeOptions(**runtime)
         if isinstance(config, str | os.PathLike):
             config = load_config(config, overrides)
         else:
             config = apply_overrides(config, overrides)
-        device = resolve_device(device)
-        idle = resolve_device(idle_device, option="--idle_device") if idle_device is not None else None
-        check_precision(precision, device)
-        check_slice_size(attention_slicing)
-        if compile:
-            check_compile(device)  # here too, so that a failure comes before the (slow) loading
         geometry = LatentGeometry.from_config(config)
         model = load_model_from_config(config, ckpt, device="cpu", use_ema_weights=use_ema_weights)
-        if precision in ("fp16", "bf16"):
+        if options.precision in ("fp16", "bf16"):
             for stage in {id(s): s for s in (model.model, model.first_stage_model, model.cond_stage_model)}.values():
                 if stage is not None:
-                    stage.to(DTYPES[precision])
-        _place(model, device, idle)
-        vocabulary = config.get("vocabulary")
-        return cls(
-            model,
-            geometry,
-            device,
-            precision=precision,
-            idle_device=idle,
-            ckpt=ckpt,
-            vocabulary=vocabulary,
-            channels_last=channels_last,
-            compile=compile,
-            attention_slicing=attention_slicing,
-            vae_tiling=vae_tiling,
-        )
+                    stage.to(DTYPES[options.precision])
+        _place(model, options.device, options.idle_device)
+        return cls(model, geometry, options, ckpt=ckpt, vocabulary=config.get("vocabulary"))
 
     @functools.cached_property
     def model_hash(self) -> str | None:
@@ -256,9 +213,10 @@ class Pipeline:
         return model_hash(self.ckpt) if self.ckpt is not None else None
 
     def _autocast(self) -> Any:
-        if self.precision == "full" or (self.precision == "autocast" and self.device.type != "cuda"):
+        precision = self.options.precision
+        if precision == "full" or (precision == "autocast" and self.device.type != "cuda"):
             return nullcontext()
-        return torch.autocast(self.device.type, dtype=DTYPES[self.precision])
+        return torch.autocast(self.device.type, dtype=DTYPES[precision])
 
     @contextmanager
     def _active(self, stage: torch.nn.Module | None) -> Iterator[None]:
@@ -274,7 +232,7 @@ class Pipeline:
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents (B, C, h, w) -> images (B, 3, f*h, f*w); by tiles with ``vae_tiling``."""
-        if self.vae_tiling:
+        if self.options.vae_tiling:
             return tiled_decode(self.model.decode_first_stage, latents, self.geometry.factor)
         return self.model.decode_first_stage(latents)
 
@@ -320,139 +278,97 @@ class Pipeline:
         area = F.interpolate(mask_to_tensor(mask), size=init_latent.shape[-2:], mode="area")
         return init_latent, (area <= 0).float().to(self.device), cond, uncond
 
+    def generate(self, prompt: str | Sequence[str], **settings: Any) -> GenerationResult:
+        """Generate images: ``generate(prompt, steps=20, sampler="Euler a", seed=42, n=3)``.
+
+        ``prompt`` and every keyword of :class:`GenerationRequest` (``negative_prompt`` for ``negative_prompts``),
+        plus ``callback(step, denoised)`` after each sampler step (denoised: (B, C, h, w) latents) and ``progress``
+        (show the sampler's progress bar). See :meth:`run`.
+        """
+        callback, progress = settings.pop("callback", None), settings.pop("progress", True)
+        if "negative_prompt" in settings:
+            settings["negative_prompts"] = settings.pop("negative_prompt")
+        return self.run(GenerationRequest(prompt, **settings), callback=callback, progress=progress)
+
     @torch.no_grad()
-    def generate(
+    def run(
         self,
-        prompt: str | Sequence[str],
-        negative_prompt: str | Sequence[str] | None = None,
-        init_image: Image.Image | str | os.PathLike | None = None,
-        mask: Image.Image | str | os.PathLike | None = None,
-        strength: float | None = None,
-        steps: int = 50,
-        sampler: str = "ddim",
-        scale: float = 7.5,
-        seed: int | Sequence[int] | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        n: int = 1,
-        eta: float | None = None,
-        clip_skip: int = 1,
+        request: GenerationRequest,
         callback: Callable[[int, torch.Tensor], None] | None = None,
         progress: bool = True,
     ) -> GenerationResult:
-        """Generate ``n`` images per prompt in one batch.
+        """Generate the images of ``request`` in one batch.
 
-        Args:
-            prompt: a prompt, or a list of prompts (A1111 syntax: ``(word:1.3)``, ``[word]``, ``BREAK``, any length).
-            negative_prompt: one for all, or one per prompt; None means empty.
-            init_image: img2img / inpainting input (PIL image or path). Without height/width it keeps its size
-                rounded down to the model's multiple; see :func:`prepare_init_image`.
-            mask: inpainting mask of the init image's size, white = repaint. 9-channel inpainting models
-                (``LatentInpaintDiffusion``) get it as conditioning; other models keep the unmasked latent at every
-                step. Either way the unmasked pixels of the init image are pasted back, as CompVis's inpainting did.
-            strength: how much of the schedule img2img/inpainting runs: 0 returns the init image (through the VAE),
-                1 starts from noise. Default 0.75 for img2img (CompVis, and the scripts), 1.0 for inpainting.
-            steps, sampler, scale, eta: sampling settings (any name of ``ldm.models.diffusion.samplers``).
-            seed: image i gets ``seed + i`` (its own noise generator, so a batch equals single runs); a list gives
-                each image's seed; None draws one.
-            height, width: image size for txt2img; default the model's native size (512 for SD 1.x).
-            n: images per prompt.
-            clip_skip: 1 = the text encoder's configured layer, 2 = one layer earlier (A1111's CLIP skip).
-            callback: ``callback(step, denoised)`` after each sampler step, denoised: (B, C, h, w) latents.
-            progress: show the sampler's progress bar.
+        img2img keeps the init image's size rounded down to the model's multiple unless height/width are given
+        (see :func:`prepare_init_image`). A mask (white = repaint) goes to 9-channel inpainting models
+        (``LatentInpaintDiffusion``) as conditioning; other models keep the unmasked latent at every step. Either
+        way the unmasked pixels of the init image are pasted back, as CompVis's inpainting did.
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise ValueError("give at least one prompt.")
-        if self.vocabulary is not None:
-            for text in prompts:
-                unknown = unknown_words(text, self.vocabulary)
-                if unknown:
-                    warnings.warn(
-                        f"this model was trained on a small vocabulary; it does not know {', '.join(unknown)} "
-                        f"(in '{text}'). Known words: {', '.join(sorted(self.vocabulary))}.",
-                        stacklevel=2,
-                    )
-        if negative_prompt is None or isinstance(negative_prompt, str):
-            negatives = [negative_prompt or ""] * len(prompts)
-        else:
-            negatives = list(negative_prompt)
-            if len(negatives) != len(prompts):
-                raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts.")
-        if mask is not None and init_image is None:
-            raise ValueError("a mask needs an init image to inpaint.")
-        if init_image is not None and strength is None:
-            strength = 1.0 if mask is not None else 0.75
-        check_settings(
-            self.geometry,
-            steps=steps,
-            sampler=sampler,
-            scale=scale,
-            n=n,
-            strength=strength,
-            clip_skip=clip_skip,
-            eta=eta,
-        )
-        image = mask_image = None
-        if init_image is not None:
-            image, mask_image = prepare_init_image(init_image, mask, self.geometry, height, width)
-            width, height = image.size
-        height = height if height is not None else self.geometry.default_size
-        width = width if width is not None else self.geometry.default_size
-        self.geometry.check_size(height, width)
-        prompts = [p for p in prompts for _ in range(n)]
-        negatives = [p for p in negatives for _ in range(n)]
-        batch = len(prompts)
-        seeds = _seeds(seed, batch)
-
+        request = request.for_model(self.geometry)
+        self._warn_unknown_words(request.prompts)
+        prompts, negatives = request.image_prompts
+        batch, height, width = request.batch, request.height, request.width
         model = self.model
         with self._autocast():
             cond = uncond = None
             if model.cond_stage_model is not None:
                 with self._active(model.cond_stage_model):
-                    cond, uncond = encode_prompts(model, prompts, negatives, clip_skip)
+                    cond, uncond = encode_prompts(model, list(prompts), list(negatives), request.clip_skip)
             init_latent, latent_mask, cond, uncond = self._image_inputs(
-                image, mask_image, (height, width), cond, uncond, batch
+                request.init_image, request.mask, (height, width), cond, uncond, batch
             )
             latents = sample(
                 model,
-                sampler,
-                steps,
+                request.sampler,
+                request.steps,
                 cond,
                 uncond,
-                scale,
+                request.scale,
                 shape=self.geometry.latent_shape(batch, height, width),
-                noise=Noise(seeds, self.device),
+                noise=Noise(request.seeds, self.device),
                 init_latent=init_latent,
-                strength=strength if init_latent is not None else 1.0,
+                strength=request.strength if init_latent is not None else 1.0,
                 mask=latent_mask,
-                eta=eta,
+                eta=request.eta,
+                schedule=request.schedule,
                 callback=callback,
                 progress=progress,
             )
             if latent_mask is not None:
-                # Discrete samplers end on the model's estimate of the kept region; the init latent is exact there.
+                # Samplers end on the model's estimate of the kept region; the init latent is exact there.
                 latents = latent_mask * init_latent + (1.0 - latent_mask) * latents
             with self._active(model.first_stage_model):
                 images = tensor_to_images(self._decode(latents))
-        if mask_image is not None:
-            images = [Image.composite(generated, image, mask_image) for generated in images]
+        if request.mask is not None:
+            images = [Image.composite(generated, request.init_image, request.mask) for generated in images]
         return GenerationResult(
             images=images,
-            seeds=seeds,
-            prompts=prompts,
-            negative_prompts=negatives,
-            steps=steps,
-            sampler=sampler_label(sampler),
-            scale=scale,
+            seeds=list(request.seeds),
+            prompts=list(prompts),
+            negative_prompts=list(negatives),
+            steps=request.steps,
+            sampler=sampler_label(request.sampler, request.schedule),
+            scale=request.scale,
             width=width,
             height=height,
-            strength=strength if init_image is not None else None,
-            eta=eta,
-            clip_skip=clip_skip,
+            strength=request.strength,
+            eta=request.eta,
+            clip_skip=request.clip_skip,
             model_name=self.ckpt.stem if self.ckpt is not None else None,
             model_hash=self.model_hash,
         )
+
+    def _warn_unknown_words(self, prompts: Sequence[str]) -> None:
+        if self.vocabulary is None:
+            return
+        for text in prompts:
+            unknown = unknown_words(text, self.vocabulary)
+            if unknown:
+                warnings.warn(
+                    f"this model was trained on a small vocabulary; it does not know {', '.join(unknown)} "
+                    f"(in '{text}'). Known words: {', '.join(sorted(self.vocabulary))}.",
+                    stacklevel=3,
+                )
 
 
 def _place(model: torch.nn.Module, device: torch.device, idle_device: torch.device | None) -> None:

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from ldm.devices import gib
+from ldm.errors import UserError
 from ldm.geometry import DDPM_DEFAULT_CHANNELS, UNET_DEFAULT_CHANNEL_MULT
 from ldm.prompts import BREAK, parse_prompt_attention
 from ldm.util import config_value, positive_int, positive_ints
@@ -187,7 +188,7 @@ def check_memory(memory: MemoryEstimate, available: int | None, device: torch.de
     what, advice = MEMORY_PARTS[part]
     if part == "decoder" and vae_tiling:
         advice = "lower --H/--W or --n_samples"
-    raise ValueError(
+    raise UserError(
         f"out of memory: this run needs about {gib(memory.peak)} on {device}, most of it for {what} "
         f"({gib(getattr(memory, part))}), but {gib(available)} is available; {advice}."
     )

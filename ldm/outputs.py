@@ -1,5 +1,5 @@
-"""Everything between generated pixels and files: loading inputs, numbered outputs, grids, PNG metadata, model hashes,
-and the optional safety checker and invisible watermark.
+"""Everything between generated pixels and files: loading inputs, numbered outputs, grids, PNG metadata and model
+hashes (the safety checker and watermark are in :mod:`ldm.postprocess`).
 
 Output files follow CompVis: ``outdir/samples/00000.png, 00001.png, ...`` numbered after the highest existing file,
 and ``outdir/grid-0000.png``. Each PNG carries a ``parameters`` text chunk in AUTOMATIC1111's format, so A1111's
@@ -23,11 +23,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from ldm.devices import available_memory, gib
+from ldm.errors import UserError
 
 SAMPLE_NAME = re.compile(r"^(\d+)\.png$")
 GRID_NAME = re.compile(r"^grid-(\d+)\.png$")
@@ -49,7 +49,7 @@ def load_image(path: str | os.PathLike, what: str = "image", mode: str = "RGB") 
         needed = image.width * image.height * sum(1 if m in ("1", "L", "P") else 4 for m in (image.mode, mode))
         available = available_memory(torch.device("cpu"))
         if available is not None and needed > available:
-            raise ValueError(
+            raise UserError(
                 f"{what} '{path}' is {image.width}x{image.height}: decoding it needs about {gib(needed)} of memory "
                 f"but {gib(available)} is available; give a smaller image."
             )
@@ -78,9 +78,9 @@ def _open_image(path: Path, what: str) -> Image.Image:
         raise _unreadable(what, path, err) from None
 
 
-def _unreadable(what: str, path: Path, err: Exception) -> ValueError:
+def _unreadable(what: str, path: Path, err: Exception) -> UserError:
     reason = "not an image file PIL can read" if isinstance(err, UnidentifiedImageError) else str(err)
-    return ValueError(f"cannot read {what} '{path}': {reason}. Give a PNG or JPEG image.")
+    return UserError(f"cannot read {what} '{path}': {reason}. Give a PNG or JPEG image.")
 
 
 def read_prompt_file(path: str | os.PathLike) -> list[str]:
@@ -91,9 +91,9 @@ def read_prompt_file(path: str | os.PathLike) -> list[str]:
     try:
         prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"cannot read prompt file '{path}': {err}. Give a UTF-8 text file.") from None
+        raise UserError(f"cannot read prompt file '{path}': {err}. Give a UTF-8 text file.") from None
     if not prompts:
-        raise ValueError(f"prompt file '{path}' has no prompts; write one prompt a line.")
+        raise UserError(f"prompt file '{path}' has no prompts; write one prompt a line.")
     return prompts
 
 
@@ -341,148 +341,3 @@ def model_hash(path: str | os.PathLike) -> str:
     except OSError:
         pass
     return _hashes[key]
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Optional post-processing: safety checker and invisible watermark
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def safety_weights(directory: Path) -> Path | None:
-    """The weights file of a local safety checker copy, or None when ``directory`` does not hold one."""
-    if not (directory / "config.json").is_file():
-        return None
-    return next((directory / n for n in ("model.safetensors", "pytorch_model.bin") if (directory / n).is_file()), None)
-
-
-class SafetyChecker:
-    """The Stable Diffusion NSFW filter (the ``CompVis/stable-diffusion-safety-checker`` weights), run locally.
-
-    A CLIP vision tower embeds each image; an image is flagged when its cosine similarity to any of the stored
-    concept embeddings exceeds that concept's threshold (thresholds are lowered by 0.01 once an image comes close to
-    a "special care" concept). Flagged images are replaced by black ones.
-
-    Args:
-        directory: a local copy of the weights repository: ``config.json`` (a ``CLIPConfig``) and
-            ``model.safetensors`` or ``pytorch_model.bin``. Nothing is downloaded.
-        device: where the check runs.
-    """
-
-    HEAD_KEYS = (
-        "visual_projection.weight",
-        "concept_embeds",
-        "concept_embeds_weights",
-        "special_care_embeds",
-        "special_care_embeds_weights",
-    )
-
-    def __init__(self, directory: str | os.PathLike, device: torch.device | str = "cpu") -> None:
-        from transformers import CLIPConfig, CLIPVisionModel
-
-        from ldm.checkpoint import CheckpointError, load_state_dict_into, read_checkpoint
-
-        directory = Path(directory)
-        weights = safety_weights(directory)
-        if weights is None:
-            raise FileNotFoundError(f"no safety checker weights in '{directory}' (config.json + model.safetensors).")
-        config = CLIPConfig.from_json_file(str(directory / "config.json"))
-        state_dict, _ = read_checkpoint(weights)
-        missing = [k for k in self.HEAD_KEYS if k not in state_dict]
-        if missing:
-            raise CheckpointError(
-                f"{weights} is not a CompVis/stable-diffusion-safety-checker file: it lacks {', '.join(missing)}."
-            )
-        self.vision = CLIPVisionModel(config.vision_config)
-        own = self.vision.state_dict()
-        # Files saved with transformers < 5 nest the tower once more (``vision_model.vision_model.*``).
-        tower = {}
-        for key, value in state_dict.items():
-            if key.startswith("vision_model."):
-                name = key[len("vision_model.") :]
-                tower[name if name in own else name.removeprefix("vision_model.")] = value
-        try:
-            load_state_dict_into(self.vision, tower)
-        except CheckpointError as err:
-            raise CheckpointError(f"{weights} does not fit {directory / 'config.json'}: {err}") from None
-        self.projection = state_dict["visual_projection.weight"]
-        self.concepts = state_dict["concept_embeds"]
-        self.concept_thresholds = state_dict["concept_embeds_weights"]
-        self.special = state_dict["special_care_embeds"]
-        self.special_thresholds = state_dict["special_care_embeds_weights"]
-        self.size = config.vision_config.image_size
-        self.device = torch.device(device)
-        self.vision.to(self.device).eval()
-
-    def _pixels(self, image: Image.Image) -> torch.Tensor:
-        """CLIP preprocessing: shorter side to ``size`` (bicubic), centre crop, normalise -> (3, size, size)."""
-        scale = self.size / min(image.size)
-        w, h = max(self.size, round(image.width * scale)), max(self.size, round(image.height * scale))
-        image = image.resize((w, h), Image.Resampling.BICUBIC)
-        left, top = (w - self.size) // 2, (h - self.size) // 2
-        image = image.crop((left, top, left + self.size, top + self.size))
-        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        return (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
-
-    @torch.no_grad()
-    def flags(self, images: Sequence[Image.Image]) -> list[bool]:
-        """True for each image the filter flags as NSFW."""
-        pixels = torch.stack([self._pixels(im) for im in images]).to(self.device)
-        pooled = self.vision(pixel_values=pixels).pooler_output.float().cpu()
-        embeds = torch.nn.functional.normalize(pooled @ self.projection.float().T, dim=-1)
-        special = embeds @ torch.nn.functional.normalize(self.special.float(), dim=-1).T - self.special_thresholds
-        adjustment = (special > 0).any(dim=1, keepdim=True).float() * 0.01
-        concepts = embeds @ torch.nn.functional.normalize(self.concepts.float(), dim=-1).T - self.concept_thresholds
-        return ((concepts + adjustment) > 0).any(dim=1).tolist()
-
-    def __call__(self, images: Sequence[Image.Image]) -> tuple[list[Image.Image], list[bool]]:
-        """(images with flagged ones blacked out, the flags)."""
-        flagged = self.flags(images)
-        return [Image.new("RGB", im.size) if bad else im for im, bad in zip(images, flagged, strict=True)], flagged
-
-
-class Watermarker:
-    """The invisible watermark CompVis's scripts embed (``"StableDiffusionV1"``, DWT-DCT), via ``imwatermark``."""
-
-    TEXT = "StableDiffusionV1"
-    # The DWT-DCT embedding needs enough 4x4 blocks to hold the watermark's bits.
-    MIN_SIZE = 256
-
-    def __init__(self) -> None:
-        from imwatermark import WatermarkEncoder
-
-        self.encoder = WatermarkEncoder()
-        self.encoder.set_watermark("bytes", self.TEXT.encode())
-
-    def __call__(self, image: Image.Image) -> Image.Image:
-        """The watermarked image; images smaller than ``MIN_SIZE`` are returned unchanged."""
-        if min(image.size) < self.MIN_SIZE:
-            return image
-        bgr = np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
-        return Image.fromarray(np.ascontiguousarray(self.encoder.encode(bgr, "dwtDct")[:, :, ::-1]))
-
-
-def load_post_processing(
-    safety_dir: str | os.PathLike | None, device: torch.device | str = "cpu"
-) -> tuple[SafetyChecker | None, Watermarker | None, list[str]]:
-    """The safety checker and watermarker where their weights/packages are here, and a notice for each that is not.
-
-    Never downloads: the safety checker needs its files in ``safety_dir``, the watermark the ``invisible-watermark``
-    package (module ``imwatermark``).
-    """
-    notices: list[str] = []
-    checker = watermarker = None
-    safety_dir = Path(safety_dir) if safety_dir is not None else None
-    if safety_dir is not None and safety_weights(safety_dir) is not None:
-        checker = SafetyChecker(safety_dir, device)
-    else:
-        notices.append(
-            f"safety checker off: put the CompVis/stable-diffusion-safety-checker files (config.json, "
-            f"model.safetensors) in {safety_dir} to enable it."
-        )
-    try:
-        watermarker = Watermarker()
-    except ImportError:
-        notices.append("invisible watermark off: pip install invisible-watermark to enable it.")
-    return checker, watermarker, notices

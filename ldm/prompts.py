@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from ldm.errors import UserError
+
 ROUND_FACTOR = 1.1
 SQUARE_FACTOR = 1 / 1.1
 WEIGHT_LIMIT = 10.0
@@ -212,15 +214,15 @@ def encode_prompts(
         negative_prompts = [""] * len(prompts)
     negative_prompts = [negative_prompts] if isinstance(negative_prompts, str) else list(negative_prompts)
     if len(negative_prompts) != len(prompts):
-        raise ValueError(f"got {len(negative_prompts)} negative prompts for {len(prompts)} prompts")
+        raise UserError(f"got {len(negative_prompts)} negative prompts for {len(prompts)} prompts")
     if clip_skip < 1:
-        raise ValueError(f"clip_skip must be at least 1, got {clip_skip}")
+        raise UserError(f"clip_skip must be at least 1, got {clip_skip}")
 
     encoder = getattr(model, "cond_stage_model", None)
     token_level = getattr(encoder, "per_token", False) and getattr(model, "cond_stage_forward", None) is None
     if not token_level:
         if clip_skip != 1:
-            raise ValueError("clip_skip needs a CLIP text encoder as the model's cond stage; use clip_skip=1")
+            raise UserError("clip_skip needs a CLIP text encoder as the model's cond stage; use clip_skip=1")
         return model.get_learned_conditioning(prompts), model.get_learned_conditioning(negative_prompts)
 
     tokenizer = encoder.tokenizer

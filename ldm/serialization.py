@@ -45,6 +45,8 @@ from typing import Any, BinaryIO
 import torch
 from torch._weights_only_unpickler import Unpickler as WeightsOnlyUnpickler
 
+from ldm.errors import UserError
+
 # The first pickle of a legacy torch.save stream, and its protocol version.
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
@@ -69,7 +71,7 @@ TAR_MAGIC_OFFSET = 257
 _allow_list_lock = threading.Lock()
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
     """A checkpoint cannot be read or does not fit the model; the message says what to do."""
 
 

@@ -21,6 +21,8 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ldm.errors import UserError
+
 # Placeholders the original configs use for "no model here": the first stage doubles as the cond stage, or there is
 # no conditioning at all. Instantiating them yields None; the owning model knows what to do.
 SPECIAL_TARGETS = ("__is_first_stage__", "__is_unconditional__")
@@ -32,7 +34,7 @@ _building: contextvars.ContextVar[tuple[tuple[str, Mapping[str, Any]], ...]] = c
 )
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config names something that does not exist or does not fit; the message says where and how to fix it."""
 
 

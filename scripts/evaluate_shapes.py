@@ -30,9 +30,10 @@ from ldm.cli import ScriptParser
 from ldm.data.shapes import COLORS, COMBINATIONS, HOLDOUT, SHAPES, caption
 from ldm.data.shapes_checker import ATTRIBUTES, Prediction, accuracy, classify
 from ldm.devices import resolve_device
-from ldm.geometry import LatentGeometry, check_settings
+from ldm.geometry import LatentGeometry
 from ldm.inference import Pipeline
 from ldm.outputs import save_numbered
+from ldm.request import GenerationRequest
 from ldm.util import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,9 +148,9 @@ def evaluate(
         raise ValueError("give at least one combination to evaluate.")
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"the batch size must be at least 1, got {batch!r}.")
-    check_settings(pipeline.geometry, steps=steps, sampler=sampler, scale=scale, n=n)
-    if size is not None:
-        pipeline.geometry.check_size(size, size)
+    GenerationRequest("", steps=steps, sampler=sampler, scale=scale, n=n, height=size, width=size).for_model(
+        pipeline.geometry
+    )
     jobs = [(tuple(c), seed + p * n + k) for p, c in enumerate(combinations) for k in range(n)]
     samples = []
     for start in tqdm(range(0, len(jobs), batch), desc="evaluate", unit="batch", disable=not progress):
@@ -264,9 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ckpt = _existing(args.ckpt, DEFAULT_CKPT, "checkpoint", "--ckpt")
         combinations = seen_combinations(args.seen) + list(HOLDOUT)
         geometry = LatentGeometry.from_config(config)
-        check_settings(geometry, steps=args.steps, sampler=args.sampler, scale=args.scale, n=args.n)
-        if args.size is not None:
-            geometry.check_size(args.size, args.size)
+        settings = {"steps": args.steps, "sampler": args.sampler, "scale": args.scale, "n": args.n}
+        GenerationRequest("", **settings, height=args.size, width=args.size).for_model(geometry)
         if args.batch < 1:
             raise ValueError(f"--batch must be at least 1, got {args.batch}.")
         outdir, json_path = Path(args.outdir), Path(args.json) if args.json else None

@@ -6,12 +6,15 @@
 The EMA weights replace the trained ones when the checkpoint has them (``--no-ema`` keeps the trained ones). The
 config keeps only the ``model`` section, without the training-only links (the first stage's ``ckpt_path``), and with
 ``use_ema: false``, so it loads with any entry point: ``scripts/txt2img.py --config OUT/config.yaml --ckpt
-OUT/model.safetensors``. Nothing existing is overwritten unless ``--force`` is given.
+OUT/model.safetensors``. ``--vocabulary`` lists the words the model was trained on (from a caption folder, a word
+list or the shapes dataset), so that prompts with other words get a warning. Nothing existing is overwritten unless
+``--force`` is given.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -20,25 +23,47 @@ from omegaconf import OmegaConf
 
 from ldm.checkpoint import (
     SCHEDULE_BUFFERS,
-    CheckpointError,
     ema_to_model_keys,
     load_model_from_config,
     read_checkpoint,
     save_checkpoint,
 )
-from ldm.util import ConfigError, load_config
+from ldm.errors import UserError
+from ldm.util import load_config
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def vocabulary_of(name: str) -> list[str]:
-    """Known vocabularies: ``shapes`` (ldm.data.shapes)."""
-    if name != "shapes":
-        raise ValueError(f"unknown vocabulary '{name}'; known: shapes.")
-    from ldm.data.shapes import CAPTION, COLORS, SHAPES
+def words(text: str) -> set[str]:
+    """The words of a caption as the pipeline's vocabulary check splits them (lower-cased letters and digits)."""
+    return set(re.findall(r"[a-z0-9']+", text.lower()))
 
-    template_words = CAPTION.replace("{color}", "").replace("{shape}", "").replace("{background}", "").split()
-    return sorted({*COLORS, *SHAPES, *template_words})
+
+def vocabulary_of(source: str) -> list[str] | None:
+    """The words a model was trained on, for a warning at generation about the others; None lists none.
+
+    ``source``: ``none``; ``shapes`` (the words of ``ldm.data.shapes``' captions); a caption folder (the captions of
+    ``ldm.data.folder.CaptionFolder``: ``metadata.jsonl`` or ``image.txt`` pairs); or a text file of words.
+    """
+    if source == "none":
+        return None
+    if source == "shapes":
+        from ldm.data.shapes import CAPTION, COLORS, SHAPES
+
+        template = CAPTION.replace("{color}", "").replace("{shape}", "").replace("{background}", "")
+        return sorted({*COLORS, *SHAPES, *words(template)})
+    path = Path(source)
+    if path.is_dir():
+        from ldm.data.folder import CaptionFolder
+
+        vocabulary = set().union(*(words(caption) for _, caption in CaptionFolder(path).items))
+    elif path.is_file():
+        vocabulary = words(path.read_text(encoding="utf-8"))
+    else:
+        raise UserError(f"--vocabulary '{source}' is none of: none, shapes, a caption folder, a text file of words.")
+    if not vocabulary:
+        raise UserError(f"--vocabulary '{source}' holds no words; give captions or words, or --vocabulary none.")
+    return sorted(vocabulary)
 
 
 def export(config_path: Path, ckpt: Path, out: Path, dtype: str, use_ema: bool, vocabulary: str | None) -> None:
@@ -51,8 +76,9 @@ def export(config_path: Path, ckpt: Path, out: Path, dtype: str, use_ema: bool, 
         first_stage.params.pop("ckpt_path", None)
         first_stage.params.pop("ignore_keys", None)
     params.pop("ckpt_path", None)
-    if vocabulary:
-        model_config.vocabulary = vocabulary_of(vocabulary)
+    known = vocabulary_of(vocabulary) if vocabulary is not None else None
+    if known is not None:
+        model_config.vocabulary = known
 
     state_dict, _ = read_checkpoint(ckpt)
     if use_ema and any(k.startswith("model_ema.") for k in state_dict):
@@ -78,15 +104,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder for model.safetensors and config.yaml")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weight precision to store")
     parser.add_argument("--no-ema", action="store_true", help="export the trained weights, not the EMA ones")
-    parser.add_argument("--vocabulary", default=None, help="list this vocabulary in the config (shapes)")
+    parser.add_argument(
+        "--vocabulary",
+        default=None,
+        help="list the words the model knows in its config, for a warning about others: shapes, a caption folder "
+        "(its captions' words), a text file of words, or none (the default)",
+    )
     parser.add_argument("--force", action="store_true", help="replace an existing export in --out")
     args = parser.parse_args(argv)
     try:
         existing = [p for p in (args.out / "model.safetensors", args.out / "config.yaml") if p.exists()]
         if existing and not args.force:
-            raise ValueError(f"{existing[0]} exists; pass --force to replace it.")
+            raise UserError(f"{existing[0]} exists; pass --force to replace it.")
         export(args.config, args.ckpt, args.out, args.dtype, not args.no_ema, args.vocabulary)
-    except (ConfigError, CheckpointError, ValueError, OSError) as err:
+    except (UserError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     size = sum(p.stat().st_size for p in args.out.iterdir() if p.is_file())

@@ -336,7 +336,7 @@ def test_a_big_endian_legacy_file_is_refused(tmp_path):
 def test_a_safety_checker_file_of_another_kind_is_one_line(tmp_path):
     from safetensors.torch import save_file
 
-    from ldm.outputs import load_post_processing
+    from ldm.postprocess import load_post_processing
 
     folder = tmp_path / "safety_checker"
     folder.mkdir()

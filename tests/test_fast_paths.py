@@ -26,6 +26,7 @@ from ldm.modules import attention as attention_module
 from ldm.modules.attention import attention, set_attention_slicing
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.modules.tiling import tiled_decode
+from ldm.request import RuntimeOptions
 from ldm.util import load_config
 
 DEMO = Path(__file__).resolve().parents[1] / "models" / "ldm" / "shapes"
@@ -294,7 +295,7 @@ def test_channels_last_and_sliced_attention_give_the_plain_images(plain, tiny_co
 
 
 def test_vae_tiling_decodes_large_latents_by_tiles(plain, tiny_config, tiny_dir, monkeypatch):
-    tiled = Pipeline(plain.model, plain.geometry, "cpu", precision="full", vae_tiling=True)
+    tiled = Pipeline(plain.model, plain.geometry, RuntimeOptions("cpu", precision="full", vae_tiling=True))
     calls = []
 
     def small_tiles(decode, z, factor):

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from ldm.devices import check_precision
+from ldm.errors import UserError
 from ldm.geometry import LatentGeometry, prepare_init_image
 from ldm.inference import Pipeline, image_to_tensor
 from ldm.models.diffusion.ddpm import LatentInpaintDiffusion
@@ -25,6 +26,7 @@ from ldm.outputs import (
     read_parameters,
     save_numbered,
 )
+from ldm.request import RuntimeOptions
 from ldm.util import apply_overrides
 
 INPAINT_OVERRIDES = [
@@ -128,8 +130,12 @@ def test_bad_settings_are_value_errors_naming_the_fix(pipe):
         pipe.generate("a", mask=center_mask())
     with pytest.raises(ValueError, match="the guidance scale must be in -100..100"):
         pipe.generate("a", steps=2, height=16, width=16, scale=1e308)
-    for seed, n in ((-1, 1), (2**64 - 1, 2), ([1, 2**64], 2)):
-        with pytest.raises(ValueError, match=f"seed {2**64 if n == 2 else -1} is out of range"):
+    for seed, n, message in (
+        (-1, 1, "seed -1 is out of range"),
+        (2**64 - 1, 2, f"would give the last of 2 images the seed {2**64}, past the largest seed {2**64 - 1}"),
+        ([1, 2**64], 2, f"seed {2**64} is out of range"),
+    ):
+        with pytest.raises(UserError, match=message):
             pipe.generate("a", steps=2, height=16, width=16, seed=seed, n=n)
     with pytest.raises(ValueError, match="fp16 needs a GPU"):
         check_precision("fp16", torch.device("cpu"))
@@ -240,7 +246,7 @@ def test_bf16_weights_run_on_the_cpu_and_stay_close_to_full_precision(tiny_confi
 
 
 def test_idle_device_stages_move_in_only_while_used(pipe, monkeypatch):
-    idle = Pipeline(pipe.model, pipe.geometry, "cpu", precision="full", idle_device="cpu")
+    idle = Pipeline(pipe.model, pipe.geometry, RuntimeOptions("cpu", precision="full", idle_device="cpu"))
     moves = []
     for stage in (pipe.model.first_stage_model, pipe.model.cond_stage_model):
         to = stage.to
@@ -341,7 +347,7 @@ def write_safety_checker(folder, concept_threshold: float) -> None:
 
 
 def test_safety_checker_runs_from_local_files_and_blacks_out_flagged_images(tmp_path):
-    from ldm.outputs import load_post_processing
+    from ldm.postprocess import load_post_processing
 
     images = [random_image((48, 40), seed=i) for i in range(2)]
     # Cosine similarities lie in [-1, 1]: a threshold of -2 flags every image, one of 2 none.

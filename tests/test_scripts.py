@@ -273,7 +273,9 @@ def test_an_absent_idle_device_is_an_error_naming_its_flag(tiny_files, tmp_path,
 def test_speed_flags_reach_the_pipeline(tiny_files, tmp_path, capsys, monkeypatch):
     options = []
     from_config = cli.Pipeline.from_config
-    monkeypatch.setattr(cli.Pipeline, "from_config", lambda *a, **kw: options.append(kw) or from_config(*a, **kw))
+    monkeypatch.setattr(
+        cli.Pipeline, "from_config", lambda *a, **kw: options.append(vars(a[2])) or from_config(*a, **kw)
+    )
     out = tmp_path / "out"
     args = tiny_args(tiny_files, "--H", "16", "--W", "16", "--n_samples", "1", "--n_iter", "1", "--skip_grid",
                      "--outdir", str(out), "--channels_last", "--attention_slicing", "--vae_tiling", "--idle_device",
@@ -351,7 +353,7 @@ def sd_args(tmp_path) -> list[str]:
 def test_stable_diffusion_at_its_defaults_is_planned_on_a_24_gib_machine(sd_args, monkeypatch):
     free_memory(monkeypatch, 24 * 2**30)
     job = cli.plan("txt2img", cli.build_parser("txt2img").parse_args(sd_args))
-    assert job.memory.peak < 8 * 2**30 and (job.generate["height"], job.generate["width"]) == (512, 512)
+    assert job.memory.peak < 8 * 2**30 and (job.request.height, job.request.width) == (512, 512)
 
 
 @pytest.mark.parametrize(
@@ -450,7 +452,7 @@ def raising(error: BaseException):
 )
 def test_running_out_of_memory_mid_run_is_one_line_naming_the_files_written(tiny_files, tmp_path, capsys,
                                                                            monkeypatch, error):  # fmt: skip
-    replace_call(monkeypatch, cli.Pipeline, "generate", 3, raising(error))
+    replace_call(monkeypatch, cli.Pipeline, "run", 3, raising(error))
     out = tmp_path / "out"
     args = tiny_args(tiny_files, "--H", "16", "--W", "16", "--n_samples", "1", "--n_iter", "3", "--outdir", str(out))
     code = cli.main("txt2img", args)
@@ -463,10 +465,12 @@ def test_running_out_of_memory_mid_run_is_one_line_naming_the_files_written(tiny
     assert sorted(os.listdir(out / "samples")) == ["00000.png", "00001.png"] and not list(out.glob("grid-*"))
 
 
-def test_a_bug_mid_run_is_not_dressed_up_as_bad_input(tiny_files, tmp_path, monkeypatch):
-    bug = RuntimeError("mat1 and mat2 shapes cannot be multiplied")
-    replace_call(monkeypatch, cli.Pipeline, "generate", 1, raising(bug))
-    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+@pytest.mark.parametrize("kind", [RuntimeError, ValueError])
+def test_a_bug_mid_run_is_not_dressed_up_as_bad_input(kind, tiny_files, tmp_path, monkeypatch):
+    # Only UserError (and OSError) is bad input: an internal ValueError is a bug and keeps its traceback.
+    bug = kind("mat1 and mat2 shapes cannot be multiplied")
+    replace_call(monkeypatch, cli.Pipeline, "run", 1, raising(bug))
+    with pytest.raises(kind, match="shapes cannot be multiplied"):
         cli.main("txt2img", tiny_args(tiny_files, "--H", "16", "--W", "16", "--outdir", str(tmp_path / "out")))
 
 
@@ -506,6 +510,6 @@ def test_txt2img_defaults_to_the_size_the_model_was_trained_at(tmp_path, config,
     args = ["--config", str(ROOT / config), "--ckpt", str(tmp_path / "model.ckpt"), "--device", "cpu",
             "--n_samples", "1"]  # fmt: skip
     job = cli.plan("txt2img", cli.build_parser("txt2img").parse_args(args))
-    assert (job.generate["height"], job.generate["width"]) == (side, side)
+    assert (job.request.height, job.request.width) == (side, side)
     job = cli.plan("txt2img", cli.build_parser("txt2img").parse_args([*args, "--H", "128"]))
-    assert (job.generate["height"], job.generate["width"]) == (128, side)
+    assert (job.request.height, job.request.width) == (128, side)

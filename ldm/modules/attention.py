@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.errors import UserError
 from ldm.modules.diffusionmodules.util import checkpoint, zero_module
 
 # "auto" slicing keeps each slice's score matrix (batch x heads x slice x keys) at most this many elements
@@ -41,11 +42,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slice_size: int
 
 
 def check_slice_size(slice_size: int | str | None) -> None:
-    """ValueError unless ``slice_size`` is a positive int, "auto" or None."""
+    """UserError unless ``slice_size`` is a positive int, "auto" or None."""
     valid = slice_size is None or slice_size == "auto"
     valid = valid or (isinstance(slice_size, int) and not isinstance(slice_size, bool) and slice_size > 0)
     if not valid:
-        raise ValueError(f"the attention slice size must be a positive integer, 'auto' or None, got {slice_size!r}.")
+        raise UserError(f"the attention slice size must be a positive integer, 'auto' or None, got {slice_size!r}.")
 
 
 def set_attention_slicing(model: nn.Module, slice_size: int | str | None) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ldm.errors import UserError
 from ldm.models.diffusion.guidance import Denoiser, GuidedEps
 from ldm.models.diffusion.noise import Noise
 
@@ -31,7 +32,7 @@ def reject_unsupported(**arguments: Any) -> None:
     """Legacy arguments that would change the result but are not implemented: refuse them rather than ignore them."""
     given = [name for name, value in arguments.items() if value not in (None, False)]
     if given:
-        raise ValueError(f"{', '.join(given)} not supported by this sampler (it would silently change the result).")
+        raise UserError(f"{', '.join(given)} not supported by this sampler (it would silently change the result).")
 
 
 class CompVisSampler:
@@ -64,7 +65,7 @@ class CompVisSampler:
             start = torch.randn(size, device=self.device) if noise is None else noise.randn(size)
             return start.to(self.device)
         if tuple(x_T.shape) != size:
-            raise ValueError(f"x_T has shape {tuple(x_T.shape)}; expected (batch_size, *shape) = {size}.")
+            raise UserError(f"x_T has shape {tuple(x_T.shape)}; expected (batch_size, *shape) = {size}.")
         return x_T
 
     @torch.no_grad()
@@ -112,7 +113,7 @@ class CompVisSampler:
             ucg_schedule=ucg_schedule,
         )
         if (mask is None) != (x0 is None):
-            raise ValueError("inpainting needs both mask and x0 (the known latent), or neither.")
+            raise UserError("inpainting needs both mask and x0 (the known latent), or neither.")
         loop, sigmas, timestep, options = self._plan(S, eta, temperature, noise_dropout, verbose)
         size = (int(batch_size), *(int(s) for s in shape))
         x_T = self._start(size, x_T, noise)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ldm.errors import UserError
 from ldm.models.diffusion.compvis_sampler import CompVisSampler, to_sigma_view, to_xt
 from ldm.models.diffusion.guidance import Denoiser, GuidedEps
 from ldm.models.diffusion.noise import Noise
@@ -56,7 +57,7 @@ class DDIMGridSampler(CompVisSampler):
 
     def _require_table(self) -> DDIMSchedule:
         if self.table is None:
-            raise ValueError("no schedule yet: call make_schedule(ddim_num_steps, ...) first.")
+            raise UserError("no schedule yet: call make_schedule(ddim_num_steps, ...) first.")
         return self.table
 
 
@@ -66,9 +67,9 @@ def _as_indices(t: torch.Tensor | Sequence[int] | int, batch_size: int, limit: i
     if len(indices) == 1:
         indices = indices * batch_size
     if len(indices) != batch_size:
-        raise ValueError(f"t has {len(indices)} entries for a batch of {batch_size}.")
+        raise UserError(f"t has {len(indices)} entries for a batch of {batch_size}.")
     if any(not 0 <= i <= limit for i in indices):
-        raise ValueError(f"t must be step indices in 0..{limit} (0..S, S = top of the schedule), got {indices}.")
+        raise UserError(f"t must be step indices in 0..{limit} (0..S, S = top of the schedule), got {indices}.")
     return [int(i) for i in indices]
 
 
@@ -132,10 +133,10 @@ class DDIMSampler(DDIMGridSampler):
         try:
             t_start = operator.index(t_start)
         except TypeError:
-            raise ValueError(f"t_start must be an integer step count, got {t_start!r}.") from None
+            raise UserError(f"t_start must be an integer step count, got {t_start!r}.") from None
         total = len(sigmas) - 1
         if not 0 <= t_start <= total:
-            raise ValueError(f"t_start must be in 0..{total} (the number of steps), got {t_start}.")
+            raise UserError(f"t_start must be in 0..{total} (the number of steps), got {t_start}.")
         if t_start == 0:
             return x_latent
         sigmas = sigmas[total - t_start :]

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ldm.errors import UserError
 from ldm.models.diffusion.compvis_sampler import CompVisSampler
 from ldm.models.diffusion.sampling import sample_dpmpp_2m
 from ldm.models.diffusion.schedules import DiscreteSchedule, get_sigmas, model_timesteps
@@ -39,14 +40,14 @@ class DPMSolverSampler(CompVisSampler):
     ) -> tuple[Callable[..., torch.Tensor], torch.Tensor, Callable[[float], float], dict[str, Any]]:
         # The legacy DDIM noise options have no DPM-Solver meaning; the original ignores eta (deterministic solver).
         if temperature != 1.0:
-            raise ValueError(f"DPMSolverSampler supports only temperature=1, got {temperature}.")
+            raise UserError(f"DPMSolverSampler supports only temperature=1, got {temperature}.")
         if noise_dropout != 0.0:
-            raise ValueError(f"DPMSolverSampler supports only noise_dropout=0, got {noise_dropout}.")
+            raise UserError(f"DPMSolverSampler supports only noise_dropout=0, got {noise_dropout}.")
         if eta < 0:
-            raise ValueError(f"eta must be >= 0, got {eta}.")
+            raise UserError(f"eta must be >= 0, got {eta}.")
         num_timesteps = self.discrete.num_timesteps
         if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= num_timesteps:
-            raise ValueError(f"S (number of steps) must be in 1..{num_timesteps}, got {steps!r}.")
+            raise UserError(f"S (number of steps) must be in 1..{num_timesteps}, got {steps!r}.")
         sigmas = get_sigmas("dpm_solver", steps, self.discrete)
         loop = partial(sample_dpmpp_2m, lower_order_final=True)
         return loop, sigmas, model_timesteps("dpm_solver", steps, self.discrete), {}
@@ -63,6 +64,6 @@ class DPMSolverSampler(CompVisSampler):
         known = set(inspect.signature(CompVisSampler.sample).parameters)
         unknown = sorted(key for key, value in kwargs.items() if key not in known and value is not None)
         if unknown:
-            raise ValueError(f"DPMSolverSampler.sample got unsupported arguments: {', '.join(unknown)}.")
+            raise UserError(f"DPMSolverSampler.sample got unsupported arguments: {', '.join(unknown)}.")
         samples, _ = super().sample(S, batch_size, shape, *args, **{k: v for k, v in kwargs.items() if k in known})
         return samples, None

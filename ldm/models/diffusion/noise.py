@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ldm.errors import UserError
+
 # torch.Generator.manual_seed takes 0..2**64 - 1; it would also take negative seeds down to -2**63, but as their
 # two's complement (-1 is 2**64 - 1), so two seeds would name one image.
 MAX_SEED = 2**64 - 1
@@ -19,7 +21,7 @@ MAX_SEED = 2**64 - 1
 def check_seed(seed: int, what: str = "seed") -> int:
     """``seed`` if it is an integer in 0..MAX_SEED, else ValueError naming ``what`` and the range."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"{what} {seed!r} is out of range: seeds are integers in 0..{MAX_SEED} (2**64 - 1).")
+        raise UserError(f"{what} {seed!r} is out of range: seeds are integers in 0..{MAX_SEED} (2**64 - 1).")
     return seed
 
 

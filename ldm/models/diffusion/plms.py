@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ldm.errors import UserError
 from ldm.models.diffusion.ddim import DDIMGridSampler
 from ldm.models.diffusion.sampling import sample_plms
 
@@ -21,9 +22,9 @@ class PLMSSampler(DDIMGridSampler):
         self, ddim_num_steps: int, ddim_discretize: str = "uniform", ddim_eta: float = 0.0, verbose: bool = True
     ) -> None:
         if ddim_eta != 0:
-            raise ValueError(f"ddim_eta must be 0 for PLMS, got {ddim_eta}.")
+            raise UserError(f"ddim_eta must be 0 for PLMS, got {ddim_eta}.")
         if ddim_discretize != "uniform":
-            raise ValueError(f"PLMS runs on the uniform DDIM grid; ddim_discretize '{ddim_discretize}' is not one.")
+            raise UserError(f"PLMS runs on the uniform DDIM grid; ddim_discretize '{ddim_discretize}' is not one.")
         super().make_schedule(ddim_num_steps, ddim_discretize, ddim_eta, verbose)
 
     def _plan(

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ldm.errors import UserError
 from ldm.models.diffusion import sampling
 from ldm.models.diffusion.guidance import Denoiser, GuidedEps
 from ldm.models.diffusion.noise import Noise
@@ -158,13 +159,13 @@ def sampler_names() -> list[str]:
 
 
 def resolve_sampler(name: str, schedule: str | None = None) -> tuple[SamplerSpec, str]:
-    """``"DPM++ 2M Karras"`` -> (the DPM++ 2M spec, ``"karras"``). Unknown names raise ValueError listing the known.
+    """``"DPM++ 2M Karras"`` -> (the DPM++ 2M spec, ``"karras"``). Unknown names raise UserError listing the known.
 
     ``schedule`` (a name of :data:`SIGMA_SCHEDULES`, or A1111's "Automatic"/None) overrides the name's suffix.
     """
     key = _normalise(name)
     if not key:
-        raise ValueError(f"the sampler name {name!r} is empty; give one of {', '.join(sampler_names())}.")
+        raise UserError(f"the sampler name {name!r} is empty; give one of {', '.join(sampler_names())}.")
     specs = _by_name()
     suffix = None
     if key not in specs:
@@ -173,15 +174,15 @@ def resolve_sampler(name: str, schedule: str | None = None) -> tuple[SamplerSpec
             key, suffix = head, SCHEDULE_NAMES[tail]
     spec = specs.get(key)
     if spec is None:
-        raise ValueError(f"unknown sampler '{name}'. Known samplers: {', '.join(sampler_names())}.")
+        raise UserError(f"unknown sampler '{name}'. Known samplers: {', '.join(sampler_names())}.")
     if schedule is not None and _normalise(schedule) not in ("", "automatic", "default"):
         if _normalise(schedule) not in SCHEDULE_NAMES:
             known = ", ".join(SIGMA_SCHEDULES)
-            raise ValueError(f"unknown schedule '{schedule}'. Known schedules: {known} (or automatic).")
+            raise UserError(f"unknown schedule '{schedule}'. Known schedules: {known} (or automatic).")
         suffix = SCHEDULE_NAMES[_normalise(schedule)]
     chosen = suffix or spec.schedule
     if chosen != spec.schedule and not spec.schedules:
-        raise ValueError(f"sampler '{spec.label}' runs on its own grid ({spec.schedule}); it has no {chosen} schedule.")
+        raise UserError(f"sampler '{spec.label}' runs on its own grid ({spec.schedule}); it has no {chosen} schedule.")
     return spec, chosen
 
 
@@ -202,22 +203,22 @@ def check_sampling_arguments(
     """
     spec, schedule = resolve_sampler(sampler, schedule)
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= num_timesteps:
-        raise ValueError(f"steps must be an integer in 1..{num_timesteps}, got {steps!r}.")
+        raise UserError(f"steps must be an integer in 1..{num_timesteps}, got {steps!r}.")
     if spec.discard_penultimate_sigma and steps == num_timesteps:
-        raise ValueError(f"{spec.label} computes steps + 1 sigmas: steps must be at most {num_timesteps - 1}.")
+        raise UserError(f"{spec.label} computes steps + 1 sigmas: steps must be at most {num_timesteps - 1}.")
     if not (math.isfinite(scale) and abs(scale) <= MAX_SCALE):
-        raise ValueError(f"the guidance scale must be in -{MAX_SCALE}..{MAX_SCALE} (7.5 is usual), got {scale}.")
+        raise UserError(f"the guidance scale must be in -{MAX_SCALE}..{MAX_SCALE} (7.5 is usual), got {scale}.")
     if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength must be in [0, 1] (0 keeps the input, 1 replaces it), got {strength}.")
+        raise UserError(f"strength must be in [0, 1] (0 keeps the input, 1 replaces it), got {strength}.")
     if eta is not None:
         if not math.isfinite(eta) or eta < 0:
-            raise ValueError(f"eta must be >= 0, got {eta}.")
+            raise UserError(f"eta must be >= 0, got {eta}.")
         implied = 1.0 if spec.stochastic else 0.0
         if spec.eta is None and eta != implied:
             hint = "use DDIM or an ancestral sampler for another eta" if spec.stochastic else "it is deterministic"
-            raise ValueError(f"sampler '{spec.label}' only works with eta = {implied:g} ({hint}), got {eta:g}.")
+            raise UserError(f"sampler '{spec.label}' only works with eta = {implied:g} ({hint}), got {eta:g}.")
     if not img2img and strength != 1.0:
-        raise ValueError("strength is for img2img: give init_latent too.")
+        raise UserError("strength is for img2img: give init_latent too.")
     return spec, schedule
 
 
@@ -290,23 +291,23 @@ def sample(
     reference = init_latent if init_latent is not None else x_T
     if shape is None:
         if reference is None:
-            raise ValueError("give shape=(B, C, h, w), x_T or init_latent.")
+            raise UserError("give shape=(B, C, h, w), x_T or init_latent.")
         shape = tuple(reference.shape)
     shape = tuple(int(s) for s in shape)
     if reference is not None and tuple(reference.shape) != shape:
-        raise ValueError(
+        raise UserError(
             f"{'init_latent' if init_latent is not None else 'x_T'} has shape "
             f"{tuple(reference.shape)}, expected {shape}."
         )
     if mask is not None:
         if init_latent is None:
-            raise ValueError("a mask needs init_latent (the latent whose mask-1 region is kept).")
+            raise UserError("a mask needs init_latent (the latent whose mask-1 region is kept).")
         if mask.dim() != 4 or mask.shape[-2:] != init_latent.shape[-2:] or mask.shape[0] not in (1, shape[0]):
-            raise ValueError(f"mask has shape {tuple(mask.shape)}; expected (B or 1, 1, {shape[2]}, {shape[3]}).")
+            raise UserError(f"mask has shape {tuple(mask.shape)}; expected (B or 1, 1, {shape[2]}, {shape[3]}).")
     if noise is None:
         noise = Noise.from_seed(None, shape[0], model.alphas_cumprod.device)
     elif len(noise) != shape[0]:
-        raise ValueError(f"noise has {len(noise)} seeds for a batch of {shape[0]}.")
+        raise UserError(f"noise has {len(noise)} seeds for a batch of {shape[0]}.")
 
     eps = GuidedEps(model, cond, uncond, scale)
     timestep = model_timesteps(schedule, steps, eps.schedule)

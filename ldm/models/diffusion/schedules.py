@@ -22,6 +22,8 @@ from typing import NamedTuple
 
 import torch
 
+from ldm.errors import UserError
+
 
 class DiscreteSchedule:
     """The model's discrete noise levels, continued to fractional timesteps by interpolating log-sigma.
@@ -97,14 +99,14 @@ def make_ddim_timesteps(num_steps: int, num_timesteps: int = 1000, discretize: s
     try:
         steps = operator.index(num_steps)
     except TypeError:
-        raise ValueError(f"the number of steps S must be an integer, got {num_steps!r}.") from None
+        raise UserError(f"the number of steps S must be an integer, got {num_steps!r}.") from None
     if not 1 <= steps <= num_timesteps:
-        raise ValueError(f"the number of steps S must be in 1..{num_timesteps}, got {steps}.")
+        raise UserError(f"the number of steps S must be in 1..{num_timesteps}, got {steps}.")
     if discretize == "quad":
         ramp = torch.linspace(0, math.sqrt(num_timesteps * 0.8), steps, dtype=torch.float64) ** 2
         return sorted({int(t) + 1 for t in ramp.tolist()})
     if discretize != "uniform":
-        raise ValueError(f"ddim_discretize must be 'uniform' or 'quad', got '{discretize}'.")
+        raise UserError(f"ddim_discretize must be 'uniform' or 'quad', got '{discretize}'.")
     if steps == num_timesteps:
         return list(range(num_timesteps))
     stride = num_timesteps // steps
@@ -145,7 +147,7 @@ def ddim_coefficients(alphas_cumprod: torch.Tensor, timesteps: Sequence[int], et
     """
     eta = float(eta)
     if not math.isfinite(eta) or eta < 0:
-        raise ValueError(f"eta must be >= 0 (0 = deterministic DDIM, 1 = ancestral), got {eta}.")
+        raise UserError(f"eta must be >= 0 (0 = deterministic DDIM, 1 = ancestral), got {eta}.")
     table = alphas_cumprod.detach().to("cpu", torch.float64)
     timesteps = [int(t) for t in timesteps]
     alphas = table[timesteps]
@@ -153,7 +155,7 @@ def ddim_coefficients(alphas_cumprod: torch.Tensor, timesteps: Sequence[int], et
     sigmas = eta * ((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev)).sqrt()
     # The deterministic part of a step keeps a share sqrt(1 - a_prev - sigma^2) of eps; it must stay real.
     if bool((1 - alphas_prev - sigmas**2 < -1e-12).any()):
-        raise ValueError(f"eta = {eta} is too large: a step's noise would exceed its variance; use eta in 0..1.")
+        raise UserError(f"eta = {eta} is too large: a step's noise would exceed its variance; use eta in 0..1.")
     return DDIMSchedule(timesteps, alphas, alphas_prev, sigmas)
 
 
@@ -239,7 +241,7 @@ step, and the result the model's ``x_t`` at the last, which lies above sigma 0."
 def get_sigmas(name: str, steps: int, schedule: DiscreteSchedule) -> torch.Tensor:
     """The (steps + 1,) sigmas of the named schedule for a model with this discrete schedule."""
     if name not in SIGMA_SCHEDULES:
-        raise ValueError(f"unknown schedule '{name}'. Known schedules: {', '.join(SIGMA_SCHEDULES)}.")
+        raise UserError(f"unknown schedule '{name}'. Known schedules: {', '.join(SIGMA_SCHEDULES)}.")
     return SIGMA_SCHEDULES[name](steps, schedule)
 
 

@@ -17,6 +17,7 @@ from open_clip.model import _build_text_tower
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from ldm.errors import UserError
 from ldm.modules.encoders.tokenizer import EOS_TOKEN_ID, CLIPTokenizer
 
 # Text tower of OpenAI CLIP ViT-L/14, the SD 1.x text encoder.
@@ -156,7 +157,7 @@ class FrozenCLIPEmbedder(AbstractEncoder):
         top = self.layer_idx % (num_layers + 1) if self.layer == "hidden" else num_layers
         index = top - (clip_skip - 1)
         if clip_skip < 1 or index < 0 or (self.layer == "pooled" and clip_skip != 1):
-            raise ValueError(f"clip_skip={clip_skip} is out of range for layer={self.layer!r} of {num_layers} layers")
+            raise UserError(f"clip_skip={clip_skip} is out of range for layer={self.layer!r} of {num_layers} layers")
         # Explicit position ids: the model's own ``position_ids`` buffer is not in the state dict, so it would be
         # left uninitialised by a meta-device construction followed by ``load_state_dict(assign=True)``.
         position_ids = torch.arange(tokens.shape[1], device=tokens.device)[None]
@@ -258,7 +259,7 @@ class FrozenOpenCLIPEmbedder(AbstractEncoder):
         blocks = self.model.transformer.resblocks
         num_blocks = len(blocks) - self.layer_idx - (clip_skip - 1)
         if clip_skip < 1 or num_blocks < 0:
-            raise ValueError(f"clip_skip={clip_skip} is out of range for layer={self.layer!r} of {len(blocks)} blocks")
+            raise UserError(f"clip_skip={clip_skip} is out of range for layer={self.layer!r} of {len(blocks)} blocks")
         x = self.model.token_embedding(tokens) + self.model.positional_embedding[: tokens.shape[1]]
         # Built here rather than taken from the tower's ``attn_mask`` buffer, which is not in the state dict and would
         # stay uninitialised after a meta-device construction.

@@ -1,0 +1,194 @@
+"""What a user asks for, checked once: how to run the model (:class:`RuntimeOptions`) and what to generate
+(:class:`GenerationRequest`).
+
+Both are frozen and check themselves when made, so a value of either type is a valid request: the scripts, the
+Python API and the server build one at the top, before any model is loaded, and hand it on. Bad input raises
+:class:`~ldm.errors.UserError` naming the fix. What depends on the model (step count, image sizes) is checked by
+:meth:`GenerationRequest.for_model` against the model's :class:`~ldm.geometry.LatentGeometry`, read from its config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from ldm.devices import check_compile, check_precision, resolve_device
+from ldm.errors import UserError
+from ldm.geometry import LatentGeometry, prepare_init_image
+from ldm.models.diffusion.noise import MAX_SEED, Noise, check_seed
+from ldm.models.diffusion.samplers import check_sampling_arguments, resolve_sampler
+from ldm.modules.attention import check_slice_size
+
+ImageInput = Image.Image | str | os.PathLike
+
+# CompVis's img2img default, also A1111's; inpainting repaints the masked region from scratch.
+IMG2IMG_STRENGTH = 0.75
+INPAINT_STRENGTH = 1.0
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """Where and how a model runs; see :mod:`ldm.inference` for what each speed and memory option does.
+
+    ``device=None`` picks the best available (CUDA, then MPS, then the CPU); after construction ``device`` and
+    ``idle_device`` are torch.devices.
+    """
+
+    device: torch.device | str | None = None
+    precision: str = "autocast"
+    idle_device: torch.device | str | None = None
+    channels_last: bool = False
+    compile: bool = False
+    attention_slicing: int | str | None = None
+    vae_tiling: bool = False
+
+    def __post_init__(self) -> None:
+        device = resolve_device(self.device)
+        object.__setattr__(self, "device", device)
+        if self.idle_device is not None:
+            object.__setattr__(self, "idle_device", resolve_device(self.idle_device, option="--idle_device"))
+        check_precision(self.precision, device)
+        check_slice_size(self.attention_slicing)
+        if self.compile:
+            check_compile(device)
+
+    @property
+    def half(self) -> bool:
+        """Whether the UNet computes in 16 bits."""
+        return self.precision in ("fp16", "bf16") or (self.precision == "autocast" and self.device.type == "cuda")
+
+
+def _texts(value: str | Sequence[str] | None, what: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    texts = (value,) if isinstance(value, str) else tuple(value)
+    if not all(isinstance(text, str) for text in texts):
+        raise UserError(f"{what} must be strings, got {[type(t).__name__ for t in texts]}.")
+    return texts
+
+
+def _positive_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"{what} must be an integer of at least 1, got {value!r}.")
+    return value
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One call's worth of images: ``n`` per prompt, image ``i`` from ``prompts[i // n]`` with ``seeds[i]``.
+
+    Attributes:
+        prompts: A1111 prompt syntax (``(word:1.3)``, ``[word]``, ``BREAK``, any length); a string is one prompt.
+        negative_prompts: one for all or one per prompt; empty means none.
+        steps, sampler, schedule, scale, eta: sampling settings (``ldm.models.diffusion.samplers``); ``schedule``
+            overrides the sampler name's (A1111's "Schedule type"), eta None means the sampler's default.
+        seed: image i gets ``seed + i``; a list gives each image's seed; None draws one. After construction,
+            ``seeds`` holds every image's seed.
+        height, width: the image size; None: the model's trained size, or the init image's (see
+            :func:`~ldm.geometry.output_size`), filled in by :meth:`for_model`.
+        n: images per prompt.
+        init_image, mask: img2img / inpainting input (PIL image or path); the mask is white where to repaint.
+        strength: how much of the schedule img2img runs (0 keeps the input, 1 starts from noise); default 0.75 for
+            img2img, 1.0 for inpainting, None (and nothing else) for txt2img.
+        clip_skip: 1 = the text encoder's configured layer, 2 = one layer earlier (A1111's CLIP skip).
+    """
+
+    prompts: str | Sequence[str]
+    negative_prompts: str | Sequence[str] | None = None
+    steps: int = 50
+    sampler: str = "ddim"
+    schedule: str | None = None
+    scale: float = 7.5
+    eta: float | None = None
+    seed: int | Sequence[int] | None = None
+    height: int | None = None
+    width: int | None = None
+    n: int = 1
+    init_image: ImageInput | None = None
+    mask: ImageInput | None = None
+    strength: float | None = None
+    clip_skip: int = 1
+    seeds: tuple[int, ...] = dataclasses.field(init=False, default=())
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen: the normalised values are set once, here
+        prompts = _texts(self.prompts, "prompts")
+        if not prompts:
+            raise UserError("give at least one prompt (an empty string generates without one).")
+        negatives = _texts(self.negative_prompts, "negative prompts") or ("",)
+        if len(negatives) == 1:
+            negatives *= len(prompts)
+        if len(negatives) != len(prompts):
+            raise UserError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts; give one or one each.")
+        set_(self, "prompts", prompts)
+        set_(self, "negative_prompts", negatives)
+        _positive_int(self.n, "the number of images per prompt")
+        _positive_int(self.clip_skip, "clip_skip (1 = last layer)")
+        if self.mask is not None and self.init_image is None:
+            raise UserError("a mask needs an init image to inpaint.")
+        strength = self.strength
+        if self.init_image is None and strength is not None:
+            raise UserError("strength is for img2img and inpainting: give an init image too.")
+        if self.init_image is not None and strength is None:
+            strength = INPAINT_STRENGTH if self.mask is not None else IMG2IMG_STRENGTH
+        set_(self, "strength", strength)
+        if isinstance(self.scale, bool) or not isinstance(self.scale, int | float):
+            raise UserError(f"the guidance scale must be a number, got {self.scale!r}.")
+        if self.eta is not None and (not isinstance(self.eta, int | float) or not math.isfinite(self.eta)):
+            raise UserError(f"eta must be a number >= 0, got {self.eta!r}.")
+        resolve_sampler(self.sampler, self.schedule)
+        set_(self, "seeds", self._image_seeds())
+
+    def _image_seeds(self) -> tuple[int, ...]:
+        count = len(self.prompts) * self.n
+        if self.seed is None:
+            # Drawn once and kept, so that a copy of this request (dataclasses.replace) makes the same images.
+            object.__setattr__(self, "seed", Noise.from_seed(None, 1).seeds[0])
+        if isinstance(self.seed, int):
+            first = check_seed(self.seed)
+            if first + count - 1 > MAX_SEED:
+                raise UserError(
+                    f"seed {first} would give the last of {count} images the seed {first + count - 1}, past the "
+                    f"largest seed {MAX_SEED}; use a seed of at most {MAX_SEED - count + 1}."
+                )
+            return tuple(first + i for i in range(count))
+        seeds = tuple(check_seed(int(s)) for s in self.seed)
+        if len(seeds) != count:
+            raise UserError(f"got {len(seeds)} seeds for {count} images; give one per image, or a single seed.")
+        return seeds
+
+    @property
+    def batch(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def image_prompts(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(prompt, negative prompt) of every image, ``n`` copies of each in turn."""
+        return (
+            tuple(p for p in self.prompts for _ in range(self.n)),
+            tuple(p for p in self.negative_prompts for _ in range(self.n)),
+        )
+
+    def for_model(self, geometry: LatentGeometry) -> GenerationRequest:
+        """This request checked against a model and completed: sizes filled in, init image and mask loaded and
+        sized (PIL "RGB" and binary "L"). Idempotent, so a checked request can be checked again for free."""
+        strength = 1.0 if self.strength is None else self.strength
+        check_sampling_arguments(
+            self.sampler, self.steps, geometry.timesteps, strength, self.eta, self.init_image is not None,
+            self.scale, self.schedule,
+        )  # fmt: skip
+        height, width, image, mask = self.height, self.width, self.init_image, self.mask
+        if image is not None:
+            image, mask = prepare_init_image(image, mask, geometry, height, width)
+            width, height = image.size
+        height = geometry.default_size if height is None else height
+        width = geometry.default_size if width is None else width
+        geometry.check_size(height, width)
+        return dataclasses.replace(self, height=height, width=width, init_image=image, mask=mask)
