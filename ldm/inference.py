@@ -50,7 +50,7 @@ from PIL import Image
 from ldm.checkpoint import load_model_from_config
 from ldm.devices import check_compile, check_precision, resolve_device
 from ldm.geometry import LatentGeometry, check_settings, prepare_init_image
-from ldm.models.diffusion.ddpm import LatentInpaintDiffusion
+from ldm.models.diffusion.latent_inpainting import LatentInpaintDiffusion
 from ldm.models.diffusion.noise import Noise, check_seed
 from ldm.models.diffusion.samplers import resolve_sampler, sample
 from ldm.modules.attention import check_slice_size, set_attention_slicing
