@@ -26,10 +26,10 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from ldm.checkpoint import CheckpointError
-from ldm.cli import ScriptParser
 from ldm.data.shapes import COLORS, COMBINATIONS, HOLDOUT, SHAPES, caption
 from ldm.data.shapes_checker import ATTRIBUTES, Prediction, accuracy, classify
 from ldm.devices import resolve_device
+from ldm.errors import ScriptParser, print_error
 from ldm.geometry import LatentGeometry, check_settings
 from ldm.inference import Pipeline
 from ldm.outputs import save_numbered
@@ -298,11 +298,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             json_path.write_text(json.dumps(results, indent=1) + "\n")
             print(f"results: {json_path}")
     except (ConfigError, CheckpointError, ValueError, OSError) as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+        return print_error(err)
     except torch.OutOfMemoryError:
-        print("error: out of memory; lower --batch.", file=sys.stderr)
-        return 2
+        return print_error("out of memory; lower --batch.")
     return 0
 
 

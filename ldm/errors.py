@@ -1,0 +1,27 @@
+"""How every command line of the project (``main.py``, the sampling scripts, the tools in ``scripts/``) reports bad
+input: one line ``error: ...`` on stderr, and exit code 2. Usage errors from argparse read the same."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import NoReturn
+
+# The exit code of a run stopped by bad input (a usage error, a bad config, a missing file ...), as argparse's.
+EXIT_BAD_INPUT = 2
+
+
+def print_error(message: object, code: int = EXIT_BAD_INPUT) -> int:
+    """Print ``error: <message>`` on stderr as one line and return ``code``, the exit code for ``main`` to return.
+
+    Messages from OmegaConf, PIL and the datasets can span lines; the command lines promise one.
+    """
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    return code
+
+
+class ScriptParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one :func:`print_error` line, like every other error of a command line."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(print_error(f"{message} (see {self.prog} --help)"))
