@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
@@ -37,6 +37,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from ldm.callbacks import AtomicCheckpointIO, DiskFullError, ImageLogger, LastCheckpoint, SetupCallback, TrainingRng
 from ldm.checkpoint import CheckpointError
 from ldm.data.base import DataModuleFromConfig, WrappedDataset
+from ldm.errors import ScriptParser, UserError, print_error
 from ldm.resume import check_resumable, find_resume_checkpoint, read_resume_checkpoint
 from ldm.util import ConfigError, instantiate_from_config, load_config
 
@@ -71,13 +72,6 @@ TRAINER_FLAGS = (
 LOGGERS = {"csv": "pytorch_lightning.loggers.CSVLogger", "tensorboard": "pytorch_lightning.loggers.TensorBoardLogger"}
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line, like every other error of main.py."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
 def str2bool(value: str | bool) -> bool:
     if isinstance(value, bool):
         return value
@@ -105,7 +99,7 @@ def parse_precision(value: str) -> int | str:
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = ScriptParser(
         prog="main.py",
         description="Train (-t) and test models from configs, as CompVis's main.py.",
         epilog="Trailing key.sub=value arguments override the configs, e.g. lightning.trainer.max_steps=100.",
@@ -398,13 +392,11 @@ def execute(run: Run, opt: argparse.Namespace) -> int:
     except DiskFullError as err:
         if opt.debug:
             raise
-        print_error(disk_full(err, run.logdir))
-        return 1
+        return print_error(disk_full(err, run.logdir), code=1)
     except CheckpointError as err:  # the resume checkpoint, as Lightning loads it
         if opt.debug:
             raise
-        print_error(str(err))
-        return 2
+        return print_error(err)
     except Exception:
         if opt.debug and trainer.is_global_zero:
             import pdb
@@ -417,11 +409,6 @@ def execute(run: Run, opt: argparse.Namespace) -> int:
     return 0
 
 
-def print_error(message: str) -> None:
-    # Messages from OmegaConf and the datasets can span lines; errors here are one line.
-    print(f"error: {' '.join(message.split())}", file=sys.stderr)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run main.py with ``argv`` (default: the command line); returns the exit code."""
     try:
@@ -431,11 +418,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     now = datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
     try:
         run = build(opt, overrides, now)
-    except (ConfigError, CheckpointError, OSError, ValueError) as err:
+    except (UserError, OSError) as err:
         if opt.debug:
             raise
-        print_error(str(err))
-        return 2
+        return print_error(err)
     previous = os.environ.get(LOGDIR_ENV)
     os.environ[LOGDIR_ENV] = str(run.logdir)
     try:

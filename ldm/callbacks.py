@@ -26,8 +26,9 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from ldm.checkpoint import TEMP_SUFFIX, atomic_path, read_training_checkpoint
+from ldm.checkpoint import read_training_checkpoint
 from ldm.errors import UserError
+from ldm.files import TEMP_SUFFIX, atomic_path
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -8,7 +8,6 @@ that says which config fits, never a silently half-random model.
 from __future__ import annotations
 
 import os
-import secrets
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ldm.files import atomic_path
 from ldm.modules.ema import ema_buffer_name
 from ldm.serialization import CheckpointError, read_file
 
@@ -35,9 +35,6 @@ DROPPABLE_SUFFIXES = ("embeddings.position_ids",)
 # The diffusion schedule is computed from the config (in float64, stored as float32), so a checkpoint's copy is
 # only checked for its shape: it may be rounded (an fp16 export moved sigma_min from 0.02917 to 0.03127), and
 # pruned files lack it.
-# Temporary files of :func:`atomic_path`: ``.<file name>.<random>.tmp``.
-TEMP_SUFFIX = ".tmp"
-
 SCHEDULE_BUFFERS = frozenset(
     {
         "betas",
@@ -353,33 +350,11 @@ def _unshare(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary path beside ``path`` to write the file at; when the block ends, the file is synced and renamed to
-    ``path``, so it appears complete or not at all (a crash leaves the hidden ``.<name>.<random>.tmp``).
-
-    The result gets the permissions a new file gets from the umask (mkstemp's, and safetensors', would be 0600).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
-    open(tmp, "xb").close()
-    mode = tmp.stat().st_mode & 0o777
-    try:
-        yield tmp
-        os.chmod(tmp, mode)  # some writers (safetensors) replace the file with one of their own
-        with open(tmp, "rb+") as file:
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_checkpoint(
     state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, info: Mapping[str, Any] | None = None
 ) -> None:
     """Write a state dict in the original layout as ``.safetensors`` or as a Lightning-style ``.ckpt``, atomically
-    (:func:`atomic_path`)."""
+    (:func:`ldm.files.atomic_path`)."""
     path = Path(path)
     state_dict = {k: v.detach().cpu().contiguous() for k, v in to_original_layout(state_dict).items()}
     with atomic_path(path) as tmp:

@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from tqdm import tqdm
 
@@ -30,7 +30,7 @@ from ldm.devices import (
     available_memory,
     is_out_of_memory,
 )
-from ldm.errors import UserError
+from ldm.errors import ScriptParser, UserError, print_error
 from ldm.geometry import LatentGeometry, output_size
 from ldm.inference import Pipeline
 from ldm.memory import Footprint, MemoryEstimate, check_memory, estimate, min_chunks
@@ -53,13 +53,6 @@ MODES = {
     "inpaint": "Repaint the white part of --mask in --init-img (SD inpainting models or any SD model).",
 }
 DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
-
-
-class ScriptParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line, like every other error of the scripts."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser(mode: str) -> argparse.ArgumentParser:
@@ -421,8 +414,7 @@ def describe(err: BaseException) -> str:
         )
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"the disk is full ({err.strerror}); free some space or give another --outdir."
-    # Messages from OmegaConf and PIL can span lines; the scripts promise one.
-    return " ".join(str(err).split())
+    return str(err)
 
 
 def _written_note(written: list[Path]) -> str:
@@ -455,12 +447,11 @@ def main(mode: str, argv: Sequence[str] | None = None) -> int:
         except Exception as err:
             if not (isinstance(err, BAD_INPUT) or is_out_of_memory(err)):
                 raise  # a bug, not bad input
-            error = f"error: {describe(err)}{_written_note(written)}"
+            error = f"{describe(err)}{_written_note(written)}"
     for path in written:
         print(f"wrote {_shown(path)}")
     if error is not None:
-        print(error, file=sys.stderr)
-        return 2
+        return print_error(error)
     if written:
         files = f"{len(written)} file" + ("s" if len(written) != 1 else "")
         print(f"Your samples are ready and waiting for you here: {_shown(job.outdir)} ({files})")

@@ -1,10 +1,36 @@
-"""The error type of bad input.
+"""Bad input, and how every command line of the project reports it.
 
 A :class:`UserError` says the caller asked for something that cannot work, and its message names the problem and
-the fix. Entry points (the scripts, ``main.py``, later the server) print it as one line and exit 2; every other
-exception is a bug and keeps its traceback. It is a ``ValueError``, so code that catches those still catches it.
+the fix. Entry points (``main.py``, the sampling scripts, the tools in ``scripts/``, later the server) print it as one
+line ``error: ...`` on stderr and exit 2; every other exception is a bug and keeps its traceback. It is a
+``ValueError``, so code that catches those still catches it. Usage errors from argparse read the same.
 """
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import NoReturn
+
+# The exit code of a run stopped by bad input (a usage error, a bad config, a missing file ...), as argparse's.
+EXIT_BAD_INPUT = 2
 
 
 class UserError(ValueError):
     """Bad input: the message names the problem and the fix."""
+
+
+def print_error(message: object, code: int = EXIT_BAD_INPUT) -> int:
+    """Print ``error: <message>`` on stderr as one line and return ``code``, the exit code for ``main`` to return.
+
+    Messages from OmegaConf, PIL and the datasets can span lines; the command lines promise one.
+    """
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    return code
+
+
+class ScriptParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one :func:`print_error` line, like every other error of a command line."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(print_error(f"{message} (see {self.prog} --help)"))

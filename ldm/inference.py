@@ -50,7 +50,7 @@ from PIL import Image
 from ldm.checkpoint import load_model_from_config
 from ldm.errors import UserError
 from ldm.geometry import LatentGeometry
-from ldm.models.diffusion.ddpm import LatentInpaintDiffusion
+from ldm.models.diffusion.latent_inpainting import LatentInpaintDiffusion
 from ldm.models.diffusion.noise import Noise
 from ldm.models.diffusion.samplers import resolve_sampler, sample
 from ldm.modules.attention import set_attention_slicing

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from ldm.errors import UserError
+
 
 class LambdaWarmUpCosineScheduler:
     """Linear warm-up from ``lr_start`` to ``lr_max`` over ``warm_up_steps``, then half a cosine down to ``lr_min``
@@ -25,7 +27,7 @@ class LambdaWarmUpCosineScheduler:
         verbosity_interval: int = 0,
     ) -> None:
         if max_decay_steps <= warm_up_steps:
-            raise ValueError(f"max_decay_steps ({max_decay_steps}) must exceed warm_up_steps ({warm_up_steps}).")
+            raise UserError(f"max_decay_steps ({max_decay_steps}) must exceed warm_up_steps ({warm_up_steps}).")
         self.lr_warm_up_steps = warm_up_steps
         self.lr_start = lr_start
         self.lr_min = lr_min
@@ -71,7 +73,7 @@ class LambdaWarmUpCosineScheduler2:
         lists = {"warm_up_steps": warm_up_steps, "f_min": f_min, "f_max": f_max, "f_start": f_start}
         for name, value in lists.items():
             if len(value) != len(cycle_lengths):
-                raise ValueError(
+                raise UserError(
                     f"{name} has {len(value)} entries but cycle_lengths has {len(cycle_lengths)}: give one per cycle."
                 )
         self.lr_warm_up_steps = [int(s) for s in warm_up_steps]

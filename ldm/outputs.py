@@ -12,12 +12,10 @@ and ``outdir/grid-0000.png``. Each PNG carries a ``parameters`` text chunk in AU
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
 import re
-import secrets
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -28,6 +26,7 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from ldm.devices import available_memory, gib
 from ldm.errors import UserError
+from ldm.files import atomic_path
 
 SAMPLE_NAME = re.compile(r"^(\d+)\.png$")
 GRID_NAME = re.compile(r"^grid-(\d+)\.png$")
@@ -115,59 +114,22 @@ def save_numbered(
 ) -> Path:
     """Save ``image`` as the next ``NNNNN.png`` (or ``grid-NNNN.png``) in ``folder`` and return its path.
 
-    The PNG is written to a hidden temporary file first and only then given its name, so a run killed mid-write
-    leaves no partial image under a sample's name (the temporary file stays; its name matches no pattern). Names are
-    claimed exclusively, so two runs writing to the same folder at once never overwrite each other: whoever loses the
-    race for a number takes the next one.
+    Written with :func:`~ldm.files.atomic_path`, so a run killed mid-write leaves no partial image under a sample's
+    name (the temporary file stays; its name matches no pattern). Names are claimed without replacing any file, so
+    two runs writing to the same folder at once never overwrite each other: whoever loses the race for a number
+    writes its image again under the next free one.
     """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     pattern, template = (GRID_NAME, "grid-{:04d}.png") if grid else (SAMPLE_NAME, "{:05d}.png")
     number = next_number(folder, pattern)
-    # Opened like any new file (not mkstemp's 0600), so the sample gets the permissions the umask gives.
-    tmp = folder / f".{template.format(number)}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
-    try:
-        with open(tmp, "xb") as handle:
-            image.save(handle, format="PNG", pnginfo=png_info(parameters))
-            handle.flush()
-            os.fsync(handle.fileno())
-        return _claim(tmp, folder, template, number)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-# errno values of file systems without hard links (FAT, some network and FUSE file systems).
-NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV}
-
-
-def _claim(tmp: Path, folder: Path, template: str, number: int) -> Path:
-    """Give the finished file ``tmp`` the first free name from ``number`` on, never replacing an existing file."""
     while True:
         path = folder / template.format(number)
         try:
-            os.link(tmp, path)  # fails if the name is taken, unlike a rename
+            with atomic_path(path, overwrite=False) as tmp, open(tmp, "wb") as handle:
+                image.save(handle, format="PNG", pnginfo=png_info(parameters))
             return path
         except FileExistsError:
             number += 1
-        except OSError as err:
-            if err.errno not in NO_HARD_LINKS:
-                raise
-            break
-    # Without hard links: claim the name with an empty file, then move the image over it. Only a kill between the
-    # two system calls can leave that empty file behind.
-    while True:
-        path = folder / template.format(number)
-        try:
-            open(path, "xb").close()
-        except FileExistsError:
-            number += 1
-            continue
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            path.unlink(missing_ok=True)
-            raise
-        return path
 
 
 def make_grid(images: Sequence[Image.Image], images_per_row: int, padding: int = 2) -> Image.Image:
@@ -334,10 +296,8 @@ def model_hash(path: str | os.PathLike) -> str:
     _hashes[key] = digest.hexdigest()[:10]
     cache[disk_key] = _hashes[key]
     try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(cache, indent=1))
-        os.replace(tmp, cache_file)
+        with atomic_path(cache_file) as tmp:
+            tmp.write_text(json.dumps(cache, indent=1))
     except OSError:
         pass
     return _hashes[key]

@@ -77,8 +77,8 @@ from omegaconf import DictConfig, OmegaConf
 import ldm
 from ldm import to_diffusers
 from ldm.checkpoint import CheckpointError, load_model_from_config, read_checkpoint, save_checkpoint, to_original_layout
-from ldm.cli import ScriptParser
 from ldm.devices import resolve_device
+from ldm.errors import ScriptParser, print_error
 from ldm.geometry import LatentGeometry
 from ldm.inference import Pipeline
 from ldm.models.diffusion.noise import Noise
@@ -754,11 +754,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         report = run_benchmark(plan(args, argv))
     except (ConfigError, CheckpointError, ValueError, OSError) as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+        return print_error(err)
     except (EnginesDiffer, to_diffusers.ConversionError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return print_error(err, code=1)
     print(format_report(report))
     if args.json is not None:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

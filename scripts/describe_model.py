@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ldm.errors import ScriptParser, print_error
 from ldm.util import ConfigError, count_params, instantiate_from_config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +48,7 @@ def describe(config_path: Path, overrides: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ScriptParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, action="append", help="config to describe (repeatable)")
     parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
     args = parser.parse_args(argv)
@@ -55,8 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         for path in args.config or DEFAULT_CONFIGS:
             print(describe(path.resolve(), args.overrides))
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return print_error(err)
     return 0
 
 

@@ -25,16 +25,15 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from ldm.checkpoint import CheckpointError
-from ldm.cli import ScriptParser
 from ldm.data.shapes import COLORS, COMBINATIONS, HOLDOUT, SHAPES, caption
 from ldm.data.shapes_checker import ATTRIBUTES, Prediction, accuracy, classify
 from ldm.devices import resolve_device
+from ldm.errors import ScriptParser, UserError, print_error
 from ldm.geometry import LatentGeometry
 from ldm.inference import Pipeline
 from ldm.outputs import save_numbered
 from ldm.request import GenerationRequest
-from ldm.util import ConfigError, load_config
+from ldm.util import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = Path("models/ldm/shapes/config.yaml")
@@ -297,12 +296,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             results["settings"].update(config=str(args.config or DEFAULT_CONFIG), ckpt=str(ckpt))
             json_path.write_text(json.dumps(results, indent=1) + "\n")
             print(f"results: {json_path}")
-    except (ConfigError, CheckpointError, ValueError, OSError) as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+    except (UserError, OSError) as err:
+        return print_error(err)
     except torch.OutOfMemoryError:
-        print("error: out of memory; lower --batch.", file=sys.stderr)
-        return 2
+        return print_error("out of memory; lower --batch.")
     return 0
 
 

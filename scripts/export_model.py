@@ -28,7 +28,7 @@ from ldm.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from ldm.errors import UserError
+from ldm.errors import ScriptParser, UserError, print_error
 from ldm.util import load_config
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -98,7 +98,7 @@ def export(config_path: Path, ckpt: Path, out: Path, dtype: str, use_ema: bool, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ScriptParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, required=True, help="the training config of the run")
     parser.add_argument("--ckpt", type=Path, required=True, help="the run's checkpoint (e.g. last.ckpt)")
     parser.add_argument("--out", type=Path, required=True, help="folder for model.safetensors and config.yaml")
@@ -118,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"{existing[0]} exists; pass --force to replace it.")
         export(args.config, args.ckpt, args.out, args.dtype, not args.no_ema, args.vocabulary)
     except (UserError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return print_error(err)
     size = sum(p.stat().st_size for p in args.out.iterdir() if p.is_file())
     print(f"exported {args.out / 'model.safetensors'} and {args.out / 'config.yaml'} ({size / 2**20:.1f} MiB)")
     return 0

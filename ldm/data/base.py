@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
+from ldm.errors import UserError
 from ldm.util import ConfigError, instantiate_from_config
 
 INTERPOLATIONS = {
@@ -40,11 +41,11 @@ class ImageTransform:
         self, size: int | None = None, random_crop: bool = False, flip_p: float = 0.0, interpolation: str = "bicubic"
     ) -> None:
         if interpolation not in INTERPOLATIONS:
-            raise ValueError(f"interpolation '{interpolation}' is not one of {sorted(INTERPOLATIONS)}.")
+            raise UserError(f"interpolation '{interpolation}' is not one of {sorted(INTERPOLATIONS)}.")
         if not 0.0 <= flip_p <= 1.0:
-            raise ValueError(f"flip_p must be in [0, 1], got {flip_p}.")
+            raise UserError(f"flip_p must be in [0, 1], got {flip_p}.")
         if size is not None and size < 1:
-            raise ValueError(f"size must be a positive number of pixels, got {size}.")
+            raise UserError(f"size must be a positive number of pixels, got {size}.")
         self.size = size
         self.random_crop = random_crop
         self.flip_p = flip_p
@@ -151,7 +152,7 @@ class DataModuleFromConfig(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+            raise UserError(f"batch_size must be at least 1, got {batch_size}.")
         self.batch_size = batch_size
         self.num_workers = num_workers if num_workers is not None else batch_size * 2
         self.wrap = wrap

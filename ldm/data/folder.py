@@ -28,6 +28,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ldm.data.base import ImageTransform
+from ldm.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -36,7 +37,7 @@ def inside(root: Path, file_name: str, where: str) -> Path:
     """``root / file_name``, which must resolve (through any ``..`` and symbolic links) to a path inside ``root``."""
     path = root / file_name
     if "\0" in file_name or not path.resolve().is_relative_to(root.resolve()):
-        raise ValueError(f"{where}: file_name '{file_name}' leads outside the folder '{root}'; give a path inside it.")
+        raise UserError(f"{where}: file_name '{file_name}' leads outside the folder '{root}'; give a path inside it.")
     return path
 
 
@@ -48,7 +49,7 @@ def check_image(path: Path, where: str | None = None) -> None:
             pass
     except (OSError, Image.DecompressionBombError) as err:  # UnidentifiedImageError is an OSError
         listed = f"{where}: " if where else ""
-        raise ValueError(f"{listed}'{path}' is not an image ({err}); remove it or replace it.") from err
+        raise UserError(f"{listed}'{path}' is not an image ({err}); remove it or replace it.") from err
 
 
 def read_metadata(root: Path, default_caption: str | None) -> list[tuple[Path, str]]:
@@ -62,16 +63,16 @@ def read_metadata(root: Path, default_caption: str | None) -> list[tuple[Path, s
         try:
             entry = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{where} is not JSON: {err}") from err
+            raise UserError(f"{where} is not JSON: {err}") from err
         if not isinstance(entry, dict) or not isinstance(entry.get("file_name"), str):
-            raise ValueError(f"{where} has no 'file_name' (a path relative to the folder).")
+            raise UserError(f"{where} has no 'file_name' (a path relative to the folder).")
         path = inside(root, entry["file_name"], where)
         if not path.is_file():
             raise FileNotFoundError(f"{where}: image '{path}' does not exist.")
         check_image(path, where)
         caption = entry.get("text", default_caption)
         if caption is None:
-            raise ValueError(f"{where} has no 'text' (set default_caption to allow images without captions).")
+            raise UserError(f"{where} has no 'text' (set default_caption to allow images without captions).")
         items.append((path, str(caption)))
     return items
 
@@ -126,7 +127,7 @@ class CaptionFolder(Dataset):
         else:
             self.items = pair_captions(self.root, default_caption)
         if not self.items:
-            raise ValueError(f"image folder '{self.root}' has no images ({', '.join(IMAGE_EXTENSIONS)}).")
+            raise UserError(f"image folder '{self.root}' has no images ({', '.join(IMAGE_EXTENSIONS)}).")
         self.transform = ImageTransform(size, random_crop, flip_p, interpolation)
         self.image_key = image_key
         self.caption_key = caption_key

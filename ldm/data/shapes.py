@@ -26,6 +26,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
+from ldm.errors import UserError
+
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "pink": (250, 130, 190),
@@ -81,7 +83,7 @@ def shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[floa
         radii = [r if k % 2 == 0 else 0.45 * r for k in range(10)]
         angles = [-math.pi / 2 + k * math.pi / 5 for k in range(10)]
         return [(cx + rad * math.cos(a), cy + rad * math.sin(a)) for rad, a in zip(radii, angles, strict=True)]
-    raise ValueError(f"unknown shape '{shape}'; shapes are {SHAPES}.")
+    raise UserError(f"unknown shape '{shape}'; shapes are {SHAPES}.")
 
 
 def draw(color: str, shape: str, background: str, size: int, cx: float, cy: float, r: float) -> Image.Image:
@@ -122,11 +124,11 @@ class ShapesDataset(Dataset):
         caption_key: str = "txt",
     ) -> None:
         if split not in SPLITS:
-            raise ValueError(f"split '{split}' is not one of {SPLITS}.")
+            raise UserError(f"split '{split}' is not one of {SPLITS}.")
         if not 0.0 < min_scale <= max_scale <= 1.0:
-            raise ValueError(f"need 0 < min_scale <= max_scale <= 1, got {min_scale} and {max_scale}.")
+            raise UserError(f"need 0 < min_scale <= max_scale <= 1, got {min_scale} and {max_scale}.")
         if size < 4:
-            raise ValueError(f"size must be at least 4 pixels, got {size}.")
+            raise UserError(f"size must be at least 4 pixels, got {size}.")
         self.size = size
         self.length = length
         self.split = split

@@ -16,6 +16,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset
 
 from ldm.data.base import ImageTransform
+from ldm.errors import UserError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
@@ -70,12 +71,12 @@ class CaptionShards(IterableDataset):
         """A decoded WebDataset sample (``{"__key__": ..., "jpg": PIL image, "txt": str, ...}``) -> a training item."""
         image = next((sample[ext] for ext in IMAGE_EXTENSIONS if isinstance(sample.get(ext), Image.Image)), None)
         if image is None:
-            raise ValueError(f"sample '{sample.get('__key__')}' has no image ({', '.join(IMAGE_EXTENSIONS)}).")
+            raise UserError(f"sample '{sample.get('__key__')}' has no image ({', '.join(IMAGE_EXTENSIONS)}).")
         caption = sample.get("txt")
         if caption is None and isinstance(sample.get("json"), Mapping):
             caption = sample["json"].get("caption")
         if caption is None:
-            raise ValueError(f"sample '{sample.get('__key__')}' has no caption (.txt, or 'caption' in .json).")
+            raise UserError(f"sample '{sample.get('__key__')}' has no caption (.txt, or 'caption' in .json).")
         return {self.image_key: self.transform(image), self.caption_key: str(caption).strip()}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

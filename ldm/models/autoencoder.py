@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.errors import UserError
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
@@ -48,7 +49,7 @@ class AutoencoderKL(pl.LightningModule):
     ) -> None:
         super().__init__()
         if not ddconfig["double_z"]:
-            raise ValueError("AutoencoderKL needs ddconfig.double_z: true (the encoder must output mean and logvar).")
+            raise UserError("AutoencoderKL needs ddconfig.double_z: true (the encoder must output mean and logvar).")
         if ema_decay is not None and not 0.0 < ema_decay < 1.0:
             raise ConfigError(f"ema_decay must be in (0, 1), got {ema_decay}.")
         self.automatic_optimization = False

@@ -1,24 +1,26 @@
-"""The diffusion process: ``DDPM`` (schedule, forward noising, parameterizations, the training objective) and
-``LatentDiffusion`` on top of it.
+"""The diffusion process: ``DDPM`` (schedule, forward noising, parameterizations, the training objective).
 
 ``apply_model`` is the one entry to the UNet, used by every sampler and by training alike. The Lightning hooks
-(``training_step``, ``configure_optimizers`` ...) come from :class:`DiffusionTrainingMixin`.
+(``training_step``, ``configure_optimizers`` ...) come from :class:`DiffusionTrainingMixin`. ``LatentDiffusion``
+(``latent_diffusion.py``) and ``LatentInpaintDiffusion`` (``latent_inpainting.py``) build on it and are still
+importable from here, under the names CompVis configs use.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
-from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 
+from ldm.errors import UserError
 from ldm.models.diffusion.compvis_sampler import to_sigma_view
+from ldm.models.diffusion.diffusion_wrapper import DiffusionWrapper
 from ldm.models.diffusion.guidance import Denoiser, GuidedEps
 from ldm.models.diffusion.noise import Noise
 from ldm.models.diffusion.samplers import sample as run_sampler
@@ -26,61 +28,27 @@ from ldm.models.diffusion.sampling import sample_ddpm
 from ldm.models.diffusion.schedules import ddim_sigmas
 from ldm.models.diffusion.training import DiffusionTrainingMixin, check_ucg_training
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
-from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
-from ldm.util import ConfigError, instantiate_from_config
+from ldm.util import ConfigError
 
 PARAMETERIZATIONS = ("eps", "x0", "v")
 LOSS_TYPES = ("l1", "l2")
-CONDITIONING_KEYS = (None, "concat", "crossattn", "hybrid", "adm", "hybrid-adm", "crossattn-adm")
+# The classes that build on DDPM live in their own modules, which import this one. Every CompVis config, script and
+# checkpoint names them here, so they are imported when first asked for (PEP 562), which keeps imports acyclic.
+MOVED = {
+    "LatentDiffusion": "ldm.models.diffusion.latent_diffusion",
+    "LatentInpaintDiffusion": "ldm.models.diffusion.latent_inpainting",
+}
 
 
-def disabled_train(self: nn.Module, mode: bool = True) -> nn.Module:
-    """Replaces ``.train`` on frozen stages so that Lightning switching the model to train mode leaves them in eval."""
-    return self
+def __getattr__(name: str) -> Any:
+    if name in MOVED:
+        return getattr(importlib.import_module(MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-class DiffusionWrapper(nn.Module):
-    """Routes conditioning into the UNet as ``conditioning_key`` says.
-
-    ``concat``: channel-concatenated to ``x`` (inpainting masks, depth); ``crossattn``: the UNet's ``context``;
-    ``hybrid``: both; ``adm``: the UNet's class/vector input ``y``; ``hybrid-adm`` / ``crossattn-adm``: combinations.
-    The UNet is ``self.diffusion_model`` so checkpoint keys read ``model.diffusion_model.*``.
-    """
-
-    def __init__(self, diff_model_config: Any, conditioning_key: str | None) -> None:
-        super().__init__()
-        if conditioning_key not in CONDITIONING_KEYS:
-            raise ConfigError(f"conditioning_key '{conditioning_key}' is not one of {CONDITIONING_KEYS}.")
-        self.diffusion_model = instantiate_from_config(diff_model_config)
-        self.conditioning_key = conditioning_key
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        c_concat: list[torch.Tensor] | None = None,
-        c_crossattn: list[torch.Tensor] | None = None,
-        c_adm: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """x: (B, C, H, W), t: (B,), c_concat: [(B, C', H, W)], c_crossattn: [(B, L, D)] -> (B, C_out, H, W)."""
-        key = self.conditioning_key
-        if key in ("concat", "hybrid", "hybrid-adm") and c_concat:
-            x = torch.cat([x, *c_concat], dim=1)
-        context = torch.cat(c_crossattn, dim=1) if key not in (None, "concat", "adm") and c_crossattn else None
-        y = None
-        if key == "adm":
-            y = c_crossattn[0] if c_crossattn else c_adm
-        elif key in ("hybrid-adm", "crossattn-adm"):
-            y = c_adm
-        return self.diffusion_model(x, t, context=context, y=y)
-
-
-def _take(value: Any, n: int) -> Any:
-    """The first ``n`` entries of a batch value (tensor, list, or dict of them); other values unchanged."""
-    if isinstance(value, Mapping):
-        return {k: _take(v, n) for k, v in value.items()}
-    return value[:n] if isinstance(value, torch.Tensor | list | tuple) else value
+def __dir__() -> list[str]:
+    return sorted([*globals(), *MOVED])
 
 
 class DDPM(DiffusionTrainingMixin, pl.LightningModule):
@@ -449,12 +417,12 @@ class DDPM(DiffusionTrainingMixin, pl.LightningModule):
         Returns x_0: (B, C, H, W).
         """
         if self.v_posterior != 0:
-            raise ValueError("p_sample_loop draws from the posterior of v_posterior = 0 (as every SD config sets).")
+            raise UserError("p_sample_loop draws from the posterior of v_posterior = 0 (as every SD config sets).")
         noise = noise if noise is not None else Noise.from_seed(None, shape[0], self.betas.device)
         clip = self.clip_denoised if clip_denoised is None else clip_denoised
         x = noise.randn(shape) if x_T is None else x_T
         if tuple(x.shape) != tuple(shape):
-            raise ValueError(f"x_T has shape {tuple(x.shape)}, expected {tuple(shape)}.")
+            raise UserError(f"x_T has shape {tuple(x.shape)}, expected {tuple(shape)}.")
         eps = GuidedEps(self, cond, unconditional_conditioning, unconditional_guidance_scale)
         denoiser = Denoiser(eps, mask, x0)
         sigmas = ddim_sigmas(eps.schedule, self.num_timesteps)
@@ -483,333 +451,3 @@ class DDPM(DiffusionTrainingMixin, pl.LightningModule):
             (batch_size, *shape) if shape is not None else (batch_size, self.channels, self.image_size, self.image_size)
         )
         return self.p_sample_loop(cond, shape, x_T=x_T, **kwargs)
-
-
-class LatentDiffusion(DDPM):
-    """Diffusion in the latent space of a frozen first stage (``AutoencoderKL``), conditioned by a cond stage.
-
-    ``scale_factor`` maps latents to unit variance (0.18215 for the SD VAE); with ``scale_by_std`` it is instead
-    estimated as 1 / std of the first training batch's latents (unless training resumes or starts from a checkpoint).
-    The cond stage is a text encoder (``cond_stage_config``), a class embedder (``cond_stage_key: class_label``),
-    ``__is_first_stage__`` (condition on the encoded image) or ``__is_unconditional__``. With
-    ``cond_stage_trainable`` the cond stage is trained with the UNet (its parameters are unfrozen).
-
-    Training batches hold images under ``first_stage_key``, (B, H, W, 3) in [-1, 1], and the conditioning under
-    ``cond_stage_key`` (a list of captions for ``txt``).
-    """
-
-    def __init__(
-        self,
-        first_stage_config: Any,
-        cond_stage_config: Any,
-        num_timesteps_cond: int | None = None,
-        cond_stage_key: str = "image",
-        cond_stage_trainable: bool = False,
-        concat_mode: bool = True,
-        cond_stage_forward: str | None = None,
-        conditioning_key: str | None = None,
-        scale_factor: float = 1.0,
-        scale_by_std: bool = False,
-        force_null_conditioning: bool = False,
-        *args: Any,
-        **kwargs: Any,
-    ) -> None:
-        self.num_timesteps_cond = num_timesteps_cond or 1
-        if self.num_timesteps_cond > 1:
-            raise ConfigError(
-                "num_timesteps_cond > 1 (noising the conditioning on a shortened schedule) is not supported; use 1."
-            )
-        self.scale_by_std = scale_by_std
-        if conditioning_key is None:
-            conditioning_key = "concat" if concat_mode else "crossattn"
-        if cond_stage_config == "__is_unconditional__" and not force_null_conditioning:
-            conditioning_key = None
-        ckpt_path = kwargs.pop("ckpt_path", None)
-        ignore_keys = kwargs.pop("ignore_keys", ())
-        super().__init__(*args, conditioning_key=conditioning_key, **kwargs)
-        self.concat_mode = concat_mode
-        self.cond_stage_trainable = cond_stage_trainable
-        self.cond_stage_key = cond_stage_key
-        self.cond_stage_forward = cond_stage_forward
-        self.force_null_conditioning = force_null_conditioning
-        if scale_by_std:
-            # Estimated from the first training batch, so it must travel with the checkpoint.
-            self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
-        else:
-            self.scale_factor = scale_factor
-        self.instantiate_first_stage(first_stage_config)
-        self.instantiate_cond_stage(cond_stage_config)
-        if ckpt_path is not None:
-            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys)
-
-    def instantiate_first_stage(self, config: Any) -> None:
-        model = instantiate_from_config(config)
-        self.first_stage_model = model.eval()
-        self.first_stage_model.train = disabled_train.__get__(model)
-        for p in self.first_stage_model.parameters():
-            p.requires_grad = False
-
-    def instantiate_cond_stage(self, config: Any) -> None:
-        if config == "__is_first_stage__":
-            self.cond_stage_model = self.first_stage_model
-            return
-        if config == "__is_unconditional__":
-            self.cond_stage_model = None
-            return
-        model = instantiate_from_config(config)
-        if self.cond_stage_trainable:
-            # Encoders such as FrozenCLIPEmbedder freeze themselves by default; training them overrides that.
-            model.requires_grad_(True)
-        else:
-            model = model.eval()
-            model.train = disabled_train.__get__(model)
-            for p in model.parameters():
-                p.requires_grad = False
-        self.cond_stage_model = model
-
-    def get_learned_conditioning(self, c: Any) -> Any:
-        """Encode raw conditioning (a list of prompts, class labels, ...) with the cond stage: e.g. -> (B, 77, D)."""
-        if self.cond_stage_model is None:
-            raise RuntimeError("this model is unconditional (__is_unconditional__); it takes no conditioning.")
-        if self.cond_stage_forward is not None:
-            return getattr(self.cond_stage_model, self.cond_stage_forward)(c)
-        encode = getattr(self.cond_stage_model, "encode", None)
-        c = encode(c) if callable(encode) else self.cond_stage_model(c)
-        return c.mode() if isinstance(c, DiagonalGaussianDistribution) else c
-
-    @torch.no_grad()
-    def encode_first_stage(self, x: torch.Tensor) -> Any:
-        """Image x: (B, 3, H, W) in [-1, 1] -> the first stage's posterior over latents (B, 4, H/f, W/f)."""
-        return self.first_stage_model.encode(x)
-
-    def get_first_stage_encoding(
-        self, encoder_posterior: Any, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """A scaled latent: a sample of the posterior (or the tensor itself) times ``scale_factor``."""
-        if isinstance(encoder_posterior, DiagonalGaussianDistribution):
-            z = encoder_posterior.sample(generator=generator)
-        elif isinstance(encoder_posterior, torch.Tensor):
-            z = encoder_posterior
-        else:
-            raise TypeError(f"cannot take a latent from a {type(encoder_posterior).__name__}.")
-        return self.scale_factor * z
-
-    @torch.no_grad()
-    def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
-        """Scaled latent z: (B, 4, h, w) -> image (B, 3, h*f, w*f), roughly in [-1, 1]."""
-        return self.first_stage_model.decode(z / self.scale_factor)
-
-    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
-        """The UNet's prediction for latents x_noisy: (B, C, h, w) at timesteps t: (B,).
-
-        ``cond`` is a dict with ``c_concat`` / ``c_crossattn`` / ``c_adm`` lists, or a tensor (or list of tensors)
-        that goes where ``conditioning_key`` says: e.g. the text embedding (B, 77, D) for cross-attention.
-        """
-        if not isinstance(cond, Mapping):
-            if cond is None:
-                cond = {}
-            else:
-                cond = cond if isinstance(cond, list) else [cond]
-                cond = {"c_concat" if self.model.conditioning_key == "concat" else "c_crossattn": cond}
-        out = self.model(x_noisy, t, **cond)
-        return out[0] if isinstance(out, tuple) else out
-
-    # -- training --
-
-    @torch.no_grad()
-    def get_input(
-        self,
-        batch: Mapping[str, Any],
-        k: str,
-        return_first_stage_outputs: bool = False,
-        force_c_encode: bool = False,
-        cond_key: str | None = None,
-        return_original_cond: bool = False,
-        bs: int | None = None,
-        return_x: bool = False,
-    ) -> list[Any]:
-        """``[z, c]`` for a batch: scaled latents z (B, 4, H/f, W/f) of the images ``batch[k]`` ((B, H, W, 3) in
-        [-1, 1]) and the conditioning ``c``, encoded unless the cond stage is trainable (then it is encoded in
-        :meth:`forward`, with gradients) and ``force_c_encode`` is off. ``c`` is None for unconditional models.
-
-        Appended as asked (CompVis order): the images x and their reconstruction, x again, the raw conditioning.
-        ``bs`` keeps the first ``bs`` samples.
-        """
-        x = DDPM.get_input(batch, k)
-        if bs is not None:
-            x = x[:bs]
-        # The model's dtype: float32 under mixed precision, bfloat16/float16 when Lightning runs it in "true" precision.
-        x = x.to(self.device, self.dtype)
-        z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
-        c = xc = None
-        if self.model.conditioning_key is not None and not self.force_null_conditioning:
-            cond_key = cond_key or self.cond_stage_key
-            if cond_key == k:
-                xc = x
-            elif cond_key in ("caption", "coordinates_bbox", "txt"):
-                xc = batch[cond_key]
-            elif cond_key in ("class_label", "cls"):
-                xc = batch
-            else:
-                xc = DDPM.get_input(batch, cond_key).to(self.device, self.dtype)
-            if bs is not None:
-                xc = _take(xc, bs)
-            c = self.get_learned_conditioning(xc) if force_c_encode or not self.cond_stage_trainable else xc
-        out = [z, c]
-        if return_first_stage_outputs:
-            out += [x, self.decode_first_stage(z)]
-        if return_x:
-            out.append(x)
-        if return_original_cond:
-            out.append(xc)
-        return out
-
-    def shared_step(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        z, c = self.get_input(batch, self.first_stage_key)
-        return self(z, c)
-
-    def forward(self, x: torch.Tensor, c: Any, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, dict[str, Any]]:
-        """The loss for latents x: (B, C, h, w) at uniformly drawn timesteps; ``c`` as :meth:`get_input` gives it."""
-        if self.model.conditioning_key is not None and c is None:
-            raise ValueError(f"this model is conditioned ({self.model.conditioning_key}); the batch gave no condition.")
-        if self.cond_stage_trainable and c is not None:
-            c = self.get_learned_conditioning(c)
-        return self.p_losses(x, c, self.sample_timesteps(x.shape[0]), *args, **kwargs)
-
-    def p_losses(
-        self, x_start: torch.Tensor, cond: Any, t: torch.Tensor, noise: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """:meth:`DDPM.p_losses` with the conditioning ``cond`` passed to :meth:`apply_model`."""
-        noise = self.draw_noise(x_start) if noise is None else noise
-        model_output = self.apply_model(self.q_sample(x_start, t, noise), t, cond)
-        return self.diffusion_loss(model_output, x_start, noise, t)
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """The UNet, the cond stage if ``cond_stage_trainable``, and ``logvar`` if learned."""
-        params = list(self.model.parameters())
-        if self.cond_stage_trainable and self.cond_stage_model is not None:
-            params += list(self.cond_stage_model.parameters())
-        if self.learn_logvar:
-            params.append(self.logvar)
-        return params
-
-    @torch.no_grad()
-    def on_train_batch_start(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        """With ``scale_by_std``, set ``scale_factor`` to 1 / std of the first batch's latents (all ranks pooled)."""
-        if not self.scale_by_std or self.global_step != 0 or batch_idx != 0 or self.restarted_from_ckpt:
-            return
-        x = DDPM.get_input(batch, self.first_stage_key).to(self.device, self.dtype)
-        z = self.get_first_stage_encoding(self.encode_first_stage(x)) / self.scale_factor
-        std = self.all_gather(z.float()).flatten().std()
-        self.scale_factor.copy_(1.0 / std)
-        rank_zero_info(f"scale_by_std: scale_factor set to {float(self.scale_factor):.5f}")
-
-    def get_unconditional_conditioning(self, batch_size: int, null_label: Any = None) -> Any:
-        """The encoded "no condition" for classifier-free guidance: the cond stage's own (class embedders),
-        ``null_label``, or the ``ucg_training`` replacement value (default the empty prompt)."""
-        if null_label is None and hasattr(self.cond_stage_model, "get_unconditional_conditioning"):
-            return self.get_learned_conditioning(self.cond_stage_model.get_unconditional_conditioning(batch_size))
-        if null_label is None:
-            null_label = (self.ucg_training.get(self.cond_stage_key) or {}).get("val") or ""
-        return self.get_learned_conditioning([null_label] * batch_size)
-
-    @torch.no_grad()
-    def log_images(
-        self,
-        batch: Mapping[str, Any],
-        N: int = 8,
-        sample: bool = True,
-        ddim_steps: int = 20,
-        ddim_eta: float = 0.0,
-        unconditional_guidance_scale: float = 1.0,
-        unconditional_guidance_label: Any = None,
-        use_ema_scope: bool = True,
-        **kwargs: Any,
-    ) -> dict[str, torch.Tensor]:
-        """Images for the ImageLogger, each (N, 3, H, W) clamped to [-1, 1]: ``inputs``, ``reconstruction``
-        (through the first stage) and, with ``sample``, DDIM ``samples`` for the batch's conditioning; with
-        ``unconditional_guidance_scale > 1`` also ``samples_cfg`` (classifier-free guidance). Sampling uses the EMA
-        weights (``use_ema_scope``) and eval mode.
-        """
-        was_training = self.training
-        self.eval()
-        try:
-            z, c, x, xrec = self.get_input(
-                {key: _take(value, N) for key, value in batch.items()},
-                self.first_stage_key,
-                return_first_stage_outputs=True,
-                force_c_encode=True,
-            )
-            log = {"inputs": x, "reconstruction": xrec}
-            guided = unconditional_guidance_scale > 1.0 and c is not None
-            with self.ema_scope() if use_ema_scope else nullcontext():
-                settings = {"shape": tuple(z.shape), "eta": ddim_eta, "progress": False}
-                if sample:
-                    log["samples"] = self.decode_first_stage(run_sampler(self, "ddim", ddim_steps, c, **settings))
-                if guided:
-                    uc = self.get_unconditional_conditioning(len(z), unconditional_guidance_label)
-                    latents = run_sampler(self, "ddim", ddim_steps, c, uc, unconditional_guidance_scale, **settings)
-                    log["samples_cfg"] = self.decode_first_stage(latents)
-        finally:
-            self.train(was_training)
-        return {k: v.float().clamp(-1.0, 1.0) for k, v in log.items()}
-
-
-class LatentInpaintDiffusion(LatentDiffusion):
-    """SD inpainting models: the UNet sees the noisy latent plus the mask and the masked image's latent.
-
-    With ``conditioning_key: hybrid`` the 9 UNet input channels are the latent (4), the mask (1, 1 = repaint) and
-    the latent of the image with the masked region blanked (4), concatenated in ``concat_keys`` order; the text
-    embedding goes to cross-attention as usual.
-
-    ``finetune_keys`` (with ``ckpt_path``) start an inpainting model from an ordinary checkpoint: those weights keep
-    their first ``keep_finetune_dims`` input channels from the checkpoint and start the new ones at zero.
-    """
-
-    def __init__(
-        self,
-        *args: Any,
-        concat_keys: tuple[str, ...] | list[str] = ("mask", "masked_image"),
-        masked_image_key: str = "masked_image",
-        finetune_keys: tuple[str, ...] | list[str] | None = None,
-        keep_finetune_dims: int = 4,
-        **kwargs: Any,
-    ) -> None:
-        ckpt_path = kwargs.pop("ckpt_path", None)
-        ignore_keys = kwargs.pop("ignore_keys", ())
-        super().__init__(*args, **kwargs)
-        if masked_image_key not in concat_keys:
-            raise ConfigError(f"masked_image_key '{masked_image_key}' must be one of concat_keys {list(concat_keys)}.")
-        self.concat_keys = tuple(concat_keys)
-        self.masked_image_key = masked_image_key
-        self.finetune_keys = tuple(finetune_keys or ())
-        self.keep_finetune_dims = keep_finetune_dims
-        if ckpt_path is not None:
-            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys)
-
-    def init_from_ckpt(
-        self, path: str, ignore_keys: list[str] | tuple[str, ...] = (), only_model: bool = False
-    ) -> None:
-        from ldm.checkpoint import read_checkpoint
-
-        state_dict, _ = read_checkpoint(path)
-        own = self.state_dict()
-        for key in self.finetune_keys:
-            if key in state_dict and state_dict[key].shape != own[key].shape:
-                widened = torch.zeros_like(own[key], device="cpu")
-                widened[:, : self.keep_finetune_dims] = state_dict[key][:, : self.keep_finetune_dims]
-                state_dict[key] = widened
-        self.load_checkpoint_state(state_dict, tuple(ignore_keys))
-
-    @torch.no_grad()
-    def inpainting_conditioning(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The UNet's extra input channels for inpainting ``image`` where ``mask`` is 1.
-
-        image: (B, 3, H, W) in [-1, 1]; mask: (B, 1, H, W) in {0, 1}, 1 = repaint -> (B, 1 + 4, H/f, W/f).
-        The masked image is encoded with the posterior mode, so the result does not depend on a random draw.
-        """
-        mask = (mask >= 0.5).to(image.dtype)
-        parts = {self.masked_image_key: self.scale_factor * self.encode_first_stage(image * (1.0 - mask)).mode()}
-        size = parts[self.masked_image_key].shape[-2:]
-        parts.update({k: F.interpolate(mask, size=size) for k in self.concat_keys if k != self.masked_image_key})
-        return torch.cat([parts[k] for k in self.concat_keys], dim=1)

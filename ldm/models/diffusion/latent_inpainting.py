@@ -1,0 +1,76 @@
+"""``LatentInpaintDiffusion``: the SD inpainting models, a :class:`LatentDiffusion` whose UNet also sees the mask and
+the masked image's latent.
+
+Configs, scripts and checkpoints name it ``ldm.models.diffusion.ddpm.LatentInpaintDiffusion`` (CompVis's path), which
+resolves to this class.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ldm.models.diffusion.latent_diffusion import LatentDiffusion
+from ldm.util import ConfigError
+
+
+class LatentInpaintDiffusion(LatentDiffusion):
+    """SD inpainting models: the UNet sees the noisy latent plus the mask and the masked image's latent.
+
+    With ``conditioning_key: hybrid`` the 9 UNet input channels are the latent (4), the mask (1, 1 = repaint) and
+    the latent of the image with the masked region blanked (4), concatenated in ``concat_keys`` order; the text
+    embedding goes to cross-attention as usual.
+
+    ``finetune_keys`` (with ``ckpt_path``) start an inpainting model from an ordinary checkpoint: those weights keep
+    their first ``keep_finetune_dims`` input channels from the checkpoint and start the new ones at zero.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        concat_keys: tuple[str, ...] | list[str] = ("mask", "masked_image"),
+        masked_image_key: str = "masked_image",
+        finetune_keys: tuple[str, ...] | list[str] | None = None,
+        keep_finetune_dims: int = 4,
+        **kwargs: Any,
+    ) -> None:
+        ckpt_path = kwargs.pop("ckpt_path", None)
+        ignore_keys = kwargs.pop("ignore_keys", ())
+        super().__init__(*args, **kwargs)
+        if masked_image_key not in concat_keys:
+            raise ConfigError(f"masked_image_key '{masked_image_key}' must be one of concat_keys {list(concat_keys)}.")
+        self.concat_keys = tuple(concat_keys)
+        self.masked_image_key = masked_image_key
+        self.finetune_keys = tuple(finetune_keys or ())
+        self.keep_finetune_dims = keep_finetune_dims
+        if ckpt_path is not None:
+            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys)
+
+    def init_from_ckpt(
+        self, path: str, ignore_keys: list[str] | tuple[str, ...] = (), only_model: bool = False
+    ) -> None:
+        from ldm.checkpoint import read_checkpoint
+
+        state_dict, _ = read_checkpoint(path)
+        own = self.state_dict()
+        for key in self.finetune_keys:
+            if key in state_dict and state_dict[key].shape != own[key].shape:
+                widened = torch.zeros_like(own[key], device="cpu")
+                widened[:, : self.keep_finetune_dims] = state_dict[key][:, : self.keep_finetune_dims]
+                state_dict[key] = widened
+        self.load_checkpoint_state(state_dict, tuple(ignore_keys))
+
+    @torch.no_grad()
+    def inpainting_conditioning(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The UNet's extra input channels for inpainting ``image`` where ``mask`` is 1.
+
+        image: (B, 3, H, W) in [-1, 1]; mask: (B, 1, H, W) in {0, 1}, 1 = repaint -> (B, 1 + 4, H/f, W/f).
+        The masked image is encoded with the posterior mode, so the result does not depend on a random draw.
+        """
+        mask = (mask >= 0.5).to(image.dtype)
+        parts = {self.masked_image_key: self.scale_factor * self.encode_first_stage(image * (1.0 - mask)).mode()}
+        size = parts[self.masked_image_key].shape[-2:]
+        parts.update({k: F.interpolate(mask, size=size) for k in self.concat_keys if k != self.masked_image_key})
+        return torch.cat([parts[k] for k in self.concat_keys], dim=1)
