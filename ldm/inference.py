@@ -50,11 +50,9 @@ from PIL import Image
 from ldm.checkpoint import load_model_from_config
 from ldm.errors import UserError
 from ldm.geometry import LatentGeometry
-from ldm.models.diffusion.latent_inpainting import LatentInpaintDiffusion
 from ldm.models.diffusion.noise import Noise
 from ldm.models.diffusion.samplers import resolve_sampler, sample
 from ldm.modules.attention import set_attention_slicing
-from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.tiling import tiled_decode
 from ldm.outputs import format_parameters, model_hash
 from ldm.prompts import encode_prompts, unknown_words
@@ -165,14 +163,14 @@ class Pipeline:
         self.idle_device = options.idle_device
         self.ckpt = Path(ckpt) if ckpt is not None else None
         self.vocabulary = frozenset(w.lower() for w in vocabulary) if vocabulary else None
-        self.inpainting = isinstance(model, LatentInpaintDiffusion)
+        self.stages = model.stages()
         set_attention_slicing(model, options.attention_slicing)
         if options.channels_last:
-            for stage in (model.model, model.first_stage_model):
-                stage.to(memory_format=torch.channels_last)
+            for role in ("unet", "first_stage"):
+                self.stages[role].to(memory_format=torch.channels_last)
         if options.compile:
             # In place (not torch.compile(module)), so the model's state dict keeps its keys.
-            model.model.diffusion_model.compile()
+            self.stages["unet"].compile()
 
     @classmethod
     def from_config(
@@ -201,9 +199,8 @@ class Pipeline:
         geometry = LatentGeometry.from_config(config)
         model = load_model_from_config(config, ckpt, device="cpu", use_ema_weights=use_ema_weights)
         if options.precision in ("fp16", "bf16"):
-            for stage in {id(s): s for s in (model.model, model.first_stage_model, model.cond_stage_model)}.values():
-                if stage is not None:
-                    stage.to(DTYPES[options.precision])
+            for stage in model.stages().values():
+                stage.to(DTYPES[options.precision])
         _place(model, options.device, options.idle_device)
         return cls(model, geometry, options, ckpt=ckpt, vocabulary=config.get("vocabulary"))
 
@@ -236,47 +233,32 @@ class Pipeline:
             return tiled_decode(self.model.decode_first_stage, latents, self.geometry.factor)
         return self.model.decode_first_stage(latents)
 
-    def _encode_image(self, image: torch.Tensor) -> torch.Tensor:
-        """(1, 3, H, W) in [-1, 1] -> scaled latent (1, C, h, w), float32. The posterior mode, so no randomness."""
-        posterior = self.model.encode_first_stage(image.to(self.device))
-        if isinstance(posterior, DiagonalGaussianDistribution):
-            posterior = posterior.mode()
-        return self.model.get_first_stage_encoding(posterior).float()
-
     def _image_inputs(
-        self,
-        image: Image.Image | None,
-        mask: Image.Image | None,
-        size: tuple[int, int],
-        cond: Any,
-        uncond: Any,
-        batch: int,
+        self, image: Image.Image | None, mask: Image.Image | None, size: tuple[int, int], cond: Any, uncond: Any
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, Any, Any]:
         """What img2img and inpainting add, for ``size`` = (height, width) images.
 
-        Returns the init latent (B, C, h, w), the sampler's keep-mask (1, 1, h, w) for ordinary models, and cond /
-        uncond, which for 9-channel inpainting models become dicts that add the mask and the masked image's latent.
+        Returns the init latent (1, C, h, w), the sampler's keep-mask (1, 1, h, w) for models that inpaint by
+        keeping the known latent, and cond / uncond as the model samples with them (an inpainting model's add the
+        mask and the masked image).
         """
-        if image is None and not self.inpainting:
+        model = self.model
+        if image is None and not model.inpaints_by_conditioning:
             return None, None, cond, uncond
-        init_latent = None
-        with self._active(self.model.first_stage_model):
-            if image is not None:
-                init_latent = self._encode_image(image_to_tensor(image)).repeat(batch, 1, 1, 1)
-            if self.inpainting:
-                # Without a mask the whole image is repainted, which also makes txt2img work with these models.
-                pixels = image_to_tensor(image) if image is not None else torch.zeros(1, 3, *size)
-                repaint = mask_to_tensor(mask) if mask is not None else torch.ones(1, 1, *size)
-                c_cat = self.model.inpainting_conditioning(pixels.to(self.device), repaint.to(self.device))
-                c_cat = c_cat.repeat(batch, 1, 1, 1)
-                cond = {"c_concat": [c_cat], "c_crossattn": [cond]}
-                uncond = {"c_concat": [c_cat], "c_crossattn": [uncond]}
-                return init_latent, None, cond, uncond
-        if mask is None:
+        pixels = image_to_tensor(image).to(self.device) if image is not None else None
+        repaint = mask_to_tensor(mask).to(self.device) if mask is not None else None
+        with self._active(self.stages["first_stage"]):
+            init_latent = model.encode_image(pixels) if pixels is not None else None
+            if model.inpaints_by_conditioning:
+                if pixels is None and repaint is None:
+                    repaint = torch.ones(1, 1, *size, device=self.device)  # txt2img: repaint everything
+                image_cond = model.image_conditioning(pixels, repaint)
+                return init_latent, None, *(model.sampling_conditioning(c, image_cond) for c in (cond, uncond))
+        if repaint is None:
             return init_latent, None, cond, uncond
         # A latent cell is repainted when any of its pixels is, so no masked pixel is kept.
-        area = F.interpolate(mask_to_tensor(mask), size=init_latent.shape[-2:], mode="area")
-        return init_latent, (area <= 0).float().to(self.device), cond, uncond
+        area = F.interpolate(repaint, size=init_latent.shape[-2:], mode="area")
+        return init_latent, (area <= 0).float(), cond, uncond
 
     def generate(self, prompt: str | Sequence[str], **settings: Any) -> GenerationResult:
         """Generate images: ``generate(prompt, steps=20, sampler="Euler a", seed=42, n=3)``.
@@ -311,12 +293,14 @@ class Pipeline:
         model = self.model
         with self._autocast():
             cond = uncond = None
-            if model.cond_stage_model is not None:
-                with self._active(model.cond_stage_model):
+            if "cond_stage" in self.stages:
+                with self._active(self.stages["cond_stage"]):
                     cond, uncond = encode_prompts(model, list(prompts), list(negatives), request.clip_skip)
             init_latent, latent_mask, cond, uncond = self._image_inputs(
-                request.init_image, request.mask, (height, width), cond, uncond, batch
+                request.init_image, request.mask, (height, width), cond, uncond
             )
+            if init_latent is not None:
+                init_latent = init_latent.expand(batch, -1, -1, -1)
             latents = sample(
                 model,
                 request.sampler,
@@ -337,7 +321,7 @@ class Pipeline:
             if latent_mask is not None:
                 # Samplers end on the model's estimate of the kept region; the init latent is exact there.
                 latents = latent_mask * init_latent + (1.0 - latent_mask) * latents
-            with self._active(model.first_stage_model):
+            with self._active(self.stages["first_stage"]):
                 images = tensor_to_images(self._decode(latents))
         if request.mask is not None:
             images = [Image.composite(generated, request.init_image, request.mask) for generated in images]
@@ -379,7 +363,7 @@ def _place(model: torch.nn.Module, device: torch.device, idle_device: torch.devi
     if idle_device is None:
         model.to(device)
         return
-    idle = {id(model.first_stage_model), id(model.cond_stage_model)}
+    idle = {id(stage) for role, stage in model.stages().items() if role != "unet"}
     for child in model.children():
         child.to(idle_device if id(child) in idle else device)
     for name, buffer in model.named_buffers(recurse=False):

@@ -97,3 +97,26 @@ def test_ordinary_checkpoint_into_inpainting_config(tiny_config, tiny_dir, tiny_
     weight = model.state_dict()[key]
     torch.testing.assert_close(weight[:, :4], tiny_weights[key])
     assert bool((weight[:, 4:] == 0).all())
+
+
+def test_the_model_owns_what_a_pipeline_needs(inpaint_model, tiny_model):
+    assert set(tiny_model.stages()) == {"unet", "first_stage", "cond_stage"}
+    assert tiny_model.stages()["unet"] is tiny_model.model
+    image = torch.rand(1, 3, 16, 16) * 2 - 1
+    latent = tiny_model.encode_image(image)
+    assert latent.shape == (1, 4, 8, 8) and torch.equal(latent, tiny_model.encode_image(image)), "no random draw"
+    assert not tiny_model.inpaints_by_conditioning and tiny_model.image_conditioning(image, None) is None
+    text = torch.randn(3, 77, 32)
+    assert tiny_model.sampling_conditioning(text, None) is text
+
+    assert inpaint_model.inpaints_by_conditioning
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 8:] = 1.0
+    image_cond = inpaint_model.image_conditioning(image, mask)
+    torch.testing.assert_close(image_cond, inpaint_model.inpainting_conditioning(image, mask))
+    blank = inpaint_model.image_conditioning(None, torch.ones(1, 1, 16, 16))
+    torch.testing.assert_close(
+        blank, inpaint_model.inpainting_conditioning(torch.zeros(1, 3, 16, 16), torch.ones(1, 1, 16, 16))
+    )
+    cond = inpaint_model.sampling_conditioning(text, image_cond)
+    assert cond["c_crossattn"] == [text] and cond["c_concat"][0].shape == (3, 5, 8, 8)

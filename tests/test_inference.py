@@ -210,7 +210,7 @@ def inpaint_pipe(tiny_config, hash_cache):
 
 
 def test_nine_channel_inpainting_models_get_mask_and_masked_image_as_conditioning(inpaint_pipe, monkeypatch):
-    assert isinstance(inpaint_pipe.model, LatentInpaintDiffusion) and inpaint_pipe.inpainting
+    assert isinstance(inpaint_pipe.model, LatentInpaintDiffusion) and inpaint_pipe.model.inpaints_by_conditioning
     seen = []
     apply_model = inpaint_pipe.model.apply_model
     monkeypatch.setattr(

@@ -148,6 +148,35 @@ class LatentDiffusion(DDPM):
         """Scaled latent z: (B, 4, h, w) -> image (B, 3, h*f, w*f), roughly in [-1, 1]."""
         return self.first_stage_model.decode(z / self.scale_factor)
 
+    # -- what a sampling pipeline asks of the model --
+
+    # Ordinary models inpaint by keeping the known latent during sampling; inpainting models are told by conditioning.
+    inpaints_by_conditioning = False
+
+    def stages(self) -> dict[str, nn.Module]:
+        """The model's networks by role: ``unet`` (the DiffusionWrapper), ``first_stage`` (the VAE) and, when it has
+        one, ``cond_stage`` (the text encoder; the first stage itself for ``__is_first_stage__`` models)."""
+        parts = {"unet": self.model, "first_stage": self.first_stage_model, "cond_stage": self.cond_stage_model}
+        return {role: module for role, module in parts.items() if module is not None}
+
+    @torch.no_grad()
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """image: (B, 3, H, W) in [-1, 1] -> scaled latent (B, C, H/f, W/f), float32: the posterior's mode, so no
+        randomness (img2img and inpainting start from it)."""
+        posterior = self.encode_first_stage(image)
+        if isinstance(posterior, DiagonalGaussianDistribution):
+            posterior = posterior.mode()
+        return self.get_first_stage_encoding(posterior).float()
+
+    def image_conditioning(self, image: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The image input the UNet sees besides the noisy latent, for an init image and a mask (image: (B, 3, H, W)
+        in [-1, 1], mask: (B, 1, H, W), 1 = repaint): none for this model; inpainting models have one."""
+        return None
+
+    def sampling_conditioning(self, cond: Any, image_cond: torch.Tensor | None = None) -> Any:
+        """What ``apply_model`` takes for sampling, from an encoded prompt ``cond`` and :meth:`image_conditioning`."""
+        return cond
+
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
         """The UNet's prediction for latents x_noisy: (B, C, h, w) at timesteps t: (B,).
 

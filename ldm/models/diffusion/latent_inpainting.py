@@ -74,3 +74,25 @@ class LatentInpaintDiffusion(LatentDiffusion):
         size = parts[self.masked_image_key].shape[-2:]
         parts.update({k: F.interpolate(mask, size=size) for k in self.concat_keys if k != self.masked_image_key})
         return torch.cat([parts[k] for k in self.concat_keys], dim=1)
+
+    inpaints_by_conditioning = True
+
+    def image_conditioning(self, image: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`inpainting_conditioning`; without a mask the whole image is repainted, and without an image it is
+        blank, which also makes txt2img work with these models. Returns (B, 1 + 4, H/f, W/f)."""
+        if image is None and mask is None:
+            raise ValueError("an inpainting model's image conditioning needs the image or the mask (for its size).")
+        reference = image if image is not None else mask
+        size, device = reference.shape[-2:], reference.device
+        image = image if image is not None else torch.zeros(reference.shape[0], 3, *size, device=device)
+        mask = mask if mask is not None else torch.ones(reference.shape[0], 1, *size, device=device)
+        return self.inpainting_conditioning(image, mask)
+
+    def sampling_conditioning(self, cond: Any, image_cond: torch.Tensor | None = None) -> Any:
+        """``{"c_concat": [image_cond], "c_crossattn": [cond]}`` (``hybrid`` conditioning); an ``image_cond`` of batch 1
+        is shared by every sample of ``cond`` (B, L, D)."""
+        if image_cond is None:
+            raise ValueError("an inpainting model samples with image_conditioning(image, mask); give its result.")
+        if image_cond.shape[0] == 1 and isinstance(cond, torch.Tensor):
+            image_cond = image_cond.expand(cond.shape[0], -1, -1, -1)
+        return {"c_concat": [image_cond], "c_crossattn": [cond]}
