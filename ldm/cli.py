@@ -441,7 +441,11 @@ def describe(err: BaseException) -> str:
         )
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"the disk is full ({err.strerror}); free some space or give another --outdir."
-    # Messages from OmegaConf and PIL can span lines; the scripts promise one.
+    return one_line(err)
+
+
+def one_line(err: BaseException) -> str:
+    """An error's message on one line: messages from OmegaConf and PIL can span lines; the scripts promise one."""
     return " ".join(str(err).split())
 
 
