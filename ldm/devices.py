@@ -43,14 +43,18 @@ def resolve_device(device: str | torch.device | None, option: str = "--device") 
     return device
 
 
-def check_precision(precision: str, device: torch.device) -> None:
-    """ValueError unless ``precision`` is one of PRECISIONS and runs on ``device``."""
+def check_precision(precision: str, device: torch.device, option: str = "precision", full: str = "full") -> None:
+    """ValueError unless ``precision`` is one of PRECISIONS and runs on ``device``.
+
+    ``option`` and ``full``: how the messages name the setting and its float32 choice, for a command line that
+    spells them otherwise (``scripts/benchmark.py --dtype fp32``).
+    """
     if precision not in PRECISIONS:
         raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'.")
     if precision == "fp16" and device.type == "cpu":
-        raise UserError("precision fp16 needs a GPU (the CPU has no fast float16); use full or bf16 on the CPU.")
+        raise UserError(f"{option} fp16 needs a GPU (the CPU has no fast float16); use {full} or bf16 on the CPU.")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError("this GPU has no bfloat16 support; use fp16 or autocast.")
+        raise UserError(f"this GPU has no bfloat16 support; use {option} fp16 or {full}.")
 
 
 # Device types where the compile probe succeeded: the scripts check before loading and Pipeline again, and each

@@ -13,6 +13,10 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm import to_diffusers
+from ldm.benchmark.comparison import EnginesDiffer, build_engine, check_tokenizers, check_unets
+from ldm.benchmark.run import unet_inputs
+from ldm.benchmark.settings import ENGINES, Settings
+from ldm.benchmark.weights import random_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "models/ldm/shapes"
@@ -44,7 +48,7 @@ def tiny_args(config_file: Path, *extra: str) -> list[str]:
 
 
 def test_ldm_only_report_without_diffusers(benchmark, tiny_config_file, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(benchmark, "diffusers_available", lambda: False)
+    monkeypatch.setattr("ldm.benchmark.settings.diffusers_available", lambda: False)
     out = tmp_path / "bench.json"
     assert benchmark.main(tiny_args(tiny_config_file, "--json", str(out))) == 0
     captured = capsys.readouterr()
@@ -65,14 +69,14 @@ def test_ldm_only_report_without_diffusers(benchmark, tiny_config_file, tmp_path
     assert report["checks"] == {}
 
 
-def test_random_weights_leave_no_layer_at_zero(benchmark, tiny_config):
-    weights = benchmark.random_weights(tiny_config, seed=1)
+def test_random_weights_leave_no_layer_at_zero(tiny_config):
+    weights = random_weights(tiny_config, seed=1)
     # The UNet's output convolution starts at zero in the architecture (zero_module) ...
     assert weights["model.diffusion_model.out.2.weight"].abs().max() > 0
     # ... and so do the ResBlocks' last convolutions and the transformers' proj_out: none is left at zero.
     zero = [key for key, value in weights.items() if value.dim() >= 2 and not value.any() and "model_ema" not in key]
     assert zero == []
-    again, other = benchmark.random_weights(tiny_config, seed=1), benchmark.random_weights(tiny_config, seed=2)
+    again, other = random_weights(tiny_config, seed=1), random_weights(tiny_config, seed=2)
     key = "model.diffusion_model.out.2.weight"
     assert torch.equal(weights[key], again[key]) and not torch.equal(weights[key], other[key])
 
@@ -97,10 +101,10 @@ def test_bad_input_is_one_line_and_exit_2(benchmark, tiny_config_file, capsys, e
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
-def test_fast_paths_reach_the_pipeline_only_when_asked(benchmark):
-    plain = benchmark.Settings(device="cpu", dtype="fp32", height=32, width=32, steps=1, repeats=1, seed=0)
+def test_fast_paths_reach_the_pipeline_only_when_asked():
+    plain = Settings(device="cpu", dtype="fp32", height=32, width=32, steps=1, repeats=1, seed=0)
     assert plain.fast_path_options() == {}
-    fast = benchmark.Settings(**{**plain.__dict__, "channels_last": True, "attention_slicing": "auto"})
+    fast = Settings(**{**plain.__dict__, "channels_last": True, "attention_slicing": "auto"})
     assert fast.fast_path_options() == {"channels_last": True, "attention_slicing": "auto"}
 
 
@@ -114,24 +118,24 @@ def diffusers():
 
 
 @pytest.mark.parametrize("model", ["tiny reference (num_heads)", "bundled demo (num_head_channels)"])
-def test_diffusers_conversion_computes_the_same_unet(benchmark, diffusers, tiny_dir, tiny_config, model):
+def test_diffusers_conversion_computes_the_same_unet(diffusers, tiny_dir, tiny_config, model):
     from ldm.util import load_config
 
     if model.startswith("tiny"):
         config, weights = tiny_config, tiny_dir / "model.safetensors"
     else:
         config, weights = load_config(DEMO / "config.yaml"), DEMO / "model.safetensors"
-    settings = benchmark.Settings(device="cpu", dtype="fp32", height=32, width=32, steps=1, repeats=1, seed=0)
-    engines = {name: benchmark.build_engine(name, config, weights, settings) for name in benchmark.ENGINES}
-    inputs = benchmark.unet_inputs(config, settings)
-    checks = benchmark.check_unets(engines, inputs, "fp32")
+    settings = Settings(device="cpu", dtype="fp32", height=32, width=32, steps=1, repeats=1, seed=0)
+    engines = {name: build_engine(name, config, weights, settings) for name in ENGINES}
+    inputs = unet_inputs(config, settings)
+    checks = check_unets(engines, inputs, "fp32")
     assert checks["unet_max_abs_diff"] <= 1e-5 * checks["unet_max_abs_output"]
-    benchmark.check_tokenizers(engines)
+    check_tokenizers(engines)
 
     with torch.no_grad():  # one tensor converted wrongly must stop the benchmark
         engines["diffusers"].pipe.unet.conv_out.weight.mul_(1.01)
-    with pytest.raises(benchmark.EnginesDiffer, match="the UNets differ"):
-        benchmark.check_unets(engines, inputs, "fp32")
+    with pytest.raises(EnginesDiffer, match="the UNets differ"):
+        check_unets(engines, inputs, "fp32")
 
 
 def test_tiny_comparison_reports_ratios(benchmark, diffusers, tiny_config_file, tiny_dir, tmp_path, capsys):

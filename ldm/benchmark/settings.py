@@ -1,0 +1,189 @@
+"""The benchmark's command line and its checks: every input is refused in one line before any weights are made.
+
+:func:`plan` turns the parsed arguments into a :class:`Plan` (config, weights, :class:`Settings`, engines).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from ldm.cli import DEFAULT_CONFIG, ROOT, find_checkpoint, parse_slice_size
+from ldm.devices import check_precision, resolve_device
+from ldm.errors import ScriptParser, UserError
+from ldm.geometry import LatentGeometry
+from ldm.util import load_config
+
+INSTALL_HINT = "pip install -r requirements-bench.txt"
+PROMPT = "a painting of a virus monster playing guitar"
+GUIDANCE_SCALE = 7.5
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISION_OF_DTYPE = {"fp32": "full", "bf16": "bf16", "fp16": "fp16"}
+SD_TEXT_ENCODER = "ldm.modules.encoders.modules.FrozenCLIPEmbedder"
+ENGINES = ("ldm", "diffusers")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """One benchmark's job, as passed to the memory processes (JSON)."""
+
+    device: str
+    dtype: str
+    height: int
+    width: int
+    steps: int
+    repeats: int
+    seed: int
+    channels_last: bool = False
+    compile: bool = False
+    attention_slicing: int | str | None = None
+    vae_tiling: bool = False
+
+    def fast_path_options(self) -> dict[str, Any]:
+        """``Pipeline.from_config`` keyword arguments of the fast paths asked for (only those)."""
+        options = {"channels_last": self.channels_last, "compile": self.compile, "vae_tiling": self.vae_tiling}
+        options = {name: True for name, given in options.items() if given}
+        if self.attention_slicing is not None:
+            options["attention_slicing"] = self.attention_slicing
+        return options
+
+
+@dataclasses.dataclass
+class Plan:
+    """A checked request: the resolved config, where the weights come from, the job, and which engines run."""
+
+    config: DictConfig
+    config_label: str
+    ckpt: Path | None
+    settings: Settings
+    engines: tuple[str, ...]
+    command: str
+
+
+def _slice_size(text: str) -> int | str:
+    """``--attention_slicing``'s value as :func:`ldm.cli.parse_slice_size` reads it, refused as a usage error."""
+    try:
+        return parse_slice_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"attention slice size must be a positive integer or 'auto', got '{text}'"
+        ) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ScriptParser(
+        prog="scripts/benchmark.py",
+        description="Time this project's UNet and txt2img against diffusers on the same weights; see the module "
+        "docstring for what is measured and how.",
+        epilog="Trailing key=value arguments override the config, e.g. model.params.scale_factor=0.18215.",
+    )
+    add = parser.add_argument
+    add("--config", type=str, default=None, help=f"model config (default {DEFAULT_CONFIG})")
+    add("--ckpt", type=str, default=None, help="weights to load (default: seeded random weights)")
+    add("--device", type=str, default="auto", help="cpu, cuda, cuda:N or mps (default auto: the best available)")
+    add("--dtype", choices=list(DTYPES), default="fp32", help="weights and compute type (fp16 needs a GPU)")
+    add("--H", type=int, default=256, help="image height in pixels (default 256)")
+    add("--W", type=int, default=256, help="image width in pixels (default 256)")
+    add("--steps", type=int, default=2, help="DDIM steps of the timed txt2img (default 2, to stay within 3 min)")
+    add("--n", type=int, default=3, help="timed runs per engine and measurement; the median is reported (default 3)")
+    add("--seed", type=int, default=42, help="seed of the random weights, the UNet input and the start noise")
+    add("--channels_last", action="store_true", help="channels_last memory format (both engines)")
+    add("--compile", action="store_true", help="torch.compile the UNet (both engines)")
+    add(
+        "--attention_slicing",
+        type=_slice_size,
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="N|auto",
+        help="attention in slices of N query rows, or 'auto' (diffusers: its 'auto' slicing)",
+    )
+    add("--vae_tiling", action="store_true", help="decode the VAE by tiles (both engines)")
+    add("--json", type=str, default=None, metavar="PATH", help="also write the results as JSON to PATH")
+    add("--skip-diffusers", dest="skip_diffusers", action="store_true", help="measure this project only")
+    add("overrides", nargs="*", metavar="key=value", help="config overrides")
+    return parser
+
+
+def diffusers_available() -> bool:
+    return importlib.util.find_spec("diffusers") is not None
+
+
+def check_diffusers_support(config: DictConfig, height: int, width: int) -> None:
+    """ValueError unless diffusers' StableDiffusionPipeline can run this config's model at this size."""
+    params = config.model.get("params") or {}
+    hint = "; use --skip-diffusers to measure this project alone."
+    text = params.get("cond_stage_config") or {}
+    if text.get("target") != SD_TEXT_ENCODER or (text.get("params") or {}).get("layer", "last") != "last":
+        raise UserError(f"the diffusers comparison needs an SD 1.x text encoder ({SD_TEXT_ENCODER}, layer last){hint}")
+    if params.get("beta_schedule", "linear") != "linear" or params.get("given_betas") is not None:
+        raise UserError(f"the diffusers comparison needs the SD (linear) beta schedule{hint}")
+    if params.get("parameterization", "eps") not in ("eps", "v"):
+        raise UserError(f"the diffusers comparison needs an eps- or v-prediction model{hint}")
+    if height % 8 or width % 8:
+        raise UserError(f"diffusers needs image sides that are multiples of 8, got {width}x{height}{hint}")
+
+
+def plan(args: argparse.Namespace, argv: Sequence[str]) -> Plan:
+    """Check every input (without loading weights) and decide which engines run."""
+    config_path = Path(args.config) if args.config is not None else ROOT / DEFAULT_CONFIG
+    config = load_config(config_path, args.overrides)
+    geometry = LatentGeometry.from_config(config)
+    if config.model.params.get("conditioning_key") != "crossattn":
+        raise UserError("the benchmark needs a text-to-image model (conditioning_key: crossattn), such as SD's.")
+    geometry.check_size(args.H, args.W)
+    if not 1 <= args.steps <= geometry.timesteps:
+        raise UserError(f"--steps must be in 1..{geometry.timesteps}, got {args.steps}.")
+    if args.n < 1:
+        raise UserError(f"--n must be at least 1, got {args.n}.")
+    if args.json is not None and not Path(args.json).resolve().parent.is_dir():
+        raise UserError(f"--json {args.json}: its folder does not exist.")
+    ckpt = find_checkpoint(args.ckpt) if args.ckpt is not None else None  # no --ckpt: random weights
+    device = resolve_device(None if args.device == "auto" else args.device)
+    check_precision(PRECISION_OF_DTYPE[args.dtype], device, option="--dtype", full="fp32")
+    engines: tuple[str, ...] = ENGINES
+    if args.skip_diffusers:
+        engines = ("ldm",)
+    elif not diffusers_available():
+        print(f"note: diffusers is not installed, so only this project is measured ({INSTALL_HINT}).", file=sys.stderr)
+        engines = ("ldm",)
+    else:
+        check_diffusers_support(config, args.H, args.W)
+    settings = Settings(
+        device=str(device),
+        dtype=args.dtype,
+        height=args.H,
+        width=args.W,
+        steps=args.steps,
+        repeats=args.n,
+        seed=args.seed,
+        channels_last=args.channels_last,
+        compile=args.compile,
+        attention_slicing=args.attention_slicing,
+        vae_tiling=args.vae_tiling,
+    )
+    return Plan(
+        config=config,
+        config_label=_shown(config_path),
+        ckpt=ckpt,
+        settings=settings,
+        engines=engines,
+        command=shlex.join(["python", "scripts/benchmark.py", *argv]),
+    )
+
+
+def _shown(path: Path) -> str:
+    """A path relative to the project root when it is inside it."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
