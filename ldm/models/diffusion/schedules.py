@@ -9,6 +9,7 @@ where those lists come from:
 - :func:`make_ddim_timesteps` and :func:`ddim_sigmas`: the CompVis DDIM/PLMS grid ("leading" spacing, offset 1).
 - :func:`get_sigmas` and :data:`SIGMA_SCHEDULES`: the named schedules users pick ("Karras", "SGM Uniform", "Beta",
   Align Your Steps, ...; the formulas are in :mod:`.schedules_named`).
+- :func:`rescale_zero_terminal_snr`: Lin et al.'s fix of a training schedule that never reaches pure noise.
 
 Everything is a CPU table (Python floats, float64 tensors), computed once per run, so sampling loops never
 synchronise with the device.
@@ -40,6 +41,10 @@ from ldm.models.diffusion.schedules_named import (
     get_sigmas_spaced,
 )
 
+ZERO_SNR_ALPHA_CUMPROD = 4.8973451890853435e-08
+"""Where sampling puts a zero-terminal-SNR schedule's last level (alphas_cumprod 0, sigma infinite): ComfyUI's and
+A1111's value, sigma 4518.76."""
+
 
 class DiscreteSchedule:
     """The model's discrete noise levels, continued to fractional timesteps by interpolating log-sigma.
@@ -47,10 +52,20 @@ class DiscreteSchedule:
     ``sigma(t) = sqrt((1 - alpha_cumprod[t]) / alpha_cumprod[t])``, the noise-to-signal ratio at integer step ``t``.
     Held on the CPU in float64; scalars in and out are Python floats. A sigma that is exactly one of the table's maps
     back to its integer timestep, so samplers on the model's grid call the model with integer timesteps.
+
+    A zero-terminal-SNR table (:func:`rescale_zero_terminal_snr`) ends at ``alphas_cumprod`` 0, an infinite sigma that
+    no sampler can step from or scale noise by. Here that level is :data:`ZERO_SNR_ALPHA_CUMPROD` (below the table's
+    smallest positive value, should that be smaller), as ComfyUI and A1111 do: every sampler then runs unchanged, the
+    model still sees its last timestep there, and the start ``x_t`` differs from pure noise by 2e-4 of the data. The
+    model's own buffers keep the exact 0, which training needs.
     """
 
     def __init__(self, alphas_cumprod: torch.Tensor) -> None:
-        self.alphas_cumprod = alphas_cumprod.detach().to("cpu", torch.float64)
+        table = alphas_cumprod.detach().to("cpu", torch.float64)
+        if bool((table <= 0).any()):
+            floor = min(ZERO_SNR_ALPHA_CUMPROD, 0.5 * float(table[table > 0].min()))
+            table = torch.where(table > 0, table, floor)
+        self.alphas_cumprod = table
         self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
         self.log_sigmas = self.sigmas.log()
         self._sigma_list = self.sigmas.tolist()
@@ -185,6 +200,32 @@ def ddim_coefficients(alphas_cumprod: torch.Tensor, timesteps: Sequence[int], et
     if bool((1 - alphas_prev - sigmas**2 < -1e-12).any()):
         raise ValueError(f"eta = {eta} is too large: a step's noise would exceed its variance; use eta in 0..1.")
     return DDIMSchedule(timesteps, alphas, alphas_prev, sigmas)
+
+
+# -- zero terminal SNR --
+
+
+def rescale_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2023 ("Common Diffusion Noise Schedules and Sample Steps are Flawed"), Algorithm 1, on
+    ``alphas_cumprod``: (T,) -> (T,) float64 on the CPU.
+
+    ``sqrt(alphas_cumprod)`` is shifted so that its last value is exactly 0 (the last timestep is pure noise, zero
+    SNR, as at sampling's start) and scaled so that its first is unchanged; in between it stays an affine function of
+    the original.
+    """
+    root = alphas_cumprod.detach().to("cpu", torch.float64).sqrt()
+    first, last = float(root[0]), float(root[-1])
+    if not first > last:
+        raise ValueError("alphas_cumprod must decrease from its first to its last timestep to be rescaled.")
+    return ((root - last) * (first / (first - last))) ** 2
+
+
+def zero_terminal_snr_betas(betas: torch.Tensor) -> torch.Tensor:
+    """The betas (T,) of :func:`rescale_zero_terminal_snr` applied to those of ``betas`` (T,); the last is 1.
+    Returns float64 on the CPU."""
+    alphas_cumprod = rescale_zero_terminal_snr(torch.cumprod(1.0 - betas.detach().to("cpu", torch.float64), 0))
+    alphas = torch.cat([alphas_cumprod[:1], alphas_cumprod[1:] / alphas_cumprod[:-1]])
+    return 1.0 - alphas
 
 
 def dpm_solver_grid(schedule: DiscreteSchedule, steps: int) -> tuple[list[float], list[float]]:
