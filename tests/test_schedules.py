@@ -1,5 +1,5 @@
-"""Named sigma schedules and zero-terminal-SNR rescaling, each against its defining formula, a published table or a
-closed form, and every schedule through every sampler of the front end on the analytic model."""
+"""Named sigma schedules, zero-terminal-SNR rescaling and guidance rescale, each against its defining formula, a
+published table or a closed form, and every schedule through every sampler of the front end on the analytic model."""
 
 import math
 
@@ -9,6 +9,7 @@ import torch
 from analytic_model import GaussianDataModel
 
 from ldm.models.diffusion.beta_quantile import beta_cdf, beta_ppf
+from ldm.models.diffusion.guidance import GuidedEps
 from ldm.models.diffusion.noise import Noise
 from ldm.models.diffusion.samplers import (
     SAMPLERS,
@@ -389,3 +390,43 @@ def test_ddpm_zero_terminal_snr_option_trains_and_samples():
     assert not _pixel_ddpm().zero_terminal_snr
     with pytest.raises(ConfigError, match="zero_terminal_snr needs parameterization 'v'"):
         _pixel_ddpm(zero_terminal_snr=True)
+
+
+# -- guidance rescale --
+
+
+class ScaledByCond(GaussianDataModel):
+    """The analytic prediction times ``1 + cond``, so the conditional and the guided outputs differ in spread."""
+
+    def apply_model(self, x_t, t, cond=None):
+        out = super().apply_model(x_t, t)
+        return out if cond is None else out * (1 + cond.to(out).view(-1, *([1] * (out.dim() - 1))))
+
+
+def test_guidance_rescale_zero_is_off_and_one_gives_the_conditional_std():
+    model = ScaledByCond()
+    cond, uncond = torch.tensor([0.5, -0.25], dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    x_t = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    off = GuidedEps(model, cond, uncond, 7.5).model_output(x_t, 500)
+    assert torch.equal(GuidedEps(model, cond, uncond, 7.5, guidance_rescale=0.0).model_output(x_t, 500), off)
+    conditional = GuidedEps(model, cond).model_output(x_t, 500)
+    full = GuidedEps(model, cond, uncond, 7.5, guidance_rescale=1.0).model_output(x_t, 500)
+    torch.testing.assert_close(full.std(dim=(1, 2, 3)), conditional.std(dim=(1, 2, 3)), rtol=1e-12, atol=0)
+    # The rescale multiplies each sample by one factor: the guided output's shape is kept.
+    factor = full / off
+    torch.testing.assert_close(factor, factor[:, :1, :1, :1].expand_as(factor))
+    half = GuidedEps(model, cond, uncond, 7.5, guidance_rescale=0.5).model_output(x_t, 500)
+    torch.testing.assert_close(half, 0.5 * full + 0.5 * off)
+
+
+def test_guidance_rescale_through_the_front_end():
+    model = ScaledByCond()
+    cond, uncond = torch.tensor([0.5]), torch.zeros(1)
+    run = {"steps": 6, "cond": cond, "uncond": uncond, "scale": 7.5, "shape": (1, 1, 4, 4), "progress": False}
+    default = sample(model, "dpmpp_2m", noise=Noise([1]), **run)
+    assert torch.equal(sample(model, "dpmpp_2m", noise=Noise([1]), guidance_rescale=0.0, **run), default)
+    rescaled = sample(model, "dpmpp_2m", noise=Noise([1]), guidance_rescale=0.7, **run)
+    assert torch.isfinite(rescaled).all() and not torch.allclose(rescaled, default)
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"guidance_rescale must be in \[0, 1\]"):
+            sample(model, "dpmpp_2m", noise=Noise([1]), guidance_rescale=bad, **run)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ldm.models.diffusion import sampling
-from ldm.models.diffusion.guidance import Denoiser, GuidedEps
+from ldm.models.diffusion.guidance import Denoiser, GuidedEps, check_guidance_rescale
 from ldm.models.diffusion.noise import Noise
 from ldm.models.diffusion.schedules import COMPVIS_GRIDS, SIGMA_SCHEDULES, get_sigmas, model_timesteps
 
@@ -236,13 +236,15 @@ def check_sampling_arguments(
     img2img: bool = False,
     scale: float = 1.0,
     schedule: str | None = None,
+    guidance_rescale: float = 0.0,
 ) -> tuple[SamplerSpec, str]:
     """Validate sampling settings before any work is done; returns :func:`resolve_sampler`'s answer.
 
     Raises ValueError naming the setting and its valid range. Entry points call this before loading a model.
-    The guidance scale must lie within +-MAX_SCALE (see there).
+    The guidance scale must lie within +-MAX_SCALE (see there), ``guidance_rescale`` in [0, 1].
     """
     spec, schedule = resolve_sampler(sampler, schedule)
+    check_guidance_rescale(guidance_rescale)
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= num_timesteps:
         raise ValueError(f"steps must be an integer in 1..{num_timesteps}, got {steps!r}.")
     if spec.discard_penultimate_sigma and steps == num_timesteps:
@@ -305,6 +307,7 @@ def sample(
     mask: torch.Tensor | None = None,
     eta: float | None = None,
     schedule: str | None = None,
+    guidance_rescale: float = 0.0,
     callback: Callable[[int, torch.Tensor], None] | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
@@ -323,6 +326,8 @@ def sample(
         mask: (B or 1, 1, h, w), 1 = keep ``init_latent`` there, 0 = generate (CompVis convention).
         eta: noise of DDIM (default 0) and of the ancestral/SDE samplers (default 1).
         schedule: a schedule name overriding the sampler name's (A1111's "Schedule type"; see :data:`SCHEDULE_NAMES`).
+        guidance_rescale: Lin et al.'s guidance rescale ``phi`` in [0, 1] (diffusers' ``guidance_rescale``); 0 is
+            off, 0.7 their suggestion (see :func:`~ldm.models.diffusion.guidance.rescale_guidance`).
         callback: ``callback(i, denoised)`` after each step with the current x0 estimate.
         progress: show a progress bar.
     """
@@ -350,7 +355,7 @@ def sample(
     elif len(noise) != shape[0]:
         raise ValueError(f"noise has {len(noise)} seeds for a batch of {shape[0]}.")
 
-    eps = GuidedEps(model, cond, uncond, scale)
+    eps = GuidedEps(model, cond, uncond, scale, guidance_rescale)
     timestep = model_timesteps(schedule, steps, eps.schedule)
     denoiser = Denoiser(eps, mask, init_latent if mask is not None else None, timestep=timestep)
     sigmas = _grid(spec, schedule, steps, eps.schedule)
