@@ -235,13 +235,29 @@ def test_schedule_suffixes_of_every_length_resolve(name, sampler, schedule):
     assert (spec.id, resolved) == (sampler, schedule)
 
 
+A1111_SCHEDULE_TYPES = {
+    "Automatic": "discrete",  # the sampler's default
+    "Uniform": "discrete",
+    "Karras": "karras",
+    "Exponential": "exponential",
+    "Polyexponential": "polyexponential",
+    "SGM Uniform": "sgm_uniform",
+    "KL Optimal": "kl_optimal",
+    "Align Your Steps": "ays_sd15",
+    "Simple": "simple",
+    "Normal": "discrete",
+    "DDIM": "ddim",
+    "Beta": "beta",
+}
+COMFYUI_SCHEDULERS = ["simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "linear_quadratic"]
+
+
 def test_every_a1111_label_and_comfyui_name_is_a_schedule_type():
-    comfyui = ["normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform", "beta", "linear_quadratic"]
-    a1111 = ["Uniform", "Karras", "Exponential", "Polyexponential", "SGM Uniform", "KL Optimal", "Align Your Steps"]
-    a1111 += ["Simple", "Normal", "DDIM", "Beta", "Automatic"]
-    for name in [*comfyui, "kl_optimal", *a1111, *schedule_names()]:
-        resolve_sampler("Euler", schedule=name)
-    assert resolve_sampler("Euler", schedule="KL Optimal")[1] == "kl_optimal"
+    expected = {**A1111_SCHEDULE_TYPES, "normal": "discrete", "kl_optimal": "kl_optimal"}
+    expected |= {name: name for name in COMFYUI_SCHEDULERS}
+    assert {name: resolve_sampler("Euler", schedule=name)[1] for name in expected} == expected
+    for name in schedule_names():
+        assert resolve_sampler("Euler", schedule=name)[1] in SIGMA_SCHEDULES
     assert resolve_sampler("Euler a Karras", schedule="automatic")[1] == "karras"
     assert set(SCHEDULE_LABELS) <= set(SIGMA_SCHEDULES)
     with pytest.raises(ValueError, match="unknown schedule 'Fancy'. Known schedules: Normal, Karras"):

@@ -158,8 +158,9 @@ def get_sigmas_discrete(n: int, schedule: DiscreteSchedule) -> torch.Tensor:
 
 
 def get_sigmas_sgm_uniform(n: int, schedule: DiscreteSchedule) -> torch.Tensor:
-    """SGM uniform (Stability's sgm code, A1111's "SGM Uniform", ComfyUI's ``sgm_uniform``): ``n + 1`` evenly spaced
-    timesteps from the last to 0, all but the final 0, which becomes sigma 0 itself. Returns (n + 1,) float64."""
+    """SGM uniform (Stability's sgm code, A1111's "SGM Uniform", ComfyUI's ``sgm_uniform``): the model's sigmas at
+    the first n of n + 1 evenly spaced timesteps from the last to 0, then sigma 0 where timestep 0 would be.
+    Returns (n + 1,) float64 on the CPU."""
     check_schedule_args(n, schedule.sigma_min, schedule.sigma_max)
     ts = torch.linspace(schedule.num_timesteps - 1, 0, n + 1, dtype=torch.float64)[:-1]
     return _table_sigmas(schedule, ts.tolist())
@@ -212,7 +213,8 @@ def spaced_timesteps(spacing: str, n: int, num_timesteps: int) -> list[int]:
 
     ``linspace``: ``round(linspace(0, T - 1, n))``; ``leading``: ``i * (T // n)`` for ``i < n`` (diffusers'
     default ``steps_offset = 0``; SD's configs set 1, which is CompVis's ``ddim`` grid); ``trailing``:
-    ``round(T - i * T / n) - 1``, which starts at the last timestep.
+    ``round(T - i * T / n) - 1``, which starts at the last timestep. (For one step, ``linspace`` is timestep 0
+    alone, as in diffusers.)
     """
     if not 1 <= n <= num_timesteps:
         raise ValueError(f"number of steps n must be in 1..{num_timesteps}, got {n}.")
