@@ -35,8 +35,7 @@ from ldm.geometry import LatentGeometry, output_size
 from ldm.inference import Pipeline
 from ldm.memory import Footprint, MemoryEstimate, check_memory, estimate, min_chunks
 from ldm.models.diffusion.noise import MAX_SEED, check_seed
-from ldm.models.diffusion.samplers import sampler_names
-from ldm.models.diffusion.schedules import SIGMA_SCHEDULES
+from ldm.models.diffusion.samplers import sampler_names, schedule_names
 from ldm.outputs import image_size, read_prompt_file
 from ldm.postprocess import OutputStep
 from ldm.request import IMG2IMG_STRENGTH, INPAINT_STRENGTH, GenerationRequest, RuntimeOptions
@@ -90,7 +89,7 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
         default=None,
         metavar="NAME",
         help="sigma schedule (A1111's Schedule type), overriding the sampler name's: "
-        + ", ".join(SIGMA_SCHEDULES)
+        + ", ".join(schedule_names())
         + " (default: the sampler's own)",
     )
     add("--fixed_code", action="store_true", help="every batch starts from the same noise (the first batch's seeds)")
@@ -112,6 +111,13 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
         type=float,
         default=7.5,
         help="unconditional guidance scale: eps = eps(x, uncond) + scale * (eps(x, cond) - eps(x, uncond))",
+    )
+    add(
+        "--guidance_rescale",
+        type=float,
+        default=0.0,
+        help="rescale the guided prediction's std toward the conditional one's, 0..1 (0 = off; 0.7 for "
+        "zero-terminal-SNR models, Lin et al. 2023)",
     )
     add("--from-file", dest="from_file", type=str, help="read prompts from this file, one a line, in batches")
     add("--config", type=str, default=None, help=f"config of the model (default {DEFAULT_CONFIG})")
@@ -303,6 +309,7 @@ def plan(mode: str, args: argparse.Namespace) -> Job:
         schedule=args.schedule,
         scale=args.scale,
         eta=args.ddim_eta,
+        guidance_rescale=args.guidance_rescale,
         seed=args.seed,
         height=args.H,
         width=args.W,

@@ -51,7 +51,7 @@ from ldm.checkpoint import load_model_from_config
 from ldm.errors import UserError
 from ldm.geometry import LatentGeometry
 from ldm.models.diffusion.noise import Noise
-from ldm.models.diffusion.samplers import resolve_sampler, sample
+from ldm.models.diffusion.samplers import SCHEDULE_LABELS, resolve_sampler, sample
 from ldm.modules.attention import set_attention_slicing
 from ldm.modules.tiling import tiled_decode
 from ldm.outputs import format_parameters, model_hash
@@ -84,7 +84,7 @@ def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
 def sampler_label(name: str, schedule: str | None = None) -> str:
     """The A1111 label of a sampler name: ``"dpmpp_2m_karras"`` -> ``"DPM++ 2M Karras"``."""
     spec, schedule = resolve_sampler(name, schedule)
-    return spec.label if schedule == spec.schedule else f"{spec.label} {schedule.replace('_', ' ').title()}"
+    return spec.label if schedule == spec.schedule else f"{spec.label} {SCHEDULE_LABELS[schedule]}"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -315,6 +315,7 @@ class Pipeline:
                 mask=latent_mask,
                 eta=request.eta,
                 schedule=request.schedule,
+                guidance_rescale=request.guidance_rescale,
                 callback=callback,
                 progress=progress,
             )

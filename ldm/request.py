@@ -22,6 +22,7 @@ from PIL import Image
 from ldm.devices import check_compile, check_precision, resolve_device
 from ldm.errors import UserError
 from ldm.geometry import LatentGeometry, prepare_init_image
+from ldm.models.diffusion.guidance import check_guidance_rescale
 from ldm.models.diffusion.noise import MAX_SEED, Noise, check_seed
 from ldm.models.diffusion.samplers import check_sampling_arguments, resolve_sampler
 from ldm.modules.attention import check_slice_size
@@ -89,6 +90,7 @@ class GenerationRequest:
         negative_prompts: one for all or one per prompt; empty means none.
         steps, sampler, schedule, scale, eta: sampling settings (``ldm.models.diffusion.samplers``); ``schedule``
             overrides the sampler name's (A1111's "Schedule type"), eta None means the sampler's default.
+        guidance_rescale: Lin et al.'s rescale of the guided prediction's std, in [0, 1] (0 = off, 0.7 suggested).
         seed: image i gets ``seed + i``; a list gives each image's seed; None draws one. After construction,
             ``seeds`` holds every image's seed.
         height, width: the image size; None: the model's trained size, or the init image's (see
@@ -107,6 +109,7 @@ class GenerationRequest:
     schedule: str | None = None
     scale: float = 7.5
     eta: float | None = None
+    guidance_rescale: float = 0.0
     seed: int | Sequence[int] | None = None
     height: int | None = None
     width: int | None = None
@@ -144,6 +147,7 @@ class GenerationRequest:
         if self.eta is not None and (not isinstance(self.eta, int | float) or not math.isfinite(self.eta)):
             raise UserError(f"eta must be a number >= 0, got {self.eta!r}.")
         resolve_sampler(self.sampler, self.schedule)
+        check_guidance_rescale(self.guidance_rescale)
         set_(self, "seeds", self._image_seeds())
 
     def _image_seeds(self) -> tuple[int, ...]:
@@ -182,7 +186,7 @@ class GenerationRequest:
         strength = 1.0 if self.strength is None else self.strength
         check_sampling_arguments(
             self.sampler, self.steps, geometry.timesteps, strength, self.eta, self.init_image is not None,
-            self.scale, self.schedule,
+            self.scale, self.schedule, self.guidance_rescale,
         )  # fmt: skip
         height, width, image, mask = self.height, self.width, self.init_image, self.mask
         if image is not None:

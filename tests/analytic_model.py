@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from ldm.models.diffusion.schedules import DiscreteSchedule
+from ldm.models.diffusion.schedules import DiscreteSchedule, zero_terminal_snr_betas
 from ldm.modules.diffusionmodules.util import make_beta_schedule
 
 
@@ -21,12 +21,22 @@ class GaussianDataModel(nn.Module):
     """Stands in for LatentDiffusion in samplers: ``apply_model``, ``alphas_cumprod``, ``parameterization``.
 
     ``cond``, when given, is a (B,) tensor added to ``mu`` per sample (so guidance has something to act on).
+    ``zero_terminal_snr`` rescales the SD schedule to end at pure noise (``alphas_cumprod[-1] == 0``).
     """
 
-    def __init__(self, mu: float = 0.5, s: float = 0.7, parameterization: str = "eps", timesteps: int = 1000) -> None:
+    def __init__(
+        self,
+        mu: float = 0.5,
+        s: float = 0.7,
+        parameterization: str = "eps",
+        timesteps: int = 1000,
+        zero_terminal_snr: bool = False,
+    ) -> None:
         super().__init__()
-        betas = make_beta_schedule("linear", timesteps, linear_start=0.00085, linear_end=0.012)
-        self.register_buffer("alphas_cumprod", torch.tensor(betas, dtype=torch.float64).neg().add(1).cumprod(0))
+        betas = torch.tensor(make_beta_schedule("linear", timesteps, linear_start=0.00085, linear_end=0.012))
+        if zero_terminal_snr:
+            betas = zero_terminal_snr_betas(betas)
+        self.register_buffer("alphas_cumprod", betas.to(torch.float64).neg().add(1).cumprod(0))
         self.schedule = DiscreteSchedule(self.alphas_cumprod)
         self.mu, self.s = mu, s
         self.parameterization = parameterization

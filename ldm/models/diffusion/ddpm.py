@@ -25,7 +25,7 @@ from ldm.models.diffusion.guidance import Denoiser, GuidedEps
 from ldm.models.diffusion.noise import Noise
 from ldm.models.diffusion.samplers import sample as run_sampler
 from ldm.models.diffusion.sampling import sample_ddpm
-from ldm.models.diffusion.schedules import ddim_sigmas
+from ldm.models.diffusion.schedules import ddim_sigmas, zero_terminal_snr_betas
 from ldm.models.diffusion.training import DiffusionTrainingMixin, check_ucg_training
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
 from ldm.modules.ema import LitEma
@@ -58,7 +58,9 @@ class DDPM(DiffusionTrainingMixin, pl.LightningModule):
     the conversions between the eps / x0 / v parameterizations and the training loss (:meth:`p_losses`).
     Constructor arguments mirror the YAML ``model.params``. Training options beyond CompVis:
     ``offset_noise_strength`` adds per-channel constant noise (offset noise) and ``snr_gamma`` turns on min-SNR-gamma
-    loss weighting (Hang et al. 2023; 5.0 is the usual value).
+    loss weighting (Hang et al. 2023; 5.0 is the usual value). ``zero_terminal_snr`` rescales the schedule so that
+    the last timestep is pure noise (Lin et al. 2023, Algorithm 1; see
+    :func:`~ldm.models.diffusion.schedules.rescale_zero_terminal_snr`), which needs v- (or x0-) prediction.
     """
 
     def __init__(
@@ -92,8 +94,15 @@ class DDPM(DiffusionTrainingMixin, pl.LightningModule):
         ucg_training: Mapping[str, Any] | None = None,
         offset_noise_strength: float = 0.0,
         snr_gamma: float | None = None,
+        zero_terminal_snr: bool = False,
     ) -> None:
         super().__init__()
+        if zero_terminal_snr and parameterization == "eps":
+            raise ConfigError(
+                "zero_terminal_snr needs parameterization 'v' (or 'x0'): at zero SNR an eps prediction says nothing "
+                "about the image (Lin et al. 2023, section 3.2)."
+            )
+        self.zero_terminal_snr = zero_terminal_snr
         if parameterization not in PARAMETERIZATIONS:
             raise ConfigError(f"parameterization '{parameterization}' is not one of {PARAMETERIZATIONS}.")
         if loss_type not in LOSS_TYPES:
@@ -149,6 +158,8 @@ class DDPM(DiffusionTrainingMixin, pl.LightningModule):
             betas = make_beta_schedule(
                 beta_schedule, timesteps, linear_start=linear_start, linear_end=linear_end, cosine_s=cosine_s
             )
+        if self.zero_terminal_snr:
+            betas = zero_terminal_snr_betas(torch.from_numpy(betas)).numpy()
         alphas = 1.0 - betas
         alphas_cumprod = np.cumprod(alphas)
         alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
@@ -158,6 +169,9 @@ class DDPM(DiffusionTrainingMixin, pl.LightningModule):
         posterior_variance = (1 - self.v_posterior) * betas * (1.0 - alphas_cumprod_prev) / (
             1.0 - alphas_cumprod
         ) + self.v_posterior * betas
+        # With a zero terminal SNR, x0 is undetermined from x_t at the last step: 1 / alphas_cumprod is inf there.
+        with np.errstate(divide="ignore"):
+            recip_alphas_cumprod = 1.0 / alphas_cumprod
         buffers = {
             "betas": betas,
             "alphas_cumprod": alphas_cumprod,
@@ -165,8 +179,8 @@ class DDPM(DiffusionTrainingMixin, pl.LightningModule):
             "sqrt_alphas_cumprod": np.sqrt(alphas_cumprod),
             "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - alphas_cumprod),
             "log_one_minus_alphas_cumprod": np.log(1.0 - alphas_cumprod),
-            "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod),
-            "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod - 1),
+            "sqrt_recip_alphas_cumprod": np.sqrt(recip_alphas_cumprod),
+            "sqrt_recipm1_alphas_cumprod": np.sqrt(recip_alphas_cumprod - 1),
             "posterior_variance": posterior_variance,
             # The posterior variance is 0 at t = 0; clip before the log.
             "posterior_log_variance_clipped": np.log(np.maximum(posterior_variance, 1e-20)),

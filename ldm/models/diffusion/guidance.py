@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ldm.errors import UserError
 from ldm.models.diffusion.schedules import DiscreteSchedule
 
 
@@ -46,6 +47,25 @@ def _batch_conditionings(uncond: Any, cond: Any) -> Any | None:
     return None
 
 
+def check_guidance_rescale(phi: float) -> float:
+    """``phi`` as a float, or a ValueError unless it lies in [0, 1]."""
+    phi = float(phi)
+    if not 0.0 <= phi <= 1.0:
+        raise UserError(f"guidance_rescale must be in [0, 1] (0 = off; Lin et al. 2023 suggest 0.7), got {phi}.")
+    return phi
+
+
+def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> torch.Tensor:
+    """Guidance rescale (Lin et al. 2023, section 3.4; diffusers' ``guidance_rescale``): ``guided`` scaled so that
+    each sample's std is that of the conditional output ``cond``, mixed ``phi : 1 - phi`` with ``guided`` itself.
+    Counters the over-exposure strong guidance gives. guided, cond: (B, ...) -> (B, ...)."""
+    dims = tuple(range(1, guided.dim()))
+    std_guided = guided.std(dim=dims, keepdim=True)
+    # A constant guided output has no spread to rescale; it stays as it is.
+    ratio = torch.where(std_guided > 0, cond.std(dim=dims, keepdim=True) / std_guided, torch.ones_like(std_guided))
+    return guided * (phi * ratio + (1.0 - phi))
+
+
 class GuidedEps:
     """Classifier-free guided eps-prediction ``eps(x_t, t)`` of a diffusion model.
 
@@ -58,9 +78,14 @@ class GuidedEps:
         cond: conditioning for ``apply_model`` (e.g. (B, 77, D), or a dict for hybrid/inpainting models).
         uncond: the unconditional (or negative) conditioning, same kind as ``cond``.
         scale: guidance scale; 1 means no guidance.
+        guidance_rescale: :func:`rescale_guidance`'s ``phi`` in [0, 1] (0, the default, is off), applied to the guided
+            model output (eps, or v for v-models) as diffusers does.
     """
 
-    def __init__(self, model: Any, cond: Any = None, uncond: Any = None, scale: float = 1.0) -> None:
+    def __init__(
+        self, model: Any, cond: Any = None, uncond: Any = None, scale: float = 1.0, guidance_rescale: float = 0.0
+    ) -> None:
+        self.guidance_rescale = check_guidance_rescale(guidance_rescale)
         self.model = model
         self.cond = cond
         self.uncond = uncond if scale != 1.0 else None
@@ -86,7 +111,8 @@ class GuidedEps:
         else:
             out_u = self.model.apply_model(x_t, ts, self.uncond)
             out_c = self.model.apply_model(x_t, ts, self.cond)
-        return out_u + self.scale * (out_c - out_u)
+        guided = out_u + self.scale * (out_c - out_u)
+        return rescale_guidance(guided, out_c, self.guidance_rescale) if self.guidance_rescale else guided
 
     def __call__(self, x_t: torch.Tensor, t: float, alpha_cumprod: float | None = None) -> torch.Tensor:
         """eps prediction at ``x_t``: (B, C, H, W), timestep ``t`` (fractional allowed); ``alpha_cumprod`` at ``t``."""

@@ -5,9 +5,10 @@
 
 Names resolve case- and punctuation-insensitively: A1111 labels ("Euler a", "DPM++ SDE Karras") and their ``k_*``
 aliases ("k_dpmpp_2m_ka"), ComfyUI names ("dpmpp_2m", "uni_pc_bh2"), snake_case ids and CompVis script names
-("plms"). A name may end in a schedule ("DPM++ 2M Karras"; see :data:`~ldm.models.diffusion.schedules.
-SIGMA_SCHEDULES`); without one each sampler runs on its default: the model's discrete sigmas for the k-diffusion
-family, the CompVis DDIM grid for DDIM, PLMS and DDPM, the original's grid for DPM-Solver.
+("plms"). A name may end in a schedule, in A1111's or ComfyUI's words ("DPM++ 2M Karras", "Euler a SGM Uniform",
+"dpmpp_2m_kl_optimal"; see :data:`SCHEDULE_NAMES` and :data:`~ldm.models.diffusion.schedules.SIGMA_SCHEDULES`);
+without one each sampler runs on its default: the model's discrete sigmas for the k-diffusion family, the CompVis
+DDIM grid for DDIM, PLMS and DDPM, the original's grid for DPM-Solver.
 
 Where conventions differ, this follows A1111 for the k-diffusion family (start noise ``x_T * sigma_0``, DPM2
 dropping the next-to-last sigma, ``int(strength * steps) + 1`` img2img steps) and CompVis for the samplers on its
@@ -27,7 +28,7 @@ import torch
 
 from ldm.errors import UserError
 from ldm.models.diffusion import sampling
-from ldm.models.diffusion.guidance import Denoiser, GuidedEps
+from ldm.models.diffusion.guidance import Denoiser, GuidedEps, check_guidance_rescale
 from ldm.models.diffusion.noise import Noise
 from ldm.models.diffusion.schedules import COMPVIS_GRIDS, SIGMA_SCHEDULES, get_sigmas, model_timesteps
 
@@ -131,13 +132,58 @@ SAMPLERS: dict[str, SamplerSpec] = {
     )
 }
 
-# A1111's short schedule suffixes on k_* aliases ("k_lms_ka"), and the names A1111 and ComfyUI give schedules.
-SCHEDULE_NAMES = {"ka": "karras", "exp": "exponential", "normal": "discrete", **{s: s for s in SIGMA_SCHEDULES}}
-
 
 def _normalise(name: str) -> str:
     name = name.strip().lower().replace("++", "pp").replace("+", "p")
     return re.sub(r"[^a-z0-9]+", "_", name).strip("_")
+
+
+SCHEDULE_LABELS = {
+    "discrete": "Normal",
+    "karras": "Karras",
+    "exponential": "Exponential",
+    "polyexponential": "Polyexponential",
+    "sgm_uniform": "SGM Uniform",
+    "kl_optimal": "KL Optimal",
+    "ays_sd15": "Align Your Steps",
+    "ays_sdxl": "Align Your Steps SDXL",
+    "simple": "Simple",
+    "ddim": "DDIM",
+    "beta": "Beta",
+}
+"""A1111's "Schedule type" labels (A1111 picks its Align Your Steps table by the model; here SDXL's is named)."""
+
+# Every spelling a schedule goes by, normalised: the ids (ComfyUI's names), A1111's labels and aliases ("Uniform" and
+# "Normal" are both the model's own grid, "SGMUniform"), A1111's short suffixes on k_* aliases ("k_lms_ka"), and
+# Align Your Steps by model family.
+SCHEDULE_NAMES = {
+    **{s: s for s in SIGMA_SCHEDULES},
+    **{_normalise(label): name for name, label in SCHEDULE_LABELS.items()},
+    "ka": "karras",
+    "exp": "exponential",
+    "uniform": "discrete",
+    "sgmuniform": "sgm_uniform",
+    **{f"{ays}{model}": "ays_sd15" for ays in ("ays", "align_your_steps") for model in ("", "_sd1", "_sd15", "_sd1_5")},
+    **{f"{ays}{model}": "ays_sdxl" for ays in ("ays", "align_your_steps") for model in ("_sdxl", "_xl")},
+}
+
+
+def schedule_names() -> list[str]:
+    """Every schedule as A1111 labels it, then the ids (any of which ``schedule=`` and a name's suffix take)."""
+    return [*SCHEDULE_LABELS.values(), *SIGMA_SCHEDULES]
+
+
+def _split_schedule(key: str, specs: dict[str, SamplerSpec]) -> tuple[str, str | None]:
+    """A normalised name as (sampler, schedule or None): ``"euler_a_sgm_uniform"`` -> ("euler_a", "sgm_uniform").
+
+    Both parts may have several words, so every split is tried, the longest schedule suffix first.
+    """
+    if key in specs:
+        return key, None
+    for i, char in enumerate(key):
+        if char == "_" and key[:i] in specs and key[i + 1 :] in SCHEDULE_NAMES:
+            return key[:i], SCHEDULE_NAMES[key[i + 1 :]]
+    return key, None
 
 
 def _by_name() -> dict[str, SamplerSpec]:
@@ -167,17 +213,13 @@ def resolve_sampler(name: str, schedule: str | None = None) -> tuple[SamplerSpec
     if not key:
         raise UserError(f"the sampler name {name!r} is empty; give one of {', '.join(sampler_names())}.")
     specs = _by_name()
-    suffix = None
-    if key not in specs:
-        head, _, tail = key.rpartition("_")
-        if head in specs and tail in SCHEDULE_NAMES:
-            key, suffix = head, SCHEDULE_NAMES[tail]
+    key, suffix = _split_schedule(key, specs)
     spec = specs.get(key)
     if spec is None:
         raise UserError(f"unknown sampler '{name}'. Known samplers: {', '.join(sampler_names())}.")
     if schedule is not None and _normalise(schedule) not in ("", "automatic", "default"):
         if _normalise(schedule) not in SCHEDULE_NAMES:
-            known = ", ".join(SIGMA_SCHEDULES)
+            known = ", ".join(schedule_names())
             raise UserError(f"unknown schedule '{schedule}'. Known schedules: {known} (or automatic).")
         suffix = SCHEDULE_NAMES[_normalise(schedule)]
     chosen = suffix or spec.schedule
@@ -195,13 +237,15 @@ def check_sampling_arguments(
     img2img: bool = False,
     scale: float = 1.0,
     schedule: str | None = None,
+    guidance_rescale: float = 0.0,
 ) -> tuple[SamplerSpec, str]:
     """Validate sampling settings before any work is done; returns :func:`resolve_sampler`'s answer.
 
     Raises ValueError naming the setting and its valid range. Entry points call this before loading a model.
-    The guidance scale must lie within +-MAX_SCALE (see there).
+    The guidance scale must lie within +-MAX_SCALE (see there), ``guidance_rescale`` in [0, 1].
     """
     spec, schedule = resolve_sampler(sampler, schedule)
+    check_guidance_rescale(guidance_rescale)
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= num_timesteps:
         raise UserError(f"steps must be an integer in 1..{num_timesteps}, got {steps!r}.")
     if spec.discard_penultimate_sigma and steps == num_timesteps:
@@ -264,6 +308,7 @@ def sample(
     mask: torch.Tensor | None = None,
     eta: float | None = None,
     schedule: str | None = None,
+    guidance_rescale: float = 0.0,
     callback: Callable[[int, torch.Tensor], None] | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
@@ -281,7 +326,9 @@ def sample(
             schedule to run: 0 returns it unchanged, 1 starts from (almost) pure noise.
         mask: (B or 1, 1, h, w), 1 = keep ``init_latent`` there, 0 = generate (CompVis convention).
         eta: noise of DDIM (default 0) and of the ancestral/SDE samplers (default 1).
-        schedule: a schedule name overriding the sampler name's (A1111's "Schedule type").
+        schedule: a schedule name overriding the sampler name's (A1111's "Schedule type"; see :data:`SCHEDULE_NAMES`).
+        guidance_rescale: Lin et al.'s guidance rescale ``phi`` in [0, 1] (diffusers' ``guidance_rescale``); 0 is
+            off, 0.7 their suggestion (see :func:`~ldm.models.diffusion.guidance.rescale_guidance`).
         callback: ``callback(i, denoised)`` after each step with the current x0 estimate.
         progress: show a progress bar.
     """
@@ -309,7 +356,7 @@ def sample(
     elif len(noise) != shape[0]:
         raise UserError(f"noise has {len(noise)} seeds for a batch of {shape[0]}.")
 
-    eps = GuidedEps(model, cond, uncond, scale)
+    eps = GuidedEps(model, cond, uncond, scale, guidance_rescale)
     timestep = model_timesteps(schedule, steps, eps.schedule)
     denoiser = Denoiser(eps, mask, init_latent if mask is not None else None, timestep=timestep)
     sigmas = _grid(spec, schedule, steps, eps.schedule)

@@ -7,7 +7,9 @@ where those lists come from:
 - :class:`DiscreteSchedule`: the model's own ``alphas_cumprod`` as sigmas, with the sigma <-> timestep map
   (log-sigma interpolation between integer steps, exact at them).
 - :func:`make_ddim_timesteps` and :func:`ddim_sigmas`: the CompVis DDIM/PLMS grid ("leading" spacing, offset 1).
-- :func:`get_sigmas` and :data:`SIGMA_SCHEDULES`: the named schedules users pick ("Karras", "Exponential", ...).
+- :func:`get_sigmas` and :data:`SIGMA_SCHEDULES`: the named schedules users pick ("Karras", "SGM Uniform", "Beta",
+  Align Your Steps, ...; the formulas are in :mod:`.schedules_named`).
+- :func:`rescale_zero_terminal_snr`: Lin et al.'s fix of a training schedule that never reaches pure noise.
 
 Everything is a CPU table (Python floats, float64 tensors), computed once per run, so sampling loops never
 synchronise with the device.
@@ -18,11 +20,31 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import NamedTuple
 
 import torch
 
 from ldm.errors import UserError
+from ldm.models.diffusion.schedules_named import (
+    TIMESTEP_SPACINGS,
+    append_zero,
+    get_sigmas_ays,
+    get_sigmas_beta,
+    get_sigmas_discrete,
+    get_sigmas_exponential,
+    get_sigmas_karras,
+    get_sigmas_kl_optimal,
+    get_sigmas_linear_quadratic,
+    get_sigmas_polyexponential,
+    get_sigmas_sgm_uniform,
+    get_sigmas_simple,
+    get_sigmas_spaced,
+)
+
+ZERO_SNR_ALPHA_CUMPROD = 4.8973451890853435e-08
+"""Where sampling puts a zero-terminal-SNR schedule's last level (alphas_cumprod 0, sigma infinite): ComfyUI's and
+A1111's value, sigma 4518.76."""
 
 
 class DiscreteSchedule:
@@ -31,10 +53,20 @@ class DiscreteSchedule:
     ``sigma(t) = sqrt((1 - alpha_cumprod[t]) / alpha_cumprod[t])``, the noise-to-signal ratio at integer step ``t``.
     Held on the CPU in float64; scalars in and out are Python floats. A sigma that is exactly one of the table's maps
     back to its integer timestep, so samplers on the model's grid call the model with integer timesteps.
+
+    A zero-terminal-SNR table (:func:`rescale_zero_terminal_snr`) ends at ``alphas_cumprod`` 0, an infinite sigma that
+    no sampler can step from or scale noise by. Here that level is :data:`ZERO_SNR_ALPHA_CUMPROD` (below the table's
+    smallest positive value, should that be smaller), as ComfyUI and A1111 do: every sampler then runs unchanged, the
+    model still sees its last timestep there, and the start ``x_t`` differs from pure noise by 2e-4 of the data. The
+    model's own buffers keep the exact 0, which training needs.
     """
 
     def __init__(self, alphas_cumprod: torch.Tensor) -> None:
-        self.alphas_cumprod = alphas_cumprod.detach().to("cpu", torch.float64)
+        table = alphas_cumprod.detach().to("cpu", torch.float64)
+        if bool((table <= 0).any()):
+            floor = min(ZERO_SNR_ALPHA_CUMPROD, 0.5 * float(table[table > 0].min()))
+            table = torch.where(table > 0, table, floor)
+        self.alphas_cumprod = table
         self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
         self.log_sigmas = self.sigmas.log()
         self._sigma_list = self.sigmas.tolist()
@@ -126,6 +158,18 @@ def ddim_sigmas(schedule: DiscreteSchedule, steps: int, discretize: str = "unifo
     return torch.tensor(sigmas, dtype=torch.float64)
 
 
+def ddim_uniform_sigmas(steps: int, schedule: DiscreteSchedule) -> torch.Tensor:
+    """ComfyUI's ``ddim_uniform``: the (S + 1,) sigmas at the DDIM grid's timesteps (:func:`make_ddim_timesteps`),
+    noisiest first, then 0, where CompVis's own grid (:func:`ddim_sigmas`) stops at ``alphas_cumprod[0]``.
+
+    A1111's "DDIM" schedule type is the same rule (the name "DDIM" here means the CompVis grid ``ddim``). Where S does
+    not divide T, those two run ``len(range(1, T, T // S))`` steps, more than S; this runs S, the lowest of them, as
+    the DDIM grid does.
+    """
+    timesteps = make_ddim_timesteps(steps, schedule.num_timesteps)
+    return append_zero(torch.tensor([schedule.t_to_sigma(t) for t in reversed(timesteps)], dtype=torch.float64))
+
+
 class DDIMSchedule(NamedTuple):
     """Per-step DDIM coefficients, indexed like ``timesteps`` (ascending), as CompVis's ``DDIMSampler`` exposes them.
 
@@ -159,42 +203,30 @@ def ddim_coefficients(alphas_cumprod: torch.Tensor, timesteps: Sequence[int], et
     return DDIMSchedule(timesteps, alphas, alphas_prev, sigmas)
 
 
-# -- named sigma schedules: CPU float64, n + 1 values from sigma_max down to sigma_min, then 0. --
+# -- zero terminal SNR --
 
 
-def _check_schedule_args(n: int, sigma_min: float, sigma_max: float) -> None:
-    if n < 1:
-        raise ValueError(f"number of steps n must be >= 1, got {n}.")
-    if not 0 < sigma_min <= sigma_max:
-        raise ValueError(f"need 0 < sigma_min <= sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}.")
+def rescale_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2023 ("Common Diffusion Noise Schedules and Sample Steps are Flawed"), Algorithm 1, on
+    ``alphas_cumprod``: (T,) -> (T,) float64 on the CPU.
 
-
-def append_zero(sigmas: torch.Tensor) -> torch.Tensor:
-    return torch.cat([sigmas, sigmas.new_zeros(1)])
-
-
-def get_sigmas_karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
-    """Karras et al. (2022) schedule: evenly spaced in ``sigma ** (1 / rho)``. Returns (n + 1,) float64 on the CPU."""
-    _check_schedule_args(n, sigma_min, sigma_max)
-    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
-    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return append_zero((hi + ramp * (lo - hi)) ** rho)
-
-
-def get_sigmas_exponential(n: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
-    """Schedule evenly spaced in ``log(sigma)``. Returns (n + 1,) float64 on the CPU."""
-    _check_schedule_args(n, sigma_min, sigma_max)
-    return append_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64).exp())
-
-
-def get_sigmas_discrete(n: int, schedule: DiscreteSchedule) -> torch.Tensor:
-    """The "normal" schedule: the model's own sigmas at ``n`` evenly spaced (fractional) timesteps from the last to 0.
-
-    Returns (n + 1,) float64 on the CPU.
+    ``sqrt(alphas_cumprod)`` is shifted so that its last value is exactly 0 (the last timestep is pure noise, zero
+    SNR, as at sampling's start) and scaled so that its first is unchanged; in between it stays an affine function of
+    the original.
     """
-    _check_schedule_args(n, schedule.sigma_min, schedule.sigma_max)
-    ts = torch.linspace(schedule.num_timesteps - 1, 0, n, dtype=torch.float64)
-    return append_zero(torch.tensor([schedule.t_to_sigma(float(t)) for t in ts], dtype=torch.float64))
+    root = alphas_cumprod.detach().to("cpu", torch.float64).sqrt()
+    first, last = float(root[0]), float(root[-1])
+    if not first > last:
+        raise ValueError("alphas_cumprod must decrease from its first to its last timestep to be rescaled.")
+    return ((root - last) * (first / (first - last))) ** 2
+
+
+def zero_terminal_snr_betas(betas: torch.Tensor) -> torch.Tensor:
+    """The betas (T,) of :func:`rescale_zero_terminal_snr` applied to those of ``betas`` (T,); the last is 1.
+    Returns float64 on the CPU."""
+    alphas_cumprod = rescale_zero_terminal_snr(torch.cumprod(1.0 - betas.detach().to("cpu", torch.float64), 0))
+    alphas = torch.cat([alphas_cumprod[:1], alphas_cumprod[1:] / alphas_cumprod[:-1]])
+    return 1.0 - alphas
 
 
 def dpm_solver_grid(schedule: DiscreteSchedule, steps: int) -> tuple[list[float], list[float]]:
@@ -225,13 +257,26 @@ SIGMA_SCHEDULES: dict[str, ScheduleFn] = {
     "discrete": get_sigmas_discrete,
     "karras": lambda n, s: get_sigmas_karras(n, s.sigma_min, s.sigma_max),
     "exponential": lambda n, s: get_sigmas_exponential(n, s.sigma_min, s.sigma_max),
+    "polyexponential": lambda n, s: get_sigmas_polyexponential(n, s.sigma_min, s.sigma_max),
+    "sgm_uniform": get_sigmas_sgm_uniform,
+    "simple": get_sigmas_simple,
+    "ddim_uniform": ddim_uniform_sigmas,
+    "beta": get_sigmas_beta,
+    "kl_optimal": lambda n, s: get_sigmas_kl_optimal(n, s.sigma_min, s.sigma_max),
+    "linear_quadratic": get_sigmas_linear_quadratic,
+    "ays_sd15": lambda n, s: get_sigmas_ays(n, "ays_sd15"),
+    "ays_sdxl": lambda n, s: get_sigmas_ays(n, "ays_sdxl"),
+    **{spacing: partial(get_sigmas_spaced, spacing=spacing) for spacing in TIMESTEP_SPACINGS},
     "ddim": lambda n, s: ddim_sigmas(s, n),
     "ddim_quad": lambda n, s: ddim_sigmas(s, n, "quad"),
     "dpm_solver": lambda n, s: torch.tensor(dpm_solver_grid(s, n)[0], dtype=torch.float64),
 }
-"""Every schedule by name: ``discrete`` (A1111's and ComfyUI's "normal"), ``karras``, ``exponential``, and the
-grids of the CompVis samplers: ``ddim`` (DDIM, PLMS; ``ddim_quad`` its "quad" discretisation) and ``dpm_solver``
-(the original DPM-Solver's)."""
+"""Every schedule by name (see :mod:`.schedules_named` for each): ``discrete`` (A1111's and ComfyUI's "normal"),
+``karras``, ``exponential``, ``polyexponential``, ``sgm_uniform``, ``simple``, ``ddim_uniform``, ``beta``,
+``kl_optimal``, ``linear_quadratic``, Align Your Steps (``ays_sd15``, ``ays_sdxl``), diffusers' timestep spacings
+(``leading``, ``linspace``, ``trailing``), and the grids of the CompVis samplers: ``ddim`` (DDIM, PLMS; ``ddim_quad``
+its "quad" discretisation) and ``dpm_solver`` (the original DPM-Solver's). All end at sigma 0 but the CompVis grids;
+``beta`` may have fewer than ``n + 1`` values for large ``n``."""
 
 COMPVIS_GRIDS = ("ddim", "ddim_quad", "dpm_solver")
 """Schedules on which a run follows the CompVis samplers: the start noise ``x_T`` is the model's ``x_t`` at the first

@@ -23,7 +23,7 @@ from ldm.models.diffusion.sampling.dpmpp import (
     sample_dpmpp_2s_ancestral,
     sample_dpmpp_sde,
 )
-from ldm.models.diffusion.schedules import get_sigmas_discrete, get_sigmas_exponential, get_sigmas_karras
+from ldm.models.diffusion.schedules_named import get_sigmas_discrete, get_sigmas_exponential, get_sigmas_karras
 
 __all__ = [
     "get_sigmas_discrete",
