@@ -128,6 +128,7 @@ def dpm_adaptive(
         low, high = embedded_pair(denoiser, x, derivative(x, denoised, sigma), s, t_down - s, order)
         calls += order - 1
         bar.update(order - 1)
+        # The one host-device sync of an attempt: the controller decides on the host.
         factor = step_factor(float(scaled_error(low, high, previous, rtol, atol)), 1.5 if eta > 0 else order)
         h *= factor
         if factor < ACCEPT_SAFETY:
