@@ -78,8 +78,8 @@ def measured_order(name: str) -> float:
     return float(-(dn * (logs_e - logs_e.mean())).sum() / (dn * dn).sum())
 
 
-def sample_stats(name: str, steps: int = STATS_STEPS, samples: int = STATS_SAMPLES) -> tuple[float, float]:
-    """Mean and std of ``samples`` values drawn by a stochastic sampler in ``steps`` Karras steps.
+def sample_stats(name: str, steps: int = STATS_STEPS, samples: int = STATS_SAMPLES, **options) -> tuple[float, float]:
+    """Mean and std of ``samples`` values drawn by a stochastic sampler in ``steps`` Karras steps (with ``options``).
 
     The analytic model acts elementwise, so the elements of one (1, 1, H, W) sample are independent draws.
     """
@@ -88,7 +88,7 @@ def sample_stats(name: str, steps: int = STATS_STEPS, samples: int = STATS_SAMPL
     side = int(math.isqrt(samples))
     noise = Noise.from_seed(1234, 1)
     x = noise.randn((1, 1, side, side), dtype=torch.float64) * sigmas[0]
-    out = sampler(name)(denoiser, x, sigmas, noise=noise, progress=False)
+    out = sampler(name)(denoiser, x, sigmas, noise=noise, progress=False, **options)
     return float(out.mean()), float(out.std())
 
 

@@ -88,14 +88,14 @@ class GuidedEps:
         self.guidance_rescale = check_guidance_rescale(guidance_rescale)
         self.model = model
         self.cond = cond
-        self.uncond = uncond if scale != 1.0 else None
+        self.uncond = uncond
         self.scale = float(scale)
         self.parameterization = getattr(model, "parameterization", "eps")
         self.schedule = DiscreteSchedule(model.alphas_cumprod)
-        self.batched = _batch_conditionings(self.uncond, cond) if self.uncond is not None else None
+        self.batched = _batch_conditionings(uncond, cond) if uncond is not None else None
 
-    def model_output(self, x_t: torch.Tensor, t: float) -> torch.Tensor:
-        """The guided raw model output (eps, x0 or v) at ``x_t``: (B, C, H, W) and timestep ``t``, which reaches
+    def _branches(self, x_t: torch.Tensor, t: float, with_uncond: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Raw (unconditional or None, conditional) outputs at ``x_t``: (B, C, H, W) and timestep ``t``, which reaches
         ``apply_model`` as a (B,) torch.long tensor when it is an integer and as floats otherwise."""
         if float(t).is_integer():
             # As CompVis's samplers pass them: models and wrappers index their schedule tables with t.
@@ -104,21 +104,47 @@ class GuidedEps:
             # float32, unless the whole computation is float64 (analytic tests need the exact fractional t).
             dtype = torch.promote_types(x_t.dtype, torch.float32)
             ts = torch.full((x_t.shape[0],), float(t), device=x_t.device, dtype=dtype)
-        if self.uncond is None:
-            return self.model.apply_model(x_t, ts, self.cond)
+        if self.uncond is None or not with_uncond:
+            return None, self.model.apply_model(x_t, ts, self.cond)
         if self.batched is not None:
             out_u, out_c = self.model.apply_model(torch.cat([x_t, x_t]), torch.cat([ts, ts]), self.batched).chunk(2)
         else:
             out_u = self.model.apply_model(x_t, ts, self.uncond)
             out_c = self.model.apply_model(x_t, ts, self.cond)
+        return out_u, out_c
+
+    def _guide(self, out_u: torch.Tensor | None, out_c: torch.Tensor) -> torch.Tensor:
+        if out_u is None:
+            return out_c
         guided = out_u + self.scale * (out_c - out_u)
         return rescale_guidance(guided, out_c, self.guidance_rescale) if self.guidance_rescale else guided
+
+    def model_output(self, x_t: torch.Tensor, t: float) -> torch.Tensor:
+        """The guided raw model output (eps, x0 or v) at ``x_t``: (B, C, H, W) and timestep ``t`` (see
+        :meth:`_branches`). At scale 1 the unconditional branch is skipped: the guided output is the conditional."""
+        return self._guide(*self._branches(x_t, t, self.scale != 1.0))
 
     def __call__(self, x_t: torch.Tensor, t: float, alpha_cumprod: float | None = None) -> torch.Tensor:
         """eps prediction at ``x_t``: (B, C, H, W), timestep ``t`` (fractional allowed); ``alpha_cumprod`` at ``t``."""
         if alpha_cumprod is None:
             alpha_cumprod = self.schedule.alpha_cumprod(t)
         return output_to_eps(self.model_output(x_t, t), x_t, alpha_cumprod, self.parameterization)
+
+    def with_uncond(
+        self, x_t: torch.Tensor, t: float, alpha_cumprod: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(guided eps, unconditional eps), both (B, C, H, W), from the same single batched model call.
+
+        CFG++ samplers step with the guided estimate but renoise with the unconditional one, so they need it at
+        scale 1 too, where :meth:`__call__` skips it. Without ``uncond`` both are the conditional eps.
+        """
+        if alpha_cumprod is None:
+            alpha_cumprod = self.schedule.alpha_cumprod(t)
+        out_u, out_c = self._branches(x_t, t, True)
+        eps = output_to_eps(self._guide(out_u, out_c), x_t, alpha_cumprod, self.parameterization)
+        if out_u is None:
+            return eps, eps
+        return eps, output_to_eps(out_u, x_t, alpha_cumprod, self.parameterization)
 
 
 class Denoiser:
@@ -158,7 +184,20 @@ class Denoiser:
         sigma = float(sigma)
         alpha_cumprod = 1.0 / (1.0 + sigma**2)
         eps = self.eps(x * math.sqrt(alpha_cumprod), self.timestep(sigma), alpha_cumprod)
-        denoised = x - sigma * eps
-        if self.mask is not None:
-            denoised = self.x0 * self.mask + (1.0 - self.mask) * denoised
-        return denoised
+        return self._keep_known(x - sigma * eps)
+
+    def with_uncond(self, x: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, C, H, W) -> (denoised, uncond_denoised), both (B, C, H, W), from one batched model call.
+
+        The guided estimate and the unconditional one (see :meth:`GuidedEps.with_uncond`); without ``uncond``
+        they are equal.
+        """
+        sigma = float(sigma)
+        alpha_cumprod = 1.0 / (1.0 + sigma**2)
+        eps, eps_u = self.eps.with_uncond(x * math.sqrt(alpha_cumprod), self.timestep(sigma), alpha_cumprod)
+        return self._keep_known(x - sigma * eps), self._keep_known(x - sigma * eps_u)
+
+    def _keep_known(self, denoised: torch.Tensor) -> torch.Tensor:
+        if self.mask is None:
+            return denoised
+        return self.x0 * self.mask + (1.0 - self.mask) * denoised

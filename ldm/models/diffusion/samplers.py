@@ -52,6 +52,9 @@ class SamplerSpec:
         schedule: the schedule it runs on when the name names none.
         schedules: whether it runs on any schedule (False: only on its own grid).
         discard_penultimate_sigma: as A1111 for DPM2: compute ``steps + 1`` sigmas and drop the next-to-last.
+        fixed_steps: runs the steps asked for. False: it chooses its own from a tolerance (DPM adaptive), so the
+            step count only sets where img2img starts, and the images of a batch share their steps, so they differ
+            slightly (within the tolerance) from single runs.
         aliases: other names in use (A1111 ``k_*`` names, ComfyUI names, long forms).
     """
 
@@ -63,6 +66,7 @@ class SamplerSpec:
     schedule: str = "discrete"
     schedules: bool = True
     discard_penultimate_sigma: bool = False
+    fixed_steps: bool = True
     aliases: tuple[str, ...] = ()
 
 
@@ -129,6 +133,43 @@ SAMPLERS: dict[str, SamplerSpec] = {
             eta=1.0,
             aliases=("k_dpmpp_2m_sde", "dpmpp_2m_sde_gpu"),
         ),
+        # The single-step DPM-Solver++ of Lu et al. by the paper's names (A1111 and ComfyUI have only 2S a).
+        SamplerSpec("dpmpp_2s", "DPM++ 2S", sampling.sample_dpmpp_2s, aliases=("dpm_solver_pp_2s", "DPM-Solver++(2S)")),
+        SamplerSpec("dpmpp_3s", "DPM++ 3S", sampling.sample_dpmpp_3s, aliases=("dpm_solver_pp_3s", "DPM-Solver++(3S)")),
+        # DPM fast and adaptive use only the ends of a schedule, and A1111 runs them with its ancestral eta (1).
+        SamplerSpec(
+            "dpm_fast",
+            "DPM fast",
+            sampling.sample_dpm_fast,
+            stochastic=True,
+            eta=1.0,
+            schedules=False,
+            aliases=("k_dpm_fast",),
+        ),
+        SamplerSpec(
+            "dpm_adaptive",
+            "DPM adaptive",
+            sampling.sample_dpm_adaptive,
+            stochastic=True,
+            eta=1.0,
+            schedules=False,
+            fixed_steps=False,
+            aliases=("k_dpm_ad", "k_dpm_adaptive"),
+        ),
+        # A1111's Restart: its default plan rebuilds a Karras schedule from 20 steps on.
+        SamplerSpec("restart", "Restart", sampling.sample_restart, stochastic=True, schedule="karras", schedules=False),
+        SamplerSpec("lcm", "LCM", sampling.sample_lcm, stochastic=True, aliases=("k_lcm",)),
+        # CFG++ takes CFG++'s small scales (about 0.5 to 2), as ComfyUI; see sampling.cfg_pp.
+        SamplerSpec("euler_cfg_pp", "Euler CFG++", sampling.sample_euler_cfg_pp),
+        SamplerSpec(
+            "euler_ancestral_cfg_pp",
+            "Euler a CFG++",
+            sampling.sample_euler_ancestral_cfg_pp,
+            stochastic=True,
+            eta=1.0,
+            aliases=("euler_a_cfg_pp",),
+        ),
+        SamplerSpec("dpmpp_2m_cfg_pp", "DPM++ 2M CFG++", sampling.sample_dpmpp_2m_cfg_pp),
     )
 }
 
@@ -199,7 +240,7 @@ def sampler_names() -> list[str]:
     names = []
     for spec in SAMPLERS.values():
         names.append(spec.label)
-        if spec.schedule == "discrete":
+        if spec.schedule == "discrete" and spec.schedules:
             names += [f"{spec.label} Karras", f"{spec.label} Exponential"]
     return names + list(SAMPLERS)
 
@@ -317,7 +358,8 @@ def sample(
     Args:
         model: a ``LatentDiffusion`` (or anything with ``apply_model``, ``alphas_cumprod``, ``parameterization``).
         sampler: a name :func:`resolve_sampler` knows.
-        steps: number of steps S in 1..num_timesteps (img2img runs a share of them, see :func:`img2img_start`).
+        steps: number of steps S in 1..num_timesteps (img2img runs a share of them, see :func:`img2img_start`);
+            a sampler without ``fixed_steps`` (DPM adaptive) chooses its own, and S only sets where img2img starts.
         cond, uncond, scale: conditioning, unconditional/negative conditioning and guidance scale.
         shape: (B, C, h, w) for txt2img; taken from ``x_T`` or ``init_latent`` when those are given.
         noise: per-sample seeded noise (:class:`Noise`); by default seeds drawn from torch's global generator.

@@ -95,6 +95,15 @@ def dpm2_to(denoiser: DenoiserFn, x: torch.Tensor, denoised: torch.Tensor, sigma
     return dpm2_step(denoiser, x, derivative(x, denoised, sigma), sigma, to)
 
 
+def heun_to(denoiser: DenoiserFn, x: torch.Tensor, denoised: torch.Tensor, sigma: float, to: float) -> torch.Tensor:
+    """Heun's step (the trapezoidal corrector on an Euler trial step); the Euler step itself for a last step to 0."""
+    d = derivative(x, denoised, sigma)
+    x_euler = x + d * (to - sigma)
+    if to == 0:
+        return x_euler
+    return x + (d + derivative(x_euler, denoiser(x_euler, to), to)) / 2 * (to - sigma)
+
+
 def dropout_noise(z: torch.Tensor, p: float, noise: Noise | None) -> torch.Tensor:
     """Inverted dropout of step noise ``z`` with probability ``p`` (CompVis DDIM's ``noise_dropout``); with ``noise``
     the mask is seeded per sample."""
