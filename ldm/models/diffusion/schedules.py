@@ -295,4 +295,19 @@ def model_timesteps(name: str, steps: int, schedule: DiscreteSchedule) -> Callab
     on the DPM-Solver grid, whose continuous time maps to the model differently."""
     if name != "dpm_solver":
         return schedule.sigma_to_t
-    return dict(zip(*dpm_solver_grid(schedule, steps), strict=True)).__getitem__
+    grid = dict(zip(*dpm_solver_grid(schedule, steps), strict=True))
+    return lambda sigma: grid[sigma] if sigma in grid else dpm_solver_timestep(schedule, sigma)
+
+
+def dpm_solver_timestep(schedule: DiscreteSchedule, sigma: float) -> float:
+    """The model timestep of any ``sigma`` in DPM-Solver's time: the fractional training step at which ``log(alpha)``,
+    interpolated linearly between steps, equals ``-log(1 + sigma^2) / 2``, times ``1000 / N`` (so the grid's points
+    map to their own timesteps; samplers with midpoints evaluate between them)."""
+    neg_log_alpha = -0.5 * schedule.alphas_cumprod.log()  # increasing with the step
+    target = 0.5 * math.log1p(sigma * sigma)
+    n = len(neg_log_alpha)
+    high = int(torch.searchsorted(neg_log_alpha, torch.tensor(target, dtype=torch.float64)))
+    high = min(max(high, 1), n - 1)
+    lo, hi = float(neg_log_alpha[high - 1]), float(neg_log_alpha[high])
+    position = high - 1 + min(max((target - lo) / (hi - lo), 0.0), 1.0)
+    return position * 1000.0 / n
