@@ -119,6 +119,13 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
         help="rescale the guided prediction's std toward the conditional one's, 0..1 (0 = off; 0.7 for "
         "zero-terminal-SNR models, Lin et al. 2023)",
     )
+    add(
+        "--sampler_option",
+        type=_sampler_option,
+        action="append",
+        metavar="NAME=VALUE",
+        help="a sampler's own option, e.g. s_churn=1.0 for Euler / Heun (repeatable)",
+    )
     add("--from-file", dest="from_file", type=str, help="read prompts from this file, one a line, in batches")
     add("--config", type=str, default=None, help=f"config of the model (default {DEFAULT_CONFIG})")
     add("--ckpt", type=str, default=None, help=f"checkpoint of the model (default {DEFAULT_CKPT})")
@@ -158,6 +165,16 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
         add("--mask", type=str, required=True, help="mask image of the init image's size, white = repaint")
     add("overrides", nargs="*", metavar="key=value", help="config overrides")
     return parser
+
+
+def _sampler_option(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    try:
+        if not sep or not name:
+            raise ValueError
+        return name.strip(), float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=NUMBER such as s_churn=1.0, got '{text}'") from None
 
 
 def _size_help(mode: str) -> str:
@@ -310,6 +327,7 @@ def plan(mode: str, args: argparse.Namespace) -> Job:
         scale=args.scale,
         eta=args.ddim_eta,
         guidance_rescale=args.guidance_rescale,
+        sampler_options=dict(args.sampler_option or ()),
         seed=args.seed,
         height=args.H,
         width=args.W,

@@ -50,6 +50,7 @@ from PIL import Image
 from ldm.checkpoint import load_model_from_config
 from ldm.errors import UserError
 from ldm.geometry import LatentGeometry
+from ldm.models.diffusion.guidance import keep_known
 from ldm.models.diffusion.noise import Noise
 from ldm.models.diffusion.samplers import SCHEDULE_LABELS, resolve_sampler, sample
 from ldm.modules.attention import set_attention_slicing
@@ -316,12 +317,13 @@ class Pipeline:
                 eta=request.eta,
                 schedule=request.schedule,
                 guidance_rescale=request.guidance_rescale,
+                options=request.sampler_options,
                 callback=callback,
                 progress=progress,
             )
             if latent_mask is not None:
-                # Samplers end on the model's estimate of the kept region; the init latent is exact there.
-                latents = latent_mask * init_latent + (1.0 - latent_mask) * latents
+                # Runs on the CompVis grids end just above sigma 0; the init latent is exact in the kept region.
+                latents = keep_known(latents, init_latent, latent_mask)
             with self._active(self.stages["first_stage"]):
                 images = tensor_to_images(self._decode(latents))
         if request.mask is not None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +24,7 @@ from ldm.errors import UserError
 from ldm.geometry import LatentGeometry, prepare_init_image
 from ldm.models.diffusion.guidance import check_guidance_rescale
 from ldm.models.diffusion.noise import MAX_SEED, Noise, check_seed
-from ldm.models.diffusion.samplers import check_sampling_arguments, resolve_sampler
+from ldm.models.diffusion.samplers import check_sampler_options, check_sampling_arguments, resolve_sampler
 from ldm.modules.attention import check_slice_size
 
 ImageInput = Image.Image | str | os.PathLike
@@ -90,6 +90,8 @@ class GenerationRequest:
         negative_prompts: one for all or one per prompt; empty means none.
         steps, sampler, schedule, scale, eta: sampling settings (``ldm.models.diffusion.samplers``); ``schedule``
             overrides the sampler name's (A1111's "Schedule type"), eta None means the sampler's default.
+        sampler_options: the sampler's own options (``ldm.models.diffusion.samplers.sampler_options``), e.g.
+            ``{"s_churn": 1.0}`` for Euler / Heun.
         guidance_rescale: Lin et al.'s rescale of the guided prediction's std, in [0, 1] (0 = off, 0.7 suggested).
         seed: image i gets ``seed + i``; a list gives each image's seed; None draws one. After construction,
             ``seeds`` holds every image's seed.
@@ -110,6 +112,7 @@ class GenerationRequest:
     scale: float = 7.5
     eta: float | None = None
     guidance_rescale: float = 0.0
+    sampler_options: Mapping[str, float] = dataclasses.field(default_factory=dict)
     seed: int | Sequence[int] | None = None
     height: int | None = None
     width: int | None = None
@@ -146,7 +149,9 @@ class GenerationRequest:
             raise UserError(f"the guidance scale must be a number, got {self.scale!r}.")
         if self.eta is not None and (not isinstance(self.eta, int | float) or not math.isfinite(self.eta)):
             raise UserError(f"eta must be a number >= 0, got {self.eta!r}.")
-        resolve_sampler(self.sampler, self.schedule)
+        spec, _ = resolve_sampler(self.sampler, self.schedule)
+        check_sampler_options(spec, self.sampler_options)
+        set_(self, "sampler_options", dict(self.sampler_options))
         check_guidance_rescale(self.guidance_rescale)
         set_(self, "seeds", self._image_seeds())
 
@@ -186,7 +191,7 @@ class GenerationRequest:
         strength = 1.0 if self.strength is None else self.strength
         check_sampling_arguments(
             self.sampler, self.steps, geometry.timesteps, strength, self.eta, self.init_image is not None,
-            self.scale, self.schedule, self.guidance_rescale,
+            self.scale, self.schedule, self.guidance_rescale, self.sampler_options,
         )  # fmt: skip
         height, width, image, mask = self.height, self.width, self.init_image, self.mask
         if image is not None:

@@ -63,6 +63,7 @@ def test_for_model_fills_in_sizes_and_is_idempotent():
         ({"eta": float("nan")}, "eta must be a number"),
         ({"seed": -1}, "seed -1 is out of range"),
         ({"seed": [1, 2]}, "got 2 seeds for 1 images"),
+        ({"sampler": "euler", "sampler_options": {"churn": 1}}, "sampler 'Euler' has no option 'churn'"),
     ],
 )
 def test_bad_requests_are_user_errors_naming_the_fix(fields, message):

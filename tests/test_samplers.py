@@ -6,8 +6,16 @@ import pytest
 import torch
 from analytic_model import GaussianDataModel
 
+from ldm.errors import UserError
 from ldm.models.diffusion.noise import Noise
-from ldm.models.diffusion.samplers import SAMPLERS, check_sampling_arguments, resolve_sampler, sample, sampler_names
+from ldm.models.diffusion.samplers import (
+    SAMPLERS,
+    check_sampling_arguments,
+    resolve_sampler,
+    sample,
+    sampler_names,
+    sampler_options,
+)
 from ldm.models.diffusion.schedules import COMPVIS_GRIDS
 
 ALL = list(SAMPLERS)
@@ -141,12 +149,30 @@ def test_inpainting_mask_keeps_the_known_region(exact, name):
     assert (out[..., 2:] - init[..., 2:]).abs().max() > 0.1
 
 
-def test_v_model_gives_the_same_samples(exact):
-    v_model = GaussianDataModel(mu=0.5, s=0.7, parameterization="v")
+@pytest.mark.parametrize("parameterization", ["v", "x0"])
+def test_v_and_x0_models_give_the_same_samples(exact, parameterization):
+    other = GaussianDataModel(mu=0.5, s=0.7, parameterization=parameterization)
     for name in ALL:
         a = sample(exact, name, steps=8, shape=(1, 1, 2, 2), noise=Noise([2]), progress=False)
-        b = sample(v_model, name, steps=8, shape=(1, 1, 2, 2), noise=Noise([2]), progress=False)
+        b = sample(other, name, steps=8, shape=(1, 1, 2, 2), noise=Noise([2]), progress=False)
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+
+
+# DPM fast counts its steps in model calls, as k-diffusion and A1111 do (its steps take 1 to 3 calls each).
+@pytest.mark.parametrize("name", [n for n in ALL if SAMPLERS[n].fixed_steps and n != "dpm_fast"])
+@pytest.mark.parametrize("steps", [1, 2, 7])
+def test_every_sampler_runs_exactly_the_steps_asked_for(exact, name, steps):
+    seen = []
+    sample(exact, name, steps=steps, shape=(1, 1, 2, 2), noise=Noise([4]), callback=lambda i, d: seen.append(i),
+           progress=False)  # fmt: skip
+    assert seen == list(range(steps)), name
+
+
+@pytest.mark.parametrize("steps", [1, 2, 7])
+def test_dpm_fast_makes_exactly_the_model_calls_asked_for(steps):
+    model = GaussianDataModel()
+    sample(model, "dpm_fast", steps=steps, shape=(1, 1, 2, 2), noise=Noise([4]), progress=False)
+    assert model.calls == steps
 
 
 def test_callback_sees_every_step(exact):
@@ -218,3 +244,17 @@ def test_seeds_are_what_the_noise_generator_takes():
             Noise([seed])
     with pytest.raises(ValueError, match=f"seed {2**64} is out of range"):
         Noise.from_seed(2**64 - 1, 2)
+
+
+def test_sampler_options_reach_the_sampler_and_unknown_ones_are_refused(exact):
+    def run(**options):
+        return sample(exact, "euler", steps=10, shape=(1, 1, 2, 2), noise=Noise([3]), options=options, progress=False)
+
+    assert torch.equal(run(), run(s_churn=0.0))
+    assert not torch.equal(run(), run(s_churn=1.0)), "Karras's churn adds noise"
+    assert set(sampler_options(SAMPLERS["heun"])) == {"s_churn", "s_tmin", "s_tmax", "s_noise"}
+    assert sampler_options(SAMPLERS["lms"]) == {"order": 4}
+    with pytest.raises(UserError, match="sampler 'Euler' has no option 's_chrn'; its options: s_churn"):
+        run(s_chrn=1.0)
+    with pytest.raises(UserError, match="sampler option s_churn must be a finite number"):
+        run(s_churn=float("nan"))

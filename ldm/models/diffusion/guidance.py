@@ -66,6 +66,13 @@ def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> to
     return guided * (phi * ratio + (1.0 - phi))
 
 
+def keep_known(x: torch.Tensor, known: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``x`` with its ``mask`` 1 region replaced by ``known`` (CompVis's convention: 1 = keep). The one place that
+    blends the known region of an inpainting run, during sampling and after it. x, known: (B, C, h, w); mask
+    broadcasts, typically (B or 1, 1, h, w)."""
+    return known * mask + (1.0 - mask) * x
+
+
 class GuidedEps:
     """Classifier-free guided eps-prediction ``eps(x_t, t)`` of a diffusion model.
 
@@ -200,4 +207,4 @@ class Denoiser:
     def _keep_known(self, denoised: torch.Tensor) -> torch.Tensor:
         if self.mask is None:
             return denoised
-        return self.x0 * self.mask + (1.0 - self.mask) * denoised
+        return keep_known(denoised, self.x0, self.mask)

@@ -17,9 +17,10 @@ grids (start noise the model's ``x_T``, ``int(strength * steps)`` img2img steps)
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -279,14 +280,17 @@ def check_sampling_arguments(
     scale: float = 1.0,
     schedule: str | None = None,
     guidance_rescale: float = 0.0,
+    options: Mapping[str, float] | None = None,
 ) -> tuple[SamplerSpec, str]:
     """Validate sampling settings before any work is done; returns :func:`resolve_sampler`'s answer.
 
-    Raises ValueError naming the setting and its valid range. Entry points call this before loading a model.
-    The guidance scale must lie within +-MAX_SCALE (see there), ``guidance_rescale`` in [0, 1].
+    Raises UserError naming the setting and its valid range. Entry points call this before loading a model.
+    The guidance scale must lie within +-MAX_SCALE (see there), ``guidance_rescale`` in [0, 1]; ``options`` are
+    :func:`sampler_options` of this sampler.
     """
     spec, schedule = resolve_sampler(sampler, schedule)
     check_guidance_rescale(guidance_rescale)
+    check_sampler_options(spec, options or {})
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= num_timesteps:
         raise UserError(f"steps must be an integer in 1..{num_timesteps}, got {steps!r}.")
     if spec.discard_penultimate_sigma and steps == num_timesteps:
@@ -305,6 +309,32 @@ def check_sampling_arguments(
     if not img2img and strength != 1.0:
         raise UserError("strength is for img2img: give init_latent too.")
     return spec, schedule
+
+
+# What the front end passes itself; every other keyword of a sampling function is an option users may set.
+_PROTOCOL = {"denoiser", "x", "sigmas", "noise", "callback", "progress", "eta"}
+
+
+def sampler_options(spec: SamplerSpec) -> dict[str, Any]:
+    """The numeric options of a sampler's function and their defaults, e.g. Euler's ``s_churn``, ``s_tmin``,
+    ``s_tmax`` and ``s_noise`` (Karras et al.'s churn), DDIM's ``noise_dropout``, LMS's ``order``."""
+    parameters = inspect.signature(spec.loop).parameters.values()
+    return {
+        p.name: p.default
+        for p in parameters
+        if p.name not in _PROTOCOL and isinstance(p.default, int | float) and not isinstance(p.default, bool)
+    }
+
+
+def check_sampler_options(spec: SamplerSpec, options: Mapping[str, float]) -> None:
+    """UserError unless every option is one of :func:`sampler_options` and a finite number."""
+    known = sampler_options(spec)
+    for name, value in options.items():
+        if name not in known:
+            listed = ", ".join(known) or "none"
+            raise UserError(f"sampler '{spec.label}' has no option '{name}'; its options: {listed}.")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise UserError(f"sampler option {name} must be a finite number, got {value!r}.")
 
 
 def _grid(spec: SamplerSpec, schedule: str, steps: int, denoiser_schedule: Any) -> torch.Tensor:
@@ -350,6 +380,7 @@ def sample(
     eta: float | None = None,
     schedule: str | None = None,
     guidance_rescale: float = 0.0,
+    options: Mapping[str, float] | None = None,
     callback: Callable[[int, torch.Tensor], None] | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
@@ -371,12 +402,14 @@ def sample(
         schedule: a schedule name overriding the sampler name's (A1111's "Schedule type"; see :data:`SCHEDULE_NAMES`).
         guidance_rescale: Lin et al.'s guidance rescale ``phi`` in [0, 1] (diffusers' ``guidance_rescale``); 0 is
             off, 0.7 their suggestion (see :func:`~ldm.models.diffusion.guidance.rescale_guidance`).
+        options: the sampler's own options (:func:`sampler_options`), e.g. ``{"s_churn": 1.0}`` for Euler.
         callback: ``callback(i, denoised)`` after each step with the current x0 estimate.
         progress: show a progress bar.
     """
     spec, schedule = check_sampling_arguments(
-        sampler, steps, len(model.alphas_cumprod), strength, eta, init_latent is not None, scale, schedule
-    )
+        sampler, steps, len(model.alphas_cumprod), strength, eta, init_latent is not None, scale, schedule,
+        guidance_rescale, options,
+    )  # fmt: skip
     reference = init_latent if init_latent is not None else x_T
     if shape is None:
         if reference is None:
@@ -415,7 +448,7 @@ def sample(
         x_t = init_latent + noise.randn_like(init_latent) * sigma_noised
         # The input is noised to sigma_noised; the sampler takes it as x_t at its first step (CompVis's quirk).
         x = x_t * math.sqrt((1.0 + float(sigmas[0]) ** 2) / (1.0 + sigma_noised**2))
-    options = {"eta": spec.eta if eta is None else eta} if spec.eta is not None else {}
+    options = {**(options or {}), **({"eta": spec.eta if eta is None else eta} if spec.eta is not None else {})}
 
     def report(step: dict[str, Any]) -> None:
         if callback is not None:
