@@ -127,6 +127,22 @@ SAMPLERS: dict[str, SamplerSpec] = {
             eta=1.0,
             aliases=("k_dpmpp_2m_sde", "dpmpp_2m_sde_gpu"),
         ),
+        SamplerSpec(
+            "dpmpp_2m_sde_heun",
+            "DPM++ 2M SDE Heun",
+            sampling.sample_dpmpp_2m_sde_heun,
+            stochastic=True,
+            eta=1.0,
+            aliases=("k_dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu"),
+        ),
+        SamplerSpec(
+            "dpmpp_3m_sde",
+            "DPM++ 3M SDE",
+            sampling.sample_dpmpp_3m_sde,
+            stochastic=True,
+            eta=1.0,
+            aliases=("k_dpmpp_3m_sde", "dpmpp_3m_sde_gpu"),
+        ),
     )
 }
 

@@ -20,7 +20,9 @@ from ldm.models.diffusion.sampling.classic import (
 from ldm.models.diffusion.sampling.dpmpp import (
     sample_dpmpp_2m,
     sample_dpmpp_2m_sde,
+    sample_dpmpp_2m_sde_heun,
     sample_dpmpp_2s_ancestral,
+    sample_dpmpp_3m_sde,
     sample_dpmpp_sde,
 )
 from ldm.models.diffusion.schedules import get_sigmas_discrete, get_sigmas_exponential, get_sigmas_karras
@@ -35,7 +37,9 @@ __all__ = [
     "sample_dpm_2_ancestral",
     "sample_dpmpp_2m",
     "sample_dpmpp_2m_sde",
+    "sample_dpmpp_2m_sde_heun",
     "sample_dpmpp_2s_ancestral",
+    "sample_dpmpp_3m_sde",
     "sample_dpmpp_sde",
     "sample_euler",
     "sample_euler_ancestral",
