@@ -143,6 +143,12 @@ SAMPLERS: dict[str, SamplerSpec] = {
             eta=1.0,
             aliases=("k_dpmpp_3m_sde", "dpmpp_3m_sde_gpu"),
         ),
+        # A1111 runs UniPC on the original's time-uniform grid, ComfyUI on any schedule.
+        SamplerSpec("uni_pc", "UniPC", sampling.sample_uni_pc, schedule="dpm_solver", aliases=("uni_pc_bh1",)),
+        SamplerSpec("uni_pc_bh2", "UniPC BH2", sampling.sample_uni_pc_bh2, schedule="dpm_solver"),
+        SamplerSpec("deis", "DEIS", sampling.sample_deis),
+        SamplerSpec("ipndm", "iPNDM", sampling.sample_ipndm),
+        SamplerSpec("ipndm_v", "iPNDM_v", sampling.sample_ipndm_v),
     )
 }
 

@@ -25,6 +25,13 @@ from ldm.models.diffusion.sampling.dpmpp import (
     sample_dpmpp_3m_sde,
     sample_dpmpp_sde,
 )
+from ldm.models.diffusion.sampling.multistep import (
+    sample_deis,
+    sample_ipndm,
+    sample_ipndm_v,
+    sample_uni_pc,
+    sample_uni_pc_bh2,
+)
 from ldm.models.diffusion.schedules import get_sigmas_discrete, get_sigmas_exponential, get_sigmas_karras
 
 __all__ = [
@@ -33,6 +40,7 @@ __all__ = [
     "get_sigmas_karras",
     "sample_ddim",
     "sample_ddpm",
+    "sample_deis",
     "sample_dpm_2",
     "sample_dpm_2_ancestral",
     "sample_dpmpp_2m",
@@ -44,6 +52,10 @@ __all__ = [
     "sample_euler",
     "sample_euler_ancestral",
     "sample_heun",
+    "sample_ipndm",
+    "sample_ipndm_v",
     "sample_lms",
     "sample_plms",
+    "sample_uni_pc",
+    "sample_uni_pc_bh2",
 ]
