@@ -171,6 +171,28 @@ SAMPLERS: dict[str, SamplerSpec] = {
             aliases=("euler_a_cfg_pp",),
         ),
         SamplerSpec("dpmpp_2m_cfg_pp", "DPM++ 2M CFG++", sampling.sample_dpmpp_2m_cfg_pp),
+        SamplerSpec(
+            "dpmpp_2m_sde_heun",
+            "DPM++ 2M SDE Heun",
+            sampling.sample_dpmpp_2m_sde_heun,
+            stochastic=True,
+            eta=1.0,
+            aliases=("k_dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu"),
+        ),
+        SamplerSpec(
+            "dpmpp_3m_sde",
+            "DPM++ 3M SDE",
+            sampling.sample_dpmpp_3m_sde,
+            stochastic=True,
+            eta=1.0,
+            aliases=("k_dpmpp_3m_sde", "dpmpp_3m_sde_gpu"),
+        ),
+        # A1111 runs UniPC on the original's time-uniform grid, ComfyUI on any schedule.
+        SamplerSpec("uni_pc", "UniPC", sampling.sample_uni_pc, schedule="dpm_solver", aliases=("uni_pc_bh1",)),
+        SamplerSpec("uni_pc_bh2", "UniPC BH2", sampling.sample_uni_pc_bh2, schedule="dpm_solver"),
+        SamplerSpec("deis", "DEIS", sampling.sample_deis),
+        SamplerSpec("ipndm", "iPNDM", sampling.sample_ipndm),
+        SamplerSpec("ipndm_v", "iPNDM_v", sampling.sample_ipndm_v),
     )
 }
 

@@ -26,23 +26,33 @@ from ldm.models.diffusion.sampling.classic import (
 from ldm.models.diffusion.sampling.dpmpp import (
     sample_dpmpp_2m,
     sample_dpmpp_2m_sde,
+    sample_dpmpp_2m_sde_heun,
     sample_dpmpp_2s_ancestral,
+    sample_dpmpp_3m_sde,
     sample_dpmpp_sde,
 )
 from ldm.models.diffusion.sampling.lcm import sample_lcm
+from ldm.models.diffusion.sampling.multistep import (
+    sample_deis,
+    sample_ipndm,
+    sample_ipndm_v,
+    sample_uni_pc,
+    sample_uni_pc_bh2,
+)
 from ldm.models.diffusion.sampling.restart import a1111_plan, sample_restart
 from ldm.models.diffusion.sampling.singlestep import sample_dpm_fast, sample_dpmpp_2s, sample_dpmpp_3s
 from ldm.models.diffusion.schedules_named import get_sigmas_discrete, get_sigmas_exponential, get_sigmas_karras
 
 __all__ = [
-    "AdaptiveInfo",
     "a1111_plan",
+    "AdaptiveInfo",
     "dpm_adaptive",
     "get_sigmas_discrete",
     "get_sigmas_exponential",
     "get_sigmas_karras",
     "sample_ddim",
     "sample_ddpm",
+    "sample_deis",
     "sample_dpm_2",
     "sample_dpm_2_ancestral",
     "sample_dpm_adaptive",
@@ -50,8 +60,10 @@ __all__ = [
     "sample_dpmpp_2m",
     "sample_dpmpp_2m_cfg_pp",
     "sample_dpmpp_2m_sde",
+    "sample_dpmpp_2m_sde_heun",
     "sample_dpmpp_2s",
     "sample_dpmpp_2s_ancestral",
+    "sample_dpmpp_3m_sde",
     "sample_dpmpp_3s",
     "sample_dpmpp_sde",
     "sample_euler",
@@ -59,8 +71,12 @@ __all__ = [
     "sample_euler_ancestral_cfg_pp",
     "sample_euler_cfg_pp",
     "sample_heun",
+    "sample_ipndm",
+    "sample_ipndm_v",
     "sample_lcm",
     "sample_lms",
     "sample_plms",
     "sample_restart",
+    "sample_uni_pc",
+    "sample_uni_pc_bh2",
 ]

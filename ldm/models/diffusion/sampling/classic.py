@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from ldm.models.diffusion.noise import Noise
 from ldm.models.diffusion.sampling.core import (
     Callback,
     DenoiserFn,
+    adams_bashforth,
     ancestral,
     derivative,
     dpm2_to,
     euler_to,
+    lagrange_weights,
     progress_bar,
     randn_like,
     report,
@@ -120,26 +121,6 @@ def sample_dpm_2(
     return ancestral(dpm2_to, denoiser, x, sigmas, 0.0, 0.0, None, callback, progress)
 
 
-def _lms_coefficients(sig: list[float], i: int, order: int) -> list[float]:
-    """Weights of the last ``order`` derivatives (newest first) for the step ``sig[i] -> sig[i + 1]``.
-
-    Weight j is the integral over that step of the Lagrange basis polynomial that is 1 at ``sig[i - j]`` and 0 at the
-    other nodes. The polynomial has degree ``order - 1``, so ``order``-point Gauss-Legendre quadrature is exact.
-    """
-    nodes = [sig[i - k] for k in range(order)]
-    a, b = sig[i], sig[i + 1]
-    xi, w = np.polynomial.legendre.leggauss(order)
-    taus, weights = (a + b) / 2 + (b - a) / 2 * xi, (b - a) / 2 * w
-    coeffs = []
-    for j in range(order):
-        basis = np.ones_like(taus)
-        for k in range(order):
-            if k != j:
-                basis *= (taus - nodes[k]) / (nodes[j] - nodes[k])
-        coeffs.append(float(np.dot(weights, basis)))
-    return coeffs
-
-
 @torch.no_grad()
 def sample_lms(
     denoiser: DenoiserFn,
@@ -163,7 +144,7 @@ def sample_lms(
         denoised = denoiser(x, sig[i])
         report(callback, i, x, sig[i], denoised)
         history = [derivative(x, denoised, sig[i]), *history[: order - 1]]
-        coeffs = _lms_coefficients(sig, i, len(history))
+        coeffs = lagrange_weights([sig[i - k] for k in range(len(history))], sig[i], sig[i + 1])
         x = x + sum(c * d for c, d in zip(coeffs, history, strict=True))
     return x
 
@@ -234,15 +215,6 @@ def sample_ddpm(
     return ancestral(euler_to, denoiser, x, sigmas, 1.0, 1.0, noise, callback, progress)
 
 
-def _adams_bashforth(d: torch.Tensor, history: list[torch.Tensor]) -> torch.Tensor:
-    """PLMS's multistep derivative from the current ``d`` and 1 to 3 earlier ones (``history``, newest last)."""
-    if len(history) == 1:
-        return (3 * d - history[-1]) / 2
-    if len(history) == 2:
-        return (23 * d - 16 * history[-1] + 5 * history[-2]) / 12
-    return (55 * d - 59 * history[-1] + 37 * history[-2] - 9 * history[-3]) / 24
-
-
 @torch.no_grad()
 def sample_plms(
     denoiser: DenoiserFn,
@@ -266,7 +238,7 @@ def sample_plms(
         if sigma_next == 0:
             d_step = d  # the last step to the clean data is no equal step: land on the denoised estimate
         elif history:
-            d_step = _adams_bashforth(d, history)
+            d_step = adams_bashforth(d, history)
         else:
             x_trial = x + d * (sigma_next - sigma)
             d_step = (d + derivative(x_trial, denoiser(x_trial, sigma_next), sigma_next)) / 2

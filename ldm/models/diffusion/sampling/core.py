@@ -22,6 +22,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -85,6 +86,40 @@ def dpm2_step(denoiser: DenoiserFn, x: torch.Tensor, d: torch.Tensor, sigma: flo
     sigma_mid = math.sqrt(sigma * sigma_to)
     x_mid = x + d * (sigma_mid - sigma)
     return x + derivative(x_mid, denoiser(x_mid, sigma_mid), sigma_mid) * (sigma_to - sigma)
+
+
+def adams_bashforth(d: torch.Tensor, history: list[torch.Tensor]) -> torch.Tensor:
+    """Adams-Bashforth's multistep derivative (order 2 to 4, the weights for equal steps) from the current ``d`` and 1
+    to 3 earlier ones (``history``, newest last); all (B, ...)."""
+    if len(history) == 1:
+        return (3 * d - history[-1]) / 2
+    if len(history) == 2:
+        return (23 * d - 16 * history[-1] + 5 * history[-2]) / 12
+    return (55 * d - 59 * history[-1] + 37 * history[-2] - 9 * history[-3]) / 24
+
+
+def lagrange_weights(
+    nodes: list[float], a: float, b: float, time: Callable[[np.ndarray], np.ndarray] | None = None, points: int = 0
+) -> list[float]:
+    """Multistep weights for a step from sigma ``a`` to ``b``: weight j is the integral over sigma of the Lagrange
+    basis polynomial that is 1 at ``nodes[j]`` and 0 at the other nodes (sigmas).
+
+    The polynomial is in ``time(sigma)`` (sigma itself by default), integrated by Gauss-Legendre quadrature with
+    ``points`` nodes (default ``len(nodes)``, exact for a polynomial in sigma).
+    """
+    time = time if time is not None else np.asarray
+    xi, w = np.polynomial.legendre.leggauss(points or len(nodes))
+    taus = time((a + b) / 2 + (b - a) / 2 * xi)
+    weights = (b - a) / 2 * w
+    at = time(np.asarray(nodes, dtype=np.float64))
+    coeffs = []
+    for j in range(len(nodes)):
+        basis = np.ones_like(taus)
+        for k in range(len(nodes)):
+            if k != j:
+                basis *= (taus - at[k]) / (at[j] - at[k])
+        coeffs.append(float(np.dot(weights, basis)))
+    return coeffs
 
 
 def euler_to(denoiser: DenoiserFn, x: torch.Tensor, denoised: torch.Tensor, sigma: float, to: float) -> torch.Tensor:
