@@ -63,7 +63,7 @@ SEEN = tuple(_balanced_order())
 def seen_combinations(k: int) -> list[tuple[str, str, str]]:
     """The first ``k`` training combinations of a fixed order that balances colours, shapes and backgrounds."""
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= len(SEEN):
-        raise ValueError(f"the number of seen combinations must be between 0 and {len(SEEN)}, got {k!r}.")
+        raise UserError(f"the number of seen combinations must be between 0 and {len(SEEN)}, got {k!r}.")
     return list(SEEN[:k])
 
 
@@ -144,9 +144,9 @@ def evaluate(
     depend on it). ValueError for bad settings, before anything is sampled.
     """
     if not combinations:
-        raise ValueError("give at least one combination to evaluate.")
+        raise UserError("give at least one combination to evaluate.")
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"the batch size must be at least 1, got {batch!r}.")
+        raise UserError(f"the batch size must be at least 1, got {batch!r}.")
     GenerationRequest("", steps=steps, sampler=sampler, scale=scale, n=n, height=size, width=size).for_model(
         pipeline.geometry
     )
@@ -267,12 +267,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = {"steps": args.steps, "sampler": args.sampler, "scale": args.scale, "n": args.n}
         GenerationRequest("", **settings, height=args.size, width=args.size).for_model(geometry)
         if args.batch < 1:
-            raise ValueError(f"--batch must be at least 1, got {args.batch}.")
+            raise UserError(f"--batch must be at least 1, got {args.batch}.")
         outdir, json_path = Path(args.outdir), Path(args.json) if args.json else None
         if not args.skip_grid and outdir.exists() and not outdir.is_dir():
-            raise ValueError(f"--outdir '{args.outdir}' is a file; give a directory.")
+            raise UserError(f"--outdir '{args.outdir}' is a file; give a directory.")
         if json_path is not None and json_path.is_dir():
-            raise ValueError(f"--json '{args.json}' is a directory; give a file name.")
+            raise UserError(f"--json '{args.json}' is a directory; give a file name.")
         pipeline = Pipeline.from_config(config, ckpt, device=resolve_device(args.device), precision="full")
         evaluation = evaluate(
             pipeline,

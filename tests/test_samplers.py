@@ -258,3 +258,19 @@ def test_sampler_options_reach_the_sampler_and_unknown_ones_are_refused(exact):
         run(s_chrn=1.0)
     with pytest.raises(UserError, match="sampler option s_churn must be a finite number"):
         run(s_churn=float("nan"))
+
+
+def test_a1111s_automatic_schedule_type_is_each_samplers_own_default():
+    # A1111 1.6 on: "DPM++ 2M" with Schedule type "Automatic" is Karras; the bare name keeps the model's sigmas.
+    assert resolve_sampler("DPM++ 2M", schedule="Automatic")[1] == "karras"
+    assert resolve_sampler("DPM++ 2M")[1] == "discrete"
+    assert resolve_sampler("DPM++ 3M SDE", schedule="automatic")[1] == "exponential"
+    assert resolve_sampler("DPM++ 2M Exponential", schedule="Automatic")[1] == "exponential", "the name's wins"
+    assert resolve_sampler("Euler", schedule="Automatic")[1] == "discrete"
+    assert resolve_sampler("DDIM", schedule="Automatic")[1] == "ddim"
+    # A1111 drops the next-to-last of steps + 1 sigmas for DPM2, DPM2 a and DPM++ 3M SDE.
+    assert [n for n, s in SAMPLERS.items() if s.discard_penultimate_sigma] == [
+        "dpm_2",
+        "dpm_2_ancestral",
+        "dpmpp_3m_sde",
+    ]

@@ -35,7 +35,10 @@ class SamplerSpec:
             (then only the value it implies, 0 or 1 for stochastic ones, is accepted).
         schedule: the schedule it runs on when the name names none.
         schedules: whether it runs on any schedule (False: only on its own grid).
-        discard_penultimate_sigma: as A1111 for DPM2: compute ``steps + 1`` sigmas and drop the next-to-last.
+        automatic: A1111's "Automatic" schedule type for it (Karras for most DPM++ samplers, A1111 1.6 on), which
+            ``schedule="automatic"`` picks; None: the same as ``schedule``.
+        discard_penultimate_sigma: as A1111 for DPM2, DPM2 a and DPM++ 3M SDE: compute ``steps + 1`` sigmas and drop
+            the next-to-last.
         fixed_steps: runs the steps asked for. False: it chooses its own from a tolerance (DPM adaptive), so the
             step count only sets where img2img starts, and the images of a batch share their steps, so they differ
             slightly (within the tolerance) from single runs.
@@ -49,6 +52,7 @@ class SamplerSpec:
     eta: float | None = None
     schedule: str = "discrete"
     schedules: bool = True
+    automatic: str | None = None
     discard_penultimate_sigma: bool = False
     fixed_steps: bool = True
     aliases: tuple[str, ...] = ()
@@ -80,7 +84,12 @@ SAMPLERS: dict[str, SamplerSpec] = {
         ),
         SamplerSpec("heun", "Heun", sampling.sample_heun, aliases=("k_heun",)),
         SamplerSpec(
-            "dpm_2", "DPM2", sampling.sample_dpm_2, discard_penultimate_sigma=True, aliases=("k_dpm_2", "dpm2")
+            "dpm_2",
+            "DPM2",
+            sampling.sample_dpm_2,
+            discard_penultimate_sigma=True,
+            aliases=("k_dpm_2", "dpm2"),
+            automatic="karras",
         ),
         SamplerSpec(
             "dpm_2_ancestral",
@@ -90,6 +99,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
             eta=1.0,
             discard_penultimate_sigma=True,
             aliases=("dpm_2_a", "k_dpm_2_a", "k_dpm_2_ancestral", "dpm2_a"),
+            automatic="karras",
         ),
         SamplerSpec("lms", "LMS", sampling.sample_lms, aliases=("k_lms",)),
         SamplerSpec(
@@ -99,6 +109,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
             stochastic=True,
             eta=1.0,
             aliases=("dpmpp_2s_a", "k_dpmpp_2s_a"),
+            automatic="karras",
         ),
         SamplerSpec(
             "dpmpp_sde",
@@ -107,8 +118,9 @@ SAMPLERS: dict[str, SamplerSpec] = {
             stochastic=True,
             eta=1.0,
             aliases=("k_dpmpp_sde", "dpmpp_sde_gpu"),
+            automatic="karras",
         ),
-        SamplerSpec("dpmpp_2m", "DPM++ 2M", sampling.sample_dpmpp_2m, aliases=("k_dpmpp_2m",)),
+        SamplerSpec("dpmpp_2m", "DPM++ 2M", sampling.sample_dpmpp_2m, aliases=("k_dpmpp_2m",), automatic="karras"),
         SamplerSpec(
             "dpmpp_2m_sde",
             "DPM++ 2M SDE",
@@ -116,6 +128,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
             stochastic=True,
             eta=1.0,
             aliases=("k_dpmpp_2m_sde", "dpmpp_2m_sde_gpu"),
+            automatic="exponential",
         ),
         # The single-step DPM-Solver++ of Lu et al. by the paper's names (A1111 and ComfyUI have only 2S a).
         SamplerSpec("dpmpp_2s", "DPM++ 2S", sampling.sample_dpmpp_2s, aliases=("dpm_solver_pp_2s", "DPM-Solver++(2S)")),
@@ -161,6 +174,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
             stochastic=True,
             eta=1.0,
             aliases=("k_dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu"),
+            automatic="exponential",
         ),
         SamplerSpec(
             "dpmpp_3m_sde",
@@ -169,6 +183,8 @@ SAMPLERS: dict[str, SamplerSpec] = {
             stochastic=True,
             eta=1.0,
             aliases=("k_dpmpp_3m_sde", "dpmpp_3m_sde_gpu"),
+            automatic="exponential",
+            discard_penultimate_sigma=True,
         ),
         # A1111 runs UniPC on the original's time-uniform grid, ComfyUI on any schedule.
         SamplerSpec("uni_pc", "UniPC", sampling.sample_uni_pc, schedule="dpm_solver", aliases=("uni_pc_bh1",)),
@@ -264,7 +280,9 @@ def resolve_sampler(name: str, schedule: str | None = None) -> tuple[SamplerSpec
     spec = specs.get(key)
     if spec is None:
         raise UserError(f"unknown sampler '{name}'. Known samplers: {', '.join(sampler_names())}.")
-    if schedule is not None and _normalise(schedule) not in ("", "automatic", "default"):
+    if schedule is not None and _normalise(schedule) in ("automatic", "default"):
+        suffix = suffix or spec.automatic
+    elif schedule is not None and _normalise(schedule) != "":
         if _normalise(schedule) not in SCHEDULE_NAMES:
             known = ", ".join(schedule_names())
             raise UserError(f"unknown schedule '{schedule}'. Known schedules: {known} (or automatic).")
