@@ -387,13 +387,13 @@ class LastCheckpoint(Checkpoint):
         final = 0 <= trainer.max_steps <= trainer.global_step and self.saved_step != trainer.global_step
         if requested or final:
             self.requested = False
-            trainer.save_checkpoint(self.path, weights_only=False)
+            trainer.save_checkpoint(self.path)
         if requested:
             self.report(trainer, "SIGUSR1")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.saved_step != trainer.global_step:
-            trainer.save_checkpoint(self.path, weights_only=False)
+            trainer.save_checkpoint(self.path)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self.restore_handler()  # Lightning skips the teardown hooks after an exception
@@ -404,10 +404,10 @@ class LastCheckpoint(Checkpoint):
             # and the barriers of ``trainer.save_checkpoint`` could wait forever.
             # (Lightning has no public way to build a checkpoint without those barriers.)
             if trainer.is_global_zero:
-                checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+                checkpoint = trainer._checkpoint_connector.dump_checkpoint()
                 trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, self.path)
         else:
-            trainer.save_checkpoint(self.path, weights_only=False)
+            trainer.save_checkpoint(self.path)
         self.report(trainer, "SIGTERM" if isinstance(exception, SIGTERMException) else "Ctrl-C")
 
     def report(self, trainer: pl.Trainer, reason: str) -> None:
