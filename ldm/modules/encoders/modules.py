@@ -1,6 +1,8 @@
-"""Conditioning encoders: the frozen CLIP text encoders of SD 1.x / 2.x and a class-label embedding.
+"""Conditioning encoders: the frozen CLIP text encoders of SD 1.x / 2.x and a class-label embedding; the LDM
+text-to-image models' BERT encoders live in :mod:`ldm.modules.encoders.bert` and are importable from here, the path
+their configs name.
 
-Architectures are built from configs only (never from a model hub): the weights come from the SD checkpoint, whose
+Architectures are built from configs only (never from a model hub): the weights come from the checkpoint, whose
 ``cond_stage_model.*`` entries these modules' state dicts match key for key.
 """
 
@@ -18,7 +20,20 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from ldm.errors import UserError
+from ldm.modules.encoders.base import AbstractEncoder
+from ldm.modules.encoders.bert import BERTEmbedder, BERTTokenizer, TransformerEmbedder
 from ldm.modules.encoders.tokenizer import EOS_TOKEN_ID, CLIPTokenizer
+
+# Configs and scripts name every encoder by this module's path, including those defined elsewhere.
+__all__ = [
+    "AbstractEncoder",
+    "BERTEmbedder",
+    "BERTTokenizer",
+    "ClassEmbedder",
+    "FrozenCLIPEmbedder",
+    "FrozenOpenCLIPEmbedder",
+    "TransformerEmbedder",
+]
 
 # Text tower of OpenAI CLIP ViT-L/14, the SD 1.x text encoder.
 CLIP_VIT_L14_TEXT_CONFIG: dict[str, Any] = {
@@ -60,26 +75,6 @@ def _as_dict(config: Mapping[str, Any] | str | os.PathLike | None) -> dict[str, 
     if isinstance(config, Mapping):
         return dict(config)
     return json.loads(Path(config).read_text())
-
-
-class AbstractEncoder(nn.Module):
-    """A conditioning encoder: ``encode(inputs)`` is its forward; ``freeze()`` makes it a fixed feature extractor."""
-
-    def encode(self, *args: Any, **kwargs: Any) -> Any:
-        return self(*args, **kwargs)
-
-    def place(self, device: str | torch.device | None, freeze: bool) -> None:
-        """Finish construction: move to ``device`` (None leaves it where it was built) and freeze if asked."""
-        if device is not None:
-            self.to(device)
-        if freeze:
-            self.freeze()
-
-    def freeze(self) -> None:
-        """Eval mode and no gradients: a frozen encoder is not trained with the diffusion model."""
-        self.eval()
-        for param in self.parameters():
-            param.requires_grad = False
 
 
 class FrozenCLIPEmbedder(AbstractEncoder):
