@@ -24,6 +24,10 @@ from ldm.serialization import CheckpointError, read_file
 
 CLIP_PREFIX = "cond_stage_model.transformer."
 CLIP_NESTED = CLIP_PREFIX + "text_model."
+# The children of the CLIP text model: only keys under these are CLIP's (``cond_stage_model.transformer.*`` is also
+# the BERTEmbedder's x-transformers encoder, ``token_emb``, ``attn_layers`` ..., which keeps its names).
+CLIP_TEXT_PARTS = ("embeddings.", "encoder.", "final_layer_norm.")
+BERT_KEY = CLIP_PREFIX + "token_emb.weight"
 OPENCLIP_PREFIX = "cond_stage_model.model."
 EMA_PREFIX = "model_ema."
 UNET_PREFIX = "model.diffusion_model."
@@ -113,11 +117,12 @@ def to_original_layout(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torc
     """Bring a state dict into the CompVis SD layout.
 
     SD 1.x checkpoints name the text encoder ``cond_stage_model.transformer.text_model.*``; state dicts written with a
-    transformers release whose ``CLIPTextModel`` does not nest ``text_model`` lack that level. Both load.
+    transformers release whose ``CLIPTextModel`` does not nest ``text_model`` lack that level. Both load. Other keys
+    under ``cond_stage_model.transformer.`` (the LDM BERTEmbedder's) are left as they are.
     """
     out = {}
     for key, value in state_dict.items():
-        if key.startswith(CLIP_PREFIX) and not key.startswith(CLIP_NESTED):
+        if key.startswith(CLIP_PREFIX) and key[len(CLIP_PREFIX) :].startswith(CLIP_TEXT_PARTS):
             key = CLIP_NESTED + key[len(CLIP_PREFIX) :]
         out[key] = value
     return out
@@ -169,9 +174,14 @@ def _diagnose(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, tor
             "This is an SD 2.x checkpoint (OpenCLIP text encoder): use configs/stable-diffusion/v2-inference.yaml "
             "(512px, eps) or configs/stable-diffusion/v2-inference-v.yaml (768px, v-prediction)."
         )
-    elif any(k.startswith(CLIP_PREFIX) for k in state_dict) and any(k.startswith(OPENCLIP_PREFIX) for k in expected):
+    elif any(k.startswith(CLIP_NESTED) for k in state_dict) and not any(k.startswith(CLIP_NESTED) for k in expected):
         hints.append(
             "This is an SD 1.x checkpoint (CLIP ViT-L/14 text encoder): use configs/stable-diffusion/v1-inference.yaml."
+        )
+    elif BERT_KEY in state_dict and BERT_KEY not in expected:
+        hints.append(
+            "This is an LDM text-to-image checkpoint (BERTEmbedder text encoder): use "
+            "configs/latent-diffusion/txt2img-1p4B-eval.yaml."
         )
     ctx_key = next((k for k in expected if k.endswith("attn2.to_k.weight")), None)
     if ctx_key and ctx_key in state_dict and state_dict[ctx_key].shape != expected[ctx_key].shape:

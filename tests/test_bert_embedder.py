@@ -9,13 +9,16 @@ import torch
 import torch.nn.functional as F
 from test_training_models import build, fit, images
 
+from ldm.checkpoint import load_model_from_config, load_state_dict_into, save_checkpoint
 from ldm.errors import UserError
 from ldm.models.diffusion.samplers import sample
 from ldm.modules.attention import set_attention_slicing
 from ldm.modules.encoders.modules import BERTEmbedder, BERTTokenizer, TransformerEmbedder
 from ldm.modules.x_transformer import Attention, Encoder, TransformerWrapper
+from ldm.serialization import CheckpointError
 from ldm.util import instantiate_from_config, load_config
 
+ROOT = Path(__file__).resolve().parents[1]
 TXT2IMG = "stable-diffusion/configs/latent-diffusion/txt2img-1p4B-eval"
 # A vocab.txt in bert-base-uncased's format: special tokens first, "##" marks a word's continuation.
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "circle", "on", "blue", "background", "cat"]
@@ -57,6 +60,12 @@ def test_txt2img_1p4b_builds_the_original_state_dict_exactly(reference_dir):
     encoder = model.cond_stage_model
     assert isinstance(encoder, BERTEmbedder) and len(encoder.transformer.attn_layers.layers) == 64
     assert sum(1 for k in expected if k.startswith("cond_stage_model.")) == 2 + 64 * 2 + 32 * 5 + 32 * 4 + 4
+
+
+def test_the_project_config_is_the_original_model(reference_dir):
+    ours = load_config(ROOT / "configs/latent-diffusion/txt2img-1p4B-eval.yaml")
+    original = load_config(reference_dir / "original" / f"{TXT2IMG}.yaml")
+    assert ours.model == original.model
 
 
 def test_tokenizer_pads_and_truncates_as_bert(vocab_file):
@@ -185,16 +194,16 @@ def test_encoder_is_pre_norm_attention_then_feed_forward():
     torch.testing.assert_close(wrapper(tokens), logits, rtol=1e-5, atol=1e-5)
 
 
+def bert_cond_stage(vocab_file: Path) -> dict:
+    return {
+        "target": "ldm.modules.encoders.modules.BERTEmbedder",
+        "params": {"n_embed": 32, "n_layer": 1, "vocab_size": len(VOCAB), "vocab_file": str(vocab_file)},
+    }
+
+
 def test_tiny_ldm_with_bert_cond_stage_samples_and_trains(tiny_config, vocab_file):
     torch.manual_seed(0)
-    model = build(
-        tiny_config,
-        "model.params.cond_stage_trainable=true",
-        cond_stage_config={
-            "target": "ldm.modules.encoders.modules.BERTEmbedder",
-            "params": {"n_embed": 32, "n_layer": 1, "vocab_size": len(VOCAB), "vocab_file": str(vocab_file)},
-        },
-    )
+    model = build(tiny_config, "model.params.cond_stage_trainable=true", cond_stage_config=bert_cond_stage(vocab_file))
     c = model.get_learned_conditioning(CAPTIONS[:2])
     uc = model.get_unconditional_conditioning(2)
     assert c.shape == uc.shape == (2, 77, 32)
@@ -208,3 +217,21 @@ def test_tiny_ldm_with_bert_cond_stage_samples_and_trains(tiny_config, vocab_fil
     assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["train/loss"])
     # The encoder is trained with the UNet, through the captions' tokens.
     assert not torch.equal(embedding, before)
+
+
+def test_checkpoints_keep_the_bert_encoder_keys(tiny_config, tiny_model, vocab_file, tmp_path):
+    torch.manual_seed(0)
+    model = build(tiny_config, "model.params.cond_stage_trainable=true", cond_stage_config=bert_cond_stage(vocab_file))
+    path = tmp_path / "bert-ldm.safetensors"
+    save_checkpoint(model.state_dict(), path)
+    config = tiny_config.copy()
+    config.model.params.cond_stage_config = bert_cond_stage(vocab_file)
+    loaded = load_model_from_config(config, path, device="cpu")
+    # cond_stage_model.transformer.* is also the CLIP text model's prefix: these keys must not be taken for it.
+    key = "cond_stage_model.transformer.attn_layers.layers.0.1.to_q.weight"
+    torch.testing.assert_close(loaded.state_dict()[key], model.state_dict()[key], rtol=0, atol=0)
+    torch.testing.assert_close(
+        loaded.get_learned_conditioning(CAPTIONS), model.eval().get_learned_conditioning(CAPTIONS)
+    )
+    with pytest.raises(CheckpointError, match="LDM text-to-image checkpoint .*txt2img-1p4B-eval.yaml"):
+        load_state_dict_into(tiny_model, model.state_dict())
