@@ -94,7 +94,7 @@ class VectorQuantizer(nn.Module):
             loss = self.beta * commitment_term + codebook_term
         z_q = z + (z_q - z).detach()
         z_q = z_q.permute(0, 3, 1, 2).contiguous()
-        perplexity = _perplexity(indices, self.n_e)
+        perplexity = _perplexity(indices)
         if self.remap is not None:
             indices = self.remap_to_used(indices).reshape(-1, 1)
         if self.sane_index_shape:
@@ -152,7 +152,9 @@ def _load_used_indices(path: str | os.PathLike, n_e: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _perplexity(indices: torch.Tensor, n_e: int) -> torch.Tensor:
-    """exp(entropy) of the codebook usage in ``indices``: 1 when one entry is used, n_e when all are used equally."""
-    p = torch.bincount(indices.flatten(), minlength=n_e).float() / indices.numel()
-    return torch.exp(-(p * torch.log(p + 1e-10)).sum())
+def _perplexity(indices: torch.Tensor) -> torch.Tensor:
+    """exp(entropy) of the codebook usage in ``indices``: 1 when one entry is used, k when k are used equally."""
+    # unique's counts, not bincount: deterministic on CUDA, so runs with deterministic algorithms on still work.
+    _, counts = torch.unique(indices, return_counts=True)
+    p = counts.float() / indices.numel()
+    return torch.exp(-(p * torch.log(p)).sum())
