@@ -196,11 +196,7 @@ def test_vq_loss_formula():
     logits_real, logits_fake = loss.discriminator(x), loss.discriminator(y)
     expected = 0.5 * (torch.relu(1 - logits_real).mean() + torch.relu(1 + logits_fake).mean())
     torch.testing.assert_close(d_loss, expected)
-    assert float(loss(codebook_loss, x, y, 1, 0)[0]) > 0 and set(log) == {
-        "train/disc_loss",
-        "train/logits_real",
-        "train/logits_fake",
-    }
+    assert set(log) == {"train/disc_loss", "train/logits_real", "train/logits_fake"}
 
 
 def test_taming_target_resolves_to_the_project_loss():

@@ -104,10 +104,10 @@ class AutoencoderKL(GANAutoencoder):
         reconstructions: torch.Tensor,
         extra: DiagonalGaussianDistribution,
         optimizer_idx: int,
+        step: int,
         split: str,
         last_layer: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        step = self._batches_seen()
         return self.loss(inputs, reconstructions, extra, optimizer_idx, step, last_layer=last_layer, split=split)
 
     def _autoencoder_parameters(self) -> list[nn.Parameter]:
@@ -256,10 +256,10 @@ class VQModel(GANAutoencoder):
         reconstructions: torch.Tensor,
         extra: torch.Tensor,
         optimizer_idx: int,
+        step: int,
         split: str,
         last_layer: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        step = self._batches_seen()
         return self.loss(extra, inputs, reconstructions, optimizer_idx, step, last_layer=last_layer, split=split)
 
     def _autoencoder_parameters(self) -> list[nn.Parameter]:

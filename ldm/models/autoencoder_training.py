@@ -59,10 +59,11 @@ class GANAutoencoder(pl.LightningModule):
         reconstructions: torch.Tensor,
         extra: Any,
         optimizer_idx: int,
+        step: int,
         split: str,
         last_layer: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``self.loss`` called in its own argument order, at :meth:`_batches_seen` steps."""
+        """``self.loss`` called in its own argument order; ``step`` counts training batches."""
         raise NotImplementedError
 
     def _autoencoder_parameters(self) -> list[nn.Parameter]:
@@ -108,14 +109,14 @@ class GANAutoencoder(pl.LightningModule):
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         inputs = self.get_input(batch, self.image_key).to(self.dtype)
         reconstructions, extra = self._reconstruct(inputs)
-        last_layer = self.get_last_layer()
-        aeloss, logs = self._loss(inputs, reconstructions, extra, 0, "train", last_layer=last_layer)
+        step = self._batches_seen()
+        aeloss, logs = self._loss(inputs, reconstructions, extra, 0, step, "train", last_layer=self.get_last_layer())
         optimizers[0].zero_grad()
         self.manual_backward(aeloss)
         optimizers[0].step()
         self.log("aeloss", aeloss.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=len(inputs))
         if len(optimizers) > 1:
-            discloss, log_disc = self._loss(inputs, reconstructions, extra, 1, "train")
+            discloss, log_disc = self._loss(inputs, reconstructions, extra, 1, step, "train")
             optimizers[1].zero_grad()
             self.manual_backward(discloss)
             optimizers[1].step()
@@ -141,9 +142,10 @@ class GANAutoencoder(pl.LightningModule):
     def _log_validation(self, batch: Mapping[str, Any], split: str) -> None:
         inputs = self.get_input(batch, self.image_key).to(self.dtype)
         reconstructions, extra = self._reconstruct(inputs)
-        _, logs = self._loss(inputs, reconstructions, extra, 0, split, last_layer=self.get_last_layer())
+        step = self._batches_seen()
+        _, logs = self._loss(inputs, reconstructions, extra, 0, step, split, last_layer=self.get_last_layer())
         if self._has_discriminator():
-            logs = {**logs, **self._loss(inputs, reconstructions, extra, 1, split)[1]}
+            logs = {**logs, **self._loss(inputs, reconstructions, extra, 1, step, split)[1]}
         self.log_dict(logs, batch_size=len(inputs), sync_dist=True)
 
     def configure_optimizers(self) -> Any:
