@@ -309,7 +309,7 @@ def test_original_ldm_vq_configs_build_on_a_vq_interface(reference_dir: Path, na
 # -- latent diffusion on a VQ first stage --
 
 
-def tiny_vq_ldm():
+def tiny_vq_ldm_config() -> dict:
     unet = {
         "target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
         "params": {
@@ -327,23 +327,44 @@ def tiny_vq_ldm():
         "target": "ldm.models.autoencoder.VQModelInterface",
         "params": {"embed_dim": 3, "n_embed": 32, "ddconfig": TINY_DDCONFIG, "lossconfig": IDENTITY},
     }
+    return {
+        "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
+        "params": {
+            "first_stage_config": first_stage,
+            "cond_stage_config": "__is_unconditional__",
+            "unet_config": unet,
+            "image_size": 8,
+            "channels": 3,
+            "timesteps": 100,
+            "first_stage_key": "image",
+            "use_ema": False,
+            "scale_factor": 0.5,
+        },
+    }
+
+
+def tiny_vq_ldm():
     torch.manual_seed(0)
-    return instantiate_from_config(
-        {
-            "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
-            "params": {
-                "first_stage_config": first_stage,
-                "cond_stage_config": "__is_unconditional__",
-                "unet_config": unet,
-                "image_size": 8,
-                "channels": 3,
-                "timesteps": 100,
-                "first_stage_key": "image",
-                "use_ema": False,
-                "scale_factor": 0.5,
-            },
-        }
-    ).eval()
+    return instantiate_from_config(tiny_vq_ldm_config()).eval()
+
+
+def test_vq_checkpoints_load_as_first_stage_and_as_part_of_an_ldm(tmp_path: Path):
+    from safetensors.torch import save_file
+
+    from ldm.checkpoint import load_model_from_config
+
+    stage = tiny_vq(VQModelInterface)
+    torch.save({"state_dict": stage.state_dict()}, tmp_path / "vq.ckpt")
+    torch.manual_seed(1)
+    loaded = VQModelInterface(TINY_DDCONFIG, IDENTITY, n_embed=32, embed_dim=3, ckpt_path=str(tmp_path / "vq.ckpt"))
+    torch.testing.assert_close(loaded.state_dict(), stage.state_dict())
+
+    model = tiny_vq_ldm()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "ldm.safetensors"))
+    config = OmegaConf.create({"model": tiny_vq_ldm_config()})
+    restored = load_model_from_config(config, tmp_path / "ldm.safetensors", device="cpu")
+    codebook = "first_stage_model.quantize.embedding.weight"
+    torch.testing.assert_close(restored.state_dict()[codebook], model.state_dict()[codebook])
 
 
 def test_latent_diffusion_on_a_vq_first_stage_encodes_decodes_and_samples():
