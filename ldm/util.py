@@ -27,6 +27,15 @@ from ldm.errors import UserError
 # no conditioning at all. Instantiating them yields None; the owning model knows what to do.
 SPECIAL_TARGETS = ("__is_first_stage__", "__is_unconditional__")
 
+# Targets that the originals' configs name in packages this project does not depend on, and the class here that
+# takes their place (same constructor arguments, same state-dict keys).
+FOREIGN_TARGETS = {
+    "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator": (
+        "ldm.modules.losses.vqperceptual.VQLPIPSWithDiscriminator"
+    ),
+    "taming.modules.vqvae.quantize.VectorQuantizer2": "ldm.modules.vqvae.quantize.VectorQuantizer",
+}
+
 # The stack of (path, params) nodes being instantiated, so that a nested call made inside a constructor (for example
 # LatentDiffusion building its UNet from ``unet_config``) can report its full config path.
 _building: contextvars.ContextVar[tuple[tuple[str, Mapping[str, Any]], ...]] = contextvars.ContextVar(
@@ -46,8 +55,10 @@ def _suggest(name: str, candidates: Iterable[str]) -> str:
 def get_obj_from_str(string: str, reload: bool = False) -> Any:
     """Import ``"package.module.Name"`` and return ``Name``.
 
-    Raises ConfigError (naming the missing module or attribute) instead of a bare ImportError/AttributeError.
+    Names in :data:`FOREIGN_TARGETS` give this project's stand-in. Raises ConfigError (naming the missing module or
+    attribute) instead of a bare ImportError/AttributeError.
     """
+    string = FOREIGN_TARGETS.get(string, string)
     module_name, _, attr = string.rpartition(".")
     if not module_name:
         raise ConfigError(f"'{string}' is not a dotted path such as 'ldm.models.autoencoder.AutoencoderKL'.")

@@ -16,6 +16,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 
 from ldm.errors import UserError
+from ldm.models.autoencoder import VQModelInterface
 from ldm.models.diffusion.ddpm import DDPM
 from ldm.models.diffusion.samplers import sample as run_sampler
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
@@ -35,7 +36,8 @@ def _take(value: Any, n: int) -> Any:
 
 
 class LatentDiffusion(DDPM):
-    """Diffusion in the latent space of a frozen first stage (``AutoencoderKL``), conditioned by a cond stage.
+    """Diffusion in the latent space of a frozen first stage (``AutoencoderKL``, or ``VQModelInterface``: its
+    pre-quantization latents, quantized when decoded), conditioned by a cond stage.
 
     ``scale_factor`` maps latents to unit variance (0.18215 for the SD VAE); with ``scale_by_std`` it is instead
     estimated as 1 / std of the first training batch's latents (unless training resumes or starts from a checkpoint).
@@ -128,25 +130,44 @@ class LatentDiffusion(DDPM):
 
     @torch.no_grad()
     def encode_first_stage(self, x: torch.Tensor) -> Any:
-        """Image x: (B, 3, H, W) in [-1, 1] -> the first stage's posterior over latents (B, 4, H/f, W/f)."""
+        """Image x: (B, 3, H, W) in [-1, 1] -> what the first stage's ``encode`` gives: the posterior over latents
+        (B, C, H/f, W/f) of a KL autoencoder, the pre-quantization latent of a ``VQModelInterface``, the
+        ``(quantized latent, loss, info)`` triple of a plain ``VQModel``."""
         return self.first_stage_model.encode(x)
 
     def get_first_stage_encoding(
         self, encoder_posterior: Any, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """A scaled latent: a sample of the posterior (or the tensor itself) times ``scale_factor``."""
+        """A scaled latent: a sample of the posterior (or the tensor itself, or a VQ triple's quantized latent)
+        times ``scale_factor``."""
         if isinstance(encoder_posterior, DiagonalGaussianDistribution):
             z = encoder_posterior.sample(generator=generator)
         elif isinstance(encoder_posterior, torch.Tensor):
             z = encoder_posterior
+        elif isinstance(encoder_posterior, tuple) and isinstance(encoder_posterior[0], torch.Tensor):
+            z = encoder_posterior[0]
         else:
             raise TypeError(f"cannot take a latent from a {type(encoder_posterior).__name__}.")
         return self.scale_factor * z
 
     @torch.no_grad()
-    def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
-        """Scaled latent z: (B, 4, h, w) -> image (B, 3, h*f, w*f), roughly in [-1, 1]."""
-        return self.first_stage_model.decode(z / self.scale_factor)
+    def decode_first_stage(
+        self, z: torch.Tensor, predict_cids: bool = False, force_not_quantize: bool = False
+    ) -> torch.Tensor:
+        """Scaled latent z: (B, C, h, w) -> image (B, 3, h*f, w*f), roughly in [-1, 1].
+
+        VQ first stages: with ``predict_cids`` z holds per-position codebook logits (B, n_embed, h, w) or indices
+        (B, h, w), looked up in the codebook; a ``VQModelInterface`` quantizes z before decoding unless
+        ``force_not_quantize`` (or ``predict_cids``: the latent already is codebook vectors).
+        """
+        if predict_cids:
+            if z.dim() == 4:
+                z = z.argmax(dim=1)
+            z = self.first_stage_model.quantize.get_codebook_entry(z, shape=None).permute(0, 3, 1, 2).contiguous()
+        z = z / self.scale_factor
+        if isinstance(self.first_stage_model, VQModelInterface):
+            return self.first_stage_model.decode(z, force_not_quantize=predict_cids or force_not_quantize)
+        return self.first_stage_model.decode(z)
 
     # -- what a sampling pipeline asks of the model --
 

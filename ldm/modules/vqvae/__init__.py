@@ -1,0 +1,1 @@
+"""Vector quantization for VQ first stages (``VQModel``)."""
