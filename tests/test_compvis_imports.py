@@ -88,3 +88,64 @@ def test_linear_attention_is_softmax_kernel_attention():
         heads.append(torch.einsum("bde,bdn->ben", context, q))
     expected = attention.to_out(torch.cat(heads, dim=1).reshape(2, 8, 3, 5))
     torch.testing.assert_close(attention(x), expected)
+
+
+ENCODER = dict(
+    image_size=16,
+    in_channels=3,
+    model_channels=32,
+    out_channels=10,
+    num_res_blocks=1,
+    attention_resolutions=[2],
+    channel_mult=[1, 2],
+    num_head_channels=16,
+)
+
+
+def test_encoder_unet_is_the_unets_encoder_half():
+    from ldm.modules.diffusionmodules.openaimodel import EncoderUNetModel, UNetModel
+
+    torch.manual_seed(0)
+    unet = UNetModel(**ENCODER).eval()
+    encoder = EncoderUNetModel(**ENCODER).eval()
+    shared = {k: v for k, v in unet.state_dict().items() if k.startswith(("time_embed.", "input_blocks.", "middle"))}
+    assert {k: v.shape for k, v in shared.items()} == {
+        k: v.shape for k, v in encoder.state_dict().items() if not k.startswith("out.")
+    }
+    encoder.load_state_dict(shared, strict=False)
+    captured = []
+    for model in (unet, encoder):
+        model.middle_block.register_forward_hook(lambda _module, _args, out: captured.append(out))
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 700])
+    with torch.no_grad():
+        unet(x, t)
+        assert encoder(x, t).shape == (2, 10)
+    torch.testing.assert_close(captured[1], captured[0])
+
+
+@pytest.mark.parametrize("pool", ["adaptive", "attention", "spatial", "spatial_v2"])
+def test_encoder_unet_pools_give_one_vector_per_image(pool):
+    from ldm.modules.diffusionmodules.openaimodel import EncoderUNetModel
+
+    encoder = EncoderUNetModel(**ENCODER, pool=pool)
+    with torch.no_grad():
+        assert encoder(torch.randn(2, 3, 16, 16), torch.tensor([1, 2])).shape == (2, 10)
+    with pytest.raises(ValueError, match="pool must be one of"):
+        EncoderUNetModel(**ENCODER, pool="max")
+
+
+def test_attention_pool_is_the_mean_token_attending_over_all_positions():
+    from ldm.modules.diffusionmodules.encoder_unet import AttentionPool2d
+
+    torch.manual_seed(0)
+    pool = AttentionPool2d(spacial_dim=3, embed_dim=8, num_heads_channels=4, output_dim=5)
+    x = torch.randn(2, 8, 3, 3)
+    tokens = torch.cat([x.flatten(2).mean(-1, keepdim=True), x.flatten(2)], dim=-1) + pool.positional_embedding
+    qkv = pool.qkv_proj(tokens)  # (B, 24, 10): q, k, v, each head after head
+    heads = []
+    for h in range(2):
+        q, k, v = (qkv[:, part * 8 + h * 4 : part * 8 + h * 4 + 4] for part in range(3))  # (B, 4, 10)
+        weights = torch.softmax(torch.einsum("bd,bdn->bn", q[:, :, 0], k) / 2.0, dim=-1)  # 1 / sqrt(head width 4)
+        heads.append(torch.einsum("bn,bdn->bd", weights, v))
+    expected = pool.c_proj(torch.cat(heads, dim=1)[:, :, None])[:, :, 0]
+    torch.testing.assert_close(pool(x), expected)

@@ -417,3 +417,13 @@ class UNetModel(nn.Module):
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
         out = self.id_predictor(h) if self.predict_codebook_ids else self.out(h)
         return out.contiguous(memory_format=memory_format_of(x))
+
+
+def __getattr__(name: str) -> type:
+    # EncoderUNetModel lives in its own module, which builds on the blocks above; it is looked up here lazily (at its
+    # CompVis path) because an import at the top would be circular.
+    if name == "EncoderUNetModel":
+        from ldm.modules.diffusionmodules.encoder_unet import EncoderUNetModel
+
+        return EncoderUNetModel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
