@@ -290,9 +290,26 @@ def load_state_dict_into(
     model.load_state_dict(empty, strict=False, assign=True)
 
 
+def read_ckpt_path(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state dict of a config's ``ckpt_path``, read while the model is built.
+
+    A file that does not exist is a one-line ConfigError naming the config key and the file: several original configs
+    name checkpoints no repository ships (``models/first_stage_models/kl-f8/model.ckpt``), and the fix is either
+    to give the file or to drop the key.
+    """
+    if not Path(path).exists():
+        from ldm.util import ConfigError, building_path
+
+        raise ConfigError(
+            f"{building_path()}.params.ckpt_path: checkpoint '{path}' does not exist; give the path of that file, or "
+            "remove ckpt_path to build the model with freshly initialised weights."
+        )
+    return read_checkpoint(path)[0]
+
+
 def init_from_ckpt(model: nn.Module, path: str | os.PathLike, ignore_keys: Iterable[str] = ()) -> None:
     """Load ``path`` into ``model`` while it is built (a config's ``ckpt_path``), skipping ``ignore_keys`` prefixes."""
-    state_dict, _ = read_checkpoint(path)
+    state_dict = read_ckpt_path(path)
     load_state_dict_into(model, state_dict, ignore_prefixes=ignore_keys)
 
 

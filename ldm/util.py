@@ -22,6 +22,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ldm.errors import UserError
+from ldm.modules.diffusionmodules.util import mean_flat as mean_flat
+from ldm.text_images import log_txt_as_img as log_txt_as_img
 
 # Placeholders the original configs use for "no model here": the first stage doubles as the cond stage, or there is
 # no conditioning at all. Instantiating them yields None; the owning model knows what to do.
@@ -72,6 +74,15 @@ def get_obj_from_str(string: str, reload: bool = False) -> Any:
         public = [n for n in dir(module) if not n.startswith("_")]
         raise ConfigError(f"cannot import '{string}': module '{module_name}' has no '{attr}'.{_suggest(attr, public)}")
     return getattr(module, attr)
+
+
+def building_path() -> str:
+    """The config path of the node being instantiated now (``model.params.first_stage_config``); "config" outside.
+
+    For constructors that check a file their params name, so the error says which key of which node to fix.
+    """
+    stack = _building.get()
+    return stack[-1][0] if stack else "config"
 
 
 def _path_of(config: Any) -> str:
@@ -268,6 +279,16 @@ def default_device() -> torch.device:
 def count_params(model: torch.nn.Module) -> int:
     """Number of parameters (works on the meta device)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def ismap(x: Any) -> bool:
+    """Whether ``x`` is a batch of maps with more channels than an image: a (B, C > 3, H, W) tensor."""
+    return isinstance(x, torch.Tensor) and x.ndim == 4 and x.shape[1] > 3
+
+
+def isimage(x: Any) -> bool:
+    """Whether ``x`` is a batch of grey or RGB images: a (B, 1 or 3, H, W) tensor."""
+    return isinstance(x, torch.Tensor) and x.ndim == 4 and x.shape[1] in (1, 3)
 
 
 def exists(x: Any) -> bool:

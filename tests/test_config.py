@@ -123,3 +123,14 @@ def test_a_function_is_a_valid_target():
     assert instantiate_from_config({"target": "os.path.join", "params": {"a": "x"}}) == "x"
     with pytest.raises(ConfigError, match="join has no parameter 'b'"):
         instantiate_from_config({"target": "os.path.join", "params": {"b": "x"}})
+
+
+@pytest.mark.parametrize("node", ["model", "model.params.first_stage_config"])
+def test_a_ckpt_path_naming_no_file_is_one_line_naming_key_and_file(node):
+    config = load_config(V1, [f"{node}.params.ckpt_path=no/such/model.ckpt"])
+    with torch.device("meta"), pytest.raises(ConfigError) as err:
+        instantiate_from_config(config.model, path="model")
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"{node}.params.ckpt_path: checkpoint 'no/such/model.ckpt' does not exist; ")
+    assert "remove ckpt_path" in message

@@ -148,6 +148,19 @@ def test_class_conditional_unets_run():
         unet(x, t)
 
 
+def test_use_fp16_and_use_bf16_leave_the_weights_and_outputs_alone():
+    # Intel's bf16 configs set use_bf16: accepted, and the precision stays the caller's choice (autocast or .to()).
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([5])
+    torch.manual_seed(0)
+    plain = tiny_unet()
+    for flag in ("use_fp16", "use_bf16"):
+        torch.manual_seed(0)
+        flagged = tiny_unet(**{flag: True})
+        assert {p.dtype for p in flagged.parameters()} == {torch.float32}
+        with torch.no_grad():
+            torch.testing.assert_close(flagged(x, t), plain(x, t))
+
+
 @pytest.mark.parametrize(
     ("overrides", "argument"),
     [

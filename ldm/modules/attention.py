@@ -268,3 +268,27 @@ class SpatialTransformer(nn.Module):
         if not self.use_linear:
             x = self.proj_out(x)
         return x + x_in
+
+
+class LinearAttention(nn.Module):
+    """Linear (softmax-kernel) self-attention over a feature map, ``(B, dim, H, W) -> (B, dim, H, W)``.
+
+    Keys are softmax-normalised over positions and summarised per head into a ``dim_head x dim_head`` context
+    ``sum_n softmax(k)_n v_n^T``, which each query then reads: cost linear in ``H * W`` where attention is quadratic.
+    No residual: callers add it if they want one. Keys ``to_qkv`` (1x1, no bias) and ``to_out`` as CompVis's.
+    """
+
+    def __init__(self, dim: int, heads: int = 4, dim_head: int = 32) -> None:
+        super().__init__()
+        self.heads = heads
+        hidden_dim = dim_head * heads
+        self.to_qkv = nn.Conv2d(dim, hidden_dim * 3, 1, bias=False)
+        self.to_out = nn.Conv2d(hidden_dim, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        # (B, 3 * heads * d, H, W) -> three (B, heads, d, N); channels are ordered (q/k/v, head, d).
+        q, k, v = self.to_qkv(x).reshape(b, 3, self.heads, -1, h * w).unbind(1)
+        context = k.softmax(dim=-1) @ v.transpose(-1, -2)  # (B, heads, d_k, d_v)
+        out = context.transpose(-1, -2) @ q  # (B, heads, d_v, N)
+        return self.to_out(out.reshape(b, -1, h, w))

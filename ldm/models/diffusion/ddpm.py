@@ -217,9 +217,9 @@ class DDPM(DiffusionTrainingMixin, pl.LightningModule):
         self, path: str, ignore_keys: list[str] | tuple[str, ...] = (), only_model: bool = False
     ) -> None:
         """Load weights from ``path``; keys starting with any of ``ignore_keys`` are skipped (fine-tuning)."""
-        from ldm.checkpoint import read_checkpoint
+        from ldm.checkpoint import read_ckpt_path
 
-        state_dict, _ = read_checkpoint(path)
+        state_dict = read_ckpt_path(path)
         if only_model:
             state_dict = {f"model.{k}": v for k, v in state_dict.items() if not k.startswith("model.")} | {
                 k: v for k, v in state_dict.items() if k.startswith("model.")

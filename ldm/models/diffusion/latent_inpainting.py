@@ -51,9 +51,9 @@ class LatentInpaintDiffusion(LatentDiffusion):
     def init_from_ckpt(
         self, path: str, ignore_keys: list[str] | tuple[str, ...] = (), only_model: bool = False
     ) -> None:
-        from ldm.checkpoint import read_checkpoint
+        from ldm.checkpoint import read_ckpt_path
 
-        state_dict, _ = read_checkpoint(path)
+        state_dict = read_ckpt_path(path)
         own = self.state_dict()
         for key in self.finetune_keys:
             if key in state_dict and state_dict[key].shape != own[key].shape:

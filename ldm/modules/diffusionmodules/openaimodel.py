@@ -234,6 +234,7 @@ class UNetModel(nn.Module):
         num_classes: int | str | None = None,
         use_checkpoint: bool = False,
         use_fp16: bool = False,
+        use_bf16: bool = False,
         num_heads: int = -1,
         num_head_channels: int = -1,
         num_heads_upsample: int = -1,
@@ -252,9 +253,10 @@ class UNetModel(nn.Module):
         adm_in_channels: int | None = None,
     ) -> None:
         super().__init__()
-        # use_fp16 is accepted so the SD 2.x configs load, but ignored: the original cast activations to fp16 inside
-        # forward, whereas here the caller chooses the precision (autocast, or moving the module to a dtype).
-        del use_fp16
+        # use_fp16 (SD 2.x configs) and use_bf16 (Intel's SD 2.x configs) are accepted so those configs load, but
+        # ignored: the originals cast activations to that dtype inside forward (the weights stay float32), whereas
+        # here the caller chooses the precision (autocast, or moving the module to a dtype).
+        del use_fp16, use_bf16
         if use_spatial_transformer and context_dim is None:
             raise ValueError("use_spatial_transformer=True needs context_dim (the width of the conditioning)")
         if context_dim is not None and not use_spatial_transformer:
@@ -415,3 +417,13 @@ class UNetModel(nn.Module):
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
         out = self.id_predictor(h) if self.predict_codebook_ids else self.out(h)
         return out.contiguous(memory_format=memory_format_of(x))
+
+
+def __getattr__(name: str) -> type:
+    # EncoderUNetModel lives in its own module, which builds on the blocks above; it is looked up here lazily (at its
+    # CompVis path) because an import at the top would be circular.
+    if name == "EncoderUNetModel":
+        from ldm.modules.diffusionmodules.encoder_unet import EncoderUNetModel
+
+        return EncoderUNetModel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,6 +1,7 @@
 """Building blocks shared by the diffusion models: noise schedules, timestep embeddings and layer helpers.
 
-This is the project's single noise-schedule module; samplers and the DDPM wrapper import their betas from here.
+The DDPM wrapper imports its training betas from here; the DDIM helpers under CompVis's names are thin functions over
+:mod:`ldm.models.diffusion.schedules`, where the samplers' grids are defined.
 """
 
 import math
@@ -11,6 +12,10 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
+
+from ldm.models.diffusion.schedules import ddim_coefficients
+from ldm.models.diffusion.schedules import make_ddim_timesteps as _ddim_timesteps
+from ldm.modules.distributions.distributions import normal_kl as normal_kl
 
 BETA_SCHEDULES = ("linear", "cosine", "sqrt_linear", "sqrt")
 
@@ -41,6 +46,40 @@ def make_beta_schedule(
     if schedule == "sqrt":
         return np.linspace(linear_start, linear_end, n_timestep, dtype=np.float64) ** 0.5
     raise ValueError(f"schedule {schedule!r} unknown; valid schedules are {', '.join(BETA_SCHEDULES)}")
+
+
+def make_ddim_timesteps(
+    ddim_discr_method: str, num_ddim_timesteps: int, num_ddpm_timesteps: int, verbose: bool = False
+) -> np.ndarray:
+    """The ``(S,)`` ascending training timesteps of an S-step DDIM run, as CompVis's function of this name gives them.
+
+    ``ddim_discr_method`` is "uniform" or "quad". The grid is the project's one definition,
+    :func:`ldm.models.diffusion.schedules.make_ddim_timesteps`: the original's "uniform" grid where S divides T, and
+    exactly S steps for every other S; "quad" without the original's repeated timesteps. ``verbose`` prints it.
+    """
+    timesteps = np.asarray(_ddim_timesteps(num_ddim_timesteps, num_ddpm_timesteps, ddim_discr_method))
+    if verbose:
+        print(f"Selected timesteps for ddim sampler: {timesteps}")
+    return timesteps
+
+
+def make_ddim_sampling_parameters(
+    alphacums: torch.Tensor | np.ndarray, ddim_timesteps: Sequence[int], eta: float, verbose: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(sigmas, alphas, alphas_prev)`` of a DDIM run over ``ddim_timesteps``, as CompVis's function of this name.
+
+    alphacums: (T,) the model's ``alphas_cumprod``. Each result is (S,) float64: ``alphas = alphacums[timesteps]``,
+    ``alphas_prev`` the level each step goes to (``alphacums[0]`` for the lowest timestep, the run's last step),
+    ``sigmas`` the std of the noise each step adds,
+    ``eta * sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))``. Computed by
+    :func:`ldm.models.diffusion.schedules.ddim_coefficients`; ``verbose`` prints them, as the original did.
+    """
+    table = ddim_coefficients(torch.as_tensor(alphacums), [int(t) for t in ddim_timesteps], eta)
+    sigmas, alphas, alphas_prev = (x.numpy() for x in (table.sigmas, table.alphas, table.alphas_prev))
+    if verbose:
+        print(f"Selected alphas for ddim sampler: a_t: {alphas}; a_(t-1): {alphas_prev}")
+        print(f"For the chosen value of eta, which is {eta}, this results in the following sigma_t schedule: {sigmas}")
+    return sigmas, alphas, alphas_prev
 
 
 def extract_into_tensor(a: torch.Tensor, t: torch.Tensor, x_shape: Sequence[int]) -> torch.Tensor:

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
+Scalar = torch.Tensor | float
+
 
 class DiagonalGaussianDistribution:
     """A Gaussian with independent dimensions, built from ``parameters: (B, 2C, H, W)`` = mean and log-variance
@@ -55,3 +57,21 @@ class DiagonalGaussianDistribution:
         return 0.5 * torch.sum(
             math.log(2.0 * math.pi) + self.logvar + (sample - self.mean).pow(2) / self.var, dim=list(dims)
         )
+
+
+def normal_kl(
+    mean1: torch.Tensor | float,
+    logvar1: torch.Tensor | float,
+    mean2: torch.Tensor | float,
+    logvar2: torch.Tensor | float,
+) -> torch.Tensor:
+    """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) elementwise, in nats.
+
+    The arguments broadcast against each other; any of them may be a float, but at least one must be a tensor (it
+    gives the dtype and device). ``0.5 * (logvar2 - logvar1 + (var1 + (mean1 - mean2)^2) / var2 - 1)``.
+    """
+    like = next((x for x in (mean1, logvar1, mean2, logvar2) if isinstance(x, torch.Tensor)), None)
+    if like is None:
+        raise TypeError("normal_kl needs at least one tensor argument")
+    logvar1, logvar2 = (torch.as_tensor(v, dtype=like.dtype, device=like.device) for v in (logvar1, logvar2))
+    return 0.5 * (logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2) - 1.0)
