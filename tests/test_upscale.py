@@ -310,3 +310,26 @@ def test_trains_two_steps_and_logs_images(tmp_path):
     loaded = instantiate_from_config(tiny_config(ckpt_path=str(path)))
     assert loaded.restarted_from_ckpt
     torch.testing.assert_close(loaded.model.diffusion_model.out[2].weight, trained.model.diffusion_model.out[2].weight)
+
+
+# -- the Python entry point --
+
+
+def test_upscale_gives_seeded_images_four_times_larger(model):
+    from PIL import Image
+
+    from ldm.upscale import upscale
+
+    pixels = ((smooth_images(1, LOW, seed=4)[0].permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8).numpy()
+    small = Image.fromarray(pixels)
+    settings = {"steps": 3, "scale": 3.0, "progress": False}
+    pair = upscale(model, small, "a red circle", n=2, seed=5, **settings)
+    assert [im.size for im in pair] == [(HIGH, HIGH)] * 2
+    single = upscale(model, small, "a red circle", seed=6, **settings)[0]
+    difference = np.abs(np.asarray(single, dtype=int) - np.asarray(pair[1], dtype=int))
+    assert difference.max() <= 1  # image i of a batch is the run with seed + i
+    assert not np.array_equal(np.asarray(pair[0]), np.asarray(pair[1]))
+    with pytest.raises(UserError, match="multiples of 2"):
+        upscale(model, small.crop((0, 0, LOW - 1, LOW)), **settings)
+    with pytest.raises(UserError, match="LatentUpscaleDiffusion"):
+        upscale(object(), small, **settings)
