@@ -137,6 +137,13 @@ def test_x4_config_builds_the_reference_state_dict(reference_dir):
     assert {k: (actual[k], expected[k]) for k in expected if actual[k] != expected[k]} == {}
     assert built.low_scale_model.max_noise_level == 350
     assert built.model.diffusion_model.label_emb.num_embeddings == 1000
+    # At real size (on meta: shapes only) a low-res image conditions a latent of its size, decoded 4x larger.
+    with torch.device("meta"):
+        low = torch.zeros(2, 3, 32, 48)
+        cond = built.sampling_conditioning(torch.zeros(2, 77, 1024), built.image_conditioning(low, noise_level=20))
+        out = built.apply_model(torch.zeros(built.latent_shape(low)), torch.tensor([999, 999]), cond)
+        assert out.shape == (2, 4, 32, 48)
+        assert built.decode_first_stage(out).shape == (2, 3, 128, 192)
 
 
 def test_the_stability_path_names_the_class():

@@ -110,8 +110,9 @@ class ImageConcatWithNoiseAugmentation(AbstractLowScaleModel):
         self.max_noise_level = int(max_noise_level)
 
     def noise_levels(self, noise_level: torch.Tensor | int, batch_size: int, device: torch.device) -> torch.Tensor:
-        """A requested noise level (one for all, or (B,)) as (B,) long, checked to lie in the schedule."""
-        levels = torch.as_tensor(noise_level, device=device)
+        """A requested noise level (one for all, or (B,)) as (B,) long on ``device``, checked to lie in the schedule
+        (where it was given: a Python number is checked on the CPU, with no device sync)."""
+        levels = noise_level if isinstance(noise_level, torch.Tensor) else torch.tensor(noise_level, device="cpu")
         if levels.is_floating_point() and not bool((levels == levels.round()).all()):
             raise UserError(f"noise_level must be a whole number, got {noise_level!r}.")
         levels = levels.long().reshape(-1)
@@ -124,7 +125,7 @@ class ImageConcatWithNoiseAugmentation(AbstractLowScaleModel):
                 f"noise_level must be in 0..{self.num_timesteps - 1} (the model was trained up to "
                 f"{self.max_noise_level - 1}; 20 is usual), got {levels.tolist()}."
             )
-        return levels
+        return levels.to(device)
 
     def forward(
         self, x: torch.Tensor, noise_level: torch.Tensor | int | None = None, noise: torch.Tensor | None = None
