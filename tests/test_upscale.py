@@ -7,6 +7,7 @@ VAE and OpenCLIP text tower, all built here) samples, guides and trains on the C
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from ldm.models.diffusion.samplers import sample
 from ldm.modules.diffusionmodules.upscaling import ImageConcatWithNoiseAugmentation, SimpleImageConcat
 from ldm.util import ConfigError, get_obj_from_str, instantiate_from_config, load_config
 
+ROOT = Path(__file__).resolve().parents[1]
 X4_CONFIG = "original/stablediffusion/configs/stable-diffusion/x4-upscaling.yaml"
 TARGET = "ldm.models.diffusion.ddpm.LatentUpscaleDiffusion"
 LOW, HIGH = 8, 32  # low-res side and output side: the tiny VAE has f = 4, as the x4 model's
@@ -123,8 +125,9 @@ def read_keys(path) -> dict[str, tuple[str, str]]:
 # -- the real config --
 
 
-def test_x4_config_builds_the_reference_state_dict(reference_dir):
-    config = load_config(reference_dir / X4_CONFIG)
+@pytest.mark.parametrize("bundled", [False, True], ids=["original", "configs/stable-diffusion"])
+def test_x4_config_builds_the_reference_state_dict(reference_dir, bundled):
+    config = load_config(ROOT / "configs/stable-diffusion/x4-upscaling.yaml" if bundled else reference_dir / X4_CONFIG)
     with torch.device("meta"):
         built = instantiate_from_config(config.model, path="model")
     assert isinstance(built, latent_upscale.LatentUpscaleDiffusion)
