@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ldm.models.diffusion import ddpm, latent_diffusion, latent_inpainting
+from ldm.models.diffusion import ddpm, latent_diffusion, latent_inpainting, latent_upscale
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.util import ConfigError, get_obj_from_str, instantiate_from_config, load_config
 
@@ -54,10 +54,11 @@ def test_sd_configs_have_reference_key_layout(reference_dir, config_name, keys_n
 def test_the_compvis_paths_import_the_moved_classes_in_a_fresh_interpreter():
     # The first thing imported is the name a YAML target or a script gives: nothing else has loaded the modules yet.
     code = (
-        "from ldm.models.diffusion.ddpm import LatentDiffusion, LatentInpaintDiffusion\n"
-        "from ldm.models.diffusion import latent_diffusion, latent_inpainting\n"
+        "from ldm.models.diffusion.ddpm import LatentDiffusion, LatentInpaintDiffusion, LatentUpscaleDiffusion\n"
+        "from ldm.models.diffusion import latent_diffusion, latent_inpainting, latent_upscale\n"
         "assert LatentDiffusion is latent_diffusion.LatentDiffusion\n"
         "assert LatentInpaintDiffusion is latent_inpainting.LatentInpaintDiffusion\n"
+        "assert LatentUpscaleDiffusion is latent_upscale.LatentUpscaleDiffusion\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
@@ -69,6 +70,7 @@ def test_the_compvis_paths_import_the_moved_classes_in_a_fresh_interpreter():
     [
         ("LatentDiffusion", latent_diffusion.LatentDiffusion),
         ("LatentInpaintDiffusion", latent_inpainting.LatentInpaintDiffusion),
+        ("LatentUpscaleDiffusion", latent_upscale.LatentUpscaleDiffusion),
     ],
 )
 def test_the_compvis_paths_name_the_moved_classes_for_configs_and_pickles(name, cls):

@@ -2,8 +2,8 @@
 
 ``apply_model`` is the one entry to the UNet, used by every sampler and by training alike. The Lightning hooks
 (``training_step``, ``configure_optimizers`` ...) come from :class:`DiffusionTrainingMixin`. ``LatentDiffusion``
-(``latent_diffusion.py``) and ``LatentInpaintDiffusion`` (``latent_inpainting.py``) build on it and are still
-importable from here, under the names CompVis configs use.
+(``latent_diffusion.py``), ``LatentInpaintDiffusion`` (``latent_inpainting.py``) and ``LatentUpscaleDiffusion``
+(``latent_upscale.py``) build on it and are importable from here, under the names CompVis and Stability configs use.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ LOSS_TYPES = ("l1", "l2")
 MOVED = {
     "LatentDiffusion": "ldm.models.diffusion.latent_diffusion",
     "LatentInpaintDiffusion": "ldm.models.diffusion.latent_inpainting",
+    "LatentUpscaleDiffusion": "ldm.models.diffusion.latent_upscale",
 }
 
 

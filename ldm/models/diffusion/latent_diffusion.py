@@ -312,6 +312,11 @@ class LatentDiffusion(DDPM):
             null_label = (self.ucg_training.get(self.cond_stage_key) or {}).get("val") or ""
         return self.get_learned_conditioning([null_label] * batch_size)
 
+    def unconditional_like(self, cond: Any, batch_size: int, null_label: Any = None) -> Any:
+        """The guidance counterpart of a conditioning ``cond`` as :meth:`get_input` gives it: here simply
+        :meth:`get_unconditional_conditioning`; models whose conditioning also holds an image keep that part."""
+        return self.get_unconditional_conditioning(batch_size, null_label)
+
     @torch.no_grad()
     def log_images(
         self,
@@ -346,7 +351,7 @@ class LatentDiffusion(DDPM):
                 if sample:
                     log["samples"] = self.decode_first_stage(run_sampler(self, "ddim", ddim_steps, c, **settings))
                 if guided:
-                    uc = self.get_unconditional_conditioning(len(z), unconditional_guidance_label)
+                    uc = self.unconditional_like(c, len(z), unconditional_guidance_label)
                     latents = run_sampler(self, "ddim", ddim_steps, c, uc, unconditional_guidance_scale, **settings)
                     log["samples_cfg"] = self.decode_first_stage(latents)
         finally:
