@@ -16,6 +16,11 @@ from ldm.errors import UserError
 from ldm.outputs import load_image
 from ldm.util import config_value, positive_int, positive_ints
 
+# Models that generate from something else than a prompt alone, and what runs them.
+OTHER_ENTRY_POINTS = {
+    "LatentUpscaleDiffusion": "upscale an image with ldm.upscale.upscale(model, image, prompt)",
+}
+
 # Defaults of the UNet and DDPM constructors, for configs that leave these parameters out.
 UNET_DEFAULT_CHANNEL_MULT = (1, 2, 4, 8)
 DDPM_DEFAULT_CHANNELS = 3
@@ -59,6 +64,9 @@ class LatentGeometry:
                 "this config has no model.params.first_stage_config / unet_config; image generation needs a "
                 "LatentDiffusion config such as configs/stable-diffusion/v1-inference.yaml."
             )
+        kind = str(read("target", "")).rpartition(".")[2]
+        if kind in OTHER_ENTRY_POINTS:
+            raise UserError(f"this config is a {kind} model, not a text-to-image one: {OTHER_ENTRY_POINTS[kind]}.")
         ddconfig = "params.first_stage_config.params.ddconfig"
         ch_mult = read(f"{ddconfig}.ch_mult") if read(ddconfig) is not None else [1]  # no ddconfig: no downsampling
         factor = 2 ** (len(positive_ints(ch_mult, f"{at}{ddconfig}.ch_mult")) - 1)

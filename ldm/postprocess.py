@@ -125,11 +125,14 @@ class Watermarker:
     # The DWT-DCT embedding needs enough 4x4 blocks to hold the watermark's bits.
     MIN_SIZE = 256
 
-    def __init__(self) -> None:
-        from imwatermark import WatermarkEncoder
+    def __init__(self, encoder: Any = None) -> None:
+        """``encoder``: an ``imwatermark.WatermarkEncoder`` already holding its mark; by default one with ``TEXT``."""
+        if encoder is None:
+            from imwatermark import WatermarkEncoder
 
-        self.encoder = WatermarkEncoder()
-        self.encoder.set_watermark("bytes", self.TEXT.encode())
+            encoder = WatermarkEncoder()
+            encoder.set_watermark("bytes", self.TEXT.encode())
+        self.encoder = encoder
 
     def __call__(self, image: Image.Image) -> Image.Image:
         """The watermarked image; images smaller than ``MIN_SIZE`` are returned unchanged."""

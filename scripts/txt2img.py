@@ -4,8 +4,19 @@ python scripts/txt2img.py --help     # every flag; the README's "Generating imag
 """
 
 import sys
+from typing import Any
+
+from PIL import Image
 
 from ldm.cli import main
+from ldm.postprocess import Watermarker
+
+
+def put_watermark(img: Image.Image, wm_encoder: Any = None) -> Image.Image:
+    """CompVis's helper of this name, which the originals' img2img.py imports from ``scripts.txt2img``: ``img``
+    marked by ``wm_encoder`` (an ``imwatermark.WatermarkEncoder``), or unchanged without one."""
+    return img if wm_encoder is None else Watermarker(wm_encoder)(img)
+
 
 if __name__ == "__main__":
     sys.exit(main("txt2img"))

@@ -209,3 +209,14 @@ def test_meta_construction_then_loading_needs_no_buffers(tiny_clip: FrozenCLIPEm
         model.load_state_dict(reference.state_dict(), strict=True)
         with torch.no_grad():
             torch.testing.assert_close(model(PROMPTS[:2]), reference(PROMPTS[:2]))
+
+
+def test_assigning_a_device_moves_the_text_encoder(tiny_dir: Path) -> None:
+    # Stability's txt2img.py does ``model.cond_stage_model.device = "cpu"`` after loading on the CPU.
+    for embedder in (
+        FrozenCLIPEmbedder(text_config=tiny_dir / "text-config.json"),
+        FrozenOpenCLIPEmbedder(text_cfg=TINY_OPENCLIP_CFG),
+    ):
+        embedder.device = "meta"
+        assert embedder.device == torch.device("meta")
+        assert all(p.device.type == "meta" for p in embedder.parameters())

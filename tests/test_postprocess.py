@@ -56,3 +56,23 @@ def test_without_samples_only_the_grid_is_written(tmp_path):
     assert list(step.save(result([(1, 2, 3)]))) == []
     assert [p.name for p in step.finish()] == ["grid-0000.png"]
     assert not (tmp_path / "samples").exists()
+
+
+def test_put_watermark_is_importable_from_scripts_txt2img_as_the_originals_img2img_expects():
+    import importlib
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    put_watermark = importlib.import_module("scripts.txt2img").put_watermark
+
+    class Encoder:  # imwatermark's interface: encode(BGR uint8 array, method) -> array
+        def encode(self, bgr, method):
+            assert method == "dwtDct" and bgr.shape == (256, 300, 3)
+            return 255 - bgr
+
+    image = Image.new("RGB", (300, 256), (10, 20, 30))
+    assert put_watermark(image) is image
+    assert put_watermark(image, Encoder()).getpixel((0, 0)) == (245, 235, 225)

@@ -343,3 +343,18 @@ def test_upscale_gives_seeded_images_four_times_larger(model):
         upscale(model, small.crop((0, 0, LOW - 1, LOW)), **settings)
     with pytest.raises(UserError, match="LatentUpscaleDiffusion"):
         upscale(object(), small, **settings)
+
+
+def test_the_text_to_image_entry_points_name_the_upscaler_entry_point(tmp_path, capsys):
+    from ldm import cli
+    from ldm.geometry import LatentGeometry
+    from ldm.util import load_config
+
+    config = load_config(ROOT / "configs" / "stable-diffusion" / "x4-upscaling.yaml")
+    with pytest.raises(UserError, match="LatentUpscaleDiffusion model, not a text-to-image one: upscale an image"):
+        LatentGeometry.from_config(config)
+    ckpt = tmp_path / "x4.safetensors"
+    ckpt.write_bytes(b"")
+    args = ["--config", str(ROOT / "configs" / "stable-diffusion" / "x4-upscaling.yaml"), "--ckpt", str(ckpt)]
+    assert cli.main("txt2img", args) == 2
+    assert "ldm.upscale.upscale(model, image, prompt)" in capsys.readouterr().err

@@ -131,6 +131,12 @@ class FrozenCLIPEmbedder(AbstractEncoder):
     def device(self) -> torch.device:
         return self.transformer.text_model.embeddings.token_embedding.weight.device
 
+    @device.setter
+    def device(self, device: str | torch.device) -> None:
+        # The originals kept a device attribute that their scripts assign (Stability's txt2img sets
+        # ``cond_stage_model.device = "cpu"``); here the device is the weights', so assigning one moves them.
+        self.to(device)
+
     @property
     def per_token(self) -> bool:
         """Whether the output has one feature vector per token (all layers but ``"pooled"``)."""
@@ -230,6 +236,12 @@ class FrozenOpenCLIPEmbedder(AbstractEncoder):
     @property
     def device(self) -> torch.device:
         return self.model.token_embedding.weight.device
+
+    @device.setter
+    def device(self, device: str | torch.device) -> None:
+        # The originals kept a device attribute that their scripts assign (Stability's txt2img sets
+        # ``cond_stage_model.device = "cpu"``); here the device is the weights', so assigning one moves them.
+        self.to(device)
 
     @property
     def per_token(self) -> bool:
