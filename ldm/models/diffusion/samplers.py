@@ -231,10 +231,13 @@ def sample(
         sigmas, sigma_noised = img2img_start(sigmas, strength, compvis, eps.schedule.sigma_max)
         if len(sigmas) == 1:
             return init_latent
-        x_t = init_latent + noise.randn_like(init_latent) * sigma_noised
-        # The input is noised to sigma_noised; the sampler takes it as x_t at its first step (CompVis's quirk).
-        x = x_t * math.sqrt((1.0 + float(sigmas[0]) ** 2) / (1.0 + sigma_noised**2))
-    options = {**(options or {}), **({"eta": spec.eta if eta is None else eta} if spec.eta is not None else {})}
+        noised = init_latent + noise.randn_like(init_latent) * sigma_noised
+        # CompVis noises one step above the first and takes that x_t as the first step's: the ratio rescales it so.
+        # For A1111 the two sigmas are the same and the ratio is 1.
+        x = noised * math.sqrt((1.0 + float(sigmas[0]) ** 2) / (1.0 + sigma_noised**2))
+    options = dict(options or {})
+    if spec.eta is not None:
+        options["eta"] = spec.eta if eta is None else eta
 
     def report(step: dict[str, Any]) -> None:
         if callback is not None:
