@@ -1,8 +1,8 @@
 """Upscale images with an SD 2.x x4 upscaler (``LatentUpscaleDiffusion``): the Python entry point.
 
-    model = load_model_from_config(load_config("x4-upscaling.yaml"), "x4-upscaler-ema.ckpt", device="cuda")
-    with torch.autocast("cuda"):
-        big = upscale(model, Image.open("small.png"), "a photograph of a cat", seed=42)[0]  # 4x the input's size
+    config = load_config("configs/stable-diffusion/x4-upscaling.yaml")
+    model = load_model_from_config(config, "x4-upscaler-ema.ckpt")  # on CUDA, MPS or the CPU, the best there is
+    big = upscale(model, Image.open("small.png"), "a photograph of a cat", seed=42)[0]  # 4x the input's size
 
 The low-res image becomes the UNet's extra input channels at the latent's size, so the output is the VAE's factor
 (4) times larger. ``noise_level`` (0..350 for the x4 model) noises that input first: higher levels let the model
