@@ -1,0 +1,100 @@
+"""Unconditional samples of a latent diffusion model, as CompVis's scripts/sample_diffusion.py (its flags and defaults).
+
+    python scripts/sample_diffusion.py -r models/ldm/lsun_churches256/model.ckpt -n 100 --batch_size 10 -c 50 -e 0
+    python scripts/sample_diffusion.py -r logs/2024-05-01T12-00-00_mine -n 8 --vanilla_sample
+
+``-r`` takes a checkpoint or a folder: CompVis's model folders (``config.yaml`` + ``model.ckpt``) and this project's
+training logdirs (``configs/*-project.yaml`` + ``checkpoints/last.ckpt``) both work. Samples go to
+``<logdir>/samples/<time>/img/00000.png ...`` (or ``-l``'s folder) with their settings in the PNG metadata; unlike
+CompVis the folder is not named after the checkpoint's global step, which would mean reading the file twice, and no
+``.npz`` of all samples is written. Conditional models are refused: they have their own scripts (``txt2img.py`` ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from ldm.errors import ScriptParser, UserError, print_error
+from ldm.geometry import LatentGeometry
+from ldm.inference import Pipeline
+from ldm.outputs import save_numbered
+from ldm.request import GenerationRequest, RuntimeOptions
+from ldm.util import load_config
+
+
+def build_parser() -> ScriptParser:
+    parser = ScriptParser(prog="scripts/sample_diffusion.py", description="Unconditional samples of an LDM.")
+    add = parser.add_argument
+    add("-r", "--resume", type=str, required=True, help="a checkpoint, or a model folder / training logdir")
+    add("-n", "--n_samples", type=int, default=50000, help="number of samples to draw (default 50000)")
+    add("-e", "--eta", type=float, default=1.0, help="DDIM eta (default 1.0; 0 is deterministic)")
+    add("-v", "--vanilla_sample", action="store_true", help="DDPM ancestral sampling over every timestep")
+    add("-l", "--logdir", type=str, default="none", help="where to write the samples (default: beside the model)")
+    add("-c", "--custom_steps", type=int, default=50, help="DDIM steps (default 50)")
+    add("--batch_size", type=int, default=10, help="samples drawn at once (default 10)")
+    add("--seed", type=int, default=0, help="seed of the first sample; sample k uses seed + k (default 0)")
+    add("--device", type=str, default=None, help="cpu, cuda, cuda:N or mps (default: the best available)")
+    add("overrides", nargs="*", metavar="key=value", help="config overrides")
+    return parser
+
+
+def find_model(resume: str) -> tuple[Path, Path, Path]:
+    """(logdir, config, checkpoint) for ``-r``: a checkpoint file or a folder holding one."""
+    path = Path(resume)
+    if path.is_file():
+        ckpt = path
+        logdir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    elif path.is_dir():
+        logdir = path
+        ckpt = next((c for c in (path / "model.ckpt", path / "checkpoints" / "last.ckpt") if c.is_file()), None)
+        if ckpt is None:
+            raise UserError(f"'{resume}' holds neither model.ckpt nor checkpoints/last.ckpt; give the checkpoint.")
+    else:
+        raise UserError(f"-r '{resume}' does not exist; give a checkpoint or the folder holding one.")
+    configs = [logdir / "config.yaml"] if (logdir / "config.yaml").is_file() else []
+    configs = configs or sorted((logdir / "configs").glob("*-project.yaml"))
+    if not configs:
+        raise UserError(f"no config.yaml or configs/*-project.yaml in '{logdir}', beside the checkpoint.")
+    return logdir, configs[-1], ckpt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Sample with ``argv``; returns the exit code (0, or 2 after a one-line error)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit:  # --help, or a usage error already reported in one line
+        return int(exit.code or 0)
+    try:
+        logdir, config_path, ckpt = find_model(args.resume)
+        config = load_config(config_path, args.overrides)
+        if config.model.params.get("cond_stage_config", "__is_unconditional__") != "__is_unconditional__":
+            raise UserError(f"{config_path} is a conditional model; sample it with scripts/txt2img.py and its kin.")
+        for name in ("n_samples", "batch_size"):
+            if getattr(args, name) < 1:
+                raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}.")
+        geometry = LatentGeometry.from_config(config)
+        if args.vanilla_sample:
+            settings = {"sampler": "ddpm", "steps": geometry.timesteps}
+        else:
+            settings = {"sampler": "ddim", "steps": args.custom_steps, "eta": args.eta}
+        # Checked against the model's config before its weights are read.
+        request = GenerationRequest("", **settings, scale=1.0, n=min(args.batch_size, args.n_samples), seed=args.seed)
+        request = request.for_model(geometry)
+        pipe = Pipeline.from_config(config, ckpt, RuntimeOptions(args.device, precision="full"))
+        outdir = Path(args.logdir) if args.logdir != "none" else logdir / "samples" / time.strftime("%Y-%m-%d-%H-%M-%S")
+        for start in range(0, args.n_samples, args.batch_size):
+            batch = dataclasses.replace(request, n=min(args.batch_size, args.n_samples - start), seed=args.seed + start)
+            result = pipe.run(batch, progress=False)
+            for i, image in enumerate(result.images):
+                print(f"wrote {save_numbered(image, outdir / 'img', result.parameters(i))}")
+    except (UserError, OSError) as err:
+        return print_error(err)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
