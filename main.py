@@ -38,7 +38,7 @@ from ldm.callbacks import AtomicCheckpointIO, DiskFullError, ImageLogger, LastCh
 from ldm.checkpoint import CheckpointError
 from ldm.data.base import DataModuleFromConfig, WrappedDataset
 from ldm.errors import ScriptParser, UserError, print_error
-from ldm.resume import check_resumable, find_resume_checkpoint, read_resume_checkpoint
+from ldm.resume import adopt_callback_states, check_resumable, find_resume_checkpoint, read_resume_checkpoint
 from ldm.util import ConfigError, instantiate_from_config, load_config
 
 # CompVis configs name ``main.ImageLogger`` and ``main.DataModuleFromConfig``; they resolve to the ldm classes.
@@ -192,6 +192,17 @@ def check_checkpoint_paths(node: Any, path: str) -> None:
 def trainer_settings(config: Mapping[str, Any], opt: argparse.Namespace) -> dict[str, Any]:
     """The Trainer arguments: ``lightning.trainer`` with the command line's Trainer flags on top."""
     settings = dict(config)
+    if str(settings.get("accelerator", "")).startswith("ddp"):
+        # Lightning 1.x took the strategy as ``accelerator``: CompVis's main.py saves ``accelerator: ddp``.
+        settings.setdefault("strategy", settings.pop("accelerator"))
+    if "resume_from_checkpoint" in settings:
+        # Lightning 1.x's way to resume, which CompVis's main.py saves into a resumed run's lightning.yaml.
+        legacy = settings.pop("resume_from_checkpoint")
+        if not opt.resume:
+            raise ConfigError(
+                f"lightning.trainer.resume_from_checkpoint: Lightning 2 has no such setting; resume with "
+                f"main.py -r {legacy or '<logdir>'} -t instead."
+            )
     gpus = settings.pop("gpus", None) if opt.gpus is None else opt.gpus
     if gpus is not None:
         # Lightning 1.x's ``gpus`` (still in CompVis commands) is ``accelerator=gpu`` with those devices.
@@ -322,6 +333,8 @@ def build(opt: argparse.Namespace, overrides: Sequence[str], now: str) -> Run:
     setup = SetupCallback(now, logdir, ckptdir, cfgdir, config, lightning_config)
     logger = make_logger(lightning_config.get("logger"), logdir)
     callbacks = make_callbacks(lightning_config, setup, ckptdir)
+    if resumed is not None:
+        adopt_callback_states(resumed, callbacks)
     try:
         trainer = pl.Trainer(**settings, default_root_dir=str(logdir), logger=logger, callbacks=callbacks)
         implicit_ddp = "strategy" not in settings and isinstance(trainer.strategy, DDPStrategy)

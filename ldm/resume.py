@@ -10,10 +10,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
+from pytorch_lightning.utilities.migration import migrate_checkpoint
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch import nn
 
 from ldm.checkpoint import CheckpointError, read_training_checkpoint
+from ldm.serialization import Ignored
 from ldm.util import ConfigError
 
 # What a Lightning checkpoint needs beyond the weights to go on training.
@@ -60,12 +63,54 @@ def read_resume_checkpoint(path: Path) -> dict[str, Any]:
     """The checkpoint at ``path``, read by :func:`ldm.checkpoint.read_training_checkpoint` (nothing in it can run
     code); CheckpointError, naming the file and the way on, when it is not a whole training checkpoint."""
     try:
-        return read_training_checkpoint(path)
+        checkpoint = read_training_checkpoint(path)
     except CheckpointError as err:
         raise CheckpointError(
             f"cannot resume from '{path}': {err} Resume from another checkpoint (-r <logdir> takes the newest "
             "complete one)."
         ) from None
+    return upgrade(checkpoint)
+
+
+def upgrade(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """``checkpoint`` in the layout of the installed Lightning, by Lightning's own migrations.
+
+    Checkpoints of Lightning 1.x (CompVis's ``main.py`` ran 1.4) have no loop progress: the migrations derive it from
+    ``global_step`` and ``epoch``. Their callback states are keyed by class, which the safe reader leaves as inert
+    stand-ins; :func:`adopt_callback_states` hands those states to the run's callbacks.
+    """
+    version = checkpoint.get("pytorch-lightning_version")
+    if not isinstance(version, str) or not all(key in checkpoint for key in ("global_step", "epoch")):
+        return checkpoint
+    states = checkpoint.get("callbacks")
+    by_class = {}
+    if isinstance(states, dict):
+        # Out of the way of the migrations, which take class keys for colliding ModelCheckpoint states.
+        by_class = {key: states.pop(key) for key in [k for k in states if isinstance(k, type)]}
+    migrate_checkpoint(checkpoint)
+    if by_class:
+        checkpoint["callbacks"].update(by_class)
+    return checkpoint
+
+
+def _class_names(callback: pl.Callback) -> list[str]:
+    return [f"{cls.__module__}.{cls.__qualname__}" for cls in type(callback).__mro__]
+
+
+def adopt_callback_states(checkpoint: dict[str, Any], callbacks: list[pl.Callback]) -> None:
+    """Key the callback states that Lightning 1.x saved by class under the ``state_key`` of the run's callback of
+    that class (or a subclass: CompVis's ``ModelCheckpoint`` state goes to the run's periodic checkpoint), so that
+    Lightning restores them; a state whose callback the run does not have is dropped with a warning."""
+    states = checkpoint.get("callbacks")
+    if not isinstance(states, dict):
+        return
+    for key in [k for k in states if isinstance(k, type) and issubclass(k, Ignored)]:
+        state = states.pop(key)
+        owner = next((cb for cb in callbacks if key.original in _class_names(cb)), None)
+        if owner is None:
+            warn(f"the checkpoint holds the state of a {key.original} callback, which this run does not have.")
+        else:
+            states.setdefault(owner.state_key, state)
 
 
 def check_resumable(checkpoint: Mapping[str, Any], model: nn.Module, path: Path, training: bool) -> None:

@@ -76,7 +76,13 @@ class CheckpointError(UserError):
 
 
 class Ignored:
-    """Stands in for any object of a pickle that is not a tensor or a plain container; building it does nothing."""
+    """Stands in for any object of a pickle that is not a tensor or a plain container; building it does nothing.
+
+    Each name the pickle refers to gets its own subclass, whose ``original`` is that dotted name: a class that the
+    pickle holds as a value (Lightning 1.x keyed callback states by class) can then be told apart without importing
+    it."""
+
+    original = ""
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Ignored:
         return super().__new__(cls)
@@ -287,7 +293,8 @@ def _stand_ins(names: list[str]) -> list[tuple[Callable, str]]:
         if name in DICT_LIKE:
             stand_ins.append((dict, name))
         else:
-            stand_ins.append((type(name.rsplit(".", 1)[-1], (Ignored,), {"__module__": "ldm.ignored"}), name))
+            namespace = {"__module__": "ldm.ignored", "original": name}
+            stand_ins.append((type(name.rsplit(".", 1)[-1], (Ignored,), namespace), name))
     return stand_ins
 
 
