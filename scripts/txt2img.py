@@ -8,8 +8,12 @@ from typing import Any
 
 from PIL import Image
 
+from ldm.checkpoint import load_model_from_config
 from ldm.cli import main
 from ldm.postprocess import Watermarker
+
+# CompVis's and Stability's scripts define these helpers here, and code written against them imports them from here.
+__all__ = ["load_model_from_config", "put_watermark"]
 
 
 def put_watermark(img: Image.Image, wm_encoder: Any = None) -> Image.Image:

@@ -149,3 +149,23 @@ def test_attention_pool_is_the_mean_token_attending_over_all_positions():
         heads.append(torch.einsum("bn,bdn->bd", weights, v))
     expected = pool.c_proj(torch.cat(heads, dim=1)[:, :, None])[:, :, 0]
     torch.testing.assert_close(pool(x), expected)
+
+
+def test_the_compvis_script_helpers_exist_where_notebooks_import_them(tmp_path):
+    import importlib
+
+    from PIL import Image
+
+    from ldm.checkpoint import load_model_from_config
+    from ldm.models.diffusion.ddpm import disabled_train
+
+    assert importlib.import_module("scripts.txt2img").load_model_from_config is load_model_from_config
+    load_img = importlib.import_module("scripts.img2img").load_img
+    pixels = np.zeros((70, 100, 3), dtype=np.uint8)
+    pixels[:, :50] = 255
+    Image.fromarray(pixels).save(tmp_path / "init.png")
+    image = load_img(tmp_path / "init.png")
+    assert image.shape == (1, 3, 64, 96) and image.dtype == torch.float32  # sides cut to multiples of 32
+    assert image[..., :40].min() > 0.99 and image[..., 56:].max() < -0.99
+    frozen = torch.nn.Linear(2, 2).eval()
+    assert disabled_train(frozen, True) is frozen and not frozen.training

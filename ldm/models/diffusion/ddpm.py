@@ -37,6 +37,7 @@ LOSS_TYPES = ("l1", "l2")
 # checkpoint names them here, so they are imported when first asked for (PEP 562), which keeps imports acyclic.
 MOVED = {
     "LatentDiffusion": "ldm.models.diffusion.latent_diffusion",
+    "disabled_train": "ldm.models.diffusion.latent_diffusion",
     "LatentInpaintDiffusion": "ldm.models.diffusion.latent_inpainting",
     "LatentUpscaleDiffusion": "ldm.models.diffusion.latent_upscale",
 }
