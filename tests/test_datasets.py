@@ -282,24 +282,30 @@ def faces_copies(root: Path) -> None:
     (root / "celebahqvalidation.txt").write_text("000001.npy\n")
 
 
+LDM = "stable-diffusion/configs/latent-diffusion"
+AUTOENCODER = "stable-diffusion/configs/autoencoder"
+
+
 @pytest.mark.parametrize(
     "name, location_key, make",
     [
-        ("cin-ldm-vq-f8.yaml", "data_root", imagenet_copy),
-        ("lsun_churches-ldm-kl-8.yaml", "location", lsun_copy),
-        ("ffhq-ldm-vq-4.yaml", "location", faces_copies),
-        ("celebahq-ldm-vq-4.yaml", "location", faces_copies),
+        (f"{LDM}/cin-ldm-vq-f8.yaml", "data_root", imagenet_copy),
+        (f"{LDM}/lsun_churches-ldm-kl-8.yaml", "location", lsun_copy),
+        (f"{LDM}/ffhq-ldm-vq-4.yaml", "location", faces_copies),
+        (f"{LDM}/celebahq-ldm-vq-4.yaml", "location", faces_copies),
+        (f"{AUTOENCODER}/autoencoder_kl_32x32x4.yaml", "data_root", imagenet_copy),
     ],
 )
 def test_original_data_sections_build_on_a_local_copy(reference_dir, tmp_path, name, location_key, make):
     make(tmp_path)
     overrides = [f"data.params.{split}.params.{location_key}={tmp_path}" for split in ("train", "validation")]
     config = load_config(
-        reference_dir / "original" / "stable-diffusion" / "configs" / "latent-diffusion" / name,
-        [*overrides, "data.params.num_workers=0", "data.params.batch_size=1"],
+        reference_dir / "original" / name, [*overrides, "data.params.num_workers=0", "data.params.batch_size=1"]
     )
     data = instantiate_from_config(config.data, path="data")
     data.setup("fit")
     for loader in (data.train_dataloader(), data.val_dataloader()):
         batch = next(iter(loader))
         assert batch["image"].shape == (1, 256, 256, 3)
+        if "LR_image" in batch:  # the autoencoder configs train on ImageNetSR's high-resolution images
+            assert batch["LR_image"].shape == (1, 64, 64, 3)

@@ -53,6 +53,7 @@ class ImageNetBase(Dataset):
     """
 
     SPLIT = ""
+    CONFIG_NAME = ""  # the config key of the split's own options, "ImageNetTrain/random_crop" in taming's retrieve
     RANDOM_CROP = False
 
     def __init__(
@@ -70,7 +71,7 @@ class ImageNetBase(Dataset):
             keep_orig_class_label=bool(self.config.get("keep_orig_class_label", False)),
         )
         size = self.config.get("size", 256)
-        crop_options = self.config.get(type(self).__name__, {}) or {}
+        crop_options = self.config.get(self.CONFIG_NAME, {}) or {}
         self.random_crop = bool(crop_options.get("random_crop", self.RANDOM_CROP))
         self.transform = ImageTransform(size or None, random_crop=self.random_crop, interpolation="bilinear")
 
@@ -88,14 +89,14 @@ class ImageNetBase(Dataset):
 class ImageNetTrain(ImageNetBase):
     """The training split (random crops unless ``config.ImageNetTrain.random_crop`` is false)."""
 
-    SPLIT = "train"
+    SPLIT, CONFIG_NAME = "train", "ImageNetTrain"
     RANDOM_CROP = True
 
 
 class ImageNetValidation(ImageNetBase):
     """The validation split, its images in class folders (centre crops)."""
 
-    SPLIT = "validation"
+    SPLIT, CONFIG_NAME = "validation", "ImageNetValidation"
     RANDOM_CROP = False
 
 

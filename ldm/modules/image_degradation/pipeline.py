@@ -10,7 +10,11 @@ One pass, on a float image in [0, 1] (``sf`` the scale factor):
    ``1 / sf`` of the size before the intermediate one, Gaussian noise, JPEG noise (probability 0.9);
 3. a last JPEG compression.
 
-The output is the low-resolution uint8 image, ``1 / sf`` of the input's (mod-``sf``-cropped) height and width.
+The output is the low-resolution uint8 image, ``1 / sf`` of the input's height and width (cropped at the bottom
+and right to multiples of ``sf`` first; the original swaps height and width in that crop, which changes nothing for
+the square crops ``ImageNetSR`` passes). The original's random draws come from Python's and numpy's global
+generators; here one ``numpy.random.Generator`` makes them all, so the same distributions are drawn, not the same
+numbers.
 """
 
 from __future__ import annotations
