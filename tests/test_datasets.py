@@ -138,13 +138,15 @@ def test_sr_pairs_have_the_sizes_and_ranges(imagenet, degradation):
 
 def test_sr_low_resolution_image_is_the_named_resize_of_the_crop(imagenet):
     data = ImageNetSRValidation(
-        data_root=imagenet, size=20, degradation="pil_bicubic", downscale_f=2, min_crop_f=1.0, random_crop=False
+        data_root=imagenet, size=15, degradation="pil_bicubic", downscale_f=3, min_crop_f=1.0, random_crop=False
     )
     item = data[1]
-    with Image.open(item["file_path_"]) as image:  # the centre 30x30 square, area-resized to 20x20
-        expected = np.asarray(image.convert("RGB").crop((5, 0, 35, 30)).resize((20, 20), Image.Resampling.BOX))
-    np.testing.assert_allclose(item["image"], expected / 127.5 - 1.0, atol=1e-6)
-    low = np.asarray(Image.fromarray(expected).resize((10, 10), Image.Resampling.BICUBIC))
+    with Image.open(item["file_path_"]) as image:  # the centre 30x30 square, area-averaged to 15x15: 2x2 means
+        square = np.asarray(image.convert("RGB"), dtype=np.float64)[:, 5:35]
+    means = square.reshape(15, 2, 15, 2, 3).mean(axis=(1, 3))
+    np.testing.assert_allclose((item["image"] + 1.0) * 127.5, means, atol=0.5 + 1e-4)  # within rounding
+    target = np.round((item["image"] + 1.0) * 127.5).astype(np.uint8)
+    low = np.asarray(Image.fromarray(target).resize((5, 5), Image.Resampling.BICUBIC))
     np.testing.assert_allclose(item["LR_image"], low / 127.5 - 1.0, atol=1e-6)
 
 

@@ -157,6 +157,15 @@ def test_resizes_give_the_asked_sizes_and_keep_constants():
     np.testing.assert_allclose(area, 4 * np.arange(8) + 1.5)  # area: the mean of each 4 pixels
 
 
+def test_cv_area_and_nearest_use_opencvs_weights_and_indices():
+    x = np.array([[0.0, 0.3, 0.9, 0.6, 0.2]], np.float32)[..., None]  # one row, five pixels
+    shrunk = cv_resize(x[:, :3], (2, 1), 3)[0, :, 0]  # 3 -> 2: each output covers 1.5 pixels
+    np.testing.assert_allclose(shrunk, [(0.0 + 0.5 * 0.3) / 1.5, (0.5 * 0.3 + 0.9) / 1.5], atol=1e-6)
+    grown = cv_resize(x[:, :2], (3, 1), 3)[0, :, 0]  # 2 -> 3: OpenCV's blend, not a box
+    np.testing.assert_allclose(grown, [0.0, 0.15, 0.3], atol=1e-6)
+    np.testing.assert_array_equal(cv_resize(x, (3, 1), 0)[0, :, 0], x[0, [0, 1, 3], 0])  # floor(i * 5 / 3)
+
+
 def test_downsampling_step_shrinks_by_up_to_twice_sf():
     image = uint2single(photo(64, 64))
     rng = np.random.default_rng(0)

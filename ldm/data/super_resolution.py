@@ -6,9 +6,9 @@ Degradations (``degradation:`` in the configs):
 - ``bsrgan``, ``bsrgan_light``: the BSR degradations (:mod:`ldm.modules.image_degradation`);
 - ``pil_nearest``, ``pil_bilinear``, ``pil_bicubic``, ``pil_box``, ``pil_hamming``, ``pil_lanczos``: a PIL resize
   (antialiased, as the original's torchvision resize of a PIL image);
-- ``cv_nearest``, ``cv_bilinear``, ``cv_bicubic``, ``cv_area``: OpenCV's resizes (no antialiasing), computed with
-  torch (:func:`ldm.modules.image_degradation.utils_image.cv_resize`); ``cv_lanczos`` is PIL's Lanczos, which
-  unlike OpenCV's antialiases.
+- ``cv_nearest``, ``cv_bilinear``, ``cv_bicubic``, ``cv_area``: OpenCV's resizes (no antialiasing, except area
+  averaging), computed without OpenCV (:func:`ldm.modules.image_degradation.utils_image.cv_resize`);
+  ``cv_lanczos`` is PIL's Lanczos, which unlike OpenCV's antialiases.
 """
 
 from __future__ import annotations
@@ -49,15 +49,12 @@ def smallest_side_size(width: int, height: int, side: int) -> tuple[int, int]:
 
 
 def resize_area(image: np.ndarray, side: int) -> np.ndarray:
-    """uint8 ``image`` with its shorter side resized to ``side``: averaging the pixels each output pixel covers
-    when shrinking (OpenCV's INTER_AREA), bilinear when enlarging (what INTER_AREA then does)."""
+    """uint8 ``image`` with its shorter side resized to ``side`` by OpenCV's INTER_AREA (the original's rescaler)."""
     height, width = image.shape[:2]
     size = smallest_side_size(width, height, side)
     if size == (width, height):
         return image
-    shrink = size[0] < width
-    resample = Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR
-    return np.asarray(Image.fromarray(image).resize(size, resample=resample))
+    return single2uint(cv_resize(uint2single(image), size, CV_CODES["area"]))
 
 
 def make_degradation(name: str | None, lr_size: int, downscale_f: int) -> Degradation:

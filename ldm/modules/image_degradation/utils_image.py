@@ -13,10 +13,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# cv2's interpolation codes (INTER_NEAREST, INTER_LINEAR, INTER_CUBIC, INTER_AREA) -> torch's modes. Like cv2, the
-# torch modes do not antialias: linear and cubic sample the source at the output pixels' centres (cubic with
-# a = -0.75, cv2's value), nearest takes floor(x * scale) and area averages the source pixels each output covers.
-CV_MODES = {0: "nearest", 1: "bilinear", 2: "bicubic", 3: "area"}
+# cv2's INTER_LINEAR and INTER_CUBIC -> torch's modes. Like cv2 they do not antialias: they sample the source at the
+# output pixels' centres (cubic with a = -0.75, cv2's value). INTER_NEAREST (0) and INTER_AREA (3) are computed
+# here directly, with OpenCV's index arithmetic and weights.
+CV_MODES = {1: "bilinear", 2: "bicubic"}
 
 
 def uint2single(image: np.ndarray) -> np.ndarray:
@@ -35,16 +35,51 @@ def modcrop(image: np.ndarray, scale: int) -> np.ndarray:
     return image[: height - height % scale, : width - width % scale, ...].copy()
 
 
+def _area_matrix(in_length: int, out_length: int, averaging: bool) -> np.ndarray:
+    """``(out_length, in_length)`` weights of OpenCV's INTER_AREA along one axis.
+
+    ``averaging`` (OpenCV's choice when neither side grows): output pixel i averages the input over
+    ``[i s, (i + 1) s)``, ``s = in / out``, each input pixel weighted by how much of it lies inside. Otherwise (on
+    both axes): a blend of source pixels ``j = floor(i s)`` and ``j + 1`` with the fraction
+    ``f = (i + 1) - (j + 1) / s``, 0 where negative, else its fractional part.
+    """
+    # OpenCV's own floating-point steps, so that floor() lands where its does (60 * 45 / 100 is 26.99... there).
+    inverse = out_length / in_length
+    scale = 1.0 / inverse
+    outputs = np.arange(out_length)
+    if averaging:
+        starts, ends = outputs * scale, (outputs + 1) * scale
+        pixels = np.arange(in_length)
+        overlap = np.minimum(ends[:, None], pixels + 1) - np.maximum(starts[:, None], pixels)
+        return np.clip(overlap, 0, None) / scale
+    source = np.floor(outputs * scale).astype(np.int64)
+    fraction = (outputs + 1) - (source + 1) * inverse
+    fraction = np.where(fraction <= 0, 0.0, fraction - np.floor(fraction))
+    matrix = np.zeros((out_length, in_length))
+    np.add.at(matrix, (outputs, np.minimum(source, in_length - 1)), 1 - fraction)
+    np.add.at(matrix, (outputs, np.minimum(source + 1, in_length - 1)), fraction)
+    return matrix
+
+
 def cv_resize(image: np.ndarray, size: tuple[int, int], interpolation: int) -> np.ndarray:
     """``cv2.resize(image, size, interpolation=interpolation)`` for a float ``(H, W, C)`` image; ``size`` is
     ``(width, height)`` as in OpenCV, ``interpolation`` a cv2 code 0-3 (see :data:`CV_MODES`)."""
     width, height = size
     if width < 1 or height < 1:
         raise ValueError(f"cannot resize a {image.shape[1]}x{image.shape[0]} image to {width}x{height}")
+    if interpolation == 3:
+        averaging = width <= image.shape[1] and height <= image.shape[0]
+        rows, cols = _area_matrix(image.shape[0], height, averaging), _area_matrix(image.shape[1], width, averaging)
+        out = np.einsum("oh,hw...->ow...", rows, image.astype(np.float64))
+        return np.einsum("pw,ow...->op...", cols, out).astype(np.float32)
+    if interpolation == 0:
+        # Source pixel floor(i * in / out), with the scale computed as OpenCV does (torch's float32 one can floor
+        # to the pixel before).
+        rows = np.floor(np.arange(height) * (1.0 / (height / image.shape[0]))).astype(np.int64)
+        cols = np.floor(np.arange(width) * (1.0 / (width / image.shape[1]))).astype(np.int64)
+        return image[np.minimum(rows, image.shape[0] - 1)][:, np.minimum(cols, image.shape[1] - 1)]
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)[None]
-    mode = CV_MODES[interpolation]
-    options = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
-    y = F.interpolate(x, size=(height, width), mode=mode, **options)
+    y = F.interpolate(x, size=(height, width), mode=CV_MODES[interpolation], align_corners=False)
     return y[0].permute(1, 2, 0).numpy()
 
 
