@@ -90,6 +90,34 @@ def test_settings_follow_the_originals():
         assert sorted(order) == list(range(7)) and order.index(DOWNSAMPLE) < order.index(FINAL_RESIZE)
 
 
+@pytest.mark.parametrize("name, blurs, blur_subsample_p", [("bsrgan", 2, 0.25), ("bsrgan_light", 1, 0.2)])
+def test_steps_are_taken_with_the_originals_probabilities(monkeypatch, name, blurs, blur_subsample_p):
+    from ldm.modules.image_degradation import pipeline, steps
+
+    calls = {"blur": 0, "jpeg": 0, "matlab_halving": 0, "blur_subsample": 0}
+
+    def counting(module, attribute, key):
+        original = getattr(module, attribute)
+
+        def wrapper(*args, **kwargs):
+            calls[key] += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, attribute, wrapper)
+
+    counting(pipeline, "add_blur", "blur")
+    counting(pipeline, "add_jpeg_noise", "jpeg")
+    counting(pipeline, "imresize_np", "matlab_halving")  # half of the halvings, which come with probability 1/4
+    counting(steps, "shift_pixel", "blur_subsample")  # the intermediate downsampling's other branch
+    runs, image = 150, photo(32, 32)  # fixed seeds: the counts are deterministic, the tolerances about 3 sigma
+    for seed in range(runs):
+        DEGRADATIONS[name](image, sf=4, rng=np.random.default_rng(seed))
+    assert calls["blur"] == blurs * runs
+    assert calls["jpeg"] / runs == pytest.approx(1.9, abs=0.08)  # the last one, and one more with p = 0.9
+    assert calls["matlab_halving"] / runs == pytest.approx(0.125, abs=0.08)
+    assert calls["blur_subsample"] / runs == pytest.approx(blur_subsample_p, abs=0.1)
+
+
 @pytest.mark.parametrize(
     "bad", [np.zeros((16, 16, 3), np.float32), np.zeros((16, 16), np.uint8), np.zeros((2, 2, 3), np.uint8)]
 )
