@@ -169,8 +169,11 @@ def test_hr_indices_from_text_or_a_plain_pickle(imagenet, tmp_path):
     plain = tmp_path / "indices.p"
     plain.write_bytes(pickle.dumps([0, 5]))
     assert len(ImageNetSRTrain(data_root=imagenet, size=8, degradation="pil_nearest", hr_indices=plain)) == 2
-    risky = tmp_path / "array.p"
-    risky.write_bytes(pickle.dumps(np.array([0, 1])))  # needs numpy's reconstructor: code the file names is refused
+    array = tmp_path / "array.p"
+    array.write_bytes(pickle.dumps(np.array([2, 3, 4])))
+    assert ImageNetSRTrain(data_root=imagenet, size=8, degradation="pil_nearest", hr_indices=array).indices == [2, 3, 4]
+    risky = tmp_path / "risky.p"
+    risky.write_bytes(pickle.dumps(Path("x")))  # names a class: refused, whatever it would build
     with pytest.raises(ConfigError, match="not a list of image indices"):
         ImageNetSRTrain(data_root=imagenet, size=8, degradation="pil_nearest", hr_indices=risky)
     text.write_text("9\n")

@@ -207,6 +207,7 @@ def test_super_resolution_ldm_with_concat_conditioning(tmp_path, imagenet):
 
 
 def test_x4_upscaler_on_imagenet_sr_pairs(tmp_path, imagenet):
+    # ImageNetSR has no captions: the class label takes the prompt's place in cross-attention.
     model = tiny_upscaler(
         first_stage_key="image",
         low_scale_key="LR_image",
