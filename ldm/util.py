@@ -29,13 +29,17 @@ from ldm.text_images import log_txt_as_img as log_txt_as_img
 # no conditioning at all. Instantiating them yields None; the owning model knows what to do.
 SPECIAL_TARGETS = ("__is_first_stage__", "__is_unconditional__")
 
+# The face datasets of taming-transformers that the CelebA-HQ / FFHQ LDM configs train on.
+FACES = ("CelebAHQTrain", "CelebAHQValidation", "FFHQTrain", "FFHQValidation")
+
 # Targets that the originals' configs name in packages this project does not depend on, and the class here that
-# takes their place (same constructor arguments, same state-dict keys).
+# takes their place (same constructor arguments; for models the same state-dict keys).
 FOREIGN_TARGETS = {
     "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator": (
         "ldm.modules.losses.vqperceptual.VQLPIPSWithDiscriminator"
     ),
     "taming.modules.vqvae.quantize.VectorQuantizer2": "ldm.modules.vqvae.quantize.VectorQuantizer",
+    **{f"taming.data.faceshq.{name}": f"ldm.data.faces.{name}" for name in FACES},
 }
 
 # The stack of (path, params) nodes being instantiated, so that a nested call made inside a constructor (for example
