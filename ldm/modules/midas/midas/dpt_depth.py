@@ -1,0 +1,84 @@
+"""``DPTDepthModel``: MiDaS's DPT (Ranftl et al. 2021), a ViT encoder and a convolutional decoder predicting
+relative inverse depth (larger = nearer), at Stability's path ``ldm.modules.midas.midas.dpt_depth``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ldm.modules.midas.midas.blocks import FeatureFusionBlock_custom, Interpolate, make_scratch
+from ldm.modules.midas.midas.vit import DPTEncoder, backbone_spec
+from ldm.util import ConfigError
+
+
+class DPT(nn.Module):
+    """Encoder (``pretrained``: four maps at 1/4 .. 1/32 scale) and decoder (``scratch``: each map to ``features``
+    channels, fused coarse to fine by ``refinenet4`` .. ``refinenet1``, then ``output_conv`` = ``head``).
+
+    ``backbone`` names the encoder's numbers (:data:`~ldm.modules.midas.midas.vit.BACKBONES`); ``vit`` overrides
+    some of them (BackboneSpec fields), which builds a reduced-width network with the same code.
+    """
+
+    def __init__(
+        self,
+        head: nn.Module,
+        features: int = 256,
+        backbone: str = "vitb_rn50_384",
+        readout: str = "project",
+        channels_last: bool = False,
+        use_bn: bool = False,
+        vit: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.channels_last = channels_last
+        spec = backbone_spec(backbone, vit)
+        self.pretrained = DPTEncoder(spec, readout)
+        self.scratch = make_scratch(spec.features, features)
+        for i in range(1, 5):
+            # MiDaS shares one non-inplace ReLU between the residual units of a block; ReLU has no state.
+            block = FeatureFusionBlock_custom(features, nn.ReLU(False), bn=use_bn, align_corners=True)
+            self.scratch.add_module(f"refinenet{i}", block)
+        self.scratch.output_conv = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, 3, H, W), sides multiples of 32 -> the head's output (B, C, H, W)."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        scratch = self.scratch
+        layers = [getattr(scratch, f"layer{i}_rn")(m) for i, m in enumerate(self.pretrained(x), start=1)]
+        path = scratch.refinenet4(layers[3])
+        path = scratch.refinenet3(path, layers[2])
+        path = scratch.refinenet2(path, layers[1])
+        path = scratch.refinenet1(path, layers[0])
+        return scratch.output_conv(path)
+
+
+class DPTDepthModel(DPT):
+    """DPT with MiDaS's depth head: image (B, 3, H, W), sides multiples of 32, normalised to [-1, 1]
+    -> relative inverse depth (B, H, W), non-negative with ``non_negative``.
+
+    ``path`` (a MiDaS weights file) is not read here: SD depth checkpoints carry these weights themselves.
+    """
+
+    def __init__(self, path: str | None = None, non_negative: bool = True, **kwargs: Any) -> None:
+        if path is not None:
+            raise ConfigError(
+                f"DPTDepthModel path '{path}': MiDaS weight files are not loaded separately; the SD depth checkpoint "
+                "holds the depth model's weights (depth_model.*). Remove path."
+            )
+        features = kwargs.get("features", 256)
+        head = nn.Sequential(
+            nn.Conv2d(features, features // 2, kernel_size=3, padding=1),
+            Interpolate(scale_factor=2, mode="bilinear", align_corners=True),
+            nn.Conv2d(features // 2, 32, kernel_size=3, padding=1),
+            nn.ReLU(True),
+            nn.Conv2d(32, 1, kernel_size=1),
+            nn.ReLU(True) if non_negative else nn.Identity(),
+            nn.Identity(),
+        )
+        super().__init__(head, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).squeeze(1)
