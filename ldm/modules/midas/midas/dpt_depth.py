@@ -59,15 +59,11 @@ class DPTDepthModel(DPT):
     """DPT with MiDaS's depth head: image (B, 3, H, W), sides multiples of 32, normalised to [-1, 1]
     -> relative inverse depth (B, H, W), non-negative with ``non_negative``.
 
-    ``path`` (a MiDaS weights file) is not read here: SD depth checkpoints carry these weights themselves.
+    ``path``: a MiDaS weights file (e.g. ``dpt_hybrid-midas-501f0c75.pt``) to load strictly; SD depth checkpoints
+    carry these weights themselves (``depth_model.model.*``), so the SD configs give none.
     """
 
     def __init__(self, path: str | None = None, non_negative: bool = True, **kwargs: Any) -> None:
-        if path is not None:
-            raise ConfigError(
-                f"DPTDepthModel path '{path}': MiDaS weight files are not loaded separately; the SD depth checkpoint "
-                "holds the depth model's weights (depth_model.*). Remove path."
-            )
         features = kwargs.get("features", 256)
         head = nn.Sequential(
             nn.Conv2d(features, features // 2, kernel_size=3, padding=1),
@@ -79,6 +75,20 @@ class DPTDepthModel(DPT):
             nn.Identity(),
         )
         super().__init__(head, **kwargs)
+        if path is not None:
+            self.load(path)
+
+    def load(self, path: str) -> None:
+        """Load a MiDaS weights file (a bare state dict of this network's keys) strictly."""
+        from ldm.checkpoint import read_checkpoint
+
+        try:
+            self.load_state_dict(read_checkpoint(path)[0])
+        except (RuntimeError, FileNotFoundError) as err:
+            first = str(err).strip().splitlines()[0]
+            raise ConfigError(
+                f"MiDaS weights '{path}' do not fit this DPT ({first}); check path and backbone."
+            ) from None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x).squeeze(1)
