@@ -161,10 +161,48 @@ def test_dpt_large_and_hybrid_have_midas_sizes():
     assert len(large.model.pretrained.model.blocks) == 24 and len(hybrid.model.pretrained.model.blocks) == 12
 
 
-@pytest.mark.parametrize("model_type", ["midas_v21", "midas_v21_small", "dpt_huge"])
-def test_other_model_types_are_config_errors(model_type):
+def test_the_midas_v21_nets_have_midas_sizes_and_layout():
+    with torch.device("meta"):
+        large, small = MiDaSInference("midas_v21"), MiDaSInference("midas_v21_small")
+    # MiDaS v2.1's parameter counts (105M and 21M), and its weight files' layout: the encoders' stems open layer1
+    # (ResNeXt conv1 / EfficientNet conv_stem), then the first blocks at index 4 / 3.
+    assert round(sum(p.numel() for p in large.parameters()) / 1e6) == 105
+    assert round(sum(p.numel() for p in small.parameters()) / 1e6) == 21
+    big, little = large.state_dict(), small.state_dict()
+    assert big["model.pretrained.layer1.0.weight"].shape == (64, 3, 7, 7)
+    assert big["model.pretrained.layer1.4.0.conv2.weight"].shape == (256, 8, 3, 3)  # 32 groups of 8
+    assert big["model.scratch.layer4_rn.weight"].shape == (256, 2048, 3, 3)
+    assert "model.scratch.refinenet1.out_conv.weight" not in big  # MidasNet's fusion blocks have no out_conv
+    assert little["model.pretrained.layer1.0.weight"].shape == (32, 3, 3, 3)
+    assert little["model.pretrained.layer1.3.0.conv_dw.weight"].shape == (32, 1, 3, 3)
+    assert little["model.scratch.layer4_rn.weight"].shape == (512, 384, 3, 3)  # expand: 64 x 8
+    assert little["model.scratch.refinenet4.out_conv.weight"].shape == (256, 512, 1, 1)
+    torch.manual_seed(0)
+    depth = MiDaSInference("midas_v21_small").eval()(torch.randn(1, 3, 64, 96))
+    assert depth.shape == (1, 1, 64, 96) and (depth >= 0).all()
+
+
+def test_a_midas_weights_file_loads_strictly(tmp_path):
+    from ldm.modules.midas.midas.dpt_depth import DPTDepthModel
+
+    torch.manual_seed(0)
+    source = DPTDepthModel(backbone="vitl16_384", features=16, vit=TINY_VIT)
+    torch.save(source.state_dict(), tmp_path / "bare.pt")
+    torch.save({"model": source.state_dict(), "optimizer": {}}, tmp_path / "training.pt")
+    for name in ("bare.pt", "training.pt"):
+        loaded = DPTDepthModel(path=str(tmp_path / name), backbone="vitl16_384", features=16, vit=TINY_VIT)
+        assert all(torch.equal(v, source.state_dict()[k]) for k, v in loaded.state_dict().items())
+    with pytest.raises(ConfigError, match="do not fit DPTDepthModel"):
+        DPTDepthModel(path=str(tmp_path / "bare.pt"), backbone="vitl16_384", features=8, vit=TINY_VIT)
+
+
+def test_unknown_model_types_and_settings_are_config_errors():
     with pytest.raises(ConfigError, match="dpt_hybrid"):
-        MiDaSInference(model_type)
+        MiDaSInference("dpt_huge")
+    with pytest.raises(ConfigError, match="for the DPT model types"):
+        MiDaSInference("midas_v21_small", features=16)
+    with pytest.raises(ConfigError, match="BackboneSpec"):
+        MiDaSInference("dpt_large", vit={"width": 3})
 
 
 def test_reduced_dpts_predict_non_negative_depth_at_any_multiple_of_32():

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.modules.midas.midas.dpt_depth import DPTDepthModel
+from ldm.modules.midas.midas.midas_net import MidasNet
+from ldm.modules.midas.midas.midas_net_custom import MidasNet_small
 from ldm.util import ConfigError
 
 MULTIPLE = 32  # DPT's coarsest map is 1/32 of the input
@@ -91,9 +93,9 @@ def prepare_midas_input(image: torch.Tensor, model_type: str = "dpt_hybrid") -> 
 class MiDaSInference(nn.Module):
     """A MiDaS depth estimator, built without weights (the SD depth checkpoint holds them under ``depth_model.``).
 
-    ``model_type``: "dpt_hybrid" (SD 2 depth's) or "dpt_large"; "midas_v21" and "midas_v21_small" (ResNeXt and
-    EfficientNet MidasNets) are not available here. ``dpt`` keyword arguments go to :class:`DPTDepthModel`
-    (``features``, ``vit`` overrides ...): a reduced-width network for tests.
+    ``model_type``: "dpt_hybrid" (SD 2 depth's), "dpt_large", "midas_v21" (ResNeXt-101 MidasNet) or
+    "midas_v21_small" (EfficientNet-Lite3 MidasNet_small). For the DPTs, ``dpt`` keyword arguments go to
+    :class:`DPTDepthModel` (``features``, ``vit`` overrides ...): a reduced-width network for tests.
 
     forward: MiDaS input (B, 3, H, W) from :func:`prepare_midas_input` -> relative inverse depth (B, 1, H, W),
     larger = nearer; no gradients.
@@ -102,13 +104,16 @@ class MiDaSInference(nn.Module):
     def __init__(self, model_type: str, **dpt: Any) -> None:
         super().__init__()
         check_model_type(model_type)
-        if model_type not in DPT_BACKBONES:
-            raise ConfigError(
-                f"MiDaS model_type '{model_type}' (a MidasNet, not a DPT) is not implemented; use 'dpt_hybrid' (the "
-                "SD 2 depth model's) or 'dpt_large'."
-            )
+        if dpt and model_type not in DPT_BACKBONES:
+            raise ConfigError(f"MiDaS settings {sorted(dpt)} are for the DPT model types, not '{model_type}'.")
         self.model_type = model_type
-        self.model = DPTDepthModel(backbone=DPT_BACKBONES[model_type], non_negative=True, **dpt)
+        if model_type == "midas_v21":
+            self.model = MidasNet(non_negative=True)
+        elif model_type == "midas_v21_small":
+            self.model = MidasNet_small(features=64, backbone="efficientnet_lite3", exportable=True,
+                                        non_negative=True, blocks={"expand": True})  # fmt: skip
+        else:
+            self.model = DPTDepthModel(backbone=DPT_BACKBONES[model_type], non_negative=True, **dpt)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:

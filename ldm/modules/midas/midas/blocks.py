@@ -66,10 +66,53 @@ class FeatureFusionBlock_custom(nn.Module):  # noqa: N801 (MiDaS's name)
         return self.out_conv(path)
 
 
-def make_scratch(in_shape: tuple[int, ...], features: int) -> nn.Module:
+class ResidualConvUnit(nn.Module):
+    """MidasNet's residual unit: relu(x) + conv2(relu(conv1(relu(x)))), 3x3 convolutions; (B, C, H, W) kept.
+
+    The residual is relu(x), not x: MiDaS's in-place ReLU overwrote its input before the sum, and its weights were
+    trained so.
+    """
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(features, features, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv2d(features, features, kernel_size=3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(x)
+        return self.conv2(F.relu(self.conv1(x))) + x
+
+
+class FeatureFusionBlock(nn.Module):
+    """MidasNet's fusion step: the coarser path (B, C, h, w), plus a residual unit of the skip map when given,
+    through a second residual unit, upsampled x2 (bilinear, align_corners True) -> (B, C, 2h, 2w)."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.resConfUnit1 = ResidualConvUnit(features)
+        self.resConfUnit2 = ResidualConvUnit(features)
+
+    def forward(self, path: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        if skip is not None:
+            path = path + self.resConfUnit1(skip)
+        return F.interpolate(self.resConfUnit2(path), scale_factor=2, mode="bilinear", align_corners=True)
+
+
+def make_scratch(in_shape: tuple[int, ...], features: int, expand: bool = False) -> nn.Module:
     """``scratch`` with ``layer1_rn`` .. ``layer4_rn``: 3x3 convolutions (no bias) from each map's channels to
-    ``features`` (the fusion blocks and head are added by the DPT)."""
+    ``features`` (with ``expand``: features times 1, 2, 4, 8); the fusion blocks and head are added by the network."""
     scratch = nn.Module()
     for i, channels in enumerate(in_shape):
-        scratch.add_module(f"layer{i + 1}_rn", nn.Conv2d(channels, features, kernel_size=3, padding=1, bias=False))
+        width = features * 2**i if expand else features
+        scratch.add_module(f"layer{i + 1}_rn", nn.Conv2d(channels, width, kernel_size=3, padding=1, bias=False))
     return scratch
+
+
+def fuse(scratch: nn.Module, maps: list[torch.Tensor]) -> torch.Tensor:
+    """The decoder's common path: the four maps (finest first) through ``layerN_rn`` and fused coarse to fine by
+    ``refinenet4`` .. ``refinenet1`` -> the finest path (B, C, H/2, W/2)."""
+    layers = [getattr(scratch, f"layer{i}_rn")(m) for i, m in enumerate(maps, start=1)]
+    path = scratch.refinenet4(layers[3])
+    path = scratch.refinenet3(path, layers[2])
+    path = scratch.refinenet2(path, layers[1])
+    return scratch.refinenet1(path, layers[0])

@@ -8,12 +8,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ldm.modules.midas.midas.blocks import FeatureFusionBlock_custom, Interpolate, make_scratch
+from ldm.modules.midas.midas.base_model import BaseModel
+from ldm.modules.midas.midas.blocks import FeatureFusionBlock_custom, Interpolate, fuse, make_scratch
 from ldm.modules.midas.midas.vit import DPTEncoder, backbone_spec
-from ldm.util import ConfigError
 
 
-class DPT(nn.Module):
+class DPT(BaseModel):
     """Encoder (``pretrained``: four maps at 1/4 .. 1/32 scale) and decoder (``scratch``: each map to ``features``
     channels, fused coarse to fine by ``refinenet4`` .. ``refinenet1``, then ``output_conv`` = ``head``).
 
@@ -46,13 +46,7 @@ class DPT(nn.Module):
         """x: (B, 3, H, W), sides multiples of 32 -> the head's output (B, C, H, W)."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        scratch = self.scratch
-        layers = [getattr(scratch, f"layer{i}_rn")(m) for i, m in enumerate(self.pretrained(x), start=1)]
-        path = scratch.refinenet4(layers[3])
-        path = scratch.refinenet3(path, layers[2])
-        path = scratch.refinenet2(path, layers[1])
-        path = scratch.refinenet1(path, layers[0])
-        return scratch.output_conv(path)
+        return self.scratch.output_conv(fuse(self.scratch, self.pretrained(x)))
 
 
 class DPTDepthModel(DPT):
@@ -77,18 +71,6 @@ class DPTDepthModel(DPT):
         super().__init__(head, **kwargs)
         if path is not None:
             self.load(path)
-
-    def load(self, path: str) -> None:
-        """Load a MiDaS weights file (a bare state dict of this network's keys) strictly."""
-        from ldm.checkpoint import read_checkpoint
-
-        try:
-            self.load_state_dict(read_checkpoint(path)[0])
-        except (RuntimeError, FileNotFoundError) as err:
-            first = str(err).strip().splitlines()[0]
-            raise ConfigError(
-                f"MiDaS weights '{path}' do not fit this DPT ({first}); check path and backbone."
-            ) from None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x).squeeze(1)
