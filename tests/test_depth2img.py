@@ -343,6 +343,25 @@ def test_trains_with_the_depth_model_frozen_and_the_loss_falls():
     assert {"inputs", "samples", "samples_cfg", "depth"} <= set(log) and log["depth"].shape == (2, 3, LATENT, LATENT)
 
 
+def test_finetunes_from_an_ordinary_checkpoint_and_a_midas_file(model, tmp_path):
+    """As Stability started the depth model: the 4-channel UNet widened by a zero channel, MiDaS from its own file."""
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    ordinary = {k: v for k, v in model.state_dict().items() if not k.startswith("depth_model.")}
+    ordinary[key] = ordinary[key][:, :4].clone()
+    save_checkpoint(ordinary, tmp_path / "ordinary.ckpt")
+    torch.save(model.depth_model.model.state_dict(), tmp_path / "midas.pt")
+    midas = {**tiny_midas_config()["params"], "path": str(tmp_path / "midas.pt")}
+    config = tiny_config(ckpt_path=str(tmp_path / "ordinary.ckpt"), finetune_keys=[key], ignore_keys=["depth_model."],
+                         depth_stage_config={**tiny_midas_config(), "params": midas})  # fmt: skip
+    started = instantiate_from_config(config)
+    weight = started.state_dict()[key]
+    torch.testing.assert_close(weight[:, :4], ordinary[key])
+    assert not weight[:, 4].any()
+    assert all(torch.equal(v, model.depth_model.state_dict()[k]) for k, v in started.depth_model.state_dict().items())
+    with pytest.raises(ConfigError, match="give ckpt_path"):
+        instantiate_from_config(tiny_config(finetune_keys=[key]))
+
+
 def test_configs_that_cannot_condition_on_depth_are_refused():
     with pytest.raises(ConfigError, match="hybrid"):
         instantiate_from_config(tiny_config(conditioning_key="crossattn"))

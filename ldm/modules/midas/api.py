@@ -94,26 +94,27 @@ class MiDaSInference(nn.Module):
     """A MiDaS depth estimator, built without weights (the SD depth checkpoint holds them under ``depth_model.``).
 
     ``model_type``: "dpt_hybrid" (SD 2 depth's), "dpt_large", "midas_v21" (ResNeXt-101 MidasNet) or
-    "midas_v21_small" (EfficientNet-Lite3 MidasNet_small). For the DPTs, ``dpt`` keyword arguments go to
+    "midas_v21_small" (EfficientNet-Lite3 MidasNet_small). ``path``: a MiDaS weights file to load (e.g. to
+    fine-tune a depth model from an ordinary SD checkpoint). For the DPTs, ``dpt`` keyword arguments go to
     :class:`DPTDepthModel` (``features``, ``vit`` overrides ...): a reduced-width network for tests.
 
     forward: MiDaS input (B, 3, H, W) from :func:`prepare_midas_input` -> relative inverse depth (B, 1, H, W),
     larger = nearer; no gradients.
     """
 
-    def __init__(self, model_type: str, **dpt: Any) -> None:
+    def __init__(self, model_type: str, path: str | None = None, **dpt: Any) -> None:
         super().__init__()
         check_model_type(model_type)
         if dpt and model_type not in DPT_BACKBONES:
             raise ConfigError(f"MiDaS settings {sorted(dpt)} are for the DPT model types, not '{model_type}'.")
         self.model_type = model_type
         if model_type == "midas_v21":
-            self.model = MidasNet(non_negative=True)
+            self.model = MidasNet(path, non_negative=True)
         elif model_type == "midas_v21_small":
-            self.model = MidasNet_small(features=64, backbone="efficientnet_lite3", exportable=True,
+            self.model = MidasNet_small(path, features=64, backbone="efficientnet_lite3", exportable=True,
                                         non_negative=True, blocks={"expand": True})  # fmt: skip
         else:
-            self.model = DPTDepthModel(backbone=DPT_BACKBONES[model_type], non_negative=True, **dpt)
+            self.model = DPTDepthModel(path, backbone=DPT_BACKBONES[model_type], non_negative=True, **dpt)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
