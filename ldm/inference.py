@@ -26,8 +26,8 @@ see tests/test_fast_paths.py):
 - ``vae_tiling``: decode latents larger than 64x64 by overlapping tiles (:func:`ldm.modules.tiling.tiled_decode`),
   bounding the VAE's memory for large images. The image differs from a full decode: each tile normalises its
   activations with its own statistics.
-- ``idle_device``: keep the text encoder and VAE there (e.g. ``"cpu"``) except while they run, so the GPU holds
-  little more than the UNet.
+- ``idle_device``: keep the text encoder and VAE (and a depth model's MiDaS) there (e.g. ``"cpu"``) except while
+  they run, so the GPU holds little more than the UNet.
 """
 
 from __future__ import annotations
