@@ -390,6 +390,17 @@ def test_pipeline_depth2img_with_estimated_and_given_depth(model):
         pipe.generate(PROMPTS[0], depth_map=ramp, steps=4)
 
 
+def test_a_depth_map_is_refused_by_other_models(tiny_model, tiny_config):
+    from ldm.geometry import LatentGeometry
+    from ldm.request import RuntimeOptions
+
+    geometry = LatentGeometry.from_config(tiny_config)
+    pipe = Pipeline(tiny_model, geometry, RuntimeOptions("cpu", "full"))
+    init = to_pil(smooth_images(1, geometry.multiple * 2, seed=7)[0])
+    with pytest.raises(UserError, match="depth map is for depth-to-image models"):
+        pipe.generate("a red circle", init_image=init, depth_map=Image.new("L", (16, 16)), steps=2, progress=False)
+
+
 @pytest.fixture(scope="module")
 def tiny_files(model, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("depth")
