@@ -31,6 +31,7 @@ BERT_KEY = CLIP_PREFIX + "token_emb.weight"
 OPENCLIP_PREFIX = "cond_stage_model.model."
 EMA_PREFIX = "model_ema."
 UNET_PREFIX = "model.diffusion_model."
+DEPTH_PREFIX = "depth_model."  # SD 2 depth-to-image: the MiDaS weights
 
 # Keys real checkpoints carry that the model may not have, and that are safe to drop: the CLIP position ids are a
 # constant arange that recent transformers releases no longer save.
@@ -151,7 +152,7 @@ def ema_to_model_keys(state_dict: Mapping[str, torch.Tensor], model_keys: Iterab
 
 
 def _component(key: str) -> str:
-    for prefix in (UNET_PREFIX, "first_stage_model.", "cond_stage_model.", EMA_PREFIX):
+    for prefix in (UNET_PREFIX, "first_stage_model.", "cond_stage_model.", DEPTH_PREFIX, EMA_PREFIX):
         if key.startswith(prefix):
             return prefix.rstrip(".")
     return "other"
@@ -183,6 +184,12 @@ def _diagnose(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, tor
             "This is an LDM text-to-image checkpoint (BERTEmbedder text encoder): use "
             "configs/latent-diffusion/txt2img-1p4B-eval.yaml."
         )
+    if any(k.startswith(DEPTH_PREFIX) for k in expected) and not any(k.startswith(DEPTH_PREFIX) for k in state_dict):
+        hints.append(
+            "This config is SD 2 depth-to-image, whose checkpoint also holds the MiDaS depth model (depth_model.*); "
+            "this one has none: give 512-depth-ema.ckpt (Stability's stable-diffusion-2-depth) or a checkpoint saved "
+            "from this config."
+        )
     ctx_key = next((k for k in expected if k.endswith("attn2.to_k.weight")), None)
     if ctx_key and ctx_key in state_dict and state_dict[ctx_key].shape != expected[ctx_key].shape:
         hints.append(
@@ -192,7 +199,9 @@ def _diagnose(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, tor
     in_key = UNET_PREFIX + "input_blocks.0.0.weight"
     if in_key in state_dict and in_key in expected and state_dict[in_key].shape[1] != expected[in_key].shape[1]:
         n = state_dict[in_key].shape[1]
-        if n == 9:
+        if n == 5:
+            kind = "a depth-to-image model: use configs/stable-diffusion/v2-midas-inference.yaml (scripts/depth2img.py)"
+        elif n == 9:
             kind = (
                 "an inpainting model: use configs/stable-diffusion/v1-inpainting-inference.yaml (SD 1.x) or "
                 "v2-inpainting-inference.yaml (SD 2.x)"

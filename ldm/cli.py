@@ -1,4 +1,4 @@
-"""The command line shared by ``scripts/txt2img.py``, ``scripts/img2img.py`` and ``scripts/inpaint.py``.
+"""The command line shared by ``scripts/txt2img.py``, ``img2img.py``, ``inpaint.py`` and ``depth2img.py``.
 
 Every CompVis flag keeps its name, meaning and default; A1111-style additions (``--negative_prompt``, ``--sampler``,
 ``--clip_skip`` ...) sit beside them, and trailing ``key=value`` arguments override the config. All input is checked
@@ -43,6 +43,7 @@ from ldm.util import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = Path("configs/stable-diffusion/v1-inference.yaml")
+DEPTH_CONFIG = Path("configs/stable-diffusion/v2-midas-inference.yaml")
 DEFAULT_CKPT = Path("models/ldm/stable-diffusion-v1/model.ckpt")
 DEMO_DIR = Path("models/ldm/shapes")
 SAFETY_DIR = Path("models/safety_checker")
@@ -50,12 +51,14 @@ MODES = {
     "txt2img": "Text to image, with CompVis's txt2img flags and A1111-style additions.",
     "img2img": "Redraw --init-img guided by the prompt; --strength says how much of it changes.",
     "inpaint": "Repaint the white part of --mask in --init-img (SD inpainting models or any SD model).",
+    "depth2img": "Redraw --init-img guided by the prompt, keeping its depth map (SD 2 depth models); --strength "
+    "says how much changes.",
 }
 DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
 
 
 def build_parser(mode: str) -> argparse.ArgumentParser:
-    """The argument parser of one script: ``mode`` is txt2img, img2img or inpaint."""
+    """The argument parser of one script: ``mode`` is txt2img, img2img, inpaint or depth2img."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     image_input = mode != "txt2img"
@@ -127,8 +130,13 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
         help="a sampler's own option, e.g. s_churn=1.0 for Euler / Heun (repeatable)",
     )
     add("--from-file", dest="from_file", type=str, help="read prompts from this file, one a line, in batches")
-    add("--config", type=str, default=None, help=f"config of the model (default {DEFAULT_CONFIG})")
-    add("--ckpt", type=str, default=None, help=f"checkpoint of the model (default {DEFAULT_CKPT})")
+    depth = mode == "depth2img"
+    config_help = f"config of the model (default {DEPTH_CONFIG if depth else DEFAULT_CONFIG})"
+    add("--config", type=str, default=None, help=config_help)
+    if depth:
+        add("--ckpt", type=str, required=True, help="the SD 2 depth checkpoint (512-depth-ema.ckpt, MiDaS included)")
+    else:
+        add("--ckpt", type=str, default=None, help=f"checkpoint of the model (default {DEFAULT_CKPT})")
     add("--seed", type=int, default=42, help="seed of the first image; image k uses seed + k")
     add("--batch_seeds", type=int, nargs="+", default=None, metavar="SEED", help="one seed per image of the run")
     add(
@@ -158,11 +166,13 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
         add(
             "--strength",
             type=float,
-            default=IMG2IMG_STRENGTH if mode == "img2img" else INPAINT_STRENGTH,
+            default=INPAINT_STRENGTH if mode == "inpaint" else IMG2IMG_STRENGTH,
             help="strength for noising/unnoising: 1.0 corresponds to full destruction of the init image",
         )
     if mode == "inpaint":
         add("--mask", type=str, required=True, help="mask image of the init image's size, white = repaint")
+    if depth:
+        add("--depth_map", type=str, default=None, help="a depth map (brighter = nearer) to use instead of MiDaS's")
     add("overrides", nargs="*", metavar="key=value", help="config overrides")
     return parser
 
@@ -282,7 +292,12 @@ def parse_slice_size(text: str | None) -> int | str | None:
 def plan(mode: str, args: argparse.Namespace) -> Job:
     """Check every input and work out batches and seeds; loads no model and writes nothing."""
     ckpt = find_checkpoint(args.ckpt)
-    config = load_config(args.config if args.config is not None else project_path(DEFAULT_CONFIG), args.overrides)
+    default_config = DEPTH_CONFIG if mode == "depth2img" else DEFAULT_CONFIG
+    config = load_config(args.config if args.config is not None else project_path(default_config), args.overrides)
+    if mode == "depth2img" and not str(config.model.get("target", "")).endswith(".LatentDepth2ImageDiffusion"):
+        raise UserError(
+            f"depth2img needs a depth-to-image model's config (LatentDepth2ImageDiffusion), such as {DEPTH_CONFIG}."
+        )
     geometry = LatentGeometry.from_config(config)
     if args.C is not None and args.C != geometry.channels:
         raise UserError(f"--C {args.C} does not match the model's {geometry.channels} latent channels; drop --C.")
@@ -333,6 +348,7 @@ def plan(mode: str, args: argparse.Namespace) -> Job:
         width=args.W,
         init_image=getattr(args, "init_img", None),
         mask=getattr(args, "mask", None),
+        depth_map=getattr(args, "depth_map", None),
         strength=getattr(args, "strength", None),
         clip_skip=args.clip_skip,
     )
@@ -456,7 +472,7 @@ def _show_warning(message: Warning | str, category: type, filename: str, lineno:
 
 
 def main(mode: str, argv: Sequence[str] | None = None) -> int:
-    """Run one script (``mode``: txt2img, img2img or inpaint) with ``argv``; returns the exit code."""
+    """Run one script (``mode``: txt2img, img2img, inpaint or depth2img) with ``argv``; returns the exit code."""
     try:
         args = build_parser(mode).parse_args(argv)
     except SystemExit as exit:  # --help, or a usage error already reported in one line

@@ -26,8 +26,8 @@ see tests/test_fast_paths.py):
 - ``vae_tiling``: decode latents larger than 64x64 by overlapping tiles (:func:`ldm.modules.tiling.tiled_decode`),
   bounding the VAE's memory for large images. The image differs from a full decode: each tile normalises its
   activations with its own statistics.
-- ``idle_device``: keep the text encoder and VAE there (e.g. ``"cpu"``) except while they run, so the GPU holds
-  little more than the UNet.
+- ``idle_device``: keep the text encoder and VAE (and a depth model's MiDaS) there (e.g. ``"cpu"``) except while
+  they run, so the GPU holds little more than the UNet.
 """
 
 from __future__ import annotations
@@ -74,6 +74,11 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
 def mask_to_tensor(mask: Image.Image) -> torch.Tensor:
     """Binary "L" mask -> (1, 1, H, W) float32, 1 = repaint."""
     return torch.from_numpy((np.asarray(mask) >= 128).astype(np.float32))[None, None]
+
+
+def depth_to_tensor(depth: Image.Image) -> torch.Tensor:
+    """A depth map (any PIL mode: 8- or 16-bit grey, float; brighter = nearer) -> (1, 1, H, W) float32."""
+    return torch.from_numpy(np.asarray(depth.convert("F"), dtype=np.float32).copy())[None, None]
 
 
 def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
@@ -235,26 +240,30 @@ class Pipeline:
         return self.model.decode_first_stage(latents)
 
     def _image_inputs(
-        self, image: Image.Image | None, mask: Image.Image | None, size: tuple[int, int], cond: Any, uncond: Any
+        self, request: GenerationRequest, cond: Any, uncond: Any
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, Any, Any]:
-        """What img2img and inpainting add, for ``size`` = (height, width) images.
+        """What img2img, inpainting and depth-to-image add, for a request checked by ``for_model``.
 
         Returns the init latent (1, C, h, w), the sampler's keep-mask (1, 1, h, w) for models that inpaint by
         keeping the known latent, and cond / uncond as the model samples with them (an inpainting model's add the
-        mask and the masked image).
+        mask and the masked image, a depth model's the depth map).
         """
-        model = self.model
-        if image is None and not model.inpaints_by_conditioning:
+        model, image, mask = self.model, request.init_image, request.mask
+        if request.depth_map is not None and not model.takes_depth_map:
+            raise UserError(f"a depth map is for depth-to-image models; this is a {type(model).__name__}.")
+        if image is None and not model.conditions_on_image:
             return None, None, cond, uncond
         pixels = image_to_tensor(image).to(self.device) if image is not None else None
         repaint = mask_to_tensor(mask).to(self.device) if mask is not None else None
         with self._active(self.stages["first_stage"]):
             init_latent = model.encode_image(pixels) if pixels is not None else None
-            if model.inpaints_by_conditioning:
-                if pixels is None and repaint is None:
-                    repaint = torch.ones(1, 1, *size, device=self.device)  # txt2img: repaint everything
-                image_cond = model.image_conditioning(pixels, repaint)
-                return init_latent, None, *(model.sampling_conditioning(c, image_cond) for c in (cond, uncond))
+        if model.conditions_on_image:
+            if model.inpaints_by_conditioning and pixels is None and repaint is None:
+                repaint = torch.ones(1, 1, request.height, request.width, device=self.device)  # txt2img: all
+            extra = {"depth": depth_to_tensor(request.depth_map)} if request.depth_map is not None else {}
+            with self._active(self.stages["first_stage"]), self._active(self.stages.get("depth_stage")):
+                image_cond = model.image_conditioning(pixels, repaint, **extra)
+            return init_latent, None, *(model.sampling_conditioning(c, image_cond) for c in (cond, uncond))
         if repaint is None:
             return init_latent, None, cond, uncond
         # A latent cell is repainted when any of its pixels is, so no masked pixel is kept.
@@ -297,9 +306,7 @@ class Pipeline:
             if "cond_stage" in self.stages:
                 with self._active(self.stages["cond_stage"]):
                     cond, uncond = encode_prompts(model, list(prompts), list(negatives), request.clip_skip)
-            init_latent, latent_mask, cond, uncond = self._image_inputs(
-                request.init_image, request.mask, (height, width), cond, uncond
-            )
+            init_latent, latent_mask, cond, uncond = self._image_inputs(request, cond, uncond)
             if init_latent is not None:
                 init_latent = init_latent.expand(batch, -1, -1, -1)
             latents = sample(

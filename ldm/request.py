@@ -26,6 +26,7 @@ from ldm.models.diffusion.guidance import check_guidance_rescale
 from ldm.models.diffusion.noise import MAX_SEED, Noise, check_seed
 from ldm.models.diffusion.samplers import check_sampler_options, check_sampling_arguments, resolve_sampler
 from ldm.modules.attention import check_slice_size
+from ldm.outputs import load_image
 
 ImageInput = Image.Image | str | os.PathLike
 
@@ -99,6 +100,8 @@ class GenerationRequest:
             :func:`~ldm.geometry.output_size`), filled in by :meth:`for_model`.
         n: images per prompt.
         init_image, mask: img2img / inpainting input (PIL image or path); the mask is white where to repaint.
+        depth_map: for depth-to-image models, a depth map (PIL image or path; brighter = nearer, any bit depth and
+            size: it is resized to the image) used instead of the one the model estimates from ``init_image``.
         strength: how much of the schedule img2img runs (0 keeps the input, 1 starts from noise); default 0.75 for
             img2img, 1.0 for inpainting, None (and nothing else) for txt2img.
         clip_skip: 1 = the text encoder's configured layer, 2 = one layer earlier (A1111's CLIP skip).
@@ -119,6 +122,7 @@ class GenerationRequest:
     n: int = 1
     init_image: ImageInput | None = None
     mask: ImageInput | None = None
+    depth_map: ImageInput | None = None
     strength: float | None = None
     clip_skip: int = 1
     seeds: tuple[int, ...] = dataclasses.field(init=False, default=())
@@ -139,6 +143,8 @@ class GenerationRequest:
         _positive_int(self.clip_skip, "clip_skip (1 = last layer)")
         if self.mask is not None and self.init_image is None:
             raise UserError("a mask needs an init image to inpaint.")
+        if self.depth_map is not None and self.init_image is None:
+            raise UserError("a depth map goes with the init image it describes: give an init image too.")
         strength = self.strength
         if self.init_image is None and strength is not None:
             raise UserError("strength is for img2img and inpainting: give an init image too.")
@@ -193,11 +199,13 @@ class GenerationRequest:
             self.sampler, self.steps, geometry.timesteps, strength, self.eta, self.init_image is not None,
             self.scale, self.schedule, self.guidance_rescale, self.sampler_options,
         )  # fmt: skip
-        height, width, image, mask = self.height, self.width, self.init_image, self.mask
+        height, width, image, mask, depth = self.height, self.width, self.init_image, self.mask, self.depth_map
         if image is not None:
             image, mask = prepare_init_image(image, mask, geometry, height, width)
             width, height = image.size
+        if depth is not None and not isinstance(depth, Image.Image):
+            depth = load_image(depth, "depth map", mode="F")
         height = geometry.default_size if height is None else height
         width = geometry.default_size if width is None else width
         geometry.check_size(height, width)
-        return dataclasses.replace(self, height=height, width=width, init_image=image, mask=mask)
+        return dataclasses.replace(self, height=height, width=width, init_image=image, mask=mask, depth_map=depth)

@@ -30,9 +30,6 @@ NOT_YET = {
     "stablediffusion/configs/stable-diffusion/v2-1-stable-unclip-l-inference.yaml": (
         "ldm.models.diffusion.ddpm.ImageEmbeddingConditionedLatentDiffusion"
     ),
-    "stablediffusion/configs/stable-diffusion/v2-midas-inference.yaml": (
-        "ldm.models.diffusion.ddpm.LatentDepth2ImageDiffusion"
-    ),
 }
 
 # Keys naming files that the originals' configs point at but no repository ships.

@@ -173,6 +173,10 @@ class LatentDiffusion(DDPM):
 
     # Ordinary models inpaint by keeping the known latent during sampling; inpainting models are told by conditioning.
     inpaints_by_conditioning = False
+    # Whether the UNet also sees image_conditioning's result (inpainting and depth models), and whether that takes a
+    # depth map (depth models).
+    conditions_on_image = False
+    takes_depth_map = False
 
     def stages(self) -> dict[str, nn.Module]:
         """The model's networks by role: ``unet`` (the DiffusionWrapper), ``first_stage`` (the VAE) and, when it has

@@ -7,6 +7,7 @@ resolves to this class.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -14,6 +15,19 @@ import torch.nn.functional as F
 
 from ldm.models.diffusion.latent_diffusion import LatentDiffusion
 from ldm.util import ConfigError
+
+
+def widen_finetune_keys(
+    state_dict: dict[str, torch.Tensor], own: Mapping[str, torch.Tensor], keys: tuple[str, ...], keep: int
+) -> dict[str, torch.Tensor]:
+    """``state_dict`` with each of ``keys`` whose shape differs from the model's (``own``) widened to it: its first
+    ``keep`` input channels (dim 1) from the checkpoint, the new ones zero, so the model starts as the checkpoint."""
+    for key in keys:
+        if key in state_dict and state_dict[key].shape != own[key].shape:
+            widened = torch.zeros_like(own[key], device="cpu")
+            widened[:, :keep] = state_dict[key][:, :keep]
+            state_dict[key] = widened
+    return state_dict
 
 
 class LatentInpaintDiffusion(LatentDiffusion):
@@ -53,13 +67,8 @@ class LatentInpaintDiffusion(LatentDiffusion):
     ) -> None:
         from ldm.checkpoint import read_ckpt_path
 
-        state_dict = read_ckpt_path(path)
-        own = self.state_dict()
-        for key in self.finetune_keys:
-            if key in state_dict and state_dict[key].shape != own[key].shape:
-                widened = torch.zeros_like(own[key], device="cpu")
-                widened[:, : self.keep_finetune_dims] = state_dict[key][:, : self.keep_finetune_dims]
-                state_dict[key] = widened
+        state_dict = widen_finetune_keys(read_ckpt_path(path), self.state_dict(), self.finetune_keys,
+                                         self.keep_finetune_dims)  # fmt: skip
         self.load_checkpoint_state(state_dict, tuple(ignore_keys))
 
     @torch.no_grad()
@@ -76,6 +85,7 @@ class LatentInpaintDiffusion(LatentDiffusion):
         return torch.cat([parts[k] for k in self.concat_keys], dim=1)
 
     inpaints_by_conditioning = True
+    conditions_on_image = True
 
     def image_conditioning(self, image: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
         """:meth:`inpainting_conditioning`; without a mask the whole image is repainted, and without an image it is
