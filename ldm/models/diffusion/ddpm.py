@@ -2,8 +2,9 @@
 
 ``apply_model`` is the one entry to the UNet, used by every sampler and by training alike. The Lightning hooks
 (``training_step``, ``configure_optimizers`` ...) come from :class:`DiffusionTrainingMixin`. ``LatentDiffusion``
-(``latent_diffusion.py``), ``LatentInpaintDiffusion`` (``latent_inpainting.py``) and ``LatentUpscaleDiffusion``
-(``latent_upscale.py``) build on it and are importable from here, under the names CompVis and Stability configs use.
+(``latent_diffusion.py``), ``LatentInpaintDiffusion`` (``latent_inpainting.py``), ``LatentUpscaleDiffusion``
+(``latent_upscale.py``) and ``ImageEmbeddingConditionedLatentDiffusion`` (``latent_unclip.py``) build on it and are
+importable from here, under the names CompVis and Stability configs use.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ MOVED = {
     "LatentDiffusion": "ldm.models.diffusion.latent_diffusion",
     "LatentInpaintDiffusion": "ldm.models.diffusion.latent_inpainting",
     "LatentUpscaleDiffusion": "ldm.models.diffusion.latent_upscale",
+    "ImageEmbeddingConditionedLatentDiffusion": "ldm.models.diffusion.latent_unclip",
 }
 
 
