@@ -244,6 +244,8 @@ class Pipeline:
         mask and the masked image).
         """
         model = self.model
+        if getattr(model, "image_is_condition", False):
+            raise UserError("this model (unCLIP) is conditioned on an image: make variations with noise_level.")
         if image is None and not model.inpaints_by_conditioning:
             return None, None, cond, uncond
         pixels = image_to_tensor(image).to(self.device) if image is not None else None
@@ -260,6 +262,26 @@ class Pipeline:
         # A latent cell is repainted when any of its pixels is, so no masked pixel is kept.
         area = F.interpolate(repaint, size=init_latent.shape[-2:], mode="area")
         return init_latent, (area <= 0).float(), cond, uncond
+
+    def _variation_inputs(
+        self, image: Image.Image, noise_level: int, noise: Noise, cond: Any, uncond: Any
+    ) -> tuple[Any, Any]:
+        """cond / uncond of an image variation: each with the image's CLIP embedding noised to ``noise_level``
+        (the augmentation's eps drawn first from every image's own generator, so a batch never changes an image);
+        the unconditional one with the zero embedding, the "no image" condition unCLIP models were trained with."""
+        model = self.model
+        if not getattr(model, "image_is_condition", False):
+            raise UserError(
+                f"noise_level is for unCLIP models (image variations); this is a {type(model).__name__}: use img2img."
+            )
+        pixels = image_to_tensor(image).to(self.device)
+        with self._active(self.stages.get("embedder")):
+            embedding = model.embed_image(pixels)
+        eps = noise.randn((len(noise), embedding.shape[1]))
+        image_cond = {"c_adm": model.augment_embedding(embedding.expand(len(noise), -1), noise_level, eps)}
+        return model.sampling_conditioning(cond, image_cond), model.sampling_conditioning(
+            uncond, model.null_image_conditioning(image_cond)
+        )
 
     def generate(self, prompt: str | Sequence[str], **settings: Any) -> GenerationResult:
         """Generate images: ``generate(prompt, steps=20, sampler="Euler a", seed=42, n=3)``.
@@ -292,14 +314,20 @@ class Pipeline:
         prompts, negatives = request.image_prompts
         batch, height, width = request.batch, request.height, request.width
         model = self.model
+        noise = Noise(request.seeds, self.device)
+        variation = request.noise_level is not None
         with self._autocast():
             cond = uncond = None
             if "cond_stage" in self.stages:
                 with self._active(self.stages["cond_stage"]):
                     cond, uncond = encode_prompts(model, list(prompts), list(negatives), request.clip_skip)
-            init_latent, latent_mask, cond, uncond = self._image_inputs(
-                request.init_image, request.mask, (height, width), cond, uncond
-            )
+            if variation:
+                init_latent = latent_mask = None
+                cond, uncond = self._variation_inputs(request.init_image, request.noise_level, noise, cond, uncond)
+            else:
+                init_latent, latent_mask, cond, uncond = self._image_inputs(
+                    request.init_image, request.mask, (height, width), cond, uncond
+                )
             if init_latent is not None:
                 init_latent = init_latent.expand(batch, -1, -1, -1)
             latents = sample(
@@ -310,7 +338,7 @@ class Pipeline:
                 uncond,
                 request.scale,
                 shape=self.geometry.latent_shape(batch, height, width),
-                noise=Noise(request.seeds, self.device),
+                noise=noise,
                 init_latent=init_latent,
                 strength=request.strength if init_latent is not None else 1.0,
                 mask=latent_mask,
@@ -338,7 +366,7 @@ class Pipeline:
             scale=request.scale,
             width=width,
             height=height,
-            strength=request.strength,
+            strength=None if variation else request.strength,
             eta=request.eta,
             clip_skip=request.clip_skip,
             model_name=self.ckpt.stem if self.ckpt is not None else None,

@@ -17,7 +17,7 @@ from torch import nn
 from ldm.errors import UserError
 from ldm.models.diffusion.ddpm import DDPM
 from ldm.models.diffusion.latent_diffusion import LatentDiffusion, disabled_train
-from ldm.util import ConfigError, instantiate_from_config
+from ldm.util import ConfigError, config_value, instantiate_from_config
 
 # The conditioning keys that pass c_adm to the UNet as its vector input y.
 ADM_KEYS = ("crossattn-adm", "hybrid-adm", "adm")
@@ -193,3 +193,22 @@ class ImageEmbeddingConditionedLatentDiffusion(LatentDiffusion):
         elif adm.shape[0] != cond.shape[0]:
             raise UserError(f"the image embedding has batch {adm.shape[0]}, the prompt embedding {cond.shape[0]}.")
         return {"c_crossattn": [cond], "c_adm": adm}
+
+
+def check_variation_config(config: Any, noise_level: int) -> None:
+    """UserError unless ``config`` (a full config, with ``model:``) is an unCLIP model that takes ``noise_level``:
+    what a script checks before loading any weights."""
+    params = config_value(config, "model.params", {}) or {}
+    if "embedder_config" not in params:
+        raise UserError(
+            "image variations need an unCLIP model (ImageEmbeddingConditionedLatentDiffusion), e.g. --config "
+            "configs/stable-diffusion/v2-1-stable-unclip-h-inference.yaml; for other models use img2img."
+        )
+    aug = params.get("noise_aug_config")
+    if aug is None:
+        if noise_level != 0:
+            raise UserError("this model has no embedding noise augmentation (noise_aug_config); use noise_level 0.")
+        return
+    steps = config_value(aug, "params.noise_schedule_config.timesteps", 1000)
+    if not 0 <= noise_level < steps:
+        raise UserError(f"noise_level must be in 0..{steps - 1} (0 keeps the image's embedding), got {noise_level}.")

@@ -9,9 +9,7 @@ Stability's; preprocessing is the original's (kornia's antialiased bicubic resiz
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
-from contextlib import contextmanager
 from typing import Any
 
 import open_clip
@@ -66,37 +64,26 @@ def antialiased_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=tuple(size), mode="bicubic", align_corners=True)
 
 
-@contextmanager
-def _quiet_open_clip():
-    """open_clip logs a warning for every model built without pretrained weights, which is how this project builds
-    them all (weights come from the checkpoint)."""
-    logger = logging.getLogger()
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def build_open_clip(arch: str, quick_gelu: bool, model_cfg: Mapping[str, Any] | None) -> nn.Module:
-    """An open_clip ``CLIP`` of architecture ``arch`` with random weights, on the current default device (so a
-    ``torch.device("meta")`` block builds it without memory).
+    """An open_clip ``CLIP`` of architecture ``arch`` (its bundled config) with random weights, built where tensors
+    are made now (a ``torch.device("meta")`` block, or the checkpoint loader's empty parameters, cost no memory).
 
-    ``model_cfg`` overrides the arch's config: ``embed_dim``, and ``vision_cfg`` / ``text_cfg`` fields (merged into
-    the arch's), for small models.
+    This is what ``open_clip.create_model(arch, pretrained=None)`` builds, without its move to a device (which meta
+    parameters cannot make). ``model_cfg`` overrides the arch's config: ``embed_dim``, and ``vision_cfg`` /
+    ``text_cfg`` fields (merged into the arch's), for small models.
     """
     base = open_clip.get_model_config(arch)
     if base is None:
         raise ConfigError(f"unknown open_clip architecture {arch!r}; e.g. 'ViT-H-14' or 'ViT-L-14'.")
-    overrides = dict(model_cfg or {})
-    for tower in ("vision_cfg", "text_cfg"):
-        if tower in overrides:
-            overrides[tower] = {**base[tower], **overrides[tower]}
-    with _quiet_open_clip():
-        return open_clip.create_model(
-            arch, pretrained=None, device=torch.get_default_device(), force_quick_gelu=quick_gelu, **overrides
+    if base.get("custom_text") or "timm_model_name" in base.get("vision_cfg", {}):
+        raise ConfigError(
+            f"open_clip architecture {arch!r} does not have CLIP's key layout; use a ViT such as ViT-H-14."
         )
+    config = {**base, **dict(model_cfg or {})}
+    for tower in ("vision_cfg", "text_cfg"):
+        config[tower] = {**base[tower], **dict(config[tower])}
+    config["quick_gelu"] = quick_gelu or bool(base.get("quick_gelu", False))
+    return open_clip.CLIP(**config)
 
 
 class _CLIPImageEncoder(AbstractEncoder):
