@@ -244,7 +244,7 @@ class Pipeline:
         mask and the masked image).
         """
         model = self.model
-        if getattr(model, "image_is_condition", False):
+        if model.image_is_condition:
             raise UserError("this model (unCLIP) is conditioned on an image: make variations with noise_level.")
         if image is None and not model.inpaints_by_conditioning:
             return None, None, cond, uncond
@@ -270,7 +270,7 @@ class Pipeline:
         (the augmentation's eps drawn first from every image's own generator, so a batch never changes an image);
         the unconditional one with the zero embedding, the "no image" condition unCLIP models were trained with."""
         model = self.model
-        if not getattr(model, "image_is_condition", False):
+        if not model.image_is_condition:
             raise UserError(
                 f"noise_level is for unCLIP models (image variations); this is a {type(model).__name__}: use img2img."
             )

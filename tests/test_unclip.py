@@ -448,6 +448,15 @@ def test_pipeline_makes_seeded_variations_at_the_models_size(tiny_files):
         pipe.generate("", init_image=init, noise_level=0, strength=0.5, steps=3)
 
 
+def test_a_checkpoint_without_the_image_embedder_is_a_clear_error(model, tiny_files, tmp_path):
+    from ldm.checkpoint import CheckpointError
+
+    weights = {k: v for k, v in model.state_dict().items() if not k.startswith("embedder.")}
+    torch.save({"state_dict": weights}, tmp_path / "no-embedder.ckpt")
+    with pytest.raises(CheckpointError, match=r"no-embedder.ckpt.*embedder\.model\."):
+        Pipeline.from_config(tiny_files / "unclip.yaml", tmp_path / "no-embedder.ckpt", device="cpu")
+
+
 def test_image_variation_script_rejects_bad_input_in_one_line(tiny_files, tmp_path, capsys):
     args = ["--config", str(tiny_files / "unclip.yaml"), "--ckpt", str(tiny_files / "unclip.ckpt"), "--device", "cpu"]
     code = cli.main("image_variation", [*args, "--init-img", str(tiny_files / "init.png"), "--noise_level", "1000"])

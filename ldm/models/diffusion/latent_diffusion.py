@@ -173,6 +173,8 @@ class LatentDiffusion(DDPM):
 
     # Ordinary models inpaint by keeping the known latent during sampling; inpainting models are told by conditioning.
     inpaints_by_conditioning = False
+    # An init image is where img2img starts; for unCLIP models it is the condition (made variations of) instead.
+    image_is_condition = False
 
     def stages(self) -> dict[str, nn.Module]:
         """The model's networks by role: ``unet`` (the DiffusionWrapper), ``first_stage`` (the VAE) and, when it has
