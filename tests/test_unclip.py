@@ -2,31 +2,24 @@
 ``CLIPEmbeddingNoiseAugmentation``.
 
 The real configs are built on the meta device (tests/test_original_configs.py compares the H one with the original's
-state-dict listing); a tiny unCLIP model (tiny UNet with a vector input, VAE, OpenCLIP text tower and OpenCLIP image
-tower, all built here) samples, guides, trains and runs behind scripts/image_variation.py on the CPU.
+state-dict listing); the tiny unCLIP model of ``unclip_model.py`` samples, guides and trains on the CPU
+(tests/test_image_variation.py runs it behind the Python API and scripts/image_variation.py).
 """
 
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from omegaconf import OmegaConf
 from open_clip.transformer import QuickGELU
-from PIL import Image
 from torch.utils.data import DataLoader
+from unclip_model import EMBED, LATENT, SIZE, TINY_VISION, batch, noise_aug_config, smooth_images, tiny_config, wake
 
-from ldm import cli
 from ldm.errors import UserError
-from ldm.inference import Pipeline
 from ldm.models.diffusion import ddpm, latent_unclip
 from ldm.models.diffusion.noise import Noise
 from ldm.models.diffusion.samplers import sample
@@ -35,108 +28,13 @@ from ldm.modules.encoders import modules
 from ldm.modules.encoders.clip_image import CLIP_MEAN, CLIP_STD, antialiased_resize
 from ldm.util import ConfigError, instantiate_from_config, load_config
 
-ROOT = Path(__file__).resolve().parents[1]
-SIZE, LATENT = 32, 8  # image side and latent side: the tiny VAE has f = 4
-EMBED = 16  # the tiny image embedding's width, and of its noise-level embedding
 ORIGINAL_L = "original/stablediffusion/configs/stable-diffusion/v2-1-stable-unclip-l-inference.yaml"
-TINY_VISION = {
-    "embed_dim": EMBED,
-    "vision_cfg": {"image_size": 28, "patch_size": 14, "width": 32, "layers": 2, "head_width": 16},
-    "text_cfg": {"width": 32, "heads": 4, "layers": 1, "context_length": 77, "vocab_size": 1000},
-}
-
-
-def noise_aug_config(**params) -> dict:
-    return {
-        "target": "ldm.modules.encoders.modules.CLIPEmbeddingNoiseAugmentation",
-        "params": {
-            "timestep_dim": EMBED,
-            "noise_schedule_config": {"timesteps": 1000, "beta_schedule": "squaredcos_cap_v2"},
-            **params,
-        },
-    }
-
-
-def tiny_config(**params) -> dict:
-    """v2-1-stable-unclip-h-inference.yaml's structure at toy size."""
-    unet = {
-        "image_size": LATENT,
-        "in_channels": 4,
-        "out_channels": 4,
-        "model_channels": 32,
-        "attention_resolutions": [2],
-        "num_res_blocks": 1,
-        "channel_mult": [1, 2],
-        "num_classes": "sequential",
-        "adm_in_channels": 2 * EMBED,
-        "num_head_channels": 16,
-        "use_spatial_transformer": True,
-        "use_linear_in_transformer": True,
-        "transformer_depth": 1,
-        "context_dim": 32,
-        "legacy": False,
-    }
-    ddconfig = {
-        "double_z": True, "z_channels": 4, "resolution": SIZE, "in_channels": 3, "out_ch": 3, "ch": 32,
-        "ch_mult": [1, 1, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0,
-    }  # fmt: skip
-    text = {"width": 32, "heads": 4, "layers": 2, "context_length": 77, "vocab_size": 49408}
-    return {
-        "target": "ldm.models.diffusion.ddpm.ImageEmbeddingConditionedLatentDiffusion",
-        "params": {
-            "embedding_dropout": 0.25,
-            "parameterization": "v",
-            "linear_start": 0.00085,
-            "linear_end": 0.012,
-            "first_stage_key": "jpg",
-            "cond_stage_key": "txt",
-            "image_size": LATENT,
-            "channels": 4,
-            "conditioning_key": "crossattn-adm",
-            "scale_factor": 0.18215,
-            "use_ema": False,
-            "embedder_config": {
-                "target": "ldm.modules.encoders.modules.FrozenOpenCLIPImageEmbedder",
-                "params": {"model_cfg": TINY_VISION},
-            },
-            "noise_aug_config": noise_aug_config(),
-            "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet},
-            "first_stage_config": {
-                "target": "ldm.models.autoencoder.AutoencoderKL",
-                "params": {"embed_dim": 4, "ddconfig": ddconfig, "lossconfig": {"target": "torch.nn.Identity"}},
-            },
-            "cond_stage_config": {
-                "target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
-                "params": {"layer": "penultimate", "text_cfg": text},
-            },
-            **params,
-        },
-    }
-
-
-def _wake(model: torch.nn.Module) -> torch.nn.Module:
-    # The UNet's output convolutions start at zero; an untrained model must still depend on its inputs.
-    with torch.no_grad():
-        for p in model.model.parameters():
-            if p.dim() > 1 and not p.any():
-                p.normal_(std=0.05)
-    return model
 
 
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return _wake(instantiate_from_config(tiny_config())).eval()
-
-
-def smooth_images(n: int, size: int, seed: int) -> torch.Tensor:
-    """(n, 3, size, size) smooth images in [-1, 1]."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.nn.functional.interpolate(torch.rand(n, 3, 4, 4, generator=g) * 2 - 1, size=size, mode="bilinear")
-
-
-def batch() -> dict:
-    return {"jpg": smooth_images(2, SIZE, 1).permute(0, 2, 3, 1), "txt": ["a red circle", "a blue square"]}
+    return wake(instantiate_from_config(tiny_config())).eval()
 
 
 # -- the noise schedule and the embedding noise augmentation --
@@ -164,6 +62,22 @@ def test_noise_level_zero_keeps_the_embedding_up_to_the_schedules_first_step():
     torch.testing.assert_close(aug(x, noise_level=0, noise=torch.zeros_like(x))[0], x, rtol=3e-5, atol=1e-6)
     torch.testing.assert_close(level_embedding, timestep_embedding(torch.zeros(4), EMBED))
     assert level_embedding.shape == (4, EMBED)
+
+
+def test_noise_augmentation_matches_diffusers_stable_unclip_noising():
+    """diffusers' StableUnCLIPImg2ImgPipeline noises the embedding with a squaredcos_cap_v2 DDPMScheduler and appends
+    ``get_timestep_embedding(level, D, flip_sin_to_cos=True, downscale_freq_shift=0)`` (with diffusers installed:
+    ``pip install -r requirements-bench.txt``)."""
+    diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (requirements-bench.txt)")
+    from diffusers.models.embeddings import get_timestep_embedding
+
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    aug = instantiate_from_config(noise_aug_config(timestep_dim=1024))
+    x, eps, levels = torch.randn(3, 1024), torch.randn(3, 1024), torch.tensor([0, 100, 999])
+    z, level_embedding = aug(x, noise_level=levels, noise=eps)
+    torch.testing.assert_close(z, scheduler.add_noise(x, eps, levels), rtol=1e-5, atol=1e-5)
+    expected = get_timestep_embedding(levels, 1024, flip_sin_to_cos=True, downscale_freq_shift=0)
+    torch.testing.assert_close(level_embedding, expected)
 
 
 def test_clip_statistics_scale_the_embedding_around_the_noise(tmp_path):
@@ -388,7 +302,7 @@ def test_samples_with_guidance_and_follows_the_image(model, sampler):
 
 def test_trains_with_falling_loss_and_logs_images(tmp_path):
     torch.manual_seed(0)
-    trained = _wake(instantiate_from_config(tiny_config(embedding_dropout=0.0)))
+    trained = wake(instantiate_from_config(tiny_config(embedding_dropout=0.0)))
     trained.learning_rate = 3e-3
 
     @torch.no_grad()
@@ -415,69 +329,3 @@ def test_trains_with_falling_loss_and_logs_images(tmp_path):
     log = trained.log_images(batch(), N=2, ddim_steps=2, unconditional_guidance_scale=2.0)
     assert {"inputs", "reconstruction", "samples", "samples_cfg"} <= set(log)
     assert log["samples_cfg"].shape == (2, 3, SIZE, SIZE)
-
-
-# -- the Python API and the script --
-
-
-@pytest.fixture(scope="module")
-def tiny_files(model, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("unclip")
-    OmegaConf.save(OmegaConf.create({"model": tiny_config()}), folder / "unclip.yaml")
-    torch.save({"state_dict": model.state_dict()}, folder / "unclip.ckpt")
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(folder / "init.png")
-    return folder
-
-
-def test_pipeline_makes_seeded_variations_at_the_models_size(tiny_files):
-    pipe = Pipeline.from_config(tiny_files / "unclip.yaml", tiny_files / "unclip.ckpt", device="cpu", precision="full")
-    init = Image.open(tiny_files / "init.png")
-    both = pipe.generate("", init_image=init, noise_level=100, n=2, seed=5, steps=3, sampler="Euler a")
-    second = pipe.generate("", init_image=init, noise_level=100, n=1, seed=6, steps=3, sampler="Euler a")
-    assert [im.size for im in both.images] == [(SIZE, SIZE)] * 2 and both.strength is None
-    # Image 1 of the batch is the single run of its seed (up to batched float rounding).
-    diff = np.abs(np.asarray(both.images[1], dtype=int) - np.asarray(second.images[0], dtype=int))
-    assert diff.max() <= 2
-    other = pipe.generate("", init_image=init, noise_level=0, n=1, seed=6, steps=3, sampler="Euler a")
-    assert not np.array_equal(np.asarray(other.images[0]), np.asarray(second.images[0]))
-    with pytest.raises(UserError, match="noise_level"):
-        pipe.generate("", init_image=init, steps=3)  # an img2img request
-    with pytest.raises(UserError, match="noise_level"):
-        pipe.generate("", init_image=init, noise_level=1000, steps=3)
-    with pytest.raises(UserError, match="no mask and no strength"):
-        pipe.generate("", init_image=init, noise_level=0, strength=0.5, steps=3)
-
-
-def test_a_checkpoint_without_the_image_embedder_is_a_clear_error(model, tiny_files, tmp_path):
-    from ldm.checkpoint import CheckpointError
-
-    weights = {k: v for k, v in model.state_dict().items() if not k.startswith("embedder.")}
-    torch.save({"state_dict": weights}, tmp_path / "no-embedder.ckpt")
-    with pytest.raises(CheckpointError, match=r"no-embedder.ckpt.*embedder\.model\."):
-        Pipeline.from_config(tiny_files / "unclip.yaml", tmp_path / "no-embedder.ckpt", device="cpu")
-
-
-def test_image_variation_script_rejects_bad_input_in_one_line(tiny_files, tmp_path, capsys):
-    args = ["--config", str(tiny_files / "unclip.yaml"), "--ckpt", str(tiny_files / "unclip.ckpt"), "--device", "cpu"]
-    code = cli.main("image_variation", [*args, "--init-img", str(tiny_files / "init.png"), "--noise_level", "1000"])
-    err = capsys.readouterr().err
-    assert code == 2 and "noise_level must be in 0..999" in err and len(err.strip().splitlines()) == 1
-    assert cli.main("image_variation", [*args, "--init-img", str(tmp_path / "missing.png")]) == 2
-    v2 = str(ROOT / "configs" / "stable-diffusion" / "v2-inference.yaml")
-    code = cli.main("image_variation", ["--config", v2, *args[2:], "--init-img", str(tiny_files / "init.png")])
-    assert code == 2 and "need an unCLIP model" in capsys.readouterr().err
-
-
-def test_image_variation_script_writes_samples(tiny_files, tmp_path):
-    out = tmp_path / "out"
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "image_variation.py"), "--config", str(tiny_files / "unclip.yaml"),
-         "--ckpt", str(tiny_files / "unclip.ckpt"), "--init-img", str(tiny_files / "init.png"), "--device", "cpu",
-         "--prompt", "a cat", "--noise_level", "50", "--steps", "2", "--n_samples", "2", "--n_iter", "1",
-         "--sampler", "DPM++ 2M", "--seed", "3", "--outdir", str(out)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=tmp_path,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr
-    samples = sorted((out / "samples").glob("*.png"))
-    assert len(samples) == 2 and Image.open(samples[0]).size == (SIZE, SIZE)
-    assert len(list(out.glob("grid-*.png"))) == 1
