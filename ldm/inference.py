@@ -97,7 +97,7 @@ class GenerationResult:
     """Images of one ``generate`` call and everything needed to reproduce them.
 
     ``images[i]`` was made from ``prompts[i]`` / ``negative_prompts[i]`` with noise seed ``seeds[i]``.
-    ``strength`` is None for txt2img.
+    ``strength`` is None for txt2img and image variations; ``noise_level`` is an image variation's (unCLIP).
     """
 
     images: list[Image.Image]
@@ -114,6 +114,7 @@ class GenerationResult:
     clip_skip: int
     model_name: str | None
     model_hash: str | None
+    noise_level: int | None = None
 
     def fields(self, i: int) -> dict[str, Any]:
         """The A1111 settings of image ``i``, in A1111's order (None values are left out when written)."""
@@ -128,6 +129,7 @@ class GenerationResult:
             "Denoising strength": self.strength,
             "Clip skip": self.clip_skip if self.clip_skip != 1 else None,
             "Eta": self.eta,
+            "Noise level": self.noise_level,
         }
 
     def parameters(self, i: int) -> str:
@@ -371,6 +373,7 @@ class Pipeline:
             clip_skip=request.clip_skip,
             model_name=self.ckpt.stem if self.ckpt is not None else None,
             model_hash=self.model_hash,
+            noise_level=request.noise_level,
         )
 
     def _warn_unknown_words(self, prompts: Sequence[str]) -> None:

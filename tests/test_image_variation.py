@@ -44,6 +44,7 @@ def test_pipeline_makes_seeded_variations_at_the_models_size(tiny_files):
     both = pipe.generate("", init_image=init, noise_level=100, n=2, seed=5, steps=3, sampler="Euler a")
     second = pipe.generate("", init_image=init, noise_level=100, n=1, seed=6, steps=3, sampler="Euler a")
     assert [im.size for im in both.images] == [(SIZE, SIZE)] * 2 and both.strength is None
+    assert "Noise level: 100" in both.parameters(0) and "Denoising strength" not in both.parameters(0)
     # Image 1 of the batch is the single run of its seed (up to batched float rounding).
     diff = np.abs(np.asarray(both.images[1], dtype=int) - np.asarray(second.images[0], dtype=int))
     assert diff.max() <= 2
