@@ -21,6 +21,7 @@ from unclip_model import EMBED, LATENT, SIZE, TINY_VISION, batch, noise_aug_conf
 
 from ldm.errors import UserError
 from ldm.models.diffusion import ddpm, latent_unclip
+from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.noise import Noise
 from ldm.models.diffusion.samplers import sample
 from ldm.modules.diffusionmodules.util import make_beta_schedule, timestep_embedding
@@ -298,6 +299,20 @@ def test_samples_with_guidance_and_follows_the_image(model, sampler):
         results.append(sample(model, sampler, 4, c, uc, 3.0, shape=shape, noise=Noise([7]), progress=False))
     assert all(torch.isfinite(r).all() for r in results)
     assert not torch.allclose(results[0], results[1])  # same seed, another image: another sample
+
+
+def test_stabilitys_demo_calls_sample_through_the_compvis_ddim_sampler(model):
+    # As Stability's stableunclip demo conditions and guides (the zero embedding for the unconditional branch).
+    c_adm, level_embedding = model.noise_augmentor(model.embedder(smooth_images(2, SIZE, 4)), torch.tensor([0, 500]))
+    c_adm = torch.cat((c_adm, level_embedding), 1)
+    cond = {"c_crossattn": [model.get_learned_conditioning(["a cat", "a dog"])], "c_adm": c_adm}
+    uncond = {"c_crossattn": [model.get_learned_conditioning(["", ""])], "c_adm": torch.zeros_like(c_adm)}
+    x_T = Noise([1, 2], "cpu").randn((2, 4, LATENT, LATENT))
+    samples, _ = DDIMSampler(model).sample(
+        4, 2, (4, LATENT, LATENT), cond, verbose=False, x_T=x_T, unconditional_guidance_scale=3.0,
+        unconditional_conditioning=uncond,
+    )  # fmt: skip
+    torch.testing.assert_close(samples, sample(model, "ddim", 4, cond, uncond, 3.0, x_T=x_T, progress=False))
 
 
 def test_trains_with_falling_loss_and_logs_images(tmp_path):

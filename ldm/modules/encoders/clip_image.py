@@ -122,13 +122,13 @@ class _CLIPImageEncoder(AbstractEncoder):
         return (x - mean) / std
 
     def forward(self, image: torch.Tensor, no_dropout: bool = False) -> torch.Tensor:
-        """image: (B, 3, H, W) in [-1, 1] -> (B, embedding_dim), in the image's dtype.
+        """image: (B, 3, H, W) in [-1, 1] -> (B, embedding_dim), on the image's device and in its dtype.
 
         In training mode (unless ``no_dropout``) each sample's embedding is zeroed with probability ``ucg_rate``
         (the original also did it in eval mode; here sampling stays deterministic).
         """
         weight = self.model.visual.conv1.weight
-        z = self.model.visual(self.preprocess(image.to(weight.device, weight.dtype))).to(image.dtype)
+        z = self.model.visual(self.preprocess(image.to(weight.device, weight.dtype))).to(image.device, image.dtype)
         if self.training and self.ucg_rate > 0 and not no_dropout:
             keep = torch.bernoulli(torch.full((z.shape[0], 1), 1.0 - self.ucg_rate, device=z.device))
             z = z * keep.to(z.dtype)
