@@ -247,7 +247,10 @@ class Pipeline:
         """
         model = self.model
         if model.image_is_condition:
-            raise UserError("this model (unCLIP) is conditioned on an image: make variations with noise_level.")
+            raise UserError(
+                "this unCLIP model makes variations of an image: give init_image and noise_level (0 = follow the "
+                "image closely), or use scripts/image_variation.py."
+            )
         if image is None and not model.inpaints_by_conditioning:
             return None, None, cond, uncond
         pixels = image_to_tensor(image).to(self.device) if image is not None else None

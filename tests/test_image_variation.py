@@ -52,6 +52,8 @@ def test_pipeline_makes_seeded_variations_at_the_models_size(tiny_files):
     assert not np.array_equal(np.asarray(other.images[0]), np.asarray(second.images[0]))
     with pytest.raises(UserError, match="noise_level"):
         pipe.generate("", init_image=init, steps=3)  # an img2img request
+    with pytest.raises(UserError, match="init_image and noise_level"):
+        pipe.generate("a cat", steps=3)  # a txt2img request
     with pytest.raises(UserError, match="noise_level"):
         pipe.generate("", init_image=init, noise_level=1000, steps=3)
     with pytest.raises(UserError, match="no mask and no strength"):
