@@ -205,6 +205,7 @@ def test_real_size_embedders_have_the_originals_widths_and_layouts():
         "visual.ln_post.bias",
     }  # fmt: skip
     assert len(sd) == 14 + 12 * (24 + 12)
+    assert sum(t.numel() for t in sd.values()) == 427_616_513  # OpenAI's ViT-L/14, text tower included
     assert isinstance(vit_l.model.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)  # OpenAI's activation
     assert not isinstance(vit_h.model.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
     with pytest.raises(ConfigError, match="ViT-L/14"):
