@@ -345,3 +345,16 @@ def test_trains_with_falling_loss_and_logs_images(tmp_path):
     log = trained.log_images(batch(), N=2, ddim_steps=2, unconditional_guidance_scale=2.0)
     assert {"inputs", "reconstruction", "samples", "samples_cfg"} <= set(log)
     assert log["samples_cfg"].shape == (2, 3, SIZE, SIZE)
+
+
+def test_an_unfrozen_embedder_trains_with_the_unet():
+    torch.manual_seed(0)
+    model = wake(instantiate_from_config(tiny_config(freeze_embedder=False, embedding_dropout=0.0))).train()
+    assert set(model.embedder.parameters()) <= set(model.trainable_parameters())
+    loss, _ = model.shared_step(batch())
+    loss.backward()
+    assert model.embedder.model.visual.proj.grad is not None and model.embedder.model.visual.proj.grad.abs().sum() > 0
+    frozen = instantiate_from_config(tiny_config())
+    assert not set(frozen.embedder.parameters()) & set(frozen.trainable_parameters())
+    z, c = frozen.train().get_input(batch(), "jpg")
+    assert not c["c_adm"].requires_grad

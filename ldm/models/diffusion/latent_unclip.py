@@ -102,7 +102,6 @@ class ImageEmbeddingConditionedLatentDiffusion(LatentDiffusion):
 
     # -- training --
 
-    @torch.no_grad()
     def get_input(
         self,
         batch: Mapping[str, Any],
@@ -117,7 +116,7 @@ class ImageEmbeddingConditionedLatentDiffusion(LatentDiffusion):
         """:meth:`LatentDiffusion.get_input` (always encoding the prompt) with ``c`` the conditioning dict
         ``{"c_crossattn": [(B, L, D)], "c_adm": (B, adm_in_channels)}``: the embedding of ``batch[embedding_key]``,
         noise-augmented at random levels and, in training mode, zeroed per sample with probability
-        ``embedding_dropout``."""
+        ``embedding_dropout``. Only an embedder trained with the UNet (``freeze_embedder: false``) gets gradients."""
         out = super().get_input(
             batch, k, return_first_stage_outputs, True, cond_key, return_original_cond, bs, return_x
         )  # fmt: skip
@@ -125,7 +124,8 @@ class ImageEmbeddingConditionedLatentDiffusion(LatentDiffusion):
             raise UserError(f"the batch has no images to embed under '{self.embed_key}' (embedding_key).")
         images = DDPM.get_input(batch, self.embed_key)
         images = images[:bs] if bs is not None else images
-        adm = self.augment_embedding(self.embed_image(images.to(self.device, self.dtype)))
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_embedder):
+            adm = self.augment_embedding(self.embed_image(images.to(self.device, self.dtype)))
         if self.training and self.embedding_dropout > 0:
             keep = torch.bernoulli(torch.full((adm.shape[0], 1), 1.0 - self.embedding_dropout, device=adm.device))
             adm = adm * keep
