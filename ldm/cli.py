@@ -1,4 +1,5 @@
-"""The command line shared by ``scripts/txt2img.py``, ``img2img.py``, ``inpaint.py`` and ``depth2img.py``.
+"""The command line shared by ``scripts/txt2img.py``, ``img2img.py``, ``inpaint.py``, ``depth2img.py`` and
+``image_variation.py``.
 
 Every CompVis flag keeps its name, meaning and default; A1111-style additions (``--negative_prompt``, ``--sampler``,
 ``--clip_skip`` ...) sit beside them, and trailing ``key=value`` arguments override the config. All input is checked
@@ -34,6 +35,7 @@ from ldm.errors import ScriptParser, UserError, print_error
 from ldm.geometry import LatentGeometry, output_size
 from ldm.inference import Pipeline
 from ldm.memory import Footprint, MemoryEstimate, check_memory, estimate, min_chunks
+from ldm.models.diffusion.latent_unclip import check_variation_config
 from ldm.models.diffusion.noise import MAX_SEED, check_seed
 from ldm.models.diffusion.samplers import sampler_names, schedule_names
 from ldm.outputs import image_size, read_prompt_file
@@ -53,12 +55,15 @@ MODES = {
     "inpaint": "Repaint the white part of --mask in --init-img (SD inpainting models or any SD model).",
     "depth2img": "Redraw --init-img guided by the prompt, keeping its depth map (SD 2 depth models); --strength "
     "says how much changes.",
+    "image_variation": "Variations of --init-img with an SD 2.1 unCLIP model, optionally steered by --prompt.",
 }
+# Modes whose images start from noise, sized like txt2img (an image variation's image is only its condition).
+FROM_NOISE = ("txt2img", "image_variation")
 DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
 
 
 def build_parser(mode: str) -> argparse.ArgumentParser:
-    """The argument parser of one script: ``mode`` is txt2img, img2img, inpaint or depth2img."""
+    """The argument parser of one script: ``mode`` is one of :data:`MODES`."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     image_input = mode != "txt2img"
@@ -68,7 +73,8 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
         epilog="Trailing key=value arguments override the config, e.g. model.params.scale_factor=0.18215.",
     )
     add = parser.add_argument
-    add("--prompt", type=str, nargs="?", default="" if mode == "inpaint" else DEFAULT_PROMPT, help="the prompt")
+    prompt = DEFAULT_PROMPT if mode in ("txt2img", "img2img") else ""
+    add("--prompt", type=str, nargs="?", default=prompt, help="the prompt")
     add("--negative_prompt", type=str, default="", help="what the images should not show (A1111 syntax too)")
     add("--outdir", type=str, default=f"outputs/{mode}-samples", help="dir to write results to")
     add("--skip_grid", action="store_true", help="do not save a grid, only individual samples")
@@ -163,6 +169,14 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     add("--vae_tiling", action="store_true", help="decode large images by overlapping tiles, to save memory")
     if image_input:
         add("--init-img", dest="init_img", type=str, required=True, help="path to the input image")
+    if mode == "image_variation":
+        add(
+            "--noise_level",
+            type=int,
+            default=0,
+            help="noise added to the image's CLIP embedding, 0 (follow the image closely) to 999 (default 0)",
+        )
+    elif image_input:
         add(
             "--strength",
             type=float,
@@ -188,7 +202,7 @@ def _sampler_option(text: str) -> tuple[str, float]:
 
 
 def _size_help(mode: str) -> str:
-    if mode == "txt2img":
+    if mode in FROM_NOISE:
         return " (default: the size the model was trained at, 512 for SD 1.x, 64 for the demo model)"
     return " (default: the init image's, rounded down to a multiple of 64 for SD, as CompVis did)"
 
@@ -318,7 +332,9 @@ def plan(mode: str, args: argparse.Namespace) -> Job:
         raise UserError(f"--n_rows must be 0 (= n_samples) or more, got {args.n_rows}.")
     if args.n_samples < 1:
         raise UserError(f"--n_samples must be at least 1, got {args.n_samples}.")
-    if mode == "txt2img":
+    if mode == "image_variation":
+        check_variation_config(config, args.noise_level)
+    if mode in FROM_NOISE:
         height, width = args.H or geometry.default_size, args.W or geometry.default_size
         geometry.check_size(height, width)
     else:
@@ -351,6 +367,7 @@ def plan(mode: str, args: argparse.Namespace) -> Job:
         depth_map=getattr(args, "depth_map", None),
         strength=getattr(args, "strength", None),
         clip_skip=args.clip_skip,
+        noise_level=getattr(args, "noise_level", None),
     )
     grid = None if args.skip_grid else args.n_rows or args.n_samples
     memory = estimate(
@@ -361,7 +378,7 @@ def plan(mode: str, args: argparse.Namespace) -> Job:
         chunks=max(min_chunks(p) for p in [*prompts, args.negative_prompt]),
         half=options.half,
         vae_tiling=args.vae_tiling,
-        encode=mode != "txt2img",
+        encode=mode not in FROM_NOISE,
         kept_images=total if grid is not None else 0,
     )
     check_memory(memory, available_memory(options.device), options.device, args.vae_tiling)
@@ -472,7 +489,7 @@ def _show_warning(message: Warning | str, category: type, filename: str, lineno:
 
 
 def main(mode: str, argv: Sequence[str] | None = None) -> int:
-    """Run one script (``mode``: txt2img, img2img, inpaint or depth2img) with ``argv``; returns the exit code."""
+    """Run one script (``mode``: one of :data:`MODES`) with ``argv``; returns the exit code."""
     try:
         args = build_parser(mode).parse_args(argv)
     except SystemExit as exit:  # --help, or a usage error already reported in one line

@@ -102,7 +102,7 @@ class GenerationResult:
     """Images of one ``generate`` call and everything needed to reproduce them.
 
     ``images[i]`` was made from ``prompts[i]`` / ``negative_prompts[i]`` with noise seed ``seeds[i]``.
-    ``strength`` is None for txt2img.
+    ``strength`` is None for txt2img and image variations; ``noise_level`` is an image variation's (unCLIP).
     """
 
     images: list[Image.Image]
@@ -119,6 +119,7 @@ class GenerationResult:
     clip_skip: int
     model_name: str | None
     model_hash: str | None
+    noise_level: int | None = None
 
     def fields(self, i: int) -> dict[str, Any]:
         """The A1111 settings of image ``i``, in A1111's order (None values are left out when written)."""
@@ -133,6 +134,7 @@ class GenerationResult:
             "Denoising strength": self.strength,
             "Clip skip": self.clip_skip if self.clip_skip != 1 else None,
             "Eta": self.eta,
+            "Noise level": self.noise_level,
         }
 
     def parameters(self, i: int) -> str:
@@ -249,6 +251,11 @@ class Pipeline:
         mask and the masked image, a depth model's the depth map).
         """
         model, image, mask = self.model, request.init_image, request.mask
+        if model.image_is_condition:
+            raise UserError(
+                "this unCLIP model makes variations of an image: give init_image and noise_level (0 = follow the "
+                "image closely), or use scripts/image_variation.py."
+            )
         if request.depth_map is not None and not model.takes_depth_map:
             raise UserError(f"a depth map is for depth-to-image models; this is a {type(model).__name__}.")
         if image is None and not model.conditions_on_image:
@@ -269,6 +276,26 @@ class Pipeline:
         # A latent cell is repainted when any of its pixels is, so no masked pixel is kept.
         area = F.interpolate(repaint, size=init_latent.shape[-2:], mode="area")
         return init_latent, (area <= 0).float(), cond, uncond
+
+    def _variation_inputs(
+        self, image: Image.Image, noise_level: int, noise: Noise, cond: Any, uncond: Any
+    ) -> tuple[Any, Any]:
+        """cond / uncond of an image variation: each with the image's CLIP embedding noised to ``noise_level``
+        (the augmentation's eps drawn first from every image's own generator, so a batch never changes an image);
+        the unconditional one with the zero embedding, the "no image" condition unCLIP models were trained with."""
+        model = self.model
+        if not model.image_is_condition:
+            raise UserError(
+                f"noise_level is for unCLIP models (image variations); this is a {type(model).__name__}: use img2img."
+            )
+        pixels = image_to_tensor(image).to(self.device)
+        with self._active(self.stages.get("embedder")):
+            embedding = model.embed_image(pixels)
+        eps = noise.randn((len(noise), embedding.shape[1]))
+        image_cond = {"c_adm": model.augment_embedding(embedding.expand(len(noise), -1), noise_level, eps)}
+        return model.sampling_conditioning(cond, image_cond), model.sampling_conditioning(
+            uncond, model.null_image_conditioning(image_cond)
+        )
 
     def generate(self, prompt: str | Sequence[str], **settings: Any) -> GenerationResult:
         """Generate images: ``generate(prompt, steps=20, sampler="Euler a", seed=42, n=3)``.
@@ -301,12 +328,18 @@ class Pipeline:
         prompts, negatives = request.image_prompts
         batch, height, width = request.batch, request.height, request.width
         model = self.model
+        noise = Noise(request.seeds, self.device)
+        variation = request.noise_level is not None
         with self._autocast():
             cond = uncond = None
             if "cond_stage" in self.stages:
                 with self._active(self.stages["cond_stage"]):
                     cond, uncond = encode_prompts(model, list(prompts), list(negatives), request.clip_skip)
-            init_latent, latent_mask, cond, uncond = self._image_inputs(request, cond, uncond)
+            if variation:
+                init_latent = latent_mask = None
+                cond, uncond = self._variation_inputs(request.init_image, request.noise_level, noise, cond, uncond)
+            else:
+                init_latent, latent_mask, cond, uncond = self._image_inputs(request, cond, uncond)
             if init_latent is not None:
                 init_latent = init_latent.expand(batch, -1, -1, -1)
             latents = sample(
@@ -317,7 +350,7 @@ class Pipeline:
                 uncond,
                 request.scale,
                 shape=self.geometry.latent_shape(batch, height, width),
-                noise=Noise(request.seeds, self.device),
+                noise=noise,
                 init_latent=init_latent,
                 strength=request.strength if init_latent is not None else 1.0,
                 mask=latent_mask,
@@ -345,11 +378,12 @@ class Pipeline:
             scale=request.scale,
             width=width,
             height=height,
-            strength=request.strength,
+            strength=None if variation else request.strength,
             eta=request.eta,
             clip_skip=request.clip_skip,
             model_name=self.ckpt.stem if self.ckpt is not None else None,
             model_hash=self.model_hash,
+            noise_level=request.noise_level,
         )
 
     def _warn_unknown_words(self, prompts: Sequence[str]) -> None:

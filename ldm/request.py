@@ -105,6 +105,9 @@ class GenerationRequest:
         strength: how much of the schedule img2img runs (0 keeps the input, 1 starts from noise); default 0.75 for
             img2img, 1.0 for inpainting, None (and nothing else) for txt2img.
         clip_skip: 1 = the text encoder's configured layer, 2 = one layer earlier (A1111's CLIP skip).
+        noise_level: for models conditioned on the init image's CLIP embedding (unCLIP image variation): how much
+            the embedding is noised, 0 (the image as it is) up to the model's maximum (999); such a request
+            takes no strength (sampling starts from noise). None: an ordinary img2img / inpainting request.
     """
 
     prompts: str | Sequence[str]
@@ -125,6 +128,7 @@ class GenerationRequest:
     depth_map: ImageInput | None = None
     strength: float | None = None
     clip_skip: int = 1
+    noise_level: int | None = None
     seeds: tuple[int, ...] = dataclasses.field(init=False, default=())
 
     def __post_init__(self) -> None:
@@ -148,7 +152,9 @@ class GenerationRequest:
         strength = self.strength
         if self.init_image is None and strength is not None:
             raise UserError("strength is for img2img and inpainting: give an init image too.")
-        if self.init_image is not None and strength is None:
+        if self.noise_level is not None:
+            self._check_variation()
+        elif self.init_image is not None and strength is None:
             strength = INPAINT_STRENGTH if self.mask is not None else IMG2IMG_STRENGTH
         set_(self, "strength", strength)
         if isinstance(self.scale, bool) or not isinstance(self.scale, int | float):
@@ -160,6 +166,16 @@ class GenerationRequest:
         set_(self, "sampler_options", dict(self.sampler_options))
         check_guidance_rescale(self.guidance_rescale)
         set_(self, "seeds", self._image_seeds())
+
+    def _check_variation(self) -> None:
+        """An image-variation request (``noise_level`` given): an init image, no mask, no strength."""
+        level = self.noise_level
+        if isinstance(level, bool) or not isinstance(level, int) or level < 0:
+            raise UserError(f"noise_level must be a whole number of at least 0, got {level!r}.")
+        if self.init_image is None:
+            raise UserError("noise_level is for image variations (unCLIP models): give the init image to vary.")
+        if self.mask is not None or self.strength is not None:
+            raise UserError("an image variation (noise_level) starts from noise: give no mask and no strength.")
 
     def _image_seeds(self) -> tuple[int, ...]:
         count = len(self.prompts) * self.n
@@ -193,14 +209,21 @@ class GenerationRequest:
 
     def for_model(self, geometry: LatentGeometry) -> GenerationRequest:
         """This request checked against a model and completed: sizes filled in, init image and mask loaded and
-        sized (PIL "RGB" and binary "L"). Idempotent, so a checked request can be checked again for free."""
+        sized (PIL "RGB" and binary "L"). Idempotent, so a checked request can be checked again for free.
+
+        An image variation keeps its image's own size (the image encoder resizes it) and is made at the model's
+        trained size unless height/width are given."""
         strength = 1.0 if self.strength is None else self.strength
+        variation = self.noise_level is not None
         check_sampling_arguments(
-            self.sampler, self.steps, geometry.timesteps, strength, self.eta, self.init_image is not None,
-            self.scale, self.schedule, self.guidance_rescale, self.sampler_options,
+            self.sampler, self.steps, geometry.timesteps, strength, self.eta,
+            self.init_image is not None and not variation, self.scale, self.schedule, self.guidance_rescale,
+            self.sampler_options,
         )  # fmt: skip
         height, width, image, mask, depth = self.height, self.width, self.init_image, self.mask, self.depth_map
-        if image is not None:
+        if image is not None and variation:
+            image = image.convert("RGB") if isinstance(image, Image.Image) else load_image(image, "init image")
+        elif image is not None:
             image, mask = prepare_init_image(image, mask, geometry, height, width)
             width, height = image.size
         if depth is not None and not isinstance(depth, Image.Image):

@@ -26,6 +26,7 @@ PARTS = {
     "UNet (model.diffusion_model)": "model.diffusion_model",
     "VAE (first_stage_model)": "first_stage_model",
     "text encoder (cond_stage_model)": "cond_stage_model",
+    "image encoder (embedder)": "embedder",
 }
 
 

@@ -3,8 +3,9 @@
 ``apply_model`` is the one entry to the UNet, used by every sampler and by training alike. The Lightning hooks
 (``training_step``, ``configure_optimizers`` ...) come from :class:`DiffusionTrainingMixin`. ``LatentDiffusion``
 (``latent_diffusion.py``), ``LatentInpaintDiffusion`` (``latent_inpainting.py``), ``LatentUpscaleDiffusion``
-(``latent_upscale.py``) and ``LatentDepth2ImageDiffusion`` (``latent_depth.py``) build on it and are importable from
-here, under the names CompVis and Stability configs use.
+(``latent_upscale.py``), ``LatentDepth2ImageDiffusion`` (``latent_depth.py``) and
+``ImageEmbeddingConditionedLatentDiffusion`` (``latent_unclip.py``) build on it and are importable from here, under
+the names CompVis and Stability configs use.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ MOVED = {
     "LatentInpaintDiffusion": "ldm.models.diffusion.latent_inpainting",
     "LatentUpscaleDiffusion": "ldm.models.diffusion.latent_upscale",
     "LatentDepth2ImageDiffusion": "ldm.models.diffusion.latent_depth",
+    "ImageEmbeddingConditionedLatentDiffusion": "ldm.models.diffusion.latent_unclip",
 }
 
 

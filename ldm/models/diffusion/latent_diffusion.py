@@ -177,6 +177,8 @@ class LatentDiffusion(DDPM):
     # depth map (depth models).
     conditions_on_image = False
     takes_depth_map = False
+    # An init image is where img2img starts; for unCLIP models it is the condition (made variations of) instead.
+    image_is_condition = False
 
     def stages(self) -> dict[str, nn.Module]:
         """The model's networks by role: ``unet`` (the DiffusionWrapper), ``first_stage`` (the VAE) and, when it has

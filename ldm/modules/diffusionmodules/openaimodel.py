@@ -19,6 +19,11 @@ from ldm.modules.attention import (
     memory_format_of,
     to_tokens,
 )
+
+# Timestep is imported here because Stability's code names it by this module's path.
+from ldm.modules.diffusionmodules.util import (
+    Timestep as Timestep,
+)
 from ldm.modules.diffusionmodules.util import (
     avg_pool_nd,
     checkpoint,

@@ -4,11 +4,13 @@
 level, which the UNet is told (as its class label), so the model learns to upscale degraded inputs and the user
 can choose how much detail it invents (SD 2.x x4 upscaler: ``noise_level`` 0..350, 20 by default in Stability's
 demos). Module path and buffer names are Stability's, so ``x4-upscaling.yaml`` and its checkpoint load unchanged.
+``CLIPEmbeddingNoiseAugmentation`` does the same to the CLIP image embedding an unCLIP model is conditioned on.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,8 +18,8 @@ import torch
 from torch import nn
 
 from ldm.errors import UserError
-from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
-from ldm.util import ConfigError
+from ldm.modules.diffusionmodules.util import Timestep, extract_into_tensor, make_beta_schedule
+from ldm.util import ConfigError, building_path
 
 
 class AbstractLowScaleModel(nn.Module):
@@ -98,6 +100,9 @@ class ImageConcatWithNoiseAugmentation(AbstractLowScaleModel):
     config compatibility and has no effect (the buffers follow the model's ``.to``).
     """
 
+    # Named in the message for a level out of range: Stability's demos upscale at 20.
+    usual_noise_level = 20
+
     def __init__(
         self, noise_schedule_config: Mapping[str, Any], max_noise_level: int = 1000, to_cuda: bool = False
     ) -> None:
@@ -123,7 +128,7 @@ class ImageConcatWithNoiseAugmentation(AbstractLowScaleModel):
         if not bool(((levels >= 0) & (levels < self.num_timesteps)).all()):
             raise UserError(
                 f"noise_level must be in 0..{self.num_timesteps - 1} (the model was trained up to "
-                f"{self.max_noise_level - 1}; 20 is usual), got {levels.tolist()}."
+                f"{self.max_noise_level - 1}; {self.usual_noise_level} is usual), got {levels.tolist()}."
             )
         return levels.to(device)
 
@@ -137,3 +142,72 @@ class ImageConcatWithNoiseAugmentation(AbstractLowScaleModel):
         else:
             levels = self.noise_levels(noise_level, x.shape[0], x.device)
         return self.q_sample(x, levels, noise), levels
+
+
+class CLIPEmbeddingNoiseAugmentation(ImageConcatWithNoiseAugmentation):
+    """Noise augmentation of CLIP image embeddings for unCLIP models (Karlo's recipe; SD 2.1 stable-unclip).
+
+    The embedding is standardised with the CLIP embedding statistics (``data_mean`` / ``data_std``), noised to a
+    level by the schedule (``squaredcos_cap_v2`` in the SD configs), mapped back to the embedding's statistics, and
+    returned with the sinusoidal embedding of the level (``time_embed``, ``timestep_dim`` wide), which the UNet is
+    told alongside it. The statistics come from ``clip_stats_path`` (a torch file holding ``(mean, std)``, each
+    (timestep_dim,)); without it they are 0 and 1. They are not part of the state dict (as in the original), so a
+    model built without the file runs with mean 0 / std 1 whatever checkpoint it loads.
+    """
+
+    # Image variations keep the embedding as it is by default (Stability's demo and diffusers).
+    usual_noise_level = 0
+
+    def __init__(self, *args: Any, clip_stats_path: str | None = None, timestep_dim: int = 256, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if clip_stats_path is None:
+            mean, std = torch.zeros(timestep_dim), torch.ones(timestep_dim)
+        else:
+            mean, std = _read_clip_stats(clip_stats_path, timestep_dim)
+        self.register_buffer("data_mean", mean[None, :], persistent=False)
+        self.register_buffer("data_std", std[None, :], persistent=False)
+        self.time_embed = Timestep(timestep_dim)
+
+    def scale(self, x: torch.Tensor) -> torch.Tensor:
+        """Embedding x: (B, D) -> standardised (B, D): zero mean, unit variance under the CLIP statistics."""
+        return (x - self.data_mean) / self.data_std
+
+    def unscale(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`scale`."""
+        return x * self.data_std + self.data_mean
+
+    def forward(
+        self, x: torch.Tensor, noise_level: torch.Tensor | int | None = None, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, D) image embeddings -> (x noised to the levels, (B, timestep_dim) embedding of the levels).
+
+        Without ``noise_level`` the levels are drawn uniformly in [0, max_noise_level) (training); ``noise`` (B, D)
+        replaces the random eps. Level 0 is the schedule's first step, sqrt(1 - alphas_cumprod[0]) of noise
+        (0.0064 of the standardised embedding for ``squaredcos_cap_v2``), as in the original.
+        """
+        if noise_level is None:
+            levels = torch.randint(0, self.max_noise_level, (x.shape[0],), device=x.device)
+        else:
+            levels = self.noise_levels(noise_level, x.shape[0], x.device)
+        z = self.unscale(self.q_sample(self.scale(x), levels, noise))
+        return z, self.time_embed(levels).to(z.dtype)
+
+
+def _read_clip_stats(path: str, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean, std)``, each (dim,) float32, from a CLIP statistics file (Karlo's ``ViT-L-14_stats.th``)."""
+    if not Path(path).is_file():
+        raise ConfigError(
+            f"{building_path()}.params.clip_stats_path: CLIP embedding statistics file '{path}' does not exist; give "
+            "the (mean, std) file that came with the model (Karlo's ViT-L-14_stats.th), or remove clip_stats_path "
+            "to use mean 0 / std 1."
+        )
+    stats = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(stats, tuple | list) or len(stats) != 2:
+        raise ConfigError(f"{building_path()}.params.clip_stats_path: '{path}' must hold a (mean, std) pair.")
+    mean, std = (torch.as_tensor(s, dtype=torch.float32).reshape(-1) for s in stats)
+    if mean.numel() != dim or std.numel() != dim:
+        raise ConfigError(
+            f"{building_path()}.params.clip_stats_path: '{path}' holds statistics of width {mean.numel()}, the "
+            f"embedding is {dim} wide (timestep_dim)."
+        )
+    return mean, std

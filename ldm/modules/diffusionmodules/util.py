@@ -17,7 +17,7 @@ from ldm.models.diffusion.schedules import ddim_coefficients
 from ldm.models.diffusion.schedules import make_ddim_timesteps as _ddim_timesteps
 from ldm.modules.distributions.distributions import normal_kl as normal_kl
 
-BETA_SCHEDULES = ("linear", "cosine", "sqrt_linear", "sqrt")
+BETA_SCHEDULES = ("linear", "cosine", "sqrt_linear", "sqrt", "squaredcos_cap_v2")
 
 
 def make_beta_schedule(
@@ -31,6 +31,8 @@ def make_beta_schedule(
 
     "linear" (the Stable Diffusion one) spaces the betas linearly in sqrt space; "sqrt_linear" is linear in beta
     itself and "sqrt" the square root of that; "cosine" is the Nichol & Dhariwal schedule with offset ``cosine_s``.
+    "squaredcos_cap_v2" is the GLIDE / Karlo cosine schedule (offset 0.008, each beta capped at 0.999), which
+    unCLIP models use to noise-augment CLIP image embeddings; the linear/cosine arguments do not apply to it.
     """
     if schedule == "linear":
         return np.linspace(linear_start**0.5, linear_end**0.5, n_timestep, dtype=np.float64) ** 2
@@ -45,6 +47,10 @@ def make_beta_schedule(
         return np.linspace(linear_start, linear_end, n_timestep, dtype=np.float64)
     if schedule == "sqrt":
         return np.linspace(linear_start, linear_end, n_timestep, dtype=np.float64) ** 0.5
+    if schedule == "squaredcos_cap_v2":
+        t = np.arange(n_timestep + 1, dtype=np.float64) / n_timestep
+        alpha_bar = np.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+        return np.minimum(1 - alpha_bar[1:] / alpha_bar[:-1], 0.999)
     raise ValueError(f"schedule {schedule!r} unknown; valid schedules are {', '.join(BETA_SCHEDULES)}")
 
 
@@ -114,6 +120,17 @@ def timestep_embedding(
     if dim % 2:
         embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
     return embedding
+
+
+class Timestep(nn.Module):
+    """The sinusoidal embedding of integer levels as a module: t (B,) -> (B, dim); no parameters."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return timestep_embedding(t, self.dim)
 
 
 def zero_module(module: nn.Module) -> nn.Module:

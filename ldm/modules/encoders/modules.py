@@ -1,6 +1,7 @@
 """Conditioning encoders: the frozen CLIP text encoders of SD 1.x / 2.x and a class-label embedding; the LDM
-text-to-image models' BERT encoders live in :mod:`ldm.modules.encoders.bert` and are importable from here, the path
-their configs name.
+text-to-image models' BERT encoders live in :mod:`ldm.modules.encoders.bert`, the unCLIP models' CLIP image encoders
+in :mod:`ldm.modules.encoders.clip_image` and their embedding noise augmentation in
+:mod:`ldm.modules.diffusionmodules.upscaling`; all are importable from here, the path their configs name.
 
 Architectures are built from configs only (never from a model hub): the weights come from the checkpoint, whose
 ``cond_stage_model.*`` entries these modules' state dicts match key for key.
@@ -20,8 +21,10 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from ldm.errors import UserError
+from ldm.modules.diffusionmodules.upscaling import CLIPEmbeddingNoiseAugmentation
 from ldm.modules.encoders.base import AbstractEncoder
 from ldm.modules.encoders.bert import BERTEmbedder, BERTTokenizer, TransformerEmbedder
+from ldm.modules.encoders.clip_image import ClipImageEmbedder, FrozenOpenCLIPImageEmbedder
 from ldm.modules.encoders.tokenizer import EOS_TOKEN_ID, CLIPTokenizer
 
 # Configs and scripts name every encoder by this module's path, including those defined elsewhere.
@@ -29,9 +32,12 @@ __all__ = [
     "AbstractEncoder",
     "BERTEmbedder",
     "BERTTokenizer",
+    "CLIPEmbeddingNoiseAugmentation",
     "ClassEmbedder",
+    "ClipImageEmbedder",
     "FrozenCLIPEmbedder",
     "FrozenOpenCLIPEmbedder",
+    "FrozenOpenCLIPImageEmbedder",
     "TransformerEmbedder",
 ]
 
