@@ -1,6 +1,7 @@
 """Conditioning encoders: the frozen CLIP text encoders of SD 1.x / 2.x and a class-label embedding; the LDM
-text-to-image models' BERT encoders live in :mod:`ldm.modules.encoders.bert` and are importable from here, the path
-their configs name.
+text-to-image models' BERT encoders (:mod:`ldm.modules.encoders.bert`) and the image-to-image models'
+``SpatialRescaler`` (:mod:`ldm.modules.encoders.rescaler`) live in their own files and are importable from here, the
+path their configs name.
 
 Architectures are built from configs only (never from a model hub): the weights come from the checkpoint, whose
 ``cond_stage_model.*`` entries these modules' state dicts match key for key.
@@ -22,6 +23,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from ldm.errors import UserError
 from ldm.modules.encoders.base import AbstractEncoder
 from ldm.modules.encoders.bert import BERTEmbedder, BERTTokenizer, TransformerEmbedder
+from ldm.modules.encoders.rescaler import SpatialRescaler
 from ldm.modules.encoders.tokenizer import EOS_TOKEN_ID, CLIPTokenizer
 
 # Configs and scripts name every encoder by this module's path, including those defined elsewhere.
@@ -32,6 +34,7 @@ __all__ = [
     "ClassEmbedder",
     "FrozenCLIPEmbedder",
     "FrozenOpenCLIPEmbedder",
+    "SpatialRescaler",
     "TransformerEmbedder",
 ]
 
