@@ -68,9 +68,15 @@ def tiny_config(name: str, *overrides: str) -> DictConfig:
 
 
 def tiny_model(name: str, *overrides: str, seed: int = 0) -> torch.nn.Module:
-    """A tiny model with seeded random weights, in eval mode."""
+    """A tiny model with seeded random weights (no zero layers), in eval mode."""
     torch.manual_seed(seed)
-    return instantiate_from_config(tiny_config(name, *overrides).model, path="model").eval()
+    model = instantiate_from_config(tiny_config(name, *overrides).model, path="model").eval()
+    with torch.no_grad():
+        # The UNet's zero-initialised layers (its output convolution among them) would make every prediction 0,
+        # whatever the conditioning: a little noise on every weight makes the tiny model's outputs depend on it.
+        for param in model.model.parameters():
+            param.add_(torch.randn_like(param) * 0.02)
+    return model
 
 
 def save_model_folder(name: str, folder: Path, *overrides: str) -> Path:
