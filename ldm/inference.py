@@ -48,6 +48,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from ldm.checkpoint import load_model_from_config
+from ldm.class_labels import class_embedder, encode_class_labels
 from ldm.errors import UserError
 from ldm.geometry import LatentGeometry
 from ldm.models.diffusion.guidance import keep_known
@@ -114,6 +115,7 @@ class GenerationResult:
     clip_skip: int
     model_name: str | None
     model_hash: str | None
+    class_labels: list[int] | None = None
 
     def fields(self, i: int) -> dict[str, Any]:
         """The A1111 settings of image ``i``, in A1111's order (None values are left out when written)."""
@@ -122,6 +124,7 @@ class GenerationResult:
             "Sampler": self.sampler,
             "CFG scale": self.scale,
             "Seed": self.seeds[i],
+            "Class": self.class_labels[i] if self.class_labels is not None else None,
             "Size": f"{self.width}x{self.height}",
             "Model hash": self.model_hash,
             "Model": self.model_name,
@@ -294,7 +297,12 @@ class Pipeline:
         model = self.model
         with self._autocast():
             cond = uncond = None
-            if "cond_stage" in self.stages:
+            if request.class_labels is not None or class_embedder(model) is not None:
+                if request.class_labels is None:
+                    raise UserError("this model is class-conditional: give class labels (--classes), not prompts.")
+                with self._active(self.stages.get("cond_stage")):
+                    cond, uncond = encode_class_labels(model, request.class_labels, request.scale, self.device)
+            elif "cond_stage" in self.stages:
                 with self._active(self.stages["cond_stage"]):
                     cond, uncond = encode_prompts(model, list(prompts), list(negatives), request.clip_skip)
             init_latent, latent_mask, cond, uncond = self._image_inputs(
@@ -343,6 +351,7 @@ class Pipeline:
             clip_skip=request.clip_skip,
             model_name=self.ckpt.stem if self.ckpt is not None else None,
             model_hash=self.model_hash,
+            class_labels=list(request.class_labels) if request.class_labels is not None else None,
         )
 
     def _warn_unknown_words(self, prompts: Sequence[str]) -> None:

@@ -102,6 +102,8 @@ class GenerationRequest:
         strength: how much of the schedule img2img runs (0 keeps the input, 1 starts from noise); default 0.75 for
             img2img, 1.0 for inpainting, None (and nothing else) for txt2img.
         clip_skip: 1 = the text encoder's configured layer, 2 = one layer earlier (A1111's CLIP skip).
+        class_labels: for class-conditional models (:mod:`ldm.class_labels`), the class of every image, or one for
+            all; the prompts are then not encoded. The model checks that the labels are its classes.
     """
 
     prompts: str | Sequence[str]
@@ -121,6 +123,7 @@ class GenerationRequest:
     mask: ImageInput | None = None
     strength: float | None = None
     clip_skip: int = 1
+    class_labels: int | Sequence[int] | None = None
     seeds: tuple[int, ...] = dataclasses.field(init=False, default=())
 
     def __post_init__(self) -> None:
@@ -154,6 +157,19 @@ class GenerationRequest:
         set_(self, "sampler_options", dict(self.sampler_options))
         check_guidance_rescale(self.guidance_rescale)
         set_(self, "seeds", self._image_seeds())
+        set_(self, "class_labels", self._image_classes())
+
+    def _image_classes(self) -> tuple[int, ...] | None:
+        if self.class_labels is None:
+            return None
+        labels = (self.class_labels,) if isinstance(self.class_labels, int) else tuple(self.class_labels)
+        if not labels or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in labels):
+            raise UserError(f"class labels must be integers >= 0, got {self.class_labels!r}.")
+        if len(labels) == 1:
+            labels *= len(self.seeds)
+        if len(labels) != len(self.seeds):
+            raise UserError(f"got {len(labels)} class labels for {len(self.seeds)} images; give one or one each.")
+        return labels
 
     def _image_seeds(self) -> tuple[int, ...]:
         count = len(self.prompts) * self.n
