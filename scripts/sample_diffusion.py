@@ -33,6 +33,7 @@ from ldm.class_labels import class_embedder, draw_class_labels, parse_classes
 from ldm.errors import ScriptParser, UserError, print_error
 from ldm.geometry import LatentGeometry
 from ldm.inference import Pipeline
+from ldm.model_folder import find_model
 from ldm.modules.encoders.modules import ClassEmbedder
 from ldm.outputs import save_numbered
 from ldm.request import GenerationRequest, RuntimeOptions
@@ -57,26 +58,6 @@ def build_parser() -> ScriptParser:
     add("--device", type=str, default=None, help="cpu, cuda, cuda:N or mps (default: the best available)")
     add("overrides", nargs="*", metavar="key=value", help="config overrides")
     return parser
-
-
-def find_model(resume: str) -> tuple[Path, Path, Path]:
-    """(logdir, config, checkpoint) for ``-r``: a checkpoint file or a folder holding one."""
-    path = Path(resume)
-    if path.is_file():
-        ckpt = path
-        logdir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    elif path.is_dir():
-        logdir = path
-        ckpt = next((c for c in (path / "model.ckpt", path / "checkpoints" / "last.ckpt") if c.is_file()), None)
-        if ckpt is None:
-            raise UserError(f"'{resume}' holds neither model.ckpt nor checkpoints/last.ckpt; give the checkpoint.")
-    else:
-        raise UserError(f"-r '{resume}' does not exist; give a checkpoint or the folder holding one.")
-    configs = [logdir / "config.yaml"] if (logdir / "config.yaml").is_file() else []
-    configs = configs or sorted((logdir / "configs").glob("*-project.yaml"))
-    if not configs:
-        raise UserError(f"no config.yaml or configs/*-project.yaml in '{logdir}', beside the checkpoint.")
-    return logdir, configs[-1], ckpt
 
 
 def _is_class_conditional(config: Any) -> bool:
