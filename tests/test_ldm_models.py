@@ -10,12 +10,14 @@ for the ImageNet LDM-8 of the compression study).
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
+from ldm.model_folder import find_model
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.util import ConfigError, count_params, instantiate_from_config, load_config
 
@@ -171,3 +173,14 @@ def test_a_missing_first_stage_checkpoint_is_a_one_line_config_error():
     assert "\n" not in message
     assert message.startswith("model.params.first_stage_config.params.ckpt_path: ")
     assert "'missing/vq-f4.ckpt' does not exist" in message
+
+
+@pytest.mark.parametrize("name", ["lsun_churches256", "cin256"])
+def test_a_checkpoint_beside_a_model_folders_config_finds_it(name, tmp_path):
+    # CompVis's layout: sample_diffusion.py -r models/ldm/<name>/model.ckpt reads the config.yaml beside it.
+    folder = tmp_path / "models" / "ldm" / name
+    folder.mkdir(parents=True)
+    shutil.copy(MODELS / name / "config.yaml", folder / "config.yaml")
+    (folder / "model.ckpt").write_bytes(b"")
+    assert find_model(str(folder / "model.ckpt")) == (folder, folder / "config.yaml", folder / "model.ckpt")
+    assert find_model(str(folder)) == (folder, folder / "config.yaml", folder / "model.ckpt")

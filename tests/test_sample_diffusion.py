@@ -1,6 +1,9 @@
 """scripts/sample_diffusion.py: unconditional samples of a model folder or training logdir, CompVis's flags."""
 
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -144,3 +147,13 @@ def test_pipeline_refuses_class_labels_for_a_text_model_and_prompts_for_a_class_
     with pytest.raises(UserError, match="this model is class-conditional: give class labels"):
         classes.generate("a cat", steps=2)
     assert classes.generate("", steps=2, class_labels=4, n=2, scale=1.0).parameters(1).count("Class: 4") == 1
+
+
+@pytest.mark.slow
+def test_class_conditional_sampling_runs_as_a_program(class_folder, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = ["-r", str(class_folder), "--classes", "2", "-n", "1", "-c", "2", "--scale", "2", "-l", str(tmp_path)]
+    command = [sys.executable, str(ROOT / "scripts" / "sample_diffusion.py"), *args, "--device", "cpu"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Class: 2" in read_parameters(tmp_path / "img" / "00000.png")
