@@ -247,3 +247,26 @@ def test_the_scripts_run_as_programs(bsr_folder, inpainting_folder, upscaler_fil
     )
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in (tmp_path / "inpainted").iterdir()) == ["a.png", "b.png"]
+
+
+@pytest.mark.parametrize(
+    "name, entry_point",
+    [
+        ("bsr_sr", "scripts/superres.py"),
+        ("inpainting_big", "scripts/inpaint.py --indir"),
+        ("semantic_synthesis512", "get_learned_conditioning(one-hot map)"),
+        ("layout2img-openimages256", "ldm.data.layout tokens"),
+    ],
+)
+def test_the_prompt_scripts_name_the_entry_point_of_image_conditioned_models(name, entry_point, tmp_path, capsys):
+    from ldm import cli
+
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"")  # refused from the config alone, before the checkpoint is read
+    assert (
+        cli.main("txt2img", ["--config", str(ROOT / "models" / "ldm" / name / "config.yaml"), "--ckpt", str(ckpt)]) == 2
+    )
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("error: this config's model is conditioned on") and entry_point in err and err.count("\n") == 1
+    )
