@@ -244,21 +244,17 @@ class ObjectsBoundingBoxConditionalBuilder:
         for obj, color in zip(objects, cycle(PALETTE)):
             box = _absolute(obj.bbox, width, height)
             draw.rectangle(box, outline=color, width=line_width)
-            flags = [
-                name
-                for name, on in (
-                    ("g", obj.is_group_of),
-                    ("o", obj.is_occluded),
-                    ("d", obj.is_depiction),
-                    ("i", obj.is_inside),
-                )
-                if on
-            ]
+            flags = [letter for letter, on in zip("godi", _flags(obj), strict=True) if on]
             label = label_for_category_no(obj.category) + (f" ({','.join(flags)})" if flags else "")
             draw.text((box[0] + line_width, box[1] + line_width), label, fill="black", font=font)
         if crop is not None:
             draw.rectangle(_absolute(crop, width, height), outline=CROP_OUTLINE, width=line_width)
         return torch.from_numpy(np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0)
+
+
+def _flags(obj: LayoutObject) -> tuple[bool, bool, bool, bool]:
+    """An object's flags in the order of their bits: group of, occluded, depiction, inside."""
+    return obj.is_group_of, obj.is_occluded, obj.is_depiction, obj.is_inside
 
 
 def _absolute(bbox: BoundingBox, width: int, height: int) -> tuple[int, int, int, int]:
