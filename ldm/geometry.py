@@ -21,6 +21,14 @@ OTHER_ENTRY_POINTS = {
     "LatentUpscaleDiffusion": "upscale an image with ldm.upscale.upscale(model, image, prompt)",
 }
 
+# Models conditioned on something else than a prompt, by their cond_stage_key, and what runs them.
+CONDITION_ENTRY_POINTS = {
+    "LR_image": "super-resolve an image with scripts/superres.py (ldm.superres.superresolve)",
+    "masked_image": "inpaint image / mask pairs with scripts/inpaint.py --indir (ldm.concat_inpainting.inpaint)",
+    "segmentation": "sample it with ldm.models.diffusion.samplers.sample, cond = get_learned_conditioning(one-hot map)",
+    "coordinates_bbox": "sample it with ldm.models.diffusion.samplers.sample, cond = encoded ldm.data.layout tokens",
+}
+
 # Defaults of the UNet and DDPM constructors, for configs that leave these parameters out.
 UNET_DEFAULT_CHANNEL_MULT = (1, 2, 4, 8)
 DDPM_DEFAULT_CHANNELS = 3
@@ -67,6 +75,10 @@ class LatentGeometry:
         kind = str(read("target", "")).rpartition(".")[2]
         if kind in OTHER_ENTRY_POINTS:
             raise UserError(f"this config is a {kind} model, not a text-to-image one: {OTHER_ENTRY_POINTS[kind]}.")
+        condition = read("params.cond_stage_key")
+        if condition in CONDITION_ENTRY_POINTS and read("params.cond_stage_config") != "__is_unconditional__":
+            entry_point = CONDITION_ENTRY_POINTS[condition]
+            raise UserError(f"this config's model is conditioned on {condition}, not on a prompt: {entry_point}.")
         ddconfig = "params.first_stage_config.params.ddconfig"
         ch_mult = read(f"{ddconfig}.ch_mult") if read(ddconfig) is not None else [1]  # no ddconfig: no downsampling
         factor = 2 ** (len(positive_ints(ch_mult, f"{at}{ddconfig}.ch_mult")) - 1)

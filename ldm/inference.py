@@ -48,6 +48,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from ldm.checkpoint import load_model_from_config
+from ldm.class_labels import class_embedder, encode_class_labels
 from ldm.errors import UserError
 from ldm.geometry import LatentGeometry
 from ldm.models.diffusion.guidance import keep_known
@@ -120,6 +121,7 @@ class GenerationResult:
     model_name: str | None
     model_hash: str | None
     noise_level: int | None = None
+    class_labels: list[int] | None = None
 
     def fields(self, i: int) -> dict[str, Any]:
         """The A1111 settings of image ``i``, in A1111's order (None values are left out when written)."""
@@ -128,6 +130,7 @@ class GenerationResult:
             "Sampler": self.sampler,
             "CFG scale": self.scale,
             "Seed": self.seeds[i],
+            "Class": self.class_labels[i] if self.class_labels is not None else None,
             "Size": f"{self.width}x{self.height}",
             "Model hash": self.model_hash,
             "Model": self.model_name,
@@ -332,7 +335,12 @@ class Pipeline:
         variation = request.noise_level is not None
         with self._autocast():
             cond = uncond = None
-            if "cond_stage" in self.stages:
+            if request.class_labels is not None or class_embedder(model) is not None:
+                if request.class_labels is None:
+                    raise UserError("this model is class-conditional: give class labels (--classes), not prompts.")
+                with self._active(self.stages.get("cond_stage")):
+                    cond, uncond = encode_class_labels(model, request.class_labels, request.scale, self.device)
+            elif "cond_stage" in self.stages:
                 with self._active(self.stages["cond_stage"]):
                     cond, uncond = encode_prompts(model, list(prompts), list(negatives), request.clip_skip)
             if variation:
@@ -384,6 +392,7 @@ class Pipeline:
             model_name=self.ckpt.stem if self.ckpt is not None else None,
             model_hash=self.model_hash,
             noise_level=request.noise_level,
+            class_labels=list(request.class_labels) if request.class_labels is not None else None,
         )
 
     def _warn_unknown_words(self, prompts: Sequence[str]) -> None:

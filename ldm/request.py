@@ -108,6 +108,8 @@ class GenerationRequest:
         noise_level: for models conditioned on the init image's CLIP embedding (unCLIP image variation): how much
             the embedding is noised, 0 (the image as it is) up to the model's maximum (999); such a request
             takes no strength (sampling starts from noise). None: an ordinary img2img / inpainting request.
+        class_labels: for class-conditional models (:mod:`ldm.class_labels`), the class of every image, or one for
+            all; the prompts are then not encoded. The model checks that the labels are its classes.
     """
 
     prompts: str | Sequence[str]
@@ -129,6 +131,7 @@ class GenerationRequest:
     strength: float | None = None
     clip_skip: int = 1
     noise_level: int | None = None
+    class_labels: int | Sequence[int] | None = None
     seeds: tuple[int, ...] = dataclasses.field(init=False, default=())
 
     def __post_init__(self) -> None:
@@ -166,6 +169,19 @@ class GenerationRequest:
         set_(self, "sampler_options", dict(self.sampler_options))
         check_guidance_rescale(self.guidance_rescale)
         set_(self, "seeds", self._image_seeds())
+        set_(self, "class_labels", self._image_classes())
+
+    def _image_classes(self) -> tuple[int, ...] | None:
+        if self.class_labels is None:
+            return None
+        labels = (self.class_labels,) if isinstance(self.class_labels, int) else tuple(self.class_labels)
+        if not labels or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in labels):
+            raise UserError(f"class labels must be integers >= 0, got {self.class_labels!r}.")
+        if len(labels) == 1:
+            labels *= len(self.seeds)
+        if len(labels) != len(self.seeds):
+            raise UserError(f"got {len(labels)} class labels for {len(self.seeds)} images; give one or one each.")
+        return labels
 
     def _check_variation(self) -> None:
         """An image-variation request (``noise_level`` given): an init image, no mask, no strength."""

@@ -15,6 +15,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 
+from ldm.data.layout import plot_layouts
 from ldm.errors import UserError
 from ldm.models.autoencoder import VQModelInterface
 from ldm.models.diffusion.ddpm import DDPM
@@ -337,20 +338,23 @@ class LatentDiffusion(DDPM):
         **kwargs: Any,
     ) -> dict[str, torch.Tensor]:
         """Images for the ImageLogger, each (N, 3, H, W) clamped to [-1, 1]: ``inputs``, ``reconstruction``
-        (through the first stage) and, with ``sample``, DDIM ``samples`` for the batch's conditioning; with
-        ``unconditional_guidance_scale > 1`` also ``samples_cfg`` (classifier-free guidance). Sampling uses the EMA
-        weights (``use_ema_scope``) and eval mode.
+        (through the first stage), for layout models the ``conditioning`` layouts drawn as boxes, and, with
+        ``sample``, DDIM ``samples`` for the batch's conditioning; with ``unconditional_guidance_scale > 1`` also
+        ``samples_cfg`` (classifier-free guidance). Sampling uses the EMA weights (``use_ema_scope``) and eval mode.
         """
         was_training = self.training
         self.eval()
         try:
-            z, c, x, xrec = self.get_input(
+            z, c, x, xrec, xc = self.get_input(
                 {key: _take(value, N) for key, value in batch.items()},
                 self.first_stage_key,
                 return_first_stage_outputs=True,
                 force_c_encode=True,
+                return_original_cond=True,
             )
             log = {"inputs": x, "reconstruction": xrec}
+            if self.cond_stage_key == "coordinates_bbox" and xc is not None:
+                log["conditioning"] = plot_layouts(self.cond_stage_model, xc, (x.shape[3], x.shape[2])).to(x)
             guided = unconditional_guidance_scale > 1.0 and c is not None
             with self.ema_scope() if use_ema_scope else nullcontext():
                 settings = {"shape": tuple(z.shape), "eta": ddim_eta, "progress": False}

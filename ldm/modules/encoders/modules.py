@@ -1,6 +1,7 @@
 """Conditioning encoders: the frozen CLIP text encoders of SD 1.x / 2.x and a class-label embedding; the LDM
-text-to-image models' BERT encoders live in :mod:`ldm.modules.encoders.bert`, the unCLIP models' CLIP image encoders
-in :mod:`ldm.modules.encoders.clip_image` and their embedding noise augmentation in
+text-to-image models' BERT encoders live in :mod:`ldm.modules.encoders.bert`, the image-to-image models'
+``SpatialRescaler`` in :mod:`ldm.modules.encoders.rescaler`, the unCLIP models' CLIP image encoders in
+:mod:`ldm.modules.encoders.clip_image` and their embedding noise augmentation in
 :mod:`ldm.modules.diffusionmodules.upscaling`; all are importable from here, the path their configs name.
 
 Architectures are built from configs only (never from a model hub): the weights come from the checkpoint, whose
@@ -25,6 +26,7 @@ from ldm.modules.diffusionmodules.upscaling import CLIPEmbeddingNoiseAugmentatio
 from ldm.modules.encoders.base import AbstractEncoder
 from ldm.modules.encoders.bert import BERTEmbedder, BERTTokenizer, TransformerEmbedder
 from ldm.modules.encoders.clip_image import ClipImageEmbedder, FrozenOpenCLIPImageEmbedder
+from ldm.modules.encoders.rescaler import SpatialRescaler
 from ldm.modules.encoders.tokenizer import EOS_TOKEN_ID, CLIPTokenizer
 
 # Configs and scripts name every encoder by this module's path, including those defined elsewhere.
@@ -38,6 +40,7 @@ __all__ = [
     "FrozenCLIPEmbedder",
     "FrozenOpenCLIPEmbedder",
     "FrozenOpenCLIPImageEmbedder",
+    "SpatialRescaler",
     "TransformerEmbedder",
 ]
 

@@ -11,7 +11,11 @@ from torch import nn
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.losses.gan import DISC_LOSSES, PerceptualGANLoss, adopt_weight, hinge_d_loss, vanilla_d_loss
 
-__all__ = ["DISC_LOSSES", "LPIPSWithDiscriminator", "adopt_weight", "hinge_d_loss", "vanilla_d_loss"]
+__all__ = ["DISC_LOSSES", "DummyLoss", "LPIPSWithDiscriminator", "adopt_weight", "hinge_d_loss", "vanilla_d_loss"]
+
+
+class DummyLoss(nn.Module):
+    """No loss at all: the ``lossconfig`` of a first stage that is only used frozen (LDM's inpainting_big config)."""
 
 
 class LPIPSWithDiscriminator(PerceptualGANLoss):
