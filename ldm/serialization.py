@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import numpy as np
 import torch
 from torch._weights_only_unpickler import Unpickler as WeightsOnlyUnpickler
 
@@ -358,3 +359,31 @@ def _check_legacy_storages(path: Path, file: BinaryIO, size: int) -> None:
             raise CheckpointError(
                 f"'{path}': storage '{key}' ({nbytes} bytes declared) is not in the file in full; it is truncated."
             )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Plain pickles of numbers (CompVis's ImageNet index lists)
+
+# What a pickled numpy array needs (numpy 1.x files name numpy.core, numpy 2 numpy._core): building an array from its
+# dtype and bytes runs no code of the file's choosing.
+_ARRAY_GLOBALS = {
+    (module, name)
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+    for name in ("_reconstruct", "scalar")
+} | {("numpy", "ndarray"), ("numpy", "dtype")}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Plain containers and numpy arrays only: any other class or function the file names is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _ARRAY_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing {module}.{name}")
+        return getattr(np, name) if module == "numpy" else getattr(np._core.multiarray, name)
+
+
+def read_array_pickle(path: str | os.PathLike) -> Any:
+    """A plain ``pickle.dump`` of lists, numbers or numpy arrays (not a torch.save file), e.g. CompVis's
+    ``imagenet_train_hr_indices.p``; raises pickle.UnpicklingError for anything else the file names."""
+    with open_regular(Path(path)) as file:
+        return _ArrayUnpickler(file).load()

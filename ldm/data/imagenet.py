@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 from ldm.data.base import ImageTransform
 from ldm.data.imagenet_index import ImageNetIndex
 from ldm.data.super_resolution import SRPair
+from ldm.serialization import read_array_pickle
 from ldm.util import ConfigError, building_path
 
 
@@ -100,24 +101,6 @@ class ImageNetValidation(ImageNetBase):
     RANDOM_CROP = False
 
 
-# What a pickled numpy array of indices needs (numpy 1.x files name numpy.core, numpy 2 numpy._core): building an
-# array from its dtype and bytes runs no code of the file's choosing.
-ARRAY_GLOBALS = {
-    (module, name)
-    for module in ("numpy.core.multiarray", "numpy._core.multiarray")
-    for name in ("_reconstruct", "scalar")
-} | {("numpy", "ndarray"), ("numpy", "dtype")}
-
-
-class _IndicesUnpickler(pickle.Unpickler):
-    """An unpickler for lists or numpy arrays of ints: any other class or function named in the file is refused."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in ARRAY_GLOBALS:
-            raise pickle.UnpicklingError(f"refusing {module}.{name}")
-        return getattr(np, name) if module == "numpy" else getattr(np._core.multiarray, name)
-
-
 def read_indices(path: Path) -> list[int]:
     """Image indices from a text file (one a line) or CompVis's pickle (a list or numpy array of ints)."""
     where = f"{building_path()}.params.hr_indices"
@@ -125,8 +108,7 @@ def read_indices(path: Path) -> list[int]:
         raise ConfigError(f"{where}: '{path}' does not exist.")
     try:
         if path.suffix in (".p", ".pkl", ".pickle"):
-            with open(path, "rb") as file:
-                indices = _IndicesUnpickler(file).load()
+            indices = read_array_pickle(path)
         else:
             indices = [line for line in path.read_text(encoding="utf-8").split() if line]
         return [int(i) for i in indices]

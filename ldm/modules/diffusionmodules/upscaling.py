@@ -19,6 +19,7 @@ from torch import nn
 
 from ldm.errors import UserError
 from ldm.modules.diffusionmodules.util import Timestep, extract_into_tensor, make_beta_schedule
+from ldm.serialization import CheckpointError, read_file
 from ldm.util import ConfigError, building_path
 
 
@@ -201,7 +202,10 @@ def _read_clip_stats(path: str, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
             "the (mean, std) file that came with the model (Karlo's ViT-L-14_stats.th), or remove clip_stats_path "
             "to use mean 0 / std 1."
         )
-    stats = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        _, stats = read_file(path)
+    except CheckpointError as err:
+        raise ConfigError(f"{building_path()}.params.clip_stats_path: {err}") from None
     if not isinstance(stats, tuple | list) or len(stats) != 2:
         raise ConfigError(f"{building_path()}.params.clip_stats_path: '{path}' must hold a (mean, std) pair.")
     mean, std = (torch.as_tensor(s, dtype=torch.float32).reshape(-1) for s in stats)
