@@ -188,6 +188,8 @@ def test_class_embedder() -> None:
     torch.testing.assert_close(
         embedder({"label": labels}, key="label", disable_dropout=True), embedder.embedding.weight[labels][:, None]
     )
+    compvis = ClassEmbedder(embed_dim=8, n_classes=10).train()  # CompVis's class drops no labels
+    torch.testing.assert_close(compvis({"class": labels}), compvis.embedding.weight[labels][:, None])
 
 
 def test_meta_construction_then_loading_needs_no_buffers(tiny_clip: FrozenCLIPEmbedder, tiny_dir: Path) -> None:

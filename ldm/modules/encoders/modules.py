@@ -307,10 +307,12 @@ class ClassEmbedder(AbstractEncoder):
     """Class-label conditioning with classifier-free-guidance dropout.
 
     The last class index (``n_classes - 1``) doubles as the "unconditional" label; during training a fraction
-    ``ucg_rate`` of labels is replaced by it.
+    ``ucg_rate`` of labels is replaced by it. The default is CompVis's class, which drops none: the class-conditional
+    configs (``cin256``, ``cin256-v2``, ``cin-ldm-vq-f8``) name it, and for ``cin256``'s 1000 classes the last one
+    is a real ImageNet class. (Stability's copy defaults to 0.1, but no Stability config uses it.)
     """
 
-    def __init__(self, embed_dim: int, n_classes: int = 1000, key: str = "class", ucg_rate: float = 0.1) -> None:
+    def __init__(self, embed_dim: int, n_classes: int = 1000, key: str = "class", ucg_rate: float = 0.0) -> None:
         super().__init__()
         self.key = key
         self.n_classes = n_classes
