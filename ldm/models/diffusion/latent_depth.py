@@ -51,6 +51,7 @@ class LatentDepth2ImageDiffusion(LatentDiffusion):
     # a mask is not part of the conditioning.
     conditions_on_image = True
     takes_depth_map = True
+    conditions_beyond_prompt = True
 
     def __init__(
         self,
@@ -122,34 +123,18 @@ class LatentDepth2ImageDiffusion(LatentDiffusion):
 
     # -- training --
 
-    @torch.no_grad()
-    def get_input(
-        self,
-        batch: Mapping[str, Any],
-        k: str,
-        return_first_stage_outputs: bool = False,
-        force_c_encode: bool = False,
-        cond_key: str | None = None,
-        return_original_cond: bool = False,
-        bs: int | None = None,
-        return_x: bool = False,
-    ) -> list[Any]:
-        """:meth:`LatentDiffusion.get_input` (always encoding the prompt) with ``c`` the conditioning dict
-        ``{"c_concat": [depth (B, 1, h, w)], "c_crossattn": [prompt embedding]}``; the depth is estimated from
-        ``batch[concat_keys[0]]`` ((B, 3, h', w') MiDaS input) or, without it, from the images ``batch[k]``."""
-        out = super().get_input(
-            batch, k, return_first_stage_outputs, True, cond_key, return_original_cond, bs, return_x=True
-        )  # fmt: skip
-        x_at = 4 if return_first_stage_outputs else 2
-        x = out[x_at] if return_x else out.pop(x_at)
+    def batch_conditioning(
+        self, batch: Mapping[str, Any], c: Any, x: torch.Tensor, z: torch.Tensor, bs: int | None
+    ) -> dict[str, list[torch.Tensor]]:
+        """``{"c_concat": [depth (B, 1, h, w)], "c_crossattn": [c]}``: the depth is estimated from
+        ``batch[concat_keys[0]]`` ((B, 3, h', w') MiDaS input) or, without it, from the images x."""
         if self.depth_stage_key in batch:
             midas_in = torch.as_tensor(batch[self.depth_stage_key])
             midas_in = midas_in[:bs] if bs is not None else midas_in
         else:
             midas_in = prepare_midas_input(x, self.midas_model_type)
-        depth = self.depth_conditioning(midas_in.to(self.device), tuple(out[0].shape[-2:]))
-        out[1] = {"c_concat": [depth.to(out[0].dtype)], "c_crossattn": [out[1]]}
-        return out
+        depth = self.depth_conditioning(midas_in.to(self.device), tuple(z.shape[-2:]))
+        return {"c_concat": [depth.to(z.dtype)], "c_crossattn": [c]}
 
     def unconditional_like(self, cond: Any, batch_size: int, null_label: Any = None) -> Any:
         """``cond`` with the null prompt for cross-attention and the same depth map, as in Stability's demos."""

@@ -260,7 +260,10 @@ class LatentDiffusion(DDPM):
                 xc = DDPM.get_input(batch, cond_key).to(self.device, self.dtype)
             if bs is not None:
                 xc = _take(xc, bs)
-            c = self.get_learned_conditioning(xc) if force_c_encode or not self.cond_stage_trainable else xc
+            encode = force_c_encode or not self.cond_stage_trainable or self.conditions_beyond_prompt
+            c = self.get_learned_conditioning(xc) if encode else xc
+        if self.conditions_beyond_prompt:
+            c = self.batch_conditioning(batch, c, x, z, bs)
         out = [z, c]
         if return_first_stage_outputs:
             out += [x, self.decode_first_stage(z)]
@@ -269,6 +272,17 @@ class LatentDiffusion(DDPM):
         if return_original_cond:
             out.append(xc)
         return out
+
+    # Models conditioned on more than the prompt (depth, upscaler, unCLIP) always encode it and add the rest of a
+    # training batch's conditioning in batch_conditioning.
+    conditions_beyond_prompt = False
+
+    def batch_conditioning(
+        self, batch: Mapping[str, Any], c: Any, x: torch.Tensor, z: torch.Tensor, bs: int | None
+    ) -> Any:
+        """A training batch's whole conditioning, from the encoded prompt ``c``, the images x (B, 3, H, W), their
+        latents z (B, C, h, w) and the batch; ``bs`` as in :meth:`get_input`. Only for ``conditions_beyond_prompt``."""
+        raise NotImplementedError(f"{type(self).__name__} sets conditions_beyond_prompt but has no batch_conditioning")
 
     def shared_step(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         z, c = self.get_input(batch, self.first_stage_key)

@@ -8,6 +8,7 @@ Configs and checkpoints name it ``ldm.models.diffusion.ddpm.ImageEmbeddingCondit
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,6 +39,7 @@ class ImageEmbeddingConditionedLatentDiffusion(LatentDiffusion):
 
     # The init image of a generation request is this model's condition, not the start of sampling.
     image_is_condition = True
+    conditions_beyond_prompt = True
 
     def __init__(
         self,
@@ -102,35 +104,22 @@ class ImageEmbeddingConditionedLatentDiffusion(LatentDiffusion):
 
     # -- training --
 
-    def get_input(
-        self,
-        batch: Mapping[str, Any],
-        k: str,
-        return_first_stage_outputs: bool = False,
-        force_c_encode: bool = False,
-        cond_key: str | None = None,
-        return_original_cond: bool = False,
-        bs: int | None = None,
-        return_x: bool = False,
-    ) -> list[Any]:
-        """:meth:`LatentDiffusion.get_input` (always encoding the prompt) with ``c`` the conditioning dict
-        ``{"c_crossattn": [(B, L, D)], "c_adm": (B, adm_in_channels)}``: the embedding of ``batch[embedding_key]``,
+    def batch_conditioning(
+        self, batch: Mapping[str, Any], c: Any, x: torch.Tensor, z: torch.Tensor, bs: int | None
+    ) -> dict[str, Any]:
+        """``{"c_crossattn": [c], "c_adm": (B, adm_in_channels)}``: the embedding of ``batch[embedding_key]``,
         noise-augmented at random levels and, in training mode, zeroed per sample with probability
         ``embedding_dropout``. Only an embedder trained with the UNet (``freeze_embedder: false``) gets gradients."""
-        out = super().get_input(
-            batch, k, return_first_stage_outputs, True, cond_key, return_original_cond, bs, return_x
-        )  # fmt: skip
         if self.embed_key not in batch:
             raise UserError(f"the batch has no images to embed under '{self.embed_key}' (embedding_key).")
         images = DDPM.get_input(batch, self.embed_key)
         images = images[:bs] if bs is not None else images
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_embedder):
+        with torch.enable_grad() if self.training and not self.freeze_embedder else contextlib.nullcontext():
             adm = self.augment_embedding(self.embed_image(images.to(self.device, self.dtype)))
         if self.training and self.embedding_dropout > 0:
             keep = torch.bernoulli(torch.full((adm.shape[0], 1), 1.0 - self.embedding_dropout, device=adm.device))
             adm = adm * keep
-        out[1] = {"c_crossattn": [out[1]], "c_adm": adm.to(self.dtype)}
-        return out
+        return {"c_crossattn": [c], "c_adm": adm.to(self.dtype)}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """:meth:`LatentDiffusion.trainable_parameters`, plus the image embedder unless ``freeze_embedder``."""

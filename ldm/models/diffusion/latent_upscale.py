@@ -35,6 +35,8 @@ class LatentUpscaleDiffusion(LatentDiffusion):
     are drawn at random). The low-scale model has no parameters; its schedule is part of the checkpoint.
     """
 
+    conditions_beyond_prompt = True
+
     def __init__(
         self,
         *args: Any,
@@ -77,23 +79,11 @@ class LatentUpscaleDiffusion(LatentDiffusion):
 
     # -- training --
 
-    @torch.no_grad()
-    def get_input(
-        self,
-        batch: Mapping[str, Any],
-        k: str,
-        return_first_stage_outputs: bool = False,
-        force_c_encode: bool = False,
-        cond_key: str | None = None,
-        return_original_cond: bool = False,
-        bs: int | None = None,
-        return_x: bool = False,
-    ) -> list[Any]:
-        """:meth:`LatentDiffusion.get_input` (always encoding the prompt) with ``c`` the conditioning dict: the
-        low-res image ``batch[low_scale_key]`` noise-augmented, the prompt embedding and the noise levels (B,)."""
-        out = super().get_input(
-            batch, k, return_first_stage_outputs, True, cond_key, return_original_cond, bs, return_x
-        )  # fmt: skip
+    def batch_conditioning(
+        self, batch: Mapping[str, Any], c: Any, x: torch.Tensor, z: torch.Tensor, bs: int | None
+    ) -> dict[str, Any]:
+        """The conditioning dict: the low-res image ``batch[low_scale_key]`` noise-augmented, the prompt embedding c
+        and the noise levels (B,)."""
         if self.low_scale_key not in batch:
             raise UserError(f"the batch has no low-res image under '{self.low_scale_key}' (low_scale_key).")
         low_res = DDPM.get_input(batch, self.low_scale_key)
@@ -104,8 +94,7 @@ class LatentUpscaleDiffusion(LatentDiffusion):
             low_res, noise_level = low_res[:bs], _take(noise_level, bs)
         low_res = low_res.to(self.device, self.dtype)
         augmented, noise_level = self.low_scale_model(low_res, noise_level=noise_level)
-        out[1] = self._conditioning(out[1], augmented, noise_level)
-        return out
+        return self._conditioning(c, augmented, noise_level)
 
     def unconditional_like(self, cond: Any, batch_size: int, null_label: Any = None) -> Any:
         """``cond`` (a conditioning dict) with the null prompt for cross-attention; the image and its noise level
