@@ -22,7 +22,7 @@ from ldm.errors import UserError
 from ldm.inference import image_to_tensor, tensor_to_images
 from ldm.models.diffusion.noise import Noise
 from ldm.models.diffusion.samplers import sample
-from ldm.upscale import unet_multiple
+from ldm.upscale import check_low_res, unet_multiple
 
 # CompVis's notebook: 100 DDIM steps, eta 1.
 DEFAULT_STEPS = 100
@@ -55,15 +55,7 @@ def superresolve(
     """``n`` super-resolved versions of ``image`` (RGB, sides multiples of :func:`unet_multiple`), each the first
     stage's factor times larger; image ``i`` uses seed ``seed + i`` (drawn when None)."""
     check_superres_model(model)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise UserError(f"n (the number of images) must be a positive integer, got {n!r}.")
-    width, height = image.size
-    multiple = unet_multiple(model)
-    if width % multiple or height % multiple:
-        raise UserError(
-            f"the image is {width}x{height}; the model needs sides that are multiples of {multiple}: crop it to "
-            f"{width - width % multiple or multiple}x{height - height % multiple or multiple}."
-        )
+    check_low_res(image, n, unet_multiple(model))
     device = model.alphas_cumprod.device
     low_res = image_to_tensor(image.convert("RGB")).to(device).expand(n, -1, -1, -1)
     cond = model.get_learned_conditioning(low_res)

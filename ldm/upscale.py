@@ -31,6 +31,19 @@ def unet_multiple(model: LatentUpscaleDiffusion) -> int:
     return 2 ** sum(isinstance(m, Downsample) for m in model.model.diffusion_model.modules())
 
 
+def check_low_res(image: Image.Image, n: int, multiple: int) -> None:
+    """UserError unless ``n`` (images to make) is a positive int and the sides of ``image`` are multiples of
+    ``multiple`` (what the model's UNet needs of its latent)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise UserError(f"n (the number of images) must be a positive integer, got {n!r}.")
+    width, height = image.size
+    if width % multiple or height % multiple:
+        raise UserError(
+            f"the image is {width}x{height}; the model needs sides that are multiples of {multiple}: crop or pad "
+            f"it to {width - width % multiple or multiple}x{height - height % multiple or multiple}."
+        )
+
+
 def vae_factor(model: LatentUpscaleDiffusion) -> int:
     """How many times larger the output is than the low-res input: the first stage's downsampling."""
     return 2 ** (model.first_stage_model.decoder.num_resolutions - 1)
@@ -64,15 +77,7 @@ def upscale(
     """
     if not isinstance(model, LatentUpscaleDiffusion):
         raise UserError(f"upscale needs an upscaler model (LatentUpscaleDiffusion), got {type(model).__name__}.")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise UserError(f"n (the number of images) must be a positive integer, got {n!r}.")
-    width, height = image.size
-    multiple = unet_multiple(model)
-    if width % multiple or height % multiple:
-        raise UserError(
-            f"the image is {width}x{height}; the upscaler needs sides that are multiples of {multiple}: crop or pad "
-            f"it to {width - width % multiple or multiple}x{height - height % multiple or multiple}."
-        )
+    check_low_res(image, n, unet_multiple(model))
     device = model.alphas_cumprod.device
     low_res = image_to_tensor(image.convert("RGB")).to(device).expand(n, -1, -1, -1)
     noise = Noise.from_seed(seed, n, device)
