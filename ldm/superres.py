@@ -1,7 +1,7 @@
 """LDM super-resolution (CompVis's ``bsr_sr`` model): a low-resolution image in, one 4x larger out.
 
     config = load_config("models/ldm/bsr_sr/config.yaml")
-    model = load_model_from_config(config, "models/ldm/bsr_sr/model.ckpt", device="cuda")
+    model = load_model_from_config(config, "models/ldm/bsr_sr/model.ckpt")  # on CUDA, MPS or the CPU
     big = superresolve(model, Image.open("small.png"), steps=100, eta=1.0, seed=0)[0]
 
 As CompVis's ``notebook_helpers.run(model, path, task="superresolution", custom_steps=100)``: the low-res image,
