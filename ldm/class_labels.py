@@ -3,8 +3,8 @@ stage is a :class:`~ldm.modules.encoders.modules.ClassEmbedder`.
 
 Classifier-free guidance needs a label that means "no class". cin256-v2 has one: its embedder has 1001 classes,
 ImageNet's 1000 and the unconditional class 1000 (CompVis's notebook guides with it). The project's ``ClassEmbedder``
-takes its last class as unconditional (its ``ucg_rate`` dropout trains it so), so every embedder has one, except one
-of exactly ImageNet's 1000 classes: cin256, trained without such a class, samples without guidance only.
+takes its last class as unconditional (its ``ucg_rate`` dropout, when set, trains it so), so every embedder has
+one, except one of exactly ImageNet's 1000 classes: cin256, trained without such a class, samples without guidance only.
 """
 
 from __future__ import annotations
