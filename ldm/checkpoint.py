@@ -36,6 +36,9 @@ DEPTH_PREFIX = "depth_model."  # SD 2 depth-to-image: the MiDaS weights
 # Keys real checkpoints carry that the model may not have, and that are safe to drop: the CLIP position ids are a
 # constant arange that recent transformers releases no longer save.
 DROPPABLE_SUFFIXES = ("embeddings.position_ids",)
+# Empty marker tensors some checkpoints carry (ComfyUI's convention): v-prediction, zero-terminal-SNR schedule. They
+# are read by ldm.model_detection, and hold no weights.
+MARKER_KEYS = frozenset({"v_pred", "ztsnr"})
 
 # The diffusion schedule is computed from the config (in float64, stored as float32), so a checkpoint's copy is
 # only checked for its shape: it may be rounded (an fp16 export moved sigma_min from 0.02917 to 0.03127), and
@@ -62,15 +65,18 @@ SCHEDULE_BUFFERS = frozenset(
 # Reading files
 
 
-def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def read_checkpoint(
+    path: str | os.PathLike, layout_only: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a ``.ckpt``/``.pt``/``.pth``/``.bin`` or ``.safetensors`` file (told apart by content, see
     :mod:`ldm.serialization`), running nothing it contains.
 
     Returns ``(state_dict, info)``: the tensors (from a Lightning checkpoint's ``state_dict`` or a bare state dict) and
-    plain metadata such as ``global_step`` when the file has it.
+    plain metadata such as ``global_step`` when the file has it. ``layout_only``: the tensors are on the meta device
+    (names, shapes, dtypes), read without the file's data.
     """
     path = Path(path)
-    _, data = read_file(path)
+    _, data = read_file(path, layout_only=layout_only)
     info: dict[str, Any] = {}
     if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):
         info = {k: v for k, v in data.items() if isinstance(v, int | float | str) and k != "state_dict"}
@@ -238,7 +244,7 @@ def fit_state_dict(
         if ignore_prefixes and key.startswith(ignore_prefixes):
             continue
         if key not in expected:
-            if key.endswith(DROPPABLE_SUFFIXES) or (key.startswith(EMA_PREFIX) and not has_ema):
+            if key.endswith(DROPPABLE_SUFFIXES) or key in MARKER_KEYS or (key.startswith(EMA_PREFIX) and not has_ema):
                 continue
             unexpected.append(key)
         elif value.shape != expected[key].shape:

@@ -55,8 +55,10 @@ LEGACY_PROTOCOL = 1001
 # metadata) stay far below. Reading a larger one would cost gigabytes before safetensors could refuse it.
 MAX_SAFETENSORS_HEADER = 16 << 20
 SAFETENSORS_DTYPES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2, "I16": torch.int16, "U16": torch.uint16, "F16": torch.float16,
+    "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32, "F32": torch.float32, "I64": torch.int64,
+    "U64": torch.uint64, "F64": torch.float64,
 }  # fmt: skip
 # Containers Lightning pickles that are dicts underneath: read as dicts, so their contents stay usable.
 DICT_LIKE = (
@@ -137,10 +139,12 @@ def sniff_format(head: bytes, size: int) -> str:
     return "unknown"
 
 
-def read_file(path: str | os.PathLike) -> tuple[str, Any]:
+def read_file(path: str | os.PathLike, layout_only: bool = False) -> tuple[str, Any]:
     """``(format, contents)`` of a checkpoint file: a dict of tensors for safetensors, the unpickled object else.
 
-    Raises CheckpointError naming the file and the problem for anything refused or malformed.
+    ``layout_only``: every tensor is on the meta device (names, shapes and dtypes, no data), read from the safetensors
+    header or the pickle alone; a legacy stream (no SD checkpoint is one) is read in full. Raises CheckpointError
+    naming the file and the problem for anything refused or malformed.
     """
     path = Path(path)
     with open_regular(path) as file:
@@ -159,8 +163,13 @@ def read_file(path: str | os.PathLike) -> tuple[str, Any]:
             )
         try:
             if kind == "safetensors":
-                return kind, _read_safetensors(path, file, size)
-            return kind, _read_pickled(path, file, size, kind)
+                header = _safetensors_header(path, file, size)
+                if layout_only:
+                    return kind, {name: _meta_tensor(entry) for name, entry in header.items() if name != "__metadata__"}
+                from safetensors.torch import load_file
+
+                return kind, load_file(str(path), device="cpu")
+            return kind, _read_pickled(path, file, size, kind, layout_only)
         except CheckpointError:
             raise
         except Exception as err:  # anything the parsers raise on a malformed file is a property of the file
@@ -175,8 +184,8 @@ def read_file(path: str | os.PathLike) -> tuple[str, Any]:
 # safetensors
 
 
-def _read_safetensors(path: Path, file: BinaryIO, size: int) -> dict[str, torch.Tensor]:
-    """Check the header against the file before safetensors (which would allocate for any header) reads it."""
+def _safetensors_header(path: Path, file: BinaryIO, size: int) -> dict[str, Any]:
+    """The JSON header, checked against the file before safetensors (which would allocate for any header) reads it."""
     (length,) = struct.unpack("<Q", _read_exactly(file, 0, 8))
     if length > MAX_SAFETENSORS_HEADER:
         raise CheckpointError(
@@ -194,11 +203,71 @@ def _read_safetensors(path: Path, file: BinaryIO, size: int) -> dict[str, torch.
         numel = 1
         for n in entry["shape"]:
             numel *= int(n)
-        if not 0 <= start <= end <= data_size or end - start != numel * SAFETENSORS_DTYPES[entry["dtype"]]:
+        if not 0 <= start <= end <= data_size or end - start != numel * SAFETENSORS_DTYPES[entry["dtype"]].itemsize:
             raise CheckpointError(f"'{path}': tensor '{name}' does not lie within the file; it is truncated or damaged")
-    from safetensors.torch import load_file
+    return header
 
-    return load_file(str(path), device="cpu")
+
+def _meta_tensor(entry: dict[str, Any]) -> torch.Tensor:
+    return torch.empty([int(n) for n in entry["shape"]], dtype=SAFETENSORS_DTYPES[entry["dtype"]], device="meta")
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """A safetensors file's ``__metadata__`` strings (e.g. ``modelspec.*``); ``{}`` for other formats."""
+    path = Path(path)
+    with open_regular(path) as file:
+        size = os.fstat(file.fileno()).st_size
+        if sniff_format(file.read(512), size) != "safetensors":
+            return {}
+        try:
+            metadata = _safetensors_header(path, file, size).get("__metadata__") or {}
+        except (ValueError, KeyError, TypeError, EOFError) as err:
+            raise CheckpointError(f"cannot read the header of '{path}': {err}") from None
+    return {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
+
+
+def read_tensor(path: str | os.PathLike, name: str) -> torch.Tensor:
+    """The data of the one tensor ``name`` of a checkpoint's state dict (its ``state_dict`` entry where it has one),
+    reading only its bytes (a legacy stream is read in full); KeyError if there is no such tensor.
+
+    For the heuristics of :mod:`ldm.model_detection`, which need one small tensor of a multi-gigabyte file.
+    """
+    path = Path(path)
+    with open_regular(path) as file:
+        size = os.fstat(file.fileno()).st_size
+        kind = sniff_format(file.read(512), size)
+        if kind == "safetensors":
+            if name not in _safetensors_header(path, file, size):
+                raise KeyError(name)
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt", device="cpu") as tensors:
+                return tensors.get_tensor(name)
+        if kind != "zip":
+            return _state_dict_entry(read_file(path)[1], name)
+        data_pkl, records = _check_zip(path, file, size)
+        names = _foreign_globals(path, file, data_pkl)
+        with _allow_list_lock, torch.serialization.safe_globals(_stand_ins(names)):
+            _, contents, storage_keys = _declared_storages(io.BytesIO(data_pkl), legacy=False)
+        meta = _state_dict_entry(contents, name)
+        key = storage_keys[meta.untyped_storage()._cdata]
+        if records.get(key) is None:
+            raise CheckpointError(f"'{path}': tensor '{name}' has no record in the file; it is damaged.")
+        file.seek(0)
+        with zipfile.ZipFile(file) as archive:
+            prefix = next(n for n in archive.namelist() if n.endswith("/data.pkl"))[: -len("data.pkl")]
+            data = bytearray(archive.read(f"{prefix}data/{key}"))
+    storage = torch.frombuffer(data, dtype=meta.dtype) if data else torch.empty(0, dtype=meta.dtype)
+    return storage.as_strided(meta.shape, meta.stride(), meta.storage_offset()).clone()
+
+
+def _state_dict_entry(contents: Any, name: str) -> torch.Tensor:
+    if isinstance(contents, dict) and isinstance(contents.get("state_dict"), dict):
+        contents = contents["state_dict"]
+    value = contents.get(name) if isinstance(contents, dict) else None
+    if not isinstance(value, torch.Tensor):
+        raise KeyError(name)
+    return value
 
 
 def _read_exactly(file: BinaryIO, offset: int, n: int) -> bytes:
@@ -213,7 +282,7 @@ def _read_exactly(file: BinaryIO, offset: int, n: int) -> bytes:
 # Pickled checkpoints (torch.save)
 
 
-def _read_pickled(path: Path, file: BinaryIO, size: int, kind: str) -> Any:
+def _read_pickled(path: Path, file: BinaryIO, size: int, kind: str, layout_only: bool = False) -> Any:
     if kind == "zip":
         data_pkl, records = _check_zip(path, file, size)
     else:
@@ -221,11 +290,15 @@ def _read_pickled(path: Path, file: BinaryIO, size: int, kind: str) -> Any:
     names = _foreign_globals(path, file, data_pkl)
     with _allow_list_lock, torch.serialization.safe_globals(_stand_ins(names)):
         if kind == "zip":
-            _check_declared_storages(path, _declared_storages(io.BytesIO(data_pkl), legacy=False), records)
+            declared, layout, _ = _declared_storages(io.BytesIO(data_pkl), legacy=False)
+            _check_declared_storages(path, declared, records)
         else:
             _check_legacy_storages(path, file, size)
-        file.seek(0)  # the file already checked, not whatever the path names by now
-        data = torch.load(file, map_location="cpu", weights_only=True)
+        if kind == "zip" and layout_only:
+            data = layout
+        else:
+            file.seek(0)  # the file already checked, not whatever the path names by now
+            data = torch.load(file, map_location="cpu", weights_only=True)
     ignored = sorted(set(names) - set(DICT_LIKE))
     if ignored:
         listed = ", ".join(ignored[:6]) + (" ..." if len(ignored) > 6 else "")
@@ -299,9 +372,11 @@ def _stand_ins(names: list[str]) -> list[tuple[Callable, str]]:
     return stand_ins
 
 
-def _declared_storages(stream: BinaryIO, legacy: bool) -> dict[str, tuple[int, int]]:
-    """Unpickle the object pickle with meta-device storages: ``{storage key: (elements, bytes)}``, nothing allocated."""
+def _declared_storages(stream: BinaryIO, legacy: bool) -> tuple[dict[str, tuple[int, int]], Any, dict[int, str]]:
+    """Unpickle the object pickle with meta-device storages, nothing allocated: ``{storage key: (elements, bytes)}``,
+    the object (its tensors on the meta device) and ``{storage id (_cdata): storage key}``."""
     declared: dict[str, tuple[int, int]] = {}
+    keys: dict[int, str] = {}
 
     def persistent_load(saved_id: Any) -> Any:
         if not isinstance(saved_id, tuple) or len(saved_id) != (6 if legacy else 5):
@@ -315,12 +390,13 @@ def _declared_storages(stream: BinaryIO, legacy: bool) -> dict[str, tuple[int, i
         if declared.setdefault(key, (numel, nbytes)) != (numel, nbytes):
             raise pickle.UnpicklingError(f"storage '{key}' is declared with two sizes")
         storage = torch.UntypedStorage(nbytes, device="meta")
+        keys[storage._cdata] = key
         return torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
 
     unpickler = WeightsOnlyUnpickler(stream, encoding="utf-8")
     unpickler.persistent_load = persistent_load
-    unpickler.load()
-    return declared
+    contents = unpickler.load()
+    return declared, contents, keys
 
 
 def _check_declared_storages(path: Path, declared: dict[str, tuple[int, int]], records: dict[str, int]) -> None:
@@ -346,7 +422,7 @@ def _check_legacy_storages(path: Path, file: BinaryIO, size: int) -> None:
         raise CheckpointError(f"'{path}' starts like a torch.save file but is not one (wrong magic number).")
     if not system.get("little_endian", False):
         raise CheckpointError(f"'{path}' was saved on a big-endian machine; re-save it on a little-endian one.")
-    declared = _declared_storages(file, legacy=True)
+    declared, _, _ = _declared_storages(file, legacy=True)
     keys = WeightsOnlyUnpickler(file, encoding="utf-8").load()
     if not isinstance(keys, list) or len(set(keys)) != len(keys) or set(map(str, keys)) != set(declared):
         raise CheckpointError(f"'{path}': its list of storages does not match the storages it uses; it is damaged.")
