@@ -24,9 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig
 from tqdm import tqdm
 
-from ldm.cli_parser import DEFAULT_CKPT, DEFAULT_CONFIG, DEPTH_CONFIG, FROM_NOISE, build_parser
+from ldm.cli_parser import DEFAULT_CKPT, DEPTH_CONFIG, FROM_NOISE, build_parser
 from ldm.devices import (
     available_memory,
     is_out_of_memory,
@@ -35,6 +36,7 @@ from ldm.errors import UserError, print_error
 from ldm.geometry import LatentGeometry, output_size
 from ldm.inference import Pipeline
 from ldm.memory import Footprint, MemoryEstimate, check_memory, estimate, min_chunks
+from ldm.model_detection import detect_checkpoint
 from ldm.models.diffusion.latent_unclip import check_variation_config
 from ldm.models.diffusion.noise import MAX_SEED, check_seed
 from ldm.outputs import image_size, read_prompt_file
@@ -122,7 +124,7 @@ def find_checkpoint(ckpt: str | None) -> Path:
     raise FileNotFoundError(
         f"no --ckpt given and no checkpoint at {_shown(default)}. Download a Stable Diffusion 1.x checkpoint "
         f"(e.g. v1-5-pruned-emaonly.ckpt or sd-v1-4.ckpt) and save it as {_shown(default)}, or pass "
-        f"--ckpt PATH (with --config for SD 2.x; see models/README.md).{_demo_hint()}"
+        f"--ckpt PATH (any model of models/README.md: its config is detected).{_demo_hint()}"
     )
 
 
@@ -143,14 +145,26 @@ def parse_slice_size(text: str | None) -> int | str | None:
     return int(text)
 
 
+def choose_config(config: str | None, ckpt: Path, overrides: Sequence[str]) -> DictConfig:
+    """``--config`` with the overrides; without it, the config detected from the checkpoint
+    (:mod:`ldm.model_detection`), announced in one line. Detection also covers the CompVis default checkpoint path: an
+    SD 1.x file there detects as v1-inference.yaml, CompVis's default, and any other model there loads instead of
+    failing."""
+    if config is not None:
+        return load_config(config, overrides)
+    detection = detect_checkpoint(ckpt)
+    print(detection.line())
+    return load_config(detection.path, [*detection.overrides, *overrides])
+
+
 def plan(mode: str, args: argparse.Namespace) -> Job:
     """Check every input and work out batches and seeds; loads no model and writes nothing."""
     ckpt = find_checkpoint(args.ckpt)
-    default_config = DEPTH_CONFIG if mode == "depth2img" else DEFAULT_CONFIG
-    config = load_config(args.config if args.config is not None else project_path(default_config), args.overrides)
+    config = choose_config(args.config, ckpt, args.overrides)
     if mode == "depth2img" and not str(config.model.get("target", "")).endswith(".LatentDepth2ImageDiffusion"):
         raise UserError(
-            f"depth2img needs a depth-to-image model's config (LatentDepth2ImageDiffusion), such as {DEPTH_CONFIG}."
+            f"depth2img needs a depth-to-image model (LatentDepth2ImageDiffusion, {DEPTH_CONFIG}), such as SD 2's "
+            "512-depth-ema.ckpt; this one is not."
         )
     geometry = LatentGeometry.from_config(config)
     if args.C is not None and args.C != geometry.channels:

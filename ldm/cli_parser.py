@@ -102,7 +102,9 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     )
     add("--from-file", dest="from_file", type=str, help="read prompts from this file, one a line, in batches")
     depth = mode == "depth2img"
-    config_help = f"config of the model (default {DEPTH_CONFIG if depth else DEFAULT_CONFIG})"
+    config_help = "config of the model (default: the checkpoint's, detected from its layout, e.g. " + (
+        f"{DEPTH_CONFIG} for SD 2 depth)" if depth else f"{DEFAULT_CONFIG} for SD 1.x)"
+    )
     add("--config", type=str, default=None, help=config_help)
     if depth:
         add("--ckpt", type=str, required=True, help="the SD 2 depth checkpoint (512-depth-ema.ckpt, MiDaS included)")

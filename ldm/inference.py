@@ -1,7 +1,7 @@
 """Generate images with a latent diffusion model: load once, then ``generate`` for txt2img, img2img and inpainting.
 
-    config, ckpt = "configs/stable-diffusion/v1-inference.yaml", "models/ldm/stable-diffusion-v1/model.ckpt"
-    pipe = Pipeline.from_config(config, ckpt)
+    pipe = Pipeline.from_checkpoint("models/ldm/stable-diffusion-v1/model.ckpt")  # the config is detected
+    # or Pipeline.from_config("configs/stable-diffusion/v1-inference.yaml", ckpt) to name it
     result = pipe.generate("a painting of a fox", steps=20, sampler="Euler a", seed=42, n=3)
     result.images[0].save("fox.png", pnginfo=png_info(result.parameters(0)))  # image i was made with seed 42 + i
 
@@ -51,6 +51,7 @@ from ldm.checkpoint import load_model_from_config
 from ldm.class_labels import class_embedder, encode_class_labels
 from ldm.errors import UserError
 from ldm.geometry import LatentGeometry
+from ldm.model_detection import Detection, detect_checkpoint
 from ldm.models.diffusion.guidance import keep_known
 from ldm.models.diffusion.noise import Noise
 from ldm.models.diffusion.samplers import SCHEDULE_LABELS, resolve_sampler, sample
@@ -173,6 +174,7 @@ class Pipeline:
         self.device = options.device
         self.idle_device = options.idle_device
         self.ckpt = Path(ckpt) if ckpt is not None else None
+        self.detection: Detection | None = None  # how from_config chose the config, when it detected it
         self.vocabulary = frozenset(w.lower() for w in vocabulary) if vocabulary else None
         self.stages = model.stages()
         set_attention_slicing(model, options.attention_slicing)
@@ -184,9 +186,14 @@ class Pipeline:
             self.stages["unet"].compile()
 
     @classmethod
+    def from_checkpoint(cls, ckpt: str | os.PathLike, options: RuntimeOptions | None = None, **kwargs: Any) -> Pipeline:
+        """:meth:`from_config` with the config detected from ``ckpt`` (:mod:`ldm.model_detection`)."""
+        return cls.from_config(None, ckpt, options, **kwargs)
+
+    @classmethod
     def from_config(
         cls,
-        config: str | os.PathLike | DictConfig,
+        config: str | os.PathLike | DictConfig | None,
         ckpt: str | os.PathLike | None,
         options: RuntimeOptions | None = None,
         *,
@@ -196,13 +203,21 @@ class Pipeline:
     ) -> Pipeline:
         """Build the model of a config (path or OmegaConf, plus ``key=value`` overrides) and load ``ckpt`` strictly.
 
-        ``options``, or the same as keyword arguments (``device="cpu", precision="full", ...``; see
-        :class:`RuntimeOptions`). ``ckpt=None`` keeps random weights (for tests). Raises UserError (ConfigError,
-        CheckpointError) with a message naming the fix.
+        ``config=None``: the config detected from ``ckpt``'s key layout, announced in one printed line (see
+        :mod:`ldm.model_detection`; ``pipe.detection`` keeps it). ``options``, or the same as keyword arguments
+        (``device="cpu", precision="full", ...``; see :class:`RuntimeOptions`). ``ckpt=None`` keeps random weights
+        (for tests). Raises UserError (ConfigError, CheckpointError) with a message naming the fix.
         """
         if options is not None and runtime:
             raise UserError(f"give RuntimeOptions or {', '.join(runtime)} as keywords, not both.")
         options = options if options is not None else RuntimeOptions(**runtime)
+        detection = None
+        if config is None:
+            if ckpt is None:
+                raise UserError("give a config, or a checkpoint to detect it from.")
+            detection = detect_checkpoint(ckpt)
+            print(detection.line())
+            config, overrides = detection.path, [*detection.overrides, *overrides]
         if isinstance(config, str | os.PathLike):
             config = load_config(config, overrides)
         else:
@@ -213,7 +228,9 @@ class Pipeline:
             for stage in model.stages().values():
                 stage.to(DTYPES[options.precision])
         _place(model, options.device, options.idle_device)
-        return cls(model, geometry, options, ckpt=ckpt, vocabulary=config.get("vocabulary"))
+        pipe = cls(model, geometry, options, ckpt=ckpt, vocabulary=config.get("vocabulary"))
+        pipe.detection = detection
+        return pipe
 
     @functools.cached_property
     def model_hash(self) -> str | None:

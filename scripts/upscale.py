@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ldm.checkpoint import load_model_from_config
+from ldm.cli import choose_config
 from ldm.devices import resolve_device
 from ldm.errors import ScriptParser, UserError, print_error
 from ldm.inference import sampler_label
@@ -21,7 +22,6 @@ from ldm.models.diffusion.noise import check_seed
 from ldm.models.diffusion.samplers import check_sampling_arguments
 from ldm.outputs import format_parameters, load_image, save_numbered
 from ldm.upscale import upscale
-from ldm.util import load_config
 
 DEFAULT_CONFIG = "configs/stable-diffusion/x4-upscaling.yaml"
 
@@ -40,7 +40,7 @@ def build_parser() -> ScriptParser:
     add("--n_samples", type=int, default=1, help="how many upscales of the image (default 1)")
     add("--seed", type=int, default=42, help="seed of the first upscale; upscale k uses seed + k")
     add("--outdir", type=str, default="outputs/upscale-samples", help="dir to write results to")
-    add("--config", type=str, default=DEFAULT_CONFIG, help=f"config of the model (default {DEFAULT_CONFIG})")
+    add("--config", type=str, default=None, help=f"config of the model (default: detected, {DEFAULT_CONFIG})")
     add("--ckpt", type=str, required=True, help="checkpoint of the model (x4-upscaler-ema.ckpt)")
     add("--vae_tiling", action="store_true", help="decode by overlapping tiles, to save memory on large outputs")
     add("--device", type=str, default=None, help="cpu, cuda, cuda:N or mps (default: the best available)")
@@ -55,15 +55,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit:  # --help, or a usage error already reported in one line
         return int(exit.code or 0)
     try:
-        config = load_config(args.config, args.overrides)
+        if not Path(args.ckpt).is_file():
+            raise UserError(f"--ckpt '{args.ckpt}' does not exist; give the upscaler's checkpoint file.")
+        config = choose_config(args.config, Path(args.ckpt), args.overrides)
+        if not str(config.model.get("target", "")).endswith(".LatentUpscaleDiffusion"):
+            raise UserError(f"upscale.py needs the x4 upscaler ({DEFAULT_CONFIG}, x4-upscaler-ema.ckpt); this is not.")
         if args.n_samples < 1:
             raise UserError(f"--n_samples must be at least 1, got {args.n_samples}.")
         check_seed(args.seed)
         device = resolve_device(args.device)
         timesteps = int(config.model.params.get("timesteps", 1000))
         check_sampling_arguments(args.sampler, args.steps, timesteps, 1.0, args.eta, False, args.scale, None, 0.0, {})
-        if not Path(args.ckpt).is_file():
-            raise UserError(f"--ckpt '{args.ckpt}' does not exist; give the upscaler's checkpoint file.")
         image = load_image(args.init_img, "init image")
         model = load_model_from_config(config, args.ckpt, device=device)
         images = upscale(

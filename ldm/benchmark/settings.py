@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from ldm.cli import DEFAULT_CONFIG, ROOT, find_checkpoint, parse_slice_size
+from ldm.cli import ROOT, find_checkpoint, parse_slice_size
+from ldm.cli_parser import DEFAULT_CONFIG
 from ldm.devices import check_precision, resolve_device
 from ldm.errors import ScriptParser, UserError
 from ldm.geometry import LatentGeometry
