@@ -217,12 +217,8 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     path = Path(path)
     with open_regular(path) as file:
         size = os.fstat(file.fileno()).st_size
-        if sniff_format(file.read(512), size) != "safetensors":
-            return {}
-        try:
-            metadata = _safetensors_header(path, file, size).get("__metadata__") or {}
-        except (ValueError, KeyError, TypeError, EOFError) as err:
-            raise CheckpointError(f"cannot read the header of '{path}': {err}") from None
+        is_safetensors = sniff_format(file.read(512), size) == "safetensors"
+        metadata = _safetensors_header(path, file, size).get("__metadata__") if is_safetensors else None
     return {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
 
 
@@ -262,12 +258,10 @@ def read_tensor(path: str | os.PathLike, name: str) -> torch.Tensor:
 
 
 def _state_dict_entry(contents: Any, name: str) -> torch.Tensor:
-    if isinstance(contents, dict) and isinstance(contents.get("state_dict"), dict):
-        contents = contents["state_dict"]
-    value = contents.get(name) if isinstance(contents, dict) else None
-    if not isinstance(value, torch.Tensor):
+    state_dict = contents.get("state_dict", contents) if isinstance(contents, dict) else {}
+    if not isinstance(state_dict, dict) or not isinstance(state_dict.get(name), torch.Tensor):
         raise KeyError(name)
-    return value
+    return state_dict[name]
 
 
 def _read_exactly(file: BinaryIO, offset: int, n: int) -> bytes:
