@@ -303,4 +303,8 @@ def detect_checkpoint(ckpt: str | os.PathLike) -> Detection:
     if beside is not None:
         return Detection("the checkpoint's own config", beside, "the config file beside it", bundled=False)
     layout, _ = read_checkpoint(ckpt, layout_only=True)
-    return detect(layout, read_metadata(ckpt), read=lambda key: read_tensor(ckpt, key), name=Path(ckpt).name)
+    name = Path(ckpt).name
+    detection = detect(layout, read_metadata(ckpt), read=lambda key: read_tensor(ckpt, key), name=name)
+    if not detection.path.is_file():
+        raise UserError(f"'{name}' is {detection.family}, but {detection.config} is not in {ROOT}; pass its --config.")
+    return detection

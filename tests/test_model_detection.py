@@ -227,6 +227,14 @@ def test_a_config_beside_the_checkpoint_wins(tmp_path):
     assert detection.path == tmp_path / "mine.yaml" and not detection.bundled
 
 
+def test_a_detected_config_missing_from_the_project_is_named(tmp_path, monkeypatch):
+    import ldm.model_detection as model_detection
+
+    monkeypatch.setattr(model_detection, "ROOT", tmp_path)
+    with pytest.raises(UserError, match=f"'sd1.safetensors' is SD 1.x, but {SD}v1-inference.yaml is not in"):
+        detect_checkpoint(write(tmp_path / "sd1.safetensors", signature_tensors("clip")))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # End to end
 
@@ -253,6 +261,15 @@ def test_txt2img_without_config_runs_the_demo_model_and_says_which_config(tmp_pa
     stdout = capsys.readouterr().out
     assert f"detected the checkpoint's own config: {DEMO / 'config.yaml'}" in stdout
     assert len(list((out / "samples").glob("*.png"))) == 1
+
+
+@needs_demo
+def test_marker_keys_load_as_no_weights(tmp_path):
+    from ldm.checkpoint import load_model_from_config, read_checkpoint
+
+    state_dict = read_checkpoint(DEMO / "model.safetensors")[0] | {"v_pred": torch.empty(0), "ztsnr": torch.empty(0)}
+    write(tmp_path / "marked.safetensors", state_dict)
+    load_model_from_config(load_config(DEMO / "config.yaml"), tmp_path / "marked.safetensors", device="cpu")
 
 
 @needs_demo
