@@ -83,7 +83,9 @@ class Family:
 
     def describe(self) -> str:
         extra = f" + {EXTRAS[self.extra]} ({self.extra}*)" if self.extra else ""
-        return f"{self.name} ({TEXT_NAMES[self.text]}, {self.unet_in}-channel UNet{extra})"
+        if self.image_width:
+            extra = extra.replace("CLIP image", f"{self.image_width}-wide CLIP image")
+        return f"{self.name} ({TEXT_NAMES[self.text]}, UNet of {self.unet_in} input channels{extra})"
 
 
 FAMILIES = (
@@ -160,7 +162,7 @@ class Signature:
             return "no UNet (model.diffusion_model.*)"
         text = TEXT_NAMES.get(self.text or "", "no known text encoder")
         extras = "".join(f" + {EXTRAS[e]}" for e in sorted(self.extras))
-        return f"a {self.unet_in}-channel UNet, {text}{extras}"
+        return f"a UNet of {self.unet_in} input channels, {text}{extras}"
 
 
 def signature(layout: Mapping[str, torch.Tensor]) -> Signature:

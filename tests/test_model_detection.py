@@ -162,7 +162,7 @@ def test_unknown_layouts_are_one_line_naming_what_was_looked_for(reference_dir):
         message = str(err.value)
         assert "\n" not in message and "cannot tell which model 'x.safetensors' is" in message, name
         assert all(family.name in message for family in FAMILIES) and "--config" in message
-    assert "8-channel UNet, CLIP ViT-L/14" in message
+    assert "a UNet of 8 input channels, CLIP ViT-L/14" in message
 
 
 def test_a_model_of_a_familys_structure_but_not_its_size_names_the_family(tiny_dir):
@@ -286,7 +286,7 @@ def test_a_detected_bundled_config_is_announced_and_user_overrides_come_last(tmp
     line = capsys.readouterr().out.strip()
     assert line == (
         f"detected SD 1.x v-prediction: {SD}v1-inference.yaml with model.params.parameterization=v "
-        "(a 4-channel UNet, CLIP ViT-L/14 text encoder; its v_pred key)"
+        "(a UNet of 4 input channels, CLIP ViT-L/14 text encoder; its v_pred key)"
     )
 
 
