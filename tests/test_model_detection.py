@@ -290,6 +290,25 @@ def test_a_detected_bundled_config_is_announced_and_user_overrides_come_last(tmp
     )
 
 
+@needs_demo
+def test_depth2img_and_upscale_refuse_a_detected_model_of_another_kind_before_loading(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    from PIL import Image
+
+    monkeypatch.setattr("ldm.checkpoint.load_state_dict_into", None)  # loading would fail loudly
+    image = tmp_path / "in.png"
+    Image.new("RGB", (64, 64)).save(image)
+    common = ["--ckpt", str(DEMO / "model.safetensors"), "--init-img", str(image), "--outdir", str(tmp_path / "out")]
+    assert cli.main("depth2img", [*common, "--device", "cpu"]) == 2
+    assert "depth2img needs a depth-to-image model" in capsys.readouterr().err
+    spec = importlib.util.spec_from_file_location("upscale_script", ROOT / "scripts" / "upscale.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(common) == 2
+    assert "upscale.py needs the x4 upscaler" in capsys.readouterr().err
+
+
 def test_an_unknown_checkpoint_is_a_one_line_error_of_the_script(tmp_path, capsys):
     vae = write(tmp_path / "vae.safetensors", {"encoder.conv_in.weight": torch.zeros(128, 3, 3, 3)})
     code = cli.main("txt2img", ["--ckpt", str(vae), "--device", "cpu", "--outdir", str(tmp_path / "out")])
