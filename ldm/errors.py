@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 # The exit code of a run stopped by bad input (a usage error, a bad config, a missing file ...), as argparse's.
@@ -34,3 +35,19 @@ class ScriptParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(print_error(f"{message} (see {self.prog} --help)"))
+
+
+def run_script(
+    parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], None], argv: Sequence[str] | None = None
+) -> int:
+    """A command line's exit code: ``parser``'s for ``--help`` and usage errors (already one line), 2 after one
+    :func:`print_error` line when ``body(args)`` meets bad input (UserError, OSError), else 0."""
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit:
+        return int(exit.code or 0)
+    try:
+        body(args)
+    except (UserError, OSError) as err:
+        return print_error(err)
+    return 0

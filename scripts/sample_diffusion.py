@@ -30,7 +30,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from ldm.class_labels import class_embedder, draw_class_labels, parse_classes
-from ldm.errors import ScriptParser, UserError, print_error
+from ldm.errors import ScriptParser, UserError, run_script
 from ldm.geometry import LatentGeometry
 from ldm.inference import Pipeline
 from ldm.model_folder import find_model
@@ -82,44 +82,41 @@ def _jobs(args: argparse.Namespace, embedder: ClassEmbedder | None) -> Iterator[
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Sample with ``argv``; returns the exit code (0, or 2 after a one-line error)."""
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exit:  # --help, or a usage error already reported in one line
-        return int(exit.code or 0)
-    try:
-        logdir, config_path, ckpt = find_model(args.resume)
-        config = load_config(config_path, args.overrides)
-        class_conditional = _is_class_conditional(config)
-        unconditional = config_value(config, "model.params.cond_stage_config") == "__is_unconditional__"
-        if not (class_conditional or unconditional):
-            raise UserError(f"{config_path} is a conditional model; sample it with scripts/txt2img.py and its kin.")
-        if not class_conditional and (args.classes is not None or args.scale != 1.0):
-            raise UserError("--classes and --scale are for class-conditional models; this one is unconditional.")
-        if args.classes is not None:
-            parse_classes(args.classes)  # checked before the model is loaded
-        for name in ("n_samples", "batch_size"):
-            if getattr(args, name) < 1:
-                raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}.")
-        geometry = LatentGeometry.from_config(config)
-        if args.vanilla_sample:
-            settings = {"sampler": "ddpm", "steps": geometry.timesteps}
-        else:
-            settings = {"sampler": "ddim", "steps": args.custom_steps, "eta": args.eta}
-        # Checked against the model's config before its weights are read.
-        request = GenerationRequest(
-            "", **settings, scale=args.scale, n=min(args.batch_size, args.n_samples), seed=args.seed
-        ).for_model(geometry)
-        pipe = Pipeline.from_config(config, ckpt, RuntimeOptions(args.device, precision="full"))
-        embedder = class_embedder(pipe.model)
-        outdir = Path(args.logdir) if args.logdir != "none" else logdir / "samples" / time.strftime("%Y-%m-%d-%H-%M-%S")
-        for start, n, labels in _jobs(args, embedder):
-            batch = dataclasses.replace(request, n=n, seed=args.seed + start, class_labels=labels)
-            result = pipe.run(batch, progress=False)
-            for i, image in enumerate(result.images):
-                print(f"wrote {save_numbered(image, outdir / 'img', result.parameters(i))}")
-    except (UserError, OSError) as err:
-        return print_error(err)
-    return 0
+    return run_script(build_parser(), run, argv)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Sample as ``args`` say; UserError / OSError on bad input."""
+    logdir, config_path, ckpt = find_model(args.resume)
+    config = load_config(config_path, args.overrides)
+    class_conditional = _is_class_conditional(config)
+    unconditional = config_value(config, "model.params.cond_stage_config") == "__is_unconditional__"
+    if not (class_conditional or unconditional):
+        raise UserError(f"{config_path} is a conditional model; sample it with scripts/txt2img.py and its kin.")
+    if not class_conditional and (args.classes is not None or args.scale != 1.0):
+        raise UserError("--classes and --scale are for class-conditional models; this one is unconditional.")
+    if args.classes is not None:
+        parse_classes(args.classes)  # checked before the model is loaded
+    for name in ("n_samples", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}.")
+    geometry = LatentGeometry.from_config(config)
+    if args.vanilla_sample:
+        settings = {"sampler": "ddpm", "steps": geometry.timesteps}
+    else:
+        settings = {"sampler": "ddim", "steps": args.custom_steps, "eta": args.eta}
+    # Checked against the model's config before its weights are read.
+    request = GenerationRequest(
+        "", **settings, scale=args.scale, n=min(args.batch_size, args.n_samples), seed=args.seed
+    ).for_model(geometry)
+    pipe = Pipeline.from_config(config, ckpt, RuntimeOptions(args.device, precision="full"))
+    embedder = class_embedder(pipe.model)
+    outdir = Path(args.logdir) if args.logdir != "none" else logdir / "samples" / time.strftime("%Y-%m-%d-%H-%M-%S")
+    for start, n, labels in _jobs(args, embedder):
+        batch = dataclasses.replace(request, n=n, seed=args.seed + start, class_labels=labels)
+        result = pipe.run(batch, progress=False)
+        for i, image in enumerate(result.images):
+            print(f"wrote {save_numbered(image, outdir / 'img', result.parameters(i))}")
 
 
 if __name__ == "__main__":

@@ -8,13 +8,14 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from ldm.checkpoint import load_model_from_config
 from ldm.devices import resolve_device
-from ldm.errors import ScriptParser, UserError, print_error
+from ldm.errors import ScriptParser, UserError, run_script
 from ldm.inference import sampler_label
 from ldm.model_folder import find_model
 from ldm.models.diffusion.noise import check_seed
@@ -42,38 +43,35 @@ def build_parser() -> ScriptParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Super-resolve with ``argv``; returns the exit code (0, or 2 after a one-line error)."""
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exit:  # --help, or a usage error already reported in one line
-        return int(exit.code or 0)
-    try:
-        _, config_path, ckpt = find_model(args.resume)
-        config = load_config(config_path, args.overrides)
-        if args.n_samples < 1:
-            raise UserError(f"--n_samples must be at least 1, got {args.n_samples}.")
-        check_seed(args.seed)
-        device = resolve_device(args.device)
-        timesteps = int(config.model.params.get("timesteps", 1000))
-        check_sampling_arguments(args.sampler, args.steps, timesteps, 1.0, args.eta, False, 1.0, None, 0.0, {})
-        image = load_image(args.init_img, "init image")
-        model = load_model_from_config(config, ckpt, device=device)
-        check_superres_model(model)
-        images = superresolve(
-            model, image, n=args.n_samples, steps=args.steps, eta=args.eta, sampler=args.sampler, seed=args.seed
-        )
-        for i, big in enumerate(images):
-            fields = {
-                "Steps": args.steps,
-                "Sampler": sampler_label(args.sampler),
-                "Seed": args.seed + i,
-                "Size": f"{big.width}x{big.height}",
-                "Model": Path(ckpt).stem,
-                "Eta": args.eta,
-            }
-            print(f"wrote {save_numbered(big, args.outdir, format_parameters('', None, fields))}")
-    except (UserError, OSError) as err:
-        return print_error(err)
-    return 0
+    return run_script(build_parser(), run, argv)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Super-resolve as ``args`` say; UserError / OSError on bad input."""
+    _, config_path, ckpt = find_model(args.resume)
+    config = load_config(config_path, args.overrides)
+    if args.n_samples < 1:
+        raise UserError(f"--n_samples must be at least 1, got {args.n_samples}.")
+    check_seed(args.seed)
+    device = resolve_device(args.device)
+    timesteps = int(config.model.params.get("timesteps", 1000))
+    check_sampling_arguments(args.sampler, args.steps, timesteps, 1.0, args.eta, False, 1.0, None, 0.0, {})
+    image = load_image(args.init_img, "init image")
+    model = load_model_from_config(config, ckpt, device=device)
+    check_superres_model(model)
+    images = superresolve(
+        model, image, n=args.n_samples, steps=args.steps, eta=args.eta, sampler=args.sampler, seed=args.seed
+    )
+    for i, big in enumerate(images):
+        fields = {
+            "Steps": args.steps,
+            "Sampler": sampler_label(args.sampler),
+            "Seed": args.seed + i,
+            "Size": f"{big.width}x{big.height}",
+            "Model": Path(ckpt).stem,
+            "Eta": args.eta,
+        }
+        print(f"wrote {save_numbered(big, args.outdir, format_parameters('', None, fields))}")
 
 
 if __name__ == "__main__":

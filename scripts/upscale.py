@@ -8,6 +8,7 @@ The defaults are Stability's demo settings (75 DDIM steps, scale 10, noise level
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 from ldm.checkpoint import load_model_from_config
 from ldm.cli import choose_config
 from ldm.devices import resolve_device
-from ldm.errors import ScriptParser, UserError, print_error
+from ldm.errors import ScriptParser, UserError, run_script
 from ldm.inference import sampler_label
 from ldm.models.diffusion.latent_upscale import DEFAULT_NOISE_LEVEL
 from ldm.models.diffusion.noise import check_seed
@@ -50,45 +51,42 @@ def build_parser() -> ScriptParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Upscale with ``argv``; returns the exit code (0, or 2 after a one-line error)."""
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exit:  # --help, or a usage error already reported in one line
-        return int(exit.code or 0)
-    try:
-        if not Path(args.ckpt).is_file():
-            raise UserError(f"--ckpt '{args.ckpt}' does not exist; give the upscaler's checkpoint file.")
-        config = choose_config(args.config, Path(args.ckpt), args.overrides)
-        if not str(config.model.get("target", "")).endswith(".LatentUpscaleDiffusion"):
-            raise UserError(f"upscale.py needs the x4 upscaler ({DEFAULT_CONFIG}, x4-upscaler-ema.ckpt); this is not.")
-        if args.n_samples < 1:
-            raise UserError(f"--n_samples must be at least 1, got {args.n_samples}.")
-        check_seed(args.seed)
-        device = resolve_device(args.device)
-        timesteps = int(config.model.params.get("timesteps", 1000))
-        check_sampling_arguments(args.sampler, args.steps, timesteps, 1.0, args.eta, False, args.scale, None, 0.0, {})
-        image = load_image(args.init_img, "init image")
-        model = load_model_from_config(config, args.ckpt, device=device)
-        images = upscale(
-            model, image, args.prompt, negative_prompt=args.negative_prompt, n=args.n_samples,
-            noise_level=args.noise_level, steps=args.steps, sampler=args.sampler, scale=args.scale, seed=args.seed,
-            eta=args.eta, vae_tiling=args.vae_tiling,
-        )  # fmt: skip
-        for i, big in enumerate(images):
-            fields = {
-                "Steps": args.steps,
-                "Sampler": sampler_label(args.sampler),
-                "CFG scale": args.scale,
-                "Seed": args.seed + i,
-                "Size": f"{big.width}x{big.height}",
-                "Model": Path(args.ckpt).stem,
-                "Noise level": args.noise_level,
-                "Eta": args.eta,
-            }
-            parameters = format_parameters(args.prompt, args.negative_prompt, fields)
-            print(f"wrote {save_numbered(big, args.outdir, parameters)}")
-    except (UserError, OSError) as err:
-        return print_error(err)
-    return 0
+    return run_script(build_parser(), run, argv)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Upscale as ``args`` say; UserError / OSError on bad input."""
+    if not Path(args.ckpt).is_file():
+        raise UserError(f"--ckpt '{args.ckpt}' does not exist; give the upscaler's checkpoint file.")
+    config = choose_config(args.config, Path(args.ckpt), args.overrides)
+    if not str(config.model.get("target", "")).endswith(".LatentUpscaleDiffusion"):
+        raise UserError(f"upscale.py needs the x4 upscaler ({DEFAULT_CONFIG}, x4-upscaler-ema.ckpt); this is not.")
+    if args.n_samples < 1:
+        raise UserError(f"--n_samples must be at least 1, got {args.n_samples}.")
+    check_seed(args.seed)
+    device = resolve_device(args.device)
+    timesteps = int(config.model.params.get("timesteps", 1000))
+    check_sampling_arguments(args.sampler, args.steps, timesteps, 1.0, args.eta, False, args.scale, None, 0.0, {})
+    image = load_image(args.init_img, "init image")
+    model = load_model_from_config(config, args.ckpt, device=device)
+    images = upscale(
+        model, image, args.prompt, negative_prompt=args.negative_prompt, n=args.n_samples,
+        noise_level=args.noise_level, steps=args.steps, sampler=args.sampler, scale=args.scale, seed=args.seed,
+        eta=args.eta, vae_tiling=args.vae_tiling,
+    )  # fmt: skip
+    for i, big in enumerate(images):
+        fields = {
+            "Steps": args.steps,
+            "Sampler": sampler_label(args.sampler),
+            "CFG scale": args.scale,
+            "Seed": args.seed + i,
+            "Size": f"{big.width}x{big.height}",
+            "Model": Path(args.ckpt).stem,
+            "Noise level": args.noise_level,
+            "Eta": args.eta,
+        }
+        parameters = format_parameters(args.prompt, args.negative_prompt, fields)
+        print(f"wrote {save_numbered(big, args.outdir, parameters)}")
 
 
 if __name__ == "__main__":
