@@ -19,10 +19,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from ldm.models.diffusion.latent_diffusion import LatentDiffusion
+from ldm.models.diffusion.schedules import zero_terminal_snr_betas
+from ldm.modules.diffusionmodules.util import make_beta_schedule
 from ldm.modules.encoders.conditioner import GeneralConditioner
 from ldm.util import ConfigError, instantiate_from_config
 
@@ -32,12 +35,13 @@ AESTHETIC_KEY = "aesthetic_score"
 
 
 class SigmaTable(nn.Module):
-    """``sgm``'s denoiser state: ``sigmas`` (T,) float32, ``sqrt((1 - a_t) / a_t)`` for t = 0 .. T-1 (ascending)."""
+    """``sgm``'s denoiser state: ``sigmas`` (T,) float32, ``sqrt((1 - a_t) / a_t)`` for t = 0 .. T-1 (ascending),
+    from the float64 ``alphas_cumprod`` (T,)."""
 
-    def __init__(self, alphas_cumprod: torch.Tensor) -> None:
+    def __init__(self, alphas_cumprod: np.ndarray) -> None:
         super().__init__()
         # sgm rounds the ratio to float32 before the square root; so does this, to give its exact values.
-        ratio = ((1 - alphas_cumprod.double()) / alphas_cumprod.double()).float()
+        ratio = torch.tensor((1 - alphas_cumprod) / alphas_cumprod, dtype=torch.float32)
         self.register_buffer("sigmas", ratio**0.5)
 
 
@@ -81,11 +85,25 @@ class SDXLDiffusion(LatentDiffusion):
         # that its ucg_rate dropout applies in training only.
         self.conditioner = conditioner
 
-    def register_schedule(self, *args: Any, **kwargs: Any) -> None:
-        super().register_schedule(*args, **kwargs)
+    def register_schedule(
+        self,
+        given_betas: list[float] | None = None,
+        beta_schedule: str = "linear",
+        timesteps: int = 1000,
+        linear_start: float = 1e-4,
+        linear_end: float = 2e-2,
+        cosine_s: float = 8e-3,
+    ) -> None:
+        super().register_schedule(given_betas, beta_schedule, timesteps, linear_start, linear_end, cosine_s)
         for name in list(self._buffers):
             self.register_buffer(name, self._buffers[name], persistent=False)
-        self.denoiser = SigmaTable(self.alphas_cumprod)
+        if given_betas is not None:
+            betas = np.asarray(given_betas, dtype=np.float64)
+        else:
+            betas = make_beta_schedule(beta_schedule, timesteps, linear_start, linear_end, cosine_s)
+        if self.zero_terminal_snr:
+            betas = zero_terminal_snr_betas(torch.from_numpy(betas)).numpy()
+        self.denoiser = SigmaTable(np.cumprod(1.0 - betas))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The UNet, the embedders marked ``is_trainable`` and ``logvar`` if learned."""
