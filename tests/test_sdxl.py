@@ -253,6 +253,16 @@ def test_schedule_is_legacy_ddpm_and_sigmas_are_sgms(base: SDXLDiffusion) -> Non
     assert 0.0291 < float(sigmas[0]) < 0.0293 and 14.6 < float(sigmas[-1]) < 14.62
 
 
+def test_pipeline_generates_with_the_tiny_base(base: SDXLDiffusion) -> None:
+    from ldm.geometry import LatentGeometry
+    from ldm.inference import Pipeline
+    from ldm.request import RuntimeOptions
+
+    pipe = Pipeline(base, LatentGeometry.from_config(tiny_config()), RuntimeOptions("cpu", "full"))
+    result = pipe.generate(PROMPTS[0], n=2, steps=3, seed=1, scale=4.0, sampler="dpmpp_2m", progress=False)
+    assert [image.size for image in result.images] == [(IMAGE, IMAGE)] * 2
+
+
 def train_batch() -> dict:
     g = torch.Generator().manual_seed(0)
     images = torch.rand(2, IMAGE, IMAGE, 3, generator=g) * 2 - 1
