@@ -16,7 +16,7 @@ The schedule buffers the SD classes save are kept out of it (non-persistent), as
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -174,6 +174,5 @@ class SDXLDiffusion(LatentDiffusion):
     def get_input(self, batch: Mapping[str, Any], k: str, *args: Any, **kwargs: Any) -> list[Any]:
         """:meth:`LatentDiffusion.get_input`, with size conditioning that a batch lacks taken from its images
         (``batch[k]``: (B, H, W, 3)): original and target size (H, W), crop (0, 0)."""
-        images: torch.Tensor | Sequence[Any] = batch[k]
-        height, width = images.shape[1:3]
+        height, width = batch[k].shape[1:3]
         return super().get_input(self.size_conditioning(batch, int(height), int(width)), k, *args, **kwargs)
