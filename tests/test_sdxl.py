@@ -17,6 +17,8 @@ from ldm.models.diffusion.noise import Noise
 from ldm.models.diffusion.sampler_registry import SAMPLERS
 from ldm.models.diffusion.samplers import sample
 from ldm.models.diffusion.sdxl import SDXLDiffusion
+from ldm.modules.attention import SpatialTransformer
+from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.modules.diffusionmodules.util import make_beta_schedule
 from ldm.modules.encoders.fourier import ConcatTimestepEmbedderND
 from ldm.util import ConfigError, instantiate_from_config, load_config
@@ -112,6 +114,31 @@ def test_full_size_conditioner_widths_add_up_to_the_unets_inputs(name, text, siz
     assert set(widths) == {text}
     assert [e.layer for e in embedders[: len(embedders) - len(fourier)]] == (
         ["hidden", "penultimate"] if text > 1280 else ["penultimate"]
+    )
+
+
+def tiny_unet(**overrides) -> UNetModel:
+    params = {**tiny_config().model.params.unet_config.params, **overrides}
+    return UNetModel(**params)
+
+
+def test_unet_takes_a_transformer_depth_per_level_and_one_for_the_middle() -> None:
+    def depths(unet: UNetModel) -> list[int]:
+        blocks = [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
+        return [len(m.transformer_blocks) for b in blocks for m in b if isinstance(m, SpatialTransformer)]
+
+    # Attention at levels 1 and 2 (ds 2 and 4): one block each going down, two coming up.
+    assert depths(tiny_unet(transformer_depth=[1, 2, 3])) == [2, 3, 3, 3, 3, 2, 2]
+    assert depths(tiny_unet(transformer_depth=[1, 2, 3], transformer_depth_middle=1)) == [2, 3, 1, 3, 3, 2, 2]
+    assert depths(tiny_unet(transformer_depth=2)) == [2] * 7
+    with pytest.raises(ValueError, match="one entry per channel_mult level"):
+        tiny_unet(transformer_depth=[1, 2])
+    with pytest.raises(ValueError, match="spatial_transformer_attn_type"):
+        tiny_unet(spatial_transformer_attn_type="flash")
+    # sgm's backend names build the same model (attention is SDPA either way).
+    assert (
+        tiny_unet(spatial_transformer_attn_type="softmax-xformers").state_dict().keys()
+        == tiny_unet().state_dict().keys()
     )
 
 
