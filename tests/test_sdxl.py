@@ -318,6 +318,36 @@ def test_tiny_base_trains_a_few_steps() -> None:
     assert changed == {"model"}, "only the UNet trains; text encoders and VAE stay frozen"
 
 
+def test_an_embedder_marked_trainable_trains_with_the_unet() -> None:
+    config = tiny_config()
+    config.model.params.cond_stage_config.params.emb_models[0].is_trainable = True  # CLIP-L
+    torch.manual_seed(0)
+    model = instantiate_from_config(config.model)
+    clip_l = model.conditioner.embedders[0]
+    assert model.cond_stage_trainable and all(p.requires_grad for p in clip_l.parameters())
+    optimizer = torch.optim.SGD(model.trainable_parameters(), lr=1.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    assert clip_l.training and not model.conditioner.embedders[1].training
+    # Three steps: the UNet's zero-initialised output convolution, then its transformers' zero-initialised output
+    # projections, pass no gradient on to the conditioning in the first two.
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss, _ = model.shared_step(train_batch())
+        loss.backward()
+        optimizer.step()
+    after = model.state_dict()
+    changed = {
+        ".".join(k.split(".")[: 3 if k.startswith("conditioner") else 2])
+        for k in after
+        if not torch.equal(after[k], before[k])
+    }
+    assert changed == {"model.diffusion_model", "conditioner.embedders.0"}
+    config.model.params.cond_stage_trainable = True
+    with pytest.raises(ConfigError, match="mark those instead"):
+        instantiate_from_config(config.model)
+
+
 def test_original_layout_round_trips(base: SDXLDiffusion, tmp_path: Path) -> None:
     state = base.state_dict()
     assert {k.split(".")[0] for k in state} == {"model", "conditioner", "first_stage_model", "denoiser"}

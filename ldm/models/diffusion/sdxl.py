@@ -61,9 +61,16 @@ class SDXLDiffusion(LatentDiffusion):
     ) -> None:
         kwargs.setdefault("conditioning_key", "crossattn-adm")
         kwargs.setdefault("cond_stage_key", "txt")
+        if kwargs.get("cond_stage_trainable"):
+            raise ConfigError(
+                "SDXLDiffusion trains the embedders marked is_trainable in cond_stage_config's emb_models; "
+                "set cond_stage_trainable: false and mark those instead."
+            )
         self.aesthetic_score = aesthetic_score
         self.negative_aesthetic_score = negative_aesthetic_score
         super().__init__(*args, **kwargs)
+        # With a trainable embedder, the batch is encoded in forward (with gradients), not in get_input.
+        self.cond_stage_trainable = any(e.is_trainable for e in self.conditioner.embedders)
 
     # The conditioner is registered once, as ``conditioner`` (sgm's key prefix); ``cond_stage_model`` names it too.
     @property
@@ -107,9 +114,10 @@ class SDXLDiffusion(LatentDiffusion):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The UNet, the embedders marked ``is_trainable`` and ``logvar`` if learned."""
-        params = super().trainable_parameters()
-        if not self.cond_stage_trainable:
-            params += [p for e in self.conditioner.embedders if e.is_trainable for p in e.parameters()]
+        params = list(self.model.parameters())
+        params += [p for e in self.conditioner.embedders if e.is_trainable for p in e.parameters()]
+        if self.learn_logvar:
+            params.append(self.logvar)
         return params
 
     # -- conditioning --

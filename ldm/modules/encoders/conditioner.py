@@ -31,9 +31,10 @@ class GeneralConditioner(nn.Module):
     """Runs ``emb_models`` on a batch and sorts their outputs by dimensionality (see the module docstring).
 
     Each entry of ``emb_models`` is a ``target``/``params`` node plus: ``is_trainable`` (False freezes the embedder,
-    which then also stays in eval mode), ``input_key`` or ``input_keys`` (the batch entries it reads), ``ucg_rate``
-    (in training, the fraction of samples whose embedding is dropped for classifier-free guidance: zeroed, or with
-    ``legacy_ucg_value`` the input replaced by that value). State-dict keys: ``embedders.<i>.*``.
+    which then also stays in eval mode; True unfreezes one that froze itself, where sgm would leave it frozen),
+    ``input_key`` or ``input_keys`` (the batch entries it reads), ``ucg_rate`` (in training, the fraction of samples
+    whose embedding is dropped for classifier-free guidance: zeroed, or with ``legacy_ucg_value`` the input replaced
+    by that value). State-dict keys: ``embedders.<i>.*``.
     """
 
     def __init__(self, emb_models: Sequence[Mapping[str, Any]]) -> None:
@@ -50,7 +51,10 @@ class GeneralConditioner(nn.Module):
             embedder.legacy_ucg_val = entry.get("legacy_ucg_value")
             if embedder.legacy_ucg_val is not None and len(embedder.input_keys) != 1:
                 raise ConfigError(f"emb_models[{index}]: legacy_ucg_value needs a single input_key.")
-            if not embedder.is_trainable:
+            if embedder.is_trainable:
+                # Text encoders freeze themselves by default (freeze: true); marking one trainable overrides that.
+                embedder.requires_grad_(True)
+            else:
                 embedder.requires_grad_(False)
                 embedder.eval()
                 embedder.train = _keep_train_mode_off.__get__(embedder)
