@@ -296,9 +296,12 @@ def train_batch() -> dict:
     return {"jpg": images, "txt": PROMPTS}
 
 
-def test_tiny_base_trains_a_few_steps() -> None:
+@pytest.mark.parametrize("use_checkpoint", [False, True], ids=["plain", "gradient-checkpointing"])
+def test_tiny_base_trains_a_few_steps(use_checkpoint: bool) -> None:
+    config = tiny_config()
+    config.model.params.unet_config.params.use_checkpoint = use_checkpoint
     torch.manual_seed(0)
-    model = instantiate_from_config(tiny_config().model)
+    model = instantiate_from_config(config.model)
     model.learning_rate = 1e-3
     optimizer = model.configure_optimizers()
     optimizer = optimizer[0][0] if isinstance(optimizer, tuple) else optimizer
