@@ -8,6 +8,7 @@ that says which config fits, never a silently half-random model.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
@@ -27,6 +28,9 @@ CLIP_NESTED = CLIP_PREFIX + "text_model."
 # The children of the CLIP text model: only keys under these are CLIP's (``cond_stage_model.transformer.*`` is also
 # the BERTEmbedder's x-transformers encoder, ``token_emb``, ``attn_layers`` ..., which keeps its names).
 CLIP_TEXT_PARTS = ("embeddings.", "encoder.", "final_layer_norm.")
+SDXL_CLIP_UNNESTED = re.compile(
+    r"^(conditioner\.embedders\.\d+\.transformer\.)((?:embeddings|encoder|final_layer_norm)\.)"
+)
 BERT_KEY = CLIP_PREFIX + "token_emb.weight"
 OPENCLIP_PREFIX = "cond_stage_model.model."
 EMA_PREFIX = "model_ema."
@@ -57,6 +61,8 @@ SCHEDULE_BUFFERS = frozenset(
         "posterior_log_variance_clipped",
         "posterior_mean_coef1",
         "posterior_mean_coef2",
+        # sgm's (SDXL's) denoiser table of the same schedule's sigmas.
+        "denoiser.sigmas",
     }
 )
 
@@ -131,6 +137,9 @@ def to_original_layout(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torc
     for key, value in state_dict.items():
         if key.startswith(CLIP_PREFIX) and key[len(CLIP_PREFIX) :].startswith(CLIP_TEXT_PARTS):
             key = CLIP_NESTED + key[len(CLIP_PREFIX) :]
+        else:
+            # SDXL's CLIP ViT-L: conditioner.embedders.<i>.transformer.*, nested the same way.
+            key = SDXL_CLIP_UNNESTED.sub(r"\1text_model.\2", key)
         out[key] = value
     return out
 

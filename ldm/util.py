@@ -40,6 +40,20 @@ FOREIGN_TARGETS = {
     ),
     "taming.modules.vqvae.quantize.VectorQuantizer2": "ldm.modules.vqvae.quantize.VectorQuantizer",
     **{f"taming.data.faceshq.{name}": f"ldm.data.faces.{name}" for name in FACES},
+    # Stability's sgm (SDXL): see ldm.models.diffusion.sgm_compat.
+    "sgm.models.diffusion.DiffusionEngine": "ldm.models.diffusion.sgm_compat.DiffusionEngine",
+    "sgm.modules.diffusionmodules.openaimodel.UNetModel": "ldm.models.diffusion.sgm_compat.UNetModel",
+    "sgm.models.autoencoder.AutoencoderKL": "ldm.models.autoencoder.AutoencoderKL",
+    "sgm.models.autoencoder.AutoencoderKLInferenceWrapper": (
+        "ldm.models.diffusion.sgm_compat.AutoencoderKLInferenceWrapper"
+    ),
+    "sgm.modules.GeneralConditioner": "ldm.modules.encoders.conditioner.GeneralConditioner",
+    "sgm.modules.encoders.modules.GeneralConditioner": "ldm.modules.encoders.conditioner.GeneralConditioner",
+    "sgm.modules.encoders.modules.ConcatTimestepEmbedderND": "ldm.modules.encoders.fourier.ConcatTimestepEmbedderND",
+    **{
+        f"sgm.modules.encoders.modules.{name}": f"ldm.modules.encoders.modules.{name}"
+        for name in ("FrozenCLIPEmbedder", "FrozenOpenCLIPEmbedder", "FrozenOpenCLIPEmbedder2")
+    },
 }
 
 # The stack of (path, params) nodes being instantiated, so that a nested call made inside a constructor (for example

@@ -3,7 +3,7 @@
 Each config is built on the meta device (no memory, no weights) and its ``state_dict()`` compared key by key, shape
 and dtype with ``NAME.keys.tsv`` beside it (what the original implementation builds from it). Not covered here:
 ``karlo/`` (no top-level ``target:``, not buildable in the original either) and ``generative-models/`` (SDXL, sgm's
-``DiffusionEngine``: a later issue).
+``DiffusionEngine``: checked in test_sdxl.py).
 """
 
 from __future__ import annotations

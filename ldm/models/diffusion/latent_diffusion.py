@@ -250,7 +250,9 @@ class LatentDiffusion(DDPM):
         c = xc = None
         if self.model.conditioning_key is not None and not self.force_null_conditioning:
             cond_key = cond_key or self.cond_stage_key
-            if cond_key == k:
+            if self.conditions_on_batch:
+                xc = batch
+            elif cond_key == k:
                 xc = x
             elif cond_key in ("caption", "coordinates_bbox", "txt"):
                 xc = batch[cond_key]
@@ -272,6 +274,9 @@ class LatentDiffusion(DDPM):
         if return_original_cond:
             out.append(xc)
         return out
+
+    # Models whose cond stage reads the whole batch (SDXL's conditioner: prompts, sizes, crops) get it as ``xc``.
+    conditions_on_batch = False
 
     # Models conditioned on more than the prompt (depth, upscaler, unCLIP) always encode it and add the rest of a
     # training batch's conditioning in batch_conditioning.

@@ -222,11 +222,16 @@ class UNetModel(nn.Module):
     y: (B,) class ids, or (B, adm_in_channels) for ``num_classes="sequential"``, (B, 1) for "continuous".
     Returns (B, out_channels, H, W), or (B, n_embed, H, W) codebook logits when ``n_embed`` is set.
     ``attention_resolutions`` lists downsampling factors (1, 2, 4 ...) at which blocks get attention.
+    ``transformer_depth``: one depth, or one per level (SDXL base ``[1, 2, 10]``); ``transformer_depth_middle``
+    defaults to the last level's, as in Stability's ``sgm``, whose ``spatial_transformer_attn_type`` (a backend
+    choice) is accepted and ignored: attention always runs through SDPA. ``image_size`` is unused.
     """
+
+    ATTN_TYPES = ("softmax", "softmax-xformers")
 
     def __init__(
         self,
-        image_size: int,
+        image_size: int | None,
         in_channels: int,
         model_channels: int,
         out_channels: int,
@@ -247,7 +252,8 @@ class UNetModel(nn.Module):
         resblock_updown: bool = False,
         use_new_attention_order: bool = False,
         use_spatial_transformer: bool = False,
-        transformer_depth: int = 1,
+        transformer_depth: int | Sequence[int] = 1,
+        transformer_depth_middle: int | None = None,
         context_dim: int | Sequence[int] | None = None,
         n_embed: int | None = None,
         legacy: bool = True,
@@ -256,6 +262,7 @@ class UNetModel(nn.Module):
         disable_middle_self_attn: bool = False,
         use_linear_in_transformer: bool = False,
         adm_in_channels: int | None = None,
+        spatial_transformer_attn_type: str = "softmax",
     ) -> None:
         super().__init__()
         # use_fp16 (SD 2.x configs) and use_bf16 (Intel's SD 2.x configs) are accepted so those configs load, but
@@ -266,6 +273,10 @@ class UNetModel(nn.Module):
             raise ValueError("use_spatial_transformer=True needs context_dim (the width of the conditioning)")
         if context_dim is not None and not use_spatial_transformer:
             raise ValueError("context_dim is only used by the spatial transformer; set use_spatial_transformer=True")
+        if spatial_transformer_attn_type not in self.ATTN_TYPES:
+            raise ValueError(
+                f"spatial_transformer_attn_type must be one of {self.ATTN_TYPES}, got {spatial_transformer_attn_type!r}"
+            )
         if num_heads == -1 and num_head_channels == -1:
             raise ValueError("set either num_heads or num_head_channels")
         channel_mult = tuple(channel_mult)
@@ -273,6 +284,10 @@ class UNetModel(nn.Module):
         num_res_blocks = [num_res_blocks] * levels if isinstance(num_res_blocks, int) else list(num_res_blocks)
         if len(num_res_blocks) != levels:
             raise ValueError(f"num_res_blocks needs one entry per channel_mult level ({levels})")
+        depths = [transformer_depth] * levels if isinstance(transformer_depth, int) else list(transformer_depth)
+        if len(depths) != levels:
+            raise ValueError(f"transformer_depth needs one entry per channel_mult level ({levels}), got {depths}")
+        depth_middle = depths[-1] if transformer_depth_middle is None else transformer_depth_middle
         disable_self_attentions = list(disable_self_attentions or [False] * levels)
         if len(disable_self_attentions) != levels:
             raise ValueError(f"disable_self_attentions needs one entry per channel_mult level ({levels})")
@@ -311,7 +326,7 @@ class UNetModel(nn.Module):
                 down=down,
             )
 
-        def attention(channels: int, disable_self_attn: bool, decoder: bool) -> nn.Module:
+        def attention(channels: int, disable_self_attn: bool, decoder: bool, depth: int) -> nn.Module:
             if num_head_channels != -1:
                 heads = channels // num_head_channels
             elif decoder and legacy and not use_spatial_transformer:
@@ -323,8 +338,8 @@ class UNetModel(nn.Module):
                     channels,
                     heads,
                     num_head_channels if num_head_channels != -1 else channels // heads,
-                    depth=transformer_depth,
-                    context_dim=context_dim,
+                    depth=depth,
+                    context_dim=context_dims(depth),
                     disable_self_attn=disable_self_attn,
                     use_linear=use_linear_in_transformer,
                     use_checkpoint=use_checkpoint,
@@ -335,6 +350,12 @@ class UNetModel(nn.Module):
                 use_checkpoint=use_checkpoint,
                 use_new_attention_order=use_new_attention_order,
             )
+
+        def context_dims(depth: int) -> int | list[int] | None:
+            # sgm repeats a list's one width over a block of another depth (the refiner lists 4 equal widths).
+            if isinstance(context_dim, list) and len(context_dim) != depth and len(set(context_dim)) == 1:
+                return [context_dim[0]] * depth
+            return context_dim
 
         def wants_attention(ds: int, level: int, index: int) -> bool:
             return ds in attention_resolutions and (num_attention_blocks is None or index < num_attention_blocks[level])
@@ -349,7 +370,7 @@ class UNetModel(nn.Module):
                 layers = [res_block(ch, mult * model_channels)]
                 ch = mult * model_channels
                 if wants_attention(ds, level, index):
-                    layers.append(attention(ch, disable_self_attentions[level], decoder=False))
+                    layers.append(attention(ch, disable_self_attentions[level], False, depths[level]))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != levels - 1:
@@ -359,7 +380,7 @@ class UNetModel(nn.Module):
                 ds *= 2
 
         self.middle_block = TimestepEmbedSequential(
-            res_block(ch, ch), attention(ch, disable_middle_self_attn, decoder=False), res_block(ch, ch)
+            res_block(ch, ch), attention(ch, disable_middle_self_attn, False, depth_middle), res_block(ch, ch)
         )
 
         self.output_blocks = nn.ModuleList()
@@ -368,7 +389,7 @@ class UNetModel(nn.Module):
                 layers = [res_block(ch + skip_channels.pop(), mult * model_channels)]
                 ch = mult * model_channels
                 if wants_attention(ds, level, index):
-                    layers.append(attention(ch, disable_self_attentions[level], decoder=True))
+                    layers.append(attention(ch, disable_self_attentions[level], True, depths[level]))
                 if level and index == num_res_blocks[level]:
                     up = res_block(ch, ch, up=True) if resblock_updown else Upsample(ch, conv_resample, dims, ch)
                     layers.append(up)

@@ -39,6 +39,7 @@ __all__ = [
     "ClipImageEmbedder",
     "FrozenCLIPEmbedder",
     "FrozenOpenCLIPEmbedder",
+    "FrozenOpenCLIPEmbedder2",
     "FrozenOpenCLIPImageEmbedder",
     "SpatialRescaler",
     "TransformerEmbedder",
@@ -101,6 +102,8 @@ class FrozenCLIPEmbedder(AbstractEncoder):
             features, ``(B, 1, D)``) or ``"hidden"`` (``hidden_states[layer_idx]``, no final layer norm: "CLIP skip").
         layer_idx: index into ``hidden_states`` (0 is the embedding output, -1 the last layer) for ``"hidden"``.
         text_config: ``CLIPTextConfig`` fields (mapping, or path to a JSON file) overriding the ViT-L/14 defaults.
+        always_return_pooled: ``forward`` returns ``(z, pooled)``, pooled the EOS token's final features (B, D)
+            (Stability's ``sgm`` option; SDXL leaves it off for this encoder).
     """
 
     LAYERS = ("last", "pooled", "hidden")
@@ -114,6 +117,7 @@ class FrozenCLIPEmbedder(AbstractEncoder):
         layer: str = "last",
         layer_idx: int | None = None,
         text_config: Mapping[str, Any] | str | os.PathLike | None = None,
+        always_return_pooled: bool = False,
     ) -> None:
         super().__init__()
         if layer not in self.LAYERS:
@@ -134,6 +138,7 @@ class FrozenCLIPEmbedder(AbstractEncoder):
         self.max_length = max_length
         self.layer = layer
         self.layer_idx = layer_idx
+        self.return_pooled = always_return_pooled
         self.place(device, freeze)
 
     @property
@@ -151,7 +156,9 @@ class FrozenCLIPEmbedder(AbstractEncoder):
         """Whether the output has one feature vector per token (all layers but ``"pooled"``)."""
         return self.layer != "pooled"
 
-    def encode_token_ids(self, tokens: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+    def encode_token_ids(
+        self, tokens: torch.Tensor, clip_skip: int = 1, return_pooled: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Encode token ids, optionally stopping ``clip_skip - 1`` layers before the configured one.
 
         ``clip_skip`` counts back from ``layer``. With ``"last"``, ``clip_skip=2`` gives ``hidden_states[-2]`` followed
@@ -161,7 +168,8 @@ class FrozenCLIPEmbedder(AbstractEncoder):
         Args:
             tokens: (B, max_length) int64 token ids, e.g. from ``self.tokenizer``.
         Returns:
-            z: (B, max_length, D) for ``"last"`` / ``"hidden"``, (B, 1, D) for ``"pooled"``.
+            z: (B, max_length, D) for ``"last"`` / ``"hidden"``, (B, 1, D) for ``"pooled"``; with ``return_pooled``
+            the pair ``(z, pooled)``, pooled: (B, D) the EOS token's features after the last layer.
         """
         num_layers = self.transformer.text_model.config.num_hidden_layers
         top = self.layer_idx % (num_layers + 1) if self.layer == "hidden" else num_layers
@@ -176,20 +184,23 @@ class FrozenCLIPEmbedder(AbstractEncoder):
             input_ids=tokens, position_ids=position_ids, output_hidden_states=self.layer == "hidden" or skipping
         )
         if self.layer == "pooled":
-            return outputs.pooler_output[:, None, :]
-        if self.layer == "hidden":
-            return outputs.hidden_states[index]
-        if skipping:
-            return self.transformer.text_model.final_layer_norm(outputs.hidden_states[index])
-        return outputs.last_hidden_state
+            z = outputs.pooler_output[:, None, :]
+        elif self.layer == "hidden":
+            z = outputs.hidden_states[index]
+        elif skipping:
+            z = self.transformer.text_model.final_layer_norm(outputs.hidden_states[index])
+        else:
+            z = outputs.last_hidden_state
+        return (z, outputs.pooler_output) if return_pooled else z
 
-    def forward(self, text: str | Sequence[str]) -> torch.Tensor:
+    def forward(self, text: str | Sequence[str]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Encode prompts.
 
         Returns:
-            z: (B, max_length, D) for ``"last"`` / ``"hidden"``, (B, 1, D) for ``"pooled"``.
+            z: (B, max_length, D) for ``"last"`` / ``"hidden"``, (B, 1, D) for ``"pooled"``; ``(z, pooled (B, D))``
+            with ``always_return_pooled``.
         """
-        return self.encode_token_ids(self.tokenizer(text).to(self.device))
+        return self.encode_token_ids(self.tokenizer(text).to(self.device), return_pooled=self.return_pooled)
 
 
 class FrozenOpenCLIPEmbedder(AbstractEncoder):
@@ -203,10 +214,15 @@ class FrozenOpenCLIPEmbedder(AbstractEncoder):
         device: where to move the module after construction; ``None`` leaves it where it is built.
         max_length: token context length.
         freeze: put the module in eval mode and stop gradients.
-        layer: ``"last"`` (all residual blocks) or ``"penultimate"`` (stop one block early); the final layer norm
-            is applied in both cases.
+        layer: ``"last"`` (all residual blocks) or ``"penultimate"`` (stop one block early).
         text_cfg: open_clip ``CLIPTextCfg`` fields overriding the arch's text tower (width, heads, layers,
             context_length, vocab_size, ...), for small models.
+        always_return_pooled: ``forward`` returns ``(z, pooled)``: pooled (B, embed_dim) is the EOS token's
+            features after all blocks and ``ln_final``, times ``text_projection`` (CLIP's text embedding). Needs
+            ``legacy=False``.
+        legacy: SD 2.x's encoder (True): ``ln_final`` is applied to the chosen layer's output. SDXL's
+            (``sgm``'s ``FrozenOpenCLIPEmbedder2`` with ``legacy: False``) returns the chosen layer's raw output.
+        embed_dim: width of ``text_projection``'s output, overriding the arch's (for small models).
     """
 
     LAYERS = ("last", "penultimate")
@@ -220,10 +236,15 @@ class FrozenOpenCLIPEmbedder(AbstractEncoder):
         freeze: bool = True,
         layer: str = "last",
         text_cfg: Mapping[str, Any] | None = None,
+        always_return_pooled: bool = False,
+        legacy: bool = True,
+        embed_dim: int | None = None,
     ) -> None:
         super().__init__()
         if layer not in self.LAYERS:
             raise ValueError(f"layer must be one of {self.LAYERS}, got {layer!r}")
+        if always_return_pooled and legacy:
+            raise ValueError("always_return_pooled needs legacy=False (the pooled output is SDXL's, not SD 2.x's)")
         model_cfg = open_clip.get_model_config(arch)
         if model_cfg is None:
             raise ValueError(f"unknown open_clip architecture {arch!r}")
@@ -232,7 +253,9 @@ class FrozenOpenCLIPEmbedder(AbstractEncoder):
             raise ValueError(f"max_length {max_length} exceeds the context length {tower_cfg['context_length']}")
         # Only the text tower is built (ViT-H's visual tower alone has ~630M parameters); open_clip's CLIP would
         # also own ``logit_scale``, which SD 2.x checkpoints store, so it is added here.
-        self.model = _build_text_tower(model_cfg["embed_dim"], tower_cfg, quick_gelu=model_cfg.get("quick_gelu", False))
+        self.model = _build_text_tower(
+            embed_dim or model_cfg["embed_dim"], tower_cfg, quick_gelu=model_cfg.get("quick_gelu", False)
+        )
         self.model.logit_scale = nn.Parameter(torch.ones([]) * math.log(1 / 0.07))
         if version is not None and os.path.isfile(version):
             self.model.load_state_dict(_load_open_clip_text_weights(version))
@@ -240,6 +263,8 @@ class FrozenOpenCLIPEmbedder(AbstractEncoder):
         self.max_length = max_length
         self.layer = layer
         self.layer_idx = {"last": 0, "penultimate": 1}[layer]
+        self.return_pooled = always_return_pooled
+        self.legacy = legacy
         self.place(device, freeze)
 
     @property
@@ -257,20 +282,23 @@ class FrozenOpenCLIPEmbedder(AbstractEncoder):
         """Whether the output has one feature vector per token (always, for this encoder)."""
         return True
 
-    def encode_with_transformer(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Run the text tower up to ``self.layer``: tokens (B, L) int64 -> z (B, L, width), after ``ln_final``."""
-        return self.encode_token_ids(tokens)
+    def encode_with_transformer(self, tokens: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Run the text tower up to ``self.layer``: tokens (B, L) int64 -> z (B, L, width) (``encode_token_ids``)."""
+        return self.encode_token_ids(tokens, return_pooled=self.return_pooled)
 
-    def encode_token_ids(self, tokens: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+    def encode_token_ids(
+        self, tokens: torch.Tensor, clip_skip: int = 1, return_pooled: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Run the text tower, stopping ``clip_skip - 1`` blocks before the configured ``layer``.
 
         ``clip_skip`` counts back from ``layer``, so an SD 2.x config (``"penultimate"``) with ``clip_skip=1`` is the
-        encoder as trained; ``ln_final`` is applied in every case.
+        encoder as trained; ``ln_final`` is applied to z when ``legacy``.
 
         Args:
             tokens: (B, L) int64 token ids, L <= context length.
         Returns:
-            z: (B, L, width), after ``ln_final``.
+            z: (B, L, width); with ``return_pooled`` the pair ``(z, pooled)``, pooled: (B, embed_dim), which always
+            runs all blocks (CLIP skip does not change it, as in SDXL's training).
         """
         blocks = self.model.transformer.resblocks
         num_blocks = len(blocks) - self.layer_idx - (clip_skip - 1)
@@ -284,14 +312,30 @@ class FrozenOpenCLIPEmbedder(AbstractEncoder):
         # Older open_clip releases (no `batch_first` attribute) run their blocks sequence-first.
         batch_first = getattr(self.model.transformer, "batch_first", False)
         x = x if batch_first else x.transpose(0, 1)
-        for block in blocks[:num_blocks]:
+        z = None
+        for index, block in enumerate(blocks[: len(blocks) if return_pooled else num_blocks]):
+            if index == num_blocks:
+                z = x
             x = block(x, attn_mask=causal_mask)
-        x = x if batch_first else x.transpose(0, 1)
-        return self.model.ln_final(x)
+        z = x if z is None else z
+        z = z if batch_first else z.transpose(0, 1)
+        z = self.model.ln_final(z) if self.legacy else z
+        if not return_pooled:
+            return z
+        last = self.model.ln_final(x if batch_first else x.transpose(0, 1))
+        # The EOS token has the largest id, so argmax finds it (open_clip's "argmax" pooling).
+        pooled = (
+            last[torch.arange(len(tokens), device=tokens.device), tokens.argmax(dim=-1)] @ self.model.text_projection
+        )
+        return z, pooled
 
-    def forward(self, text: str | Sequence[str]) -> torch.Tensor:
-        """Encode prompts: returns (B, max_length, width)."""
+    def forward(self, text: str | Sequence[str]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Encode prompts: returns (B, max_length, width), or ``(z, pooled)`` with ``always_return_pooled``."""
         return self.encode_with_transformer(self.tokenizer(text).to(self.device))
+
+
+# sgm's name for the OpenCLIP text encoder with the pooled output (SDXL's second text encoder); same class here.
+FrozenOpenCLIPEmbedder2 = FrozenOpenCLIPEmbedder
 
 
 def _load_open_clip_text_weights(path: str) -> dict[str, torch.Tensor]:
