@@ -42,6 +42,7 @@ from ldm.models.diffusion.noise import MAX_SEED, check_seed
 from ldm.outputs import image_size, read_prompt_file
 from ldm.postprocess import OutputStep
 from ldm.request import GenerationRequest, RuntimeOptions
+from ldm.sdxl_conditioning import SIZE_FIELDS, check_model_takes, config_size_keys
 from ldm.util import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -222,7 +223,10 @@ def plan(mode: str, args: argparse.Namespace) -> Job:
         strength=getattr(args, "strength", None),
         clip_skip=args.clip_skip,
         noise_level=getattr(args, "noise_level", None),
+        **{field: getattr(args, field) for field in SIZE_FIELDS},
     )
+    kind = str(config.model.get("target", "")).rpartition(".")[2]
+    check_model_takes({field: getattr(request, field) for field in SIZE_FIELDS}, config_size_keys(config), kind)
     grid = None if args.skip_grid else args.n_rows or args.n_samples
     memory = estimate(
         Footprint.from_config(config),

@@ -134,6 +134,7 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
         help="compute attention in slices of N query rows to save memory (no N or 'auto': a size bounding it)",
     )
     add("--vae_tiling", action="store_true", help="decode large images by overlapping tiles, to save memory")
+    _add_size_conditioning(parser)
     if image_input:
         add("--init-img", dest="init_img", type=str, required=True, help="path to the input image")
     if mode == "image_variation":
@@ -156,6 +157,30 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
         add("--depth_map", type=str, default=None, help="a depth map (brighter = nearer) to use instead of MiDaS's")
     add("overrides", nargs="*", metavar="key=value", help="config overrides")
     return parser
+
+
+def _add_size_conditioning(parser: argparse.ArgumentParser) -> None:
+    """SDXL's micro-conditioning flags (diffusers' names; see ldm.sdxl_conditioning), all defaulting to None."""
+    group = parser.add_argument_group("SDXL size conditioning (other models refuse these)")
+    for negative in ("", "negative_"):
+        side = "the negative prompt's " if negative else ""
+        default = "the prompt's" if negative else None
+        group.add_argument(
+            f"--{negative}original_size", type=int, nargs=2, metavar=("H", "W"), default=None,
+            help=f"{side}original image size conditioning (default: {default or 'the output size'})",
+        )  # fmt: skip
+        group.add_argument(
+            f"--{negative}crops_coords_top_left", type=int, nargs=2, metavar=("TOP", "LEFT"), default=None,
+            help=f"{side}crop corner conditioning (default: {default or '0 0'})",
+        )  # fmt: skip
+        group.add_argument(
+            f"--{negative}target_size", type=int, nargs=2, metavar=("H", "W"), default=None,
+            help=f"{side}target size conditioning, SDXL base (default: {default or 'the output size'})",
+        )  # fmt: skip
+    group.add_argument("--aesthetic_score", type=float, default=None, help="SDXL refiner: aesthetic score (6.0)")
+    group.add_argument(
+        "--negative_aesthetic_score", type=float, default=None, help="SDXL refiner: the negative prompt's (2.5)"
+    )
 
 
 def _sampler_option(text: str) -> tuple[str, float]:

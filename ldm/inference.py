@@ -48,7 +48,6 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from ldm.checkpoint import load_model_from_config
-from ldm.class_labels import class_embedder, encode_class_labels
 from ldm.errors import UserError
 from ldm.geometry import LatentGeometry
 from ldm.model_detection import Detection, detect_checkpoint
@@ -58,8 +57,9 @@ from ldm.models.diffusion.samplers import SCHEDULE_LABELS, resolve_sampler, samp
 from ldm.modules.attention import set_attention_slicing
 from ldm.modules.tiling import tiled_decode
 from ldm.outputs import format_parameters, model_hash
-from ldm.prompts import encode_prompts, unknown_words
+from ldm.prompts import unknown_words
 from ldm.request import GenerationRequest, RuntimeOptions
+from ldm.request_conditioning import encode_request
 from ldm.util import apply_overrides, load_config
 
 DTYPES = {"autocast": torch.float16, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -351,15 +351,8 @@ class Pipeline:
         noise = Noise(request.seeds, self.device)
         variation = request.noise_level is not None
         with self._autocast():
-            cond = uncond = None
-            if request.class_labels is not None or class_embedder(model) is not None:
-                if request.class_labels is None:
-                    raise UserError("this model is class-conditional: give class labels (--classes), not prompts.")
-                with self._active(self.stages.get("cond_stage")):
-                    cond, uncond = encode_class_labels(model, request.class_labels, request.scale, self.device)
-            elif "cond_stage" in self.stages:
-                with self._active(self.stages["cond_stage"]):
-                    cond, uncond = encode_prompts(model, list(prompts), list(negatives), request.clip_skip)
+            with self._active(self.stages.get("cond_stage")):
+                cond, uncond = encode_request(model, request, prompts, negatives, self.device)
             if variation:
                 init_latent = latent_mask = None
                 cond, uncond = self._variation_inputs(request.init_image, request.noise_level, noise, cond, uncond)

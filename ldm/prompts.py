@@ -225,18 +225,22 @@ def encode_prompts(
             raise UserError("clip_skip needs a CLIP text encoder as the model's cond stage; use clip_skip=1")
         return model.get_learned_conditioning(prompts), model.get_learned_conditioning(negative_prompts)
 
-    tokenizer = encoder.tokenizer
-    chunk_size = tokenizer.max_length - 2
-    comma = tokenizer.encode(",")
-    comma_id = comma[0] if len(comma) == 1 else None
-    cond_chunks = [_chunk(_weighted_tokens(p, tokenizer), chunk_size, comma_id) for p in prompts]
-    uncond_chunks = [_chunk(_weighted_tokens(p, tokenizer), chunk_size, comma_id) for p in negative_prompts]
+    cond_chunks, uncond_chunks = prompt_chunks(encoder, prompts), prompt_chunks(encoder, negative_prompts)
     num_chunks = max(len(chunks) for chunks in cond_chunks + uncond_chunks)
     # Cond and uncond are encoded as separate batches so that plain prompts go through exactly the computation of
     # ``get_learned_conditioning``.
-    cond = _encode_chunks(encoder, cond_chunks, num_chunks, clip_skip)
-    uncond = _encode_chunks(encoder, uncond_chunks, num_chunks, clip_skip)
+    cond = encode_chunks(encoder, cond_chunks, num_chunks, clip_skip)
+    uncond = encode_chunks(encoder, uncond_chunks, num_chunks, clip_skip)
     return cond, uncond
+
+
+def prompt_chunks(encoder: Any, prompts: Sequence[str]) -> list[list[list[tuple[int, float]]]]:
+    """Each prompt's weighted tokens ``(id, weight)`` in chunks of at most ``encoder.tokenizer.max_length - 2``
+    (BREAK and the comma rule as in the module docstring); at least one chunk per prompt."""
+    tokenizer = encoder.tokenizer
+    comma = tokenizer.encode(",")
+    comma_id = comma[0] if len(comma) == 1 else None
+    return [_chunk(_weighted_tokens(p, tokenizer), tokenizer.max_length - 2, comma_id) for p in prompts]
 
 
 def _weighted_tokens(prompt: str, tokenizer: Any) -> list[tuple[int, float] | None]:
@@ -276,16 +280,22 @@ def _chunk(tokens: list[tuple[int, float] | None], size: int, comma_id: int | No
     return chunks
 
 
-def _encode_chunks(
-    encoder: Any, prompt_chunks: list[list[list[tuple[int, float]]]], num_chunks: int, clip_skip: int
-) -> torch.Tensor:
-    """Encode B prompts' chunks, padded to ``num_chunks`` with empty chunks: -> (B, (size + 2) * num_chunks, D)."""
+def encode_chunks(
+    encoder: Any,
+    chunked: list[list[list[tuple[int, float]]]],
+    num_chunks: int,
+    clip_skip: int,
+    return_pooled: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Encode B prompts' chunks (:func:`prompt_chunks`), padded to ``num_chunks`` with empty chunks, with a per-token
+    encoder's ``encode_token_ids``: -> z (B, (size + 2) * num_chunks, D) with the weights applied; with
+    ``return_pooled`` also the encoder's pooled output of the first chunk (B, D_p), unweighted, as A1111 gives SDXL."""
     tokenizer = encoder.tokenizer
     size = tokenizer.max_length - 2
-    outputs = []
+    outputs, pooled = [], None
     for j in range(num_chunks):
         ids, weights = [], []
-        for chunks in prompt_chunks:
+        for chunks in chunked:
             chunk = chunks[j] if j < len(chunks) else []
             padding = size - len(chunk)
             ids.append(
@@ -293,9 +303,14 @@ def _encode_chunks(
                 + [tokenizer.pad_token_id] * padding
             )
             weights.append([1.0, *(w for _, w in chunk), 1.0] + [1.0] * padding)
-        z = encoder.encode_token_ids(torch.tensor(ids, device=encoder.device), clip_skip=clip_skip)
+        tokens = torch.tensor(ids, device=encoder.device)
+        if return_pooled and j == 0:
+            z, pooled = encoder.encode_token_ids(tokens, clip_skip=clip_skip, return_pooled=True)
+        else:
+            z = encoder.encode_token_ids(tokens, clip_skip=clip_skip)
         outputs.append(_apply_weights(z, torch.tensor(weights, device=z.device)))
-    return torch.cat(outputs, dim=1)
+    z = torch.cat(outputs, dim=1)
+    return (z, pooled) if return_pooled else z
 
 
 def _apply_weights(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ from ldm.models.diffusion.noise import MAX_SEED, Noise, check_seed
 from ldm.models.diffusion.samplers import check_sampler_options, check_sampling_arguments, resolve_sampler
 from ldm.modules.attention import check_slice_size
 from ldm.outputs import load_image
+from ldm.sdxl_conditioning import SIZE_FIELDS, check_size_fields
 
 ImageInput = Image.Image | str | os.PathLike
 
@@ -110,6 +111,10 @@ class GenerationRequest:
             takes no strength (sampling starts from noise). None: an ordinary img2img / inpainting request.
         class_labels: for class-conditional models (:mod:`ldm.class_labels`), the class of every image, or one for
             all; the prompts are then not encoded. The model checks that the labels are its classes.
+        original_size, crops_coords_top_left, target_size (and ``negative_`` ones for the unconditional branch),
+        aesthetic_score, negative_aesthetic_score: SDXL's micro-conditioning, (height, width) / (top, left) pixel
+            pairs and refiner scores; None: SDXL's defaults (the output size, (0, 0), the positive values, the
+            model's 6.0 / 2.5). See :mod:`ldm.sdxl_conditioning`; other models refuse them.
     """
 
     prompts: str | Sequence[str]
@@ -132,6 +137,14 @@ class GenerationRequest:
     clip_skip: int = 1
     noise_level: int | None = None
     class_labels: int | Sequence[int] | None = None
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] | None = None
+    target_size: tuple[int, int] | None = None
+    negative_original_size: tuple[int, int] | None = None
+    negative_crops_coords_top_left: tuple[int, int] | None = None
+    negative_target_size: tuple[int, int] | None = None
+    aesthetic_score: float | None = None
+    negative_aesthetic_score: float | None = None
     seeds: tuple[int, ...] = dataclasses.field(init=False, default=())
 
     def __post_init__(self) -> None:
@@ -168,6 +181,8 @@ class GenerationRequest:
         check_sampler_options(spec, self.sampler_options)
         set_(self, "sampler_options", dict(self.sampler_options))
         check_guidance_rescale(self.guidance_rescale)
+        for field, value in check_size_fields({f: getattr(self, f) for f in SIZE_FIELDS}).items():
+            set_(self, field, value)
         set_(self, "seeds", self._image_seeds())
         set_(self, "class_labels", self._image_classes())
 

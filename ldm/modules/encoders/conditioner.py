@@ -75,21 +75,28 @@ class GeneralConditioner(nn.Module):
         return {**batch, key: values}
 
     def forward(
-        self, batch: Mapping[str, Any], force_zero_embeddings: Iterable[str] | None = None
+        self,
+        batch: Mapping[str, Any],
+        force_zero_embeddings: Iterable[str] | None = None,
+        embeddings: Mapping[int, torch.Tensor | Sequence[torch.Tensor]] | None = None,
     ) -> dict[str, torch.Tensor]:
         """``{"vector": (B, D_v), "crossattn": (B, L, D_c), ...}`` for a batch; each embedding whose input key is in
-        ``force_zero_embeddings`` is zeros instead (SDXL's unconditional text)."""
+        ``force_zero_embeddings`` is zeros instead (SDXL's unconditional text).
+
+        ``embeddings``: outputs of some embedders by index, used instead of running them on ``batch`` (the prompt
+        encodings of :mod:`ldm.sdxl_conditioning`, with attention weights and 75-token chunks)."""
         zeroed = set(force_zero_embeddings or ())
+        given = embeddings or {}
         dropping = self.training
         output: dict[str, torch.Tensor] = {}
-        for embedder in self.embedders:
-            missing = [key for key in embedder.input_keys if key not in batch]
-            if missing:
-                raise KeyError(f"the conditioning batch lacks {missing} (has {sorted(batch)})")
-            if dropping and embedder.ucg_rate > 0 and embedder.legacy_ucg_val is not None:
-                batch = self._drop_inputs(embedder, batch)
-            with torch.set_grad_enabled(embedder.is_trainable and torch.is_grad_enabled()):
-                out = embedder(*[batch[key] for key in embedder.input_keys])
+        for index, embedder in enumerate(self.embedders):
+            if index in given:
+                out = given[index]
+            else:
+                if dropping and embedder.ucg_rate > 0 and embedder.legacy_ucg_val is not None:
+                    # Kept for the embedders after this one that read the same key, as in sgm.
+                    batch = self._drop_inputs(embedder, batch)
+                out = self._embed(embedder, batch)
             for emb in out if isinstance(out, list | tuple) else [out]:
                 if emb.dim() not in OUTPUT_DIM2KEYS:
                     raise ValueError(f"{type(embedder).__name__} gave a {emb.dim()}-D output; expected 2 to 5 dims")
@@ -101,6 +108,15 @@ class GeneralConditioner(nn.Module):
                 key = OUTPUT_DIM2KEYS[emb.dim()]
                 output[key] = torch.cat([output[key], emb], KEY2CATDIM[key]) if key in output else emb
         return output
+
+    @staticmethod
+    def _embed(embedder: nn.Module, batch: Mapping[str, Any]) -> Any:
+        """Run one embedder on its batch entries."""
+        missing = [key for key in embedder.input_keys if key not in batch]
+        if missing:
+            raise KeyError(f"the conditioning batch lacks {missing} (has {sorted(batch)})")
+        with torch.set_grad_enabled(embedder.is_trainable and torch.is_grad_enabled()):
+            return embedder(*[batch[key] for key in embedder.input_keys])
 
     def get_unconditional_conditioning(
         self,

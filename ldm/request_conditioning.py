@@ -1,0 +1,37 @@
+"""What a checked request's prompts or class labels become for the sampler: cond and uncond, per model kind.
+
+Class-conditional models get their labels (:mod:`ldm.class_labels`), SDXL models prompts plus size conditioning
+(:mod:`ldm.sdxl_conditioning`), other text-conditioned models prompts (:mod:`ldm.prompts`); unconditional models
+get None for both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ldm.class_labels import class_embedder, encode_class_labels
+from ldm.errors import UserError
+from ldm.prompts import encode_prompts
+from ldm.request import GenerationRequest
+from ldm.sdxl_conditioning import SIZE_FIELDS, check_model_takes, encode_sdxl_prompts, model_size_keys
+
+
+def encode_request(
+    model: Any, request: GenerationRequest, prompts: Sequence[str], negatives: Sequence[str], device: torch.device
+) -> tuple[Any, Any]:
+    """(cond, uncond) of the images' ``prompts`` / ``negatives`` (B each) for a request checked by ``for_model``;
+    the caller has the cond stage on ``device``. UserError for settings the model does not take."""
+    sizes = {field: getattr(request, field) for field in SIZE_FIELDS}
+    check_model_takes(sizes, model_size_keys(model), type(model).__name__)
+    if request.class_labels is not None or class_embedder(model) is not None:
+        if request.class_labels is None:
+            raise UserError("this model is class-conditional: give class labels (--classes), not prompts.")
+        return encode_class_labels(model, request.class_labels, request.scale, device)
+    if getattr(model, "conditioner", None) is not None and model.conditions_on_batch:
+        return encode_sdxl_prompts(model, prompts, negatives, request.clip_skip, sizes, request.height, request.width)
+    if model.stages().get("cond_stage") is None:
+        return None, None
+    return encode_prompts(model, list(prompts), list(negatives), request.clip_skip)
