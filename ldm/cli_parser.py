@@ -195,5 +195,5 @@ def _sampler_option(text: str) -> tuple[str, float]:
 
 def _size_help(mode: str) -> str:
     if mode in FROM_NOISE:
-        return " (default: the size the model was trained at, 512 for SD 1.x, 64 for the demo model)"
+        return " (default: the size the model was trained at, 512 for SD 1.x, 1024 for SDXL, 64 for the demo model)"
     return " (default: the init image's, rounded down to a multiple of 64 for SD, as CompVis did)"

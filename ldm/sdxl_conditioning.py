@@ -108,23 +108,25 @@ def check_model_takes(values: Mapping[str, Any], keys: set[str], model_name: str
 
 
 def size_batches(
-    model: Any, values: Mapping[str, Any], batch: int, height: int, width: int
-) -> tuple[dict[str, list[Any]], dict[str, list[Any]]]:
-    """The conditioner's size entries for the prompts and for the unconditional branch, ``batch`` copies each, from
-    the request's fields (None: SDXL's defaults for a ``height`` x ``width`` output, see the module docstring)."""
-    keys = model_size_keys(model)
-    defaults = {"original_size": (height, width), "crops_coords_top_left": (0, 0), "target_size": (height, width)}
-    cond, uncond = {}, {}
-    for name, key in PAIR_FIELDS.items():
-        if key in keys:
-            positive = values.get(name) or defaults[name]
-            cond[key] = [list(positive)] * batch
-            uncond[key] = [list(values.get(f"negative_{name}") or positive)] * batch
-    if SCORE_KEY in keys:
-        score, negative = values.get(SCORE_FIELD), values.get(f"negative_{SCORE_FIELD}")
-        cond[SCORE_KEY] = [model.aesthetic_score if score is None else score] * batch
-        uncond[SCORE_KEY] = [model.negative_aesthetic_score if negative is None else negative] * batch
-    return cond, uncond
+    model: Any, prompts: Sequence[str], negatives: Sequence[str], values: Mapping[str, Any], height: int, width: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The conditioner's batches for the prompts and for the unconditional branch: the texts under the model's
+    ``cond_stage_key`` and the size entries (B, 2) / (B,) of the request's fields, the unset ones filled in by
+    :meth:`SDXLDiffusion.size_conditioning` (an uncropped ``height`` x ``width`` image; the aesthetic scores the
+    model's ``aesthetic_score`` / ``negative_aesthetic_score``)."""
+    batches = []
+    for texts, negative in ((prompts, False), (negatives, True)):
+        entries: dict[str, Any] = {model.cond_stage_key: list(texts)}
+        for name, key in PAIR_FIELDS.items():
+            # The unconditional branch's own value, else the prompts'.
+            value = (values.get(f"negative_{name}") if negative else None) or values.get(name)
+            if value is not None:
+                entries[key] = [list(value)] * len(texts)
+        score = values.get(f"negative_{SCORE_FIELD}" if negative else SCORE_FIELD)
+        if score is None and negative:
+            score = model.negative_aesthetic_score
+        batches.append(model.size_conditioning(entries, height, width, aesthetic_score=score))
+    return batches[0], batches[1]
 
 
 def _text_embedders(model: Any) -> dict[int, Any]:
@@ -152,7 +154,7 @@ def encode_sdxl_prompts(
     """
     if len(negative_prompts) != len(prompts):
         raise UserError(f"got {len(negative_prompts)} negative prompts for {len(prompts)} prompts")
-    key, batch = model.cond_stage_key, len(prompts)
+    key = model.cond_stage_key
     encoders = _text_embedders(model)
     chunked = {i: (prompt_chunks(e, prompts), prompt_chunks(e, negative_prompts)) for i, e in encoders.items()}
     num_chunks = max((len(c) for pair in chunked.values() for side in pair for c in side), default=1)
@@ -163,9 +165,7 @@ def encode_sdxl_prompts(
             for i, e in encoders.items()
         }
 
-    cond_sizes, uncond_sizes = size_batches(model, sizes, batch, height, width)
-    cond_batch = model.size_conditioning({key: list(prompts), **cond_sizes}, height, width)
-    uncond_batch = model.size_conditioning({key: list(negative_prompts), **uncond_sizes}, height, width)
+    cond_batch, uncond_batch = size_batches(model, prompts, negative_prompts, sizes, height, width)
     cond_text = encode(0)
     cond = model.conditioner(cond_batch, embeddings=cond_text)
     empty = [not text for text in negative_prompts]
