@@ -30,7 +30,7 @@ def encode_request(
         if request.class_labels is None:
             raise UserError("this model is class-conditional: give class labels (--classes), not prompts.")
         return encode_class_labels(model, request.class_labels, request.scale, device)
-    if getattr(model, "conditioner", None) is not None and model.conditions_on_batch:
+    if getattr(model, "conditions_on_batch", False) and getattr(model, "conditioner", None) is not None:
         return encode_sdxl_prompts(model, prompts, negatives, request.clip_skip, sizes, request.height, request.width)
     if model.stages().get("cond_stage") is None:
         return None, None

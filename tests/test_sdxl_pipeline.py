@@ -228,3 +228,18 @@ def test_a_bad_size_flag_is_one_error_line(tiny_files, tmp_path, capsys) -> None
     assert cli.main("txt2img", [*tiny_files, "--outdir", str(out), "--original_size", "0", "16"]) == 2
     assert capsys.readouterr().err.startswith("error: original_size must be two whole numbers")
     assert not out.exists()
+
+
+def test_the_refiner_script_takes_aesthetic_scores_and_refuses_a_target_size(refiner, tmp_path, capsys) -> None:
+    OmegaConf.save(tiny_config(refiner=True), tmp_path / "refiner.yaml")
+    save_checkpoint(refiner.state_dict(), tmp_path / "refiner.safetensors")
+    args = ["--config", str(tmp_path / "refiner.yaml"), "--ckpt", str(tmp_path / "refiner.safetensors")]
+    args += ["--device", "cpu", "--precision", "full", "--steps", "2", "--n_samples", "1", "--n_iter", "1"]
+    out = tmp_path / "out"
+    scores = ["--aesthetic_score", "7", "--negative_aesthetic_score", "2", "--crops_coords_top_left", "2", "2"]
+    assert cli.main("txt2img", [*args, "--outdir", str(out), "--skip_grid", *scores]) == 0
+    assert len(list(out.glob("samples/*.png"))) == 1
+    capsys.readouterr()
+    assert cli.main("txt2img", [*args, "--outdir", str(tmp_path / "no"), "--target_size", "16", "16"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not conditioned on target_size" in err and "aesthetic_score" in err
