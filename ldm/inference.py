@@ -37,7 +37,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,7 @@ from ldm.modules.attention import set_attention_slicing
 from ldm.modules.tiling import tiled_decode
 from ldm.outputs import format_parameters, model_hash
 from ldm.prompts import encode_prompts, unknown_words
+from ldm.refiner import refiner_fields, refiner_handoff
 from ldm.request import GenerationRequest, RuntimeOptions
 from ldm.util import apply_overrides, load_config
 
@@ -123,6 +124,7 @@ class GenerationResult:
     model_hash: str | None
     noise_level: int | None = None
     class_labels: list[int] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # further A1111 entries (the refiner's), written last
 
     def fields(self, i: int) -> dict[str, Any]:
         """The A1111 settings of image ``i``, in A1111's order (None values are left out when written)."""
@@ -139,6 +141,7 @@ class GenerationResult:
             "Clip skip": self.clip_skip if self.clip_skip != 1 else None,
             "Eta": self.eta,
             "Noise level": self.noise_level,
+            **self.extra,
         }
 
     def parameters(self, i: int) -> str:
@@ -176,6 +179,7 @@ class Pipeline:
         self.ckpt = Path(ckpt) if ckpt is not None else None
         self.detection: Detection | None = None  # how from_config chose the config, when it detected it
         self.vocabulary = frozenset(w.lower() for w in vocabulary) if vocabulary else None
+        self.refiner: Pipeline | None = None  # finishes runs from request.refiner_switch on (ldm.refiner)
         self.stages = model.stages()
         set_attention_slicing(model, options.attention_slicing)
         if options.channels_last:
@@ -383,6 +387,7 @@ class Pipeline:
                 schedule=request.schedule,
                 guidance_rescale=request.guidance_rescale,
                 options=request.sampler_options,
+                handoff=refiner_handoff(self, request, prompts, negatives),
                 callback=callback,
                 progress=progress,
             )
@@ -410,6 +415,7 @@ class Pipeline:
             model_hash=self.model_hash,
             noise_level=request.noise_level,
             class_labels=list(request.class_labels) if request.class_labels is not None else None,
+            extra=refiner_fields(self, request),
         )
 
     def _warn_unknown_words(self, prompts: Sequence[str]) -> None:

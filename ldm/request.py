@@ -23,6 +23,7 @@ from ldm.devices import check_compile, check_precision, resolve_device
 from ldm.errors import UserError
 from ldm.geometry import LatentGeometry, prepare_init_image
 from ldm.models.diffusion.guidance import check_guidance_rescale
+from ldm.models.diffusion.handoff import check_switch
 from ldm.models.diffusion.noise import MAX_SEED, Noise, check_seed
 from ldm.models.diffusion.samplers import check_sampler_options, check_sampling_arguments, resolve_sampler
 from ldm.modules.attention import check_slice_size
@@ -110,6 +111,8 @@ class GenerationRequest:
             takes no strength (sampling starts from noise). None: an ordinary img2img / inpainting request.
         class_labels: for class-conditional models (:mod:`ldm.class_labels`), the class of every image, or one for
             all; the prompts are then not encoded. The model checks that the labels are its classes.
+        refiner_switch: with a refiner attached to the pipeline (:mod:`ldm.refiner`), the share of the steps the
+            base runs before the refiner takes over, in (0, 1] (A1111's "Refiner switch at").
     """
 
     prompts: str | Sequence[str]
@@ -132,6 +135,7 @@ class GenerationRequest:
     clip_skip: int = 1
     noise_level: int | None = None
     class_labels: int | Sequence[int] | None = None
+    refiner_switch: float = 0.8
     seeds: tuple[int, ...] = dataclasses.field(init=False, default=())
 
     def __post_init__(self) -> None:
@@ -168,6 +172,7 @@ class GenerationRequest:
         check_sampler_options(spec, self.sampler_options)
         set_(self, "sampler_options", dict(self.sampler_options))
         check_guidance_rescale(self.guidance_rescale)
+        check_switch(self.refiner_switch)
         set_(self, "seeds", self._image_seeds())
         set_(self, "class_labels", self._image_classes())
 

@@ -16,6 +16,13 @@ from ldm.errors import UserError
 from ldm.models.diffusion.guidance import Denoiser
 
 
+def check_switch(switch: float) -> float:
+    """UserError unless the share of the steps before the hand-off is a number in (0, 1]."""
+    if isinstance(switch, bool) or not isinstance(switch, int | float) or not 0 < switch <= 1:
+        raise UserError(f"the refiner switch must be in (0, 1] (0.8 is usual), got {switch!r}.")
+    return switch
+
+
 @dataclass(frozen=True)
 class Handoff:
     """The model that finishes a run and its own conditioning.
@@ -33,8 +40,7 @@ class Handoff:
 
     def check(self, first: Any) -> None:
         """UserError unless ``switch`` is in (0, 1] and both models share one training schedule."""
-        if isinstance(self.switch, bool) or not isinstance(self.switch, int | float) or not 0 < self.switch <= 1:
-            raise UserError(f"the refiner switch must be in (0, 1] (0.8 is usual), got {self.switch!r}.")
+        check_switch(self.switch)
         ours, theirs = first.alphas_cumprod, self.model.alphas_cumprod
         if ours.shape != theirs.shape or not torch.allclose(ours.double().cpu(), theirs.double().cpu(), atol=1e-6):
             raise UserError("the refiner was trained on another noise schedule than the base: use a matching pair.")
