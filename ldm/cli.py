@@ -41,6 +41,7 @@ from ldm.models.diffusion.latent_unclip import check_variation_config
 from ldm.models.diffusion.noise import MAX_SEED, check_seed
 from ldm.outputs import image_size, read_prompt_file
 from ldm.postprocess import OutputStep
+from ldm.refiner import RefinerPlan, plan_refiner
 from ldm.request import GenerationRequest, RuntimeOptions
 from ldm.util import load_config
 
@@ -71,6 +72,7 @@ class Job:
     outdir: Path
     save_samples: bool
     grid_images_per_row: int | None  # None: no grid
+    refiner: RefinerPlan | None = None  # --refiner
 
     def seeded_batches(self) -> Iterator[tuple[list[str], list[int]]]:
         """Each batch's prompts and seeds, made when the run reaches it: ``--n_iter`` may be any size."""
@@ -222,6 +224,7 @@ def plan(mode: str, args: argparse.Namespace) -> Job:
         strength=getattr(args, "strength", None),
         clip_skip=args.clip_skip,
         noise_level=getattr(args, "noise_level", None),
+        refiner_switch=getattr(args, "refiner_switch", 0.8),
     )
     grid = None if args.skip_grid else args.n_rows or args.n_samples
     memory = estimate(
@@ -256,6 +259,7 @@ def plan(mode: str, args: argparse.Namespace) -> Job:
         outdir=outdir,
         save_samples=not args.skip_save,
         grid_images_per_row=grid,
+        refiner=plan_refiner(args, geometry),
     )
 
 
@@ -287,6 +291,8 @@ def _note_flagged(seed: int) -> None:
 def run(job: Job) -> Iterator[Path]:
     """Load the model, generate every batch and save samples and grid; yields each file as it is written."""
     pipe = Pipeline.from_config(job.config, job.ckpt, job.options)
+    if job.refiner is not None:
+        job.refiner.load(pipe)
     device = job.options.device
     # Again now that the weights take their share: a job that fits no more fails here, before any sample.
     check_memory(job.memory, available_memory(device), device, job.options.vae_tiling)

@@ -9,6 +9,7 @@ from pathlib import Path
 from ldm.devices import PRECISIONS
 from ldm.errors import ScriptParser
 from ldm.models.diffusion.samplers import sampler_names, schedule_names
+from ldm.refiner import add_refiner_arguments
 from ldm.request import IMG2IMG_STRENGTH, INPAINT_STRENGTH
 
 DEFAULT_CONFIG = Path("configs/stable-diffusion/v1-inference.yaml")
@@ -150,6 +151,8 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
             default=INPAINT_STRENGTH if mode == "inpaint" else IMG2IMG_STRENGTH,
             help="strength for noising/unnoising: 1.0 corresponds to full destruction of the init image",
         )
+    if mode in ("txt2img", "img2img"):
+        add_refiner_arguments(parser)
     if mode == "inpaint":
         add("--mask", type=str, required=True, help="mask image of the init image's size, white = repaint")
     if depth:

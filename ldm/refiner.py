@@ -12,23 +12,49 @@ aesthetic scores); both models must share the latent space and the training nois
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from omegaconf import DictConfig
+
 from ldm.errors import UserError
+from ldm.geometry import LatentGeometry
+from ldm.model_detection import detect_checkpoint
 from ldm.models.diffusion.handoff import Handoff
 from ldm.prompts import encode_prompts
+from ldm.util import load_config
 
 if TYPE_CHECKING:
     from ldm.inference import Pipeline
     from ldm.request import GenerationRequest
 
-__all__ = ["attach_refiner", "load_refiner", "refiner_fields", "refiner_handoff"]
+__all__ = [
+    "RefinerPlan",
+    "add_refiner_arguments",
+    "attach_refiner",
+    "load_refiner",
+    "plan_refiner",
+    "refiner_fields",
+    "refiner_handoff",
+]
 
 
 def _is_plain_text_model(model: Any) -> bool:
     return not (model.conditions_on_image or model.image_is_condition)
+
+
+def check_pair(base: LatentGeometry, refiner: LatentGeometry) -> None:
+    """UserError unless the refiner's latents are the base's: channels, VAE factor and diffusion steps."""
+    ours, theirs = (base.channels, base.factor, base.timesteps), (refiner.channels, refiner.factor, refiner.timesteps)
+    if ours != theirs:
+        raise UserError(
+            f"the refiner's latents ({theirs[0]} channels, factor {theirs[1]}, {theirs[2]} steps) are not the "
+            f"base's ({ours[0]}, {ours[1]}, {ours[2]}): use a matching pair (SDXL base 1.0 with SDXL refiner 1.0)."
+        )
 
 
 def attach_refiner(pipe: Pipeline, refiner: Pipeline | None) -> None:
@@ -36,13 +62,7 @@ def attach_refiner(pipe: Pipeline, refiner: Pipeline | None) -> None:
     if refiner is not None:
         if "cond_stage" not in refiner.stages or not _is_plain_text_model(refiner.model):
             raise UserError(f"the refiner must be a text-to-image model; got a {type(refiner.model).__name__}.")
-        ours, theirs = pipe.geometry, refiner.geometry
-        if (ours.channels, ours.factor, ours.timesteps) != (theirs.channels, theirs.factor, theirs.timesteps):
-            raise UserError(
-                f"the refiner's latents ({theirs.channels} channels, factor {theirs.factor}, {theirs.timesteps} "
-                f"steps) are not the base's ({ours.channels}, {ours.factor}, {ours.timesteps}): use a matching pair "
-                "(SDXL base 1.0 with SDXL refiner 1.0)."
-            )
+        check_pair(pipe.geometry, refiner.geometry)
         Handoff(refiner.model, None, None).check(pipe.model)
     pipe.refiner = refiner
 
@@ -82,3 +102,52 @@ def refiner_fields(pipe: Pipeline, request: GenerationRequest) -> dict[str, Any]
     name = refiner.ckpt.stem if refiner.ckpt is not None else type(refiner.model).__name__
     label = f"{name} [{refiner.model_hash}]" if refiner.model_hash else name
     return {"Refiner": label, "Refiner switch at": request.refiner_switch}
+
+
+# -- the scripts' flags ----------------------------------------------------------------------------------------------
+
+
+def add_refiner_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--refiner CKPT``, ``--refiner_config`` and ``--refiner_switch`` (A1111's flags and default)."""
+    add = parser.add_argument
+    add("--refiner", type=str, default=None, metavar="CKPT", help="a refiner checkpoint that finishes each image")
+    add("--refiner_config", type=str, default=None, help="the refiner's config (default: detected from it)")
+    add(
+        "--refiner_switch",
+        type=float,
+        default=0.8,
+        help="share of the steps the base runs before the refiner takes over, in (0, 1] (default 0.8)",
+    )
+
+
+@dataclass(frozen=True)
+class RefinerPlan:
+    """A checked ``--refiner``: its checkpoint and config, loaded once the base is (:meth:`load`)."""
+
+    ckpt: Path
+    config: DictConfig
+
+    def load(self, pipe: Pipeline) -> Pipeline:
+        """Load the refiner with ``pipe``'s runtime options and attach it to ``pipe``."""
+        return load_refiner(pipe, self.ckpt, self.config)
+
+
+def plan_refiner(args: argparse.Namespace, geometry: LatentGeometry) -> RefinerPlan | None:
+    """The refiner the flags ask for, its config detected (and announced) unless ``--refiner_config`` names it and
+    checked against the base's ``geometry``; None without ``--refiner``. Loads no weights."""
+    ckpt, config = getattr(args, "refiner", None), getattr(args, "refiner_config", None)
+    if ckpt is None:
+        if config is not None:
+            raise UserError("--refiner_config goes with --refiner CKPT: give the refiner checkpoint too.")
+        return None
+    path = Path(ckpt)
+    if not path.is_file():
+        raise FileNotFoundError(f"refiner checkpoint '{ckpt}' does not exist; check --refiner.")
+    if config is None:
+        detection = detect_checkpoint(path)
+        print(f"refiner: {detection.line()}")
+        loaded = load_config(detection.path, list(detection.overrides))
+    else:
+        loaded = load_config(config)
+    check_pair(geometry, LatentGeometry.from_config(loaded))
+    return RefinerPlan(path, loaded)

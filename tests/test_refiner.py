@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
+from PIL import Image
 from sdxl_model import tiny_config
 
+from ldm import cli
+from ldm.checkpoint import save_checkpoint
 from ldm.errors import UserError
 from ldm.geometry import LatentGeometry
 from ldm.inference import Pipeline
-from ldm.outputs import parse_parameters
+from ldm.outputs import model_hash, parse_parameters
 from ldm.refiner import attach_refiner
 from ldm.request import GenerationRequest, RuntimeOptions
 from ldm.util import instantiate_from_config
@@ -115,3 +121,53 @@ def test_a_refiner_of_another_latent_space_or_kind_is_refused(pair):
 def test_the_switch_is_checked_with_the_request(switch):
     with pytest.raises(UserError, match="refiner switch"):
         GenerationRequest("a red circle", refiner_switch=switch)
+
+
+# -- the scripts' --refiner, --refiner_config and --refiner_switch --
+
+
+@pytest.fixture(scope="module")
+def pair_files(pair, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("sdxl-pair")
+    for name, pipe, refiner in (("base", pair[0], False), ("refiner", pair[1], True)):
+        OmegaConf.save(tiny_config(refiner=refiner), folder / f"{name}.yaml")
+        save_checkpoint(pipe.model.state_dict(), folder / f"{name}.safetensors")
+    return folder
+
+
+def _script_args(folder: Path, out: Path, *extra: str) -> list[str]:
+    return ["--config", str(folder / "base.yaml"), "--ckpt", str(folder / "base.safetensors"), "--device", "cpu",
+            "--precision", "full", "--steps", "5", "--sampler", "Euler", "--n_samples", "1", "--n_iter", "1",
+            "--skip_grid", "--outdir", str(out), *extra]  # fmt: skip
+
+
+def test_txt2img_refines_and_writes_a1111s_refiner_entries(pair_files, tmp_path, capsys):
+    refiner = [
+        "--refiner",
+        str(pair_files / "refiner.safetensors"),
+        "--refiner_config",
+        str(pair_files / "refiner.yaml"),
+    ]
+    assert cli.main("txt2img", _script_args(pair_files, tmp_path / "refined", *refiner, "--refiner_switch", "0.6")) == 0
+    assert cli.main("txt2img", _script_args(pair_files, tmp_path / "plain")) == 0
+    (refined,), (plain,) = (sorted((tmp_path / kind).rglob("*.png")) for kind in ("refined", "plain"))
+    fields = parse_parameters(Image.open(refined).text["parameters"])
+    assert fields["Refiner"] == f"refiner [{model_hash(pair_files / 'refiner.safetensors')}]"
+    assert fields["Refiner switch at"] == "0.6"
+    assert "Refiner" not in parse_parameters(Image.open(plain).text["parameters"])
+    assert not np.array_equal(np.asarray(Image.open(refined)), np.asarray(Image.open(plain)))
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--refiner_config", "x.yaml"], "--refiner_config goes with --refiner"),
+        (["--refiner", "missing.safetensors"], "refiner checkpoint 'missing.safetensors' does not exist"),
+        (["--refiner", "{ckpt}", "--refiner_config", "{yaml}", "--refiner_switch", "0"], "refiner switch"),
+    ],
+)
+def test_bad_refiner_flags_are_one_line_errors(pair_files, tmp_path, capsys, extra, message):
+    extra = [e.format(ckpt=pair_files / "refiner.safetensors", yaml=pair_files / "refiner.yaml") for e in extra]
+    assert cli.main("txt2img", _script_args(pair_files, tmp_path / "out", *extra)) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
