@@ -44,6 +44,7 @@ from ldm.postprocess import OutputStep
 from ldm.refiner import RefinerPlan, plan_refiner
 from ldm.request import GenerationRequest, RuntimeOptions
 from ldm.util import load_config
+from ldm.vae import check_vae_file
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_DIR = Path("models/ldm/shapes")
@@ -73,6 +74,7 @@ class Job:
     save_samples: bool
     grid_images_per_row: int | None  # None: no grid
     refiner: RefinerPlan | None = None  # --refiner
+    vae: Path | None = None  # --vae
 
     def seeded_batches(self) -> Iterator[tuple[list[str], list[int]]]:
         """Each batch's prompts and seeds, made when the run reaches it: ``--n_iter`` may be any size."""
@@ -260,6 +262,7 @@ def plan(mode: str, args: argparse.Namespace) -> Job:
         save_samples=not args.skip_save,
         grid_images_per_row=grid,
         refiner=plan_refiner(args, geometry),
+        vae=check_vae_file(args.vae),
     )
 
 
@@ -290,7 +293,7 @@ def _note_flagged(seed: int) -> None:
 
 def run(job: Job) -> Iterator[Path]:
     """Load the model, generate every batch and save samples and grid; yields each file as it is written."""
-    pipe = Pipeline.from_config(job.config, job.ckpt, job.options)
+    pipe = Pipeline.from_config(job.config, job.ckpt, job.options, vae=job.vae)
     if job.refiner is not None:
         job.refiner.load(pipe)
     device = job.options.device

@@ -135,6 +135,7 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
         help="compute attention in slices of N query rows to save memory (no N or 'auto': a size bounding it)",
     )
     add("--vae_tiling", action="store_true", help="decode large images by overlapping tiles, to save memory")
+    add("--vae", type=str, default=None, metavar="FILE", help="a VAE file (.safetensors/.ckpt) for the model's own")
     if image_input:
         add("--init-img", dest="init_img", type=str, required=True, help="path to the input image")
     if mode == "image_variation":

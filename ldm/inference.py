@@ -62,6 +62,7 @@ from ldm.prompts import encode_prompts, unknown_words
 from ldm.refiner import refiner_fields, refiner_handoff
 from ldm.request import GenerationRequest, RuntimeOptions
 from ldm.util import apply_overrides, load_config
+from ldm.vae import float32_decoder, prepare_first_stage, vae_fields
 
 DTYPES = {"autocast": torch.float16, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -161,6 +162,7 @@ class Pipeline:
         ckpt: the checkpoint file, for the model name and hash written into image metadata.
         vocabulary: the words a model trained on a closed set of words knows (the bundled shapes model lists
             them in its config), for a warning about the others.
+        vae: a VAE file to load into the first stage (:mod:`ldm.vae`); without one SDXL's stays float32 in fp16 runs.
     """
 
     def __init__(
@@ -170,6 +172,7 @@ class Pipeline:
         options: RuntimeOptions,
         ckpt: str | os.PathLike | None = None,
         vocabulary: Sequence[str] | None = None,
+        vae: str | os.PathLike | None = None,
     ) -> None:
         self.model = model
         self.geometry = geometry
@@ -181,6 +184,8 @@ class Pipeline:
         self.vocabulary = frozenset(w.lower() for w in vocabulary) if vocabulary else None
         self.refiner: Pipeline | None = None  # finishes runs from request.refiner_switch on (ldm.refiner)
         self.stages = model.stages()
+        self.vae = Path(vae) if vae is not None else None
+        self.vae_float32 = prepare_first_stage(model, options.precision, self.device, self.vae)
         set_attention_slicing(model, options.attention_slicing)
         if options.channels_last:
             for role in ("unet", "first_stage"):
@@ -203,6 +208,7 @@ class Pipeline:
         *,
         overrides: Sequence[str] = (),
         use_ema_weights: bool = False,
+        vae: str | os.PathLike | None = None,
         **runtime: Any,
     ) -> Pipeline:
         """Build the model of a config (path or OmegaConf, plus ``key=value`` overrides) and load ``ckpt`` strictly.
@@ -210,7 +216,8 @@ class Pipeline:
         ``config=None``: the config detected from ``ckpt``'s key layout, announced in one printed line (see
         :mod:`ldm.model_detection`; ``pipe.detection`` keeps it). ``options``, or the same as keyword arguments
         (``device="cpu", precision="full", ...``; see :class:`RuntimeOptions`). ``ckpt=None`` keeps random weights
-        (for tests). Raises UserError (ConfigError, CheckpointError) with a message naming the fix.
+        (for tests); ``vae``: a VAE file for the first stage. Raises UserError (ConfigError, CheckpointError) with a
+        message naming the fix.
         """
         if options is not None and runtime:
             raise UserError(f"give RuntimeOptions or {', '.join(runtime)} as keywords, not both.")
@@ -232,7 +239,7 @@ class Pipeline:
             for stage in model.stages().values():
                 stage.to(DTYPES[options.precision])
         _place(model, options.device, options.idle_device)
-        pipe = cls(model, geometry, options, ckpt=ckpt, vocabulary=config.get("vocabulary"))
+        pipe = cls(model, geometry, options, ckpt=ckpt, vocabulary=config.get("vocabulary"), vae=vae)
         pipe.detection = detection
         return pipe
 
@@ -261,9 +268,9 @@ class Pipeline:
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents (B, C, h, w) -> images (B, 3, f*h, f*w); by tiles with ``vae_tiling``."""
-        if self.options.vae_tiling:
-            return tiled_decode(self.model.decode_first_stage, latents, self.geometry.factor)
-        return self.model.decode_first_stage(latents)
+        decode = self.model.decode_first_stage
+        decode = float32_decoder(decode, self.device) if self.vae_float32 else decode
+        return tiled_decode(decode, latents, self.geometry.factor) if self.options.vae_tiling else decode(latents)
 
     def _image_inputs(
         self, request: GenerationRequest, cond: Any, uncond: Any
@@ -415,7 +422,7 @@ class Pipeline:
             model_hash=self.model_hash,
             noise_level=request.noise_level,
             class_labels=list(request.class_labels) if request.class_labels is not None else None,
-            extra=refiner_fields(self, request),
+            extra={**vae_fields(self.vae), **refiner_fields(self, request)},
         )
 
     def _warn_unknown_words(self, prompts: Sequence[str]) -> None:
