@@ -82,6 +82,15 @@ def test_the_second_model_takes_over_at_the_switch_step():
     assert (base.calls, refiner.calls) == (8, 2)
 
 
+def test_img2img_switches_at_a_share_of_the_steps_it_runs():
+    base, refiner = GaussianDataModel(), GaussianDataModel()
+    init = torch.zeros(1, 1, 2, 2, dtype=torch.float64)
+    sample(base, "euler", steps=10, init_latent=init, strength=0.5, noise=Noise([0]),
+           handoff=Handoff(refiner, None, None, 0.5), progress=False)  # fmt: skip
+    # A1111 runs int(0.5 * 10) + 1 = 6 steps, and hands over at step ceil(0.5 * 6) = 3 of them.
+    assert (base.calls, refiner.calls) == (3, 3)
+
+
 def test_split_index_follows_a1111():
     assert [split_index(f, 20) for f in (0.0, 0.8, 0.81, 1.0)] == [0, 16, 17, 20]
     assert split_index(0.7, 10) == 7

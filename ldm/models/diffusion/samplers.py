@@ -218,7 +218,8 @@ def sample(
             Heun ...) then gives one run's result, a multistep one (DPM++ 2M, LMS, PLMS ...) restarts its history
             at ``start`` (first step of lower order, as diffusers does).
         handoff: a second model that takes over inside the same loop from step ``split_index(handoff.switch)``
-            of the grid on (A1111's refiner; :mod:`~ldm.models.diffusion.handoff`): one schedule for every sampler.
+            of the steps this run takes on (A1111's refiner; :mod:`~ldm.models.diffusion.handoff`): one schedule,
+            for every sampler.
         callback: ``callback(i, denoised)`` after each step with the current x0 estimate.
         progress: show a progress bar.
     """
@@ -254,11 +255,6 @@ def sample(
     timestep = model_timesteps(schedule, steps, eps.schedule)
     denoiser = Denoiser(eps, mask, init_latent if mask is not None else None, timestep=timestep)
     sigmas = _grid(spec, schedule, steps, eps.schedule)
-    if handoff is not None and split_index(handoff.switch, len(sigmas) - 1) < len(sigmas) - 1:
-        second = GuidedEps(handoff.model, handoff.cond, handoff.uncond, scale, guidance_rescale)
-        known = init_latent if mask is not None else None
-        sigma_switch = float(sigmas[split_index(handoff.switch, len(sigmas) - 1)])
-        denoiser = SwitchedDenoiser(denoiser, Denoiser(second, mask, known, timestep=timestep), sigma_switch)
     compvis = schedule in COMPVIS_GRIDS
     n = len(sigmas) - 1
     if start > 0:
@@ -284,6 +280,12 @@ def sample(
         sigmas = sigmas[: split_index(end, len(sigmas) - 1) + 1]
         if len(sigmas) == 1:
             return x / math.sqrt(1.0 + float(sigmas[-1]) ** 2)
+    if handoff is not None and split_index(handoff.switch, len(sigmas) - 1) < len(sigmas) - 1:
+        # A share of the steps this run takes (img2img's tail), as A1111 counts its refiner switch.
+        second = GuidedEps(handoff.model, handoff.cond, handoff.uncond, scale, guidance_rescale)
+        known = init_latent if mask is not None else None
+        sigma_switch = float(sigmas[split_index(handoff.switch, len(sigmas) - 1)])
+        denoiser = SwitchedDenoiser(denoiser, Denoiser(second, mask, known, timestep=timestep), sigma_switch)
     options = dict(options or {})
     if spec.eta is not None:
         options["eta"] = spec.eta if eta is None else eta
