@@ -261,7 +261,7 @@ def plan(mode: str, args: argparse.Namespace) -> Job:
         outdir=outdir,
         save_samples=not args.skip_save,
         grid_images_per_row=grid,
-        refiner=plan_refiner(args, geometry),
+        refiner=plan_refiner(args, config),
         vae=check_vae_file(args.vae),
     )
 

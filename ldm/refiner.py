@@ -47,13 +47,16 @@ def _is_plain_text_model(model: Any) -> bool:
     return not (model.conditions_on_image or model.image_is_condition)
 
 
-def check_pair(base: LatentGeometry, refiner: LatentGeometry) -> None:
-    """UserError unless the refiner's latents are the base's: channels, VAE factor and diffusion steps."""
-    ours, theirs = (base.channels, base.factor, base.timesteps), (refiner.channels, refiner.factor, refiner.timesteps)
+def check_pair(base: LatentGeometry, refiner: LatentGeometry, base_scale: float, refiner_scale: float) -> None:
+    """UserError unless the refiner's latents are the base's: channels, VAE factor, diffusion steps and the latent
+    ``scale_factor`` (SD 1.x's 0.18215 and SDXL's 0.13025 are VAEs of different latent spaces)."""
+    ours = (base.channels, base.factor, base.timesteps, round(float(base_scale), 6))
+    theirs = (refiner.channels, refiner.factor, refiner.timesteps, round(float(refiner_scale), 6))
     if ours != theirs:
         raise UserError(
-            f"the refiner's latents ({theirs[0]} channels, factor {theirs[1]}, {theirs[2]} steps) are not the "
-            f"base's ({ours[0]}, {ours[1]}, {ours[2]}): use a matching pair (SDXL base 1.0 with SDXL refiner 1.0)."
+            f"the refiner's latents ({theirs[0]} channels, factor {theirs[1]}, {theirs[2]} steps, scale {theirs[3]}) "
+            f"are not the base's ({ours[0]}, {ours[1]}, {ours[2]}, {ours[3]}): use a matching pair (SDXL base 1.0 "
+            "with SDXL refiner 1.0)."
         )
 
 
@@ -62,7 +65,7 @@ def attach_refiner(pipe: Pipeline, refiner: Pipeline | None) -> None:
     if refiner is not None:
         if "cond_stage" not in refiner.stages or not _is_plain_text_model(refiner.model):
             raise UserError(f"the refiner must be a text-to-image model; got a {type(refiner.model).__name__}.")
-        check_pair(pipe.geometry, refiner.geometry)
+        check_pair(pipe.geometry, refiner.geometry, pipe.model.scale_factor, refiner.model.scale_factor)
         Handoff(refiner.model, None, None).check(pipe.model)
     pipe.refiner = refiner
 
@@ -132,22 +135,23 @@ class RefinerPlan:
         return load_refiner(pipe, self.ckpt, self.config)
 
 
-def plan_refiner(args: argparse.Namespace, geometry: LatentGeometry) -> RefinerPlan | None:
+def plan_refiner(args: argparse.Namespace, config: DictConfig) -> RefinerPlan | None:
     """The refiner the flags ask for, its config detected (and announced) unless ``--refiner_config`` names it and
-    checked against the base's ``geometry``; None without ``--refiner``. Loads no weights."""
-    ckpt, config = getattr(args, "refiner", None), getattr(args, "refiner_config", None)
+    checked against the base's ``config`` (:func:`check_pair`); None without ``--refiner``. Loads no weights."""
+    ckpt, refiner_config = getattr(args, "refiner", None), getattr(args, "refiner_config", None)
     if ckpt is None:
-        if config is not None:
+        if refiner_config is not None:
             raise UserError("--refiner_config goes with --refiner CKPT: give the refiner checkpoint too.")
         return None
     path = Path(ckpt)
     if not path.is_file():
         raise FileNotFoundError(f"refiner checkpoint '{ckpt}' does not exist; check --refiner.")
-    if config is None:
+    if refiner_config is None:
         detection = detect_checkpoint(path)
         print(f"refiner: {detection.line()}")
         loaded = load_config(detection.path, list(detection.overrides))
     else:
-        loaded = load_config(config)
-    check_pair(geometry, LatentGeometry.from_config(loaded))
+        loaded = load_config(refiner_config)
+    scales = (c.model.get("params", {}).get("scale_factor", 1.0) for c in (config, loaded))
+    check_pair(LatentGeometry.from_config(config), LatentGeometry.from_config(loaded), *scales)
     return RefinerPlan(path, loaded)

@@ -114,6 +114,10 @@ def test_a_refiner_of_another_latent_space_or_kind_is_refused(pair):
     )
     with pytest.raises(UserError, match="matching pair"):
         attach_refiner(base, other)
+    sd_scaled = _pipeline(True, 2)
+    sd_scaled.model.scale_factor = 0.18215  # an SD 1.x VAE's latent space: same shape, other latents
+    with pytest.raises(UserError, match=r"scale 0.18215\) are not the base's \(4, 2, 1000, 0.13025\)"):
+        attach_refiner(base, sd_scaled)
     assert base.refiner is None
 
 
