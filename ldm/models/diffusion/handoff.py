@@ -4,7 +4,7 @@ The second model takes over from the first step whose sigma is at or below the s
 loop, as A1111's ``--refiner_switch`` does: the run is one schedule (same grid, same ancestral noise, multistep
 history kept), only the model giving the estimates changes. Both models must share the training schedule.
 
-The choice is by sigma, so a second-order step ending at the switch sigma (Heun's, DPM2's) takes its end-point
+The choice is by sigma, so a step that evaluates at its end point (Heun's correction) just before the switch takes that
 estimate from the second model, where A1111, counting steps, still asks the first; single-evaluation samplers
 (Euler, DDIM, DPM++ 2M ...) switch exactly where A1111 does.
 """
