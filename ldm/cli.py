@@ -41,9 +41,11 @@ from ldm.models.diffusion.latent_unclip import check_variation_config
 from ldm.models.diffusion.noise import MAX_SEED, check_seed
 from ldm.outputs import image_size, read_prompt_file
 from ldm.postprocess import OutputStep
+from ldm.refiner import RefinerPlan, plan_refiner
 from ldm.request import GenerationRequest, RuntimeOptions
 from ldm.sdxl_conditioning import SIZE_FIELDS, check_model_takes, config_size_keys
 from ldm.util import load_config
+from ldm.vae import check_vae_file
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_DIR = Path("models/ldm/shapes")
@@ -72,6 +74,8 @@ class Job:
     outdir: Path
     save_samples: bool
     grid_images_per_row: int | None  # None: no grid
+    refiner: RefinerPlan | None = None  # --refiner
+    vae: Path | None = None  # --vae
 
     def seeded_batches(self) -> Iterator[tuple[list[str], list[int]]]:
         """Each batch's prompts and seeds, made when the run reaches it: ``--n_iter`` may be any size."""
@@ -224,6 +228,7 @@ def plan(mode: str, args: argparse.Namespace) -> Job:
         clip_skip=args.clip_skip,
         noise_level=getattr(args, "noise_level", None),
         **{field: getattr(args, field) for field in SIZE_FIELDS},
+        refiner_switch=getattr(args, "refiner_switch", 0.8),
     )
     kind = str(config.model.get("target", "")).rpartition(".")[2]
     check_model_takes({field: getattr(request, field) for field in SIZE_FIELDS}, config_size_keys(config), kind)
@@ -260,6 +265,8 @@ def plan(mode: str, args: argparse.Namespace) -> Job:
         outdir=outdir,
         save_samples=not args.skip_save,
         grid_images_per_row=grid,
+        refiner=plan_refiner(args, config),
+        vae=check_vae_file(args.vae),
     )
 
 
@@ -290,7 +297,9 @@ def _note_flagged(seed: int) -> None:
 
 def run(job: Job) -> Iterator[Path]:
     """Load the model, generate every batch and save samples and grid; yields each file as it is written."""
-    pipe = Pipeline.from_config(job.config, job.ckpt, job.options)
+    pipe = Pipeline.from_config(job.config, job.ckpt, job.options, vae=job.vae)
+    if job.refiner is not None:
+        job.refiner.load(pipe)
     device = job.options.device
     # Again now that the weights take their share: a job that fits no more fails here, before any sample.
     check_memory(job.memory, available_memory(device), device, job.options.vae_tiling)

@@ -9,6 +9,7 @@ from pathlib import Path
 from ldm.devices import PRECISIONS
 from ldm.errors import ScriptParser
 from ldm.models.diffusion.samplers import sampler_names, schedule_names
+from ldm.refiner import add_refiner_arguments
 from ldm.request import IMG2IMG_STRENGTH, INPAINT_STRENGTH
 
 DEFAULT_CONFIG = Path("configs/stable-diffusion/v1-inference.yaml")
@@ -135,6 +136,7 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     )
     add("--vae_tiling", action="store_true", help="decode large images by overlapping tiles, to save memory")
     _add_size_conditioning(parser)
+    add("--vae", type=str, default=None, metavar="FILE", help="a VAE file (.safetensors/.ckpt) for the model's own")
     if image_input:
         add("--init-img", dest="init_img", type=str, required=True, help="path to the input image")
     if mode == "image_variation":
@@ -151,6 +153,8 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
             default=INPAINT_STRENGTH if mode == "inpaint" else IMG2IMG_STRENGTH,
             help="strength for noising/unnoising: 1.0 corresponds to full destruction of the init image",
         )
+    if mode in ("txt2img", "img2img"):
+        add_refiner_arguments(parser)
     if mode == "inpaint":
         add("--mask", type=str, required=True, help="mask image of the init image's size, white = repaint")
     if depth:

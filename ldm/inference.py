@@ -37,7 +37,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +58,11 @@ from ldm.modules.attention import set_attention_slicing
 from ldm.modules.tiling import tiled_decode
 from ldm.outputs import format_parameters, model_hash
 from ldm.prompts import unknown_words
+from ldm.refiner import refiner_fields, refiner_handoff
 from ldm.request import GenerationRequest, RuntimeOptions
 from ldm.request_conditioning import encode_request
 from ldm.util import apply_overrides, load_config
+from ldm.vae import float32_decoder, prepare_first_stage, vae_fields
 
 DTYPES = {"autocast": torch.float16, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -123,6 +125,7 @@ class GenerationResult:
     model_hash: str | None
     noise_level: int | None = None
     class_labels: list[int] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # further A1111 entries (the refiner's), written last
 
     def fields(self, i: int) -> dict[str, Any]:
         """The A1111 settings of image ``i``, in A1111's order (None values are left out when written)."""
@@ -139,6 +142,7 @@ class GenerationResult:
             "Clip skip": self.clip_skip if self.clip_skip != 1 else None,
             "Eta": self.eta,
             "Noise level": self.noise_level,
+            **self.extra,
         }
 
     def parameters(self, i: int) -> str:
@@ -158,6 +162,7 @@ class Pipeline:
         ckpt: the checkpoint file, for the model name and hash written into image metadata.
         vocabulary: the words a model trained on a closed set of words knows (the bundled shapes model lists
             them in its config), for a warning about the others.
+        vae: a VAE file to load into the first stage (:mod:`ldm.vae`); without one SDXL's stays float32 in fp16 runs.
     """
 
     def __init__(
@@ -167,6 +172,7 @@ class Pipeline:
         options: RuntimeOptions,
         ckpt: str | os.PathLike | None = None,
         vocabulary: Sequence[str] | None = None,
+        vae: str | os.PathLike | None = None,
     ) -> None:
         self.model = model
         self.geometry = geometry
@@ -176,7 +182,10 @@ class Pipeline:
         self.ckpt = Path(ckpt) if ckpt is not None else None
         self.detection: Detection | None = None  # how from_config chose the config, when it detected it
         self.vocabulary = frozenset(w.lower() for w in vocabulary) if vocabulary else None
+        self.refiner: Pipeline | None = None  # finishes runs from request.refiner_switch on (ldm.refiner)
         self.stages = model.stages()
+        self.vae = Path(vae) if vae is not None else None
+        self.vae_float32 = prepare_first_stage(model, options.precision, self.device, self.vae)
         set_attention_slicing(model, options.attention_slicing)
         if options.channels_last:
             for role in ("unet", "first_stage"):
@@ -199,6 +208,7 @@ class Pipeline:
         *,
         overrides: Sequence[str] = (),
         use_ema_weights: bool = False,
+        vae: str | os.PathLike | None = None,
         **runtime: Any,
     ) -> Pipeline:
         """Build the model of a config (path or OmegaConf, plus ``key=value`` overrides) and load ``ckpt`` strictly.
@@ -206,7 +216,8 @@ class Pipeline:
         ``config=None``: the config detected from ``ckpt``'s key layout, announced in one printed line (see
         :mod:`ldm.model_detection`; ``pipe.detection`` keeps it). ``options``, or the same as keyword arguments
         (``device="cpu", precision="full", ...``; see :class:`RuntimeOptions`). ``ckpt=None`` keeps random weights
-        (for tests). Raises UserError (ConfigError, CheckpointError) with a message naming the fix.
+        (for tests); ``vae``: a VAE file for the first stage. Raises UserError (ConfigError, CheckpointError) with a
+        message naming the fix.
         """
         if options is not None and runtime:
             raise UserError(f"give RuntimeOptions or {', '.join(runtime)} as keywords, not both.")
@@ -228,7 +239,7 @@ class Pipeline:
             for stage in model.stages().values():
                 stage.to(DTYPES[options.precision])
         _place(model, options.device, options.idle_device)
-        pipe = cls(model, geometry, options, ckpt=ckpt, vocabulary=config.get("vocabulary"))
+        pipe = cls(model, geometry, options, ckpt=ckpt, vocabulary=config.get("vocabulary"), vae=vae)
         pipe.detection = detection
         return pipe
 
@@ -257,9 +268,9 @@ class Pipeline:
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents (B, C, h, w) -> images (B, 3, f*h, f*w); by tiles with ``vae_tiling``."""
-        if self.options.vae_tiling:
-            return tiled_decode(self.model.decode_first_stage, latents, self.geometry.factor)
-        return self.model.decode_first_stage(latents)
+        decode = self.model.decode_first_stage
+        decode = float32_decoder(decode, self.device) if self.vae_float32 else decode
+        return tiled_decode(decode, latents, self.geometry.factor) if self.options.vae_tiling else decode(latents)
 
     def _image_inputs(
         self, request: GenerationRequest, cond: Any, uncond: Any
@@ -376,6 +387,7 @@ class Pipeline:
                 schedule=request.schedule,
                 guidance_rescale=request.guidance_rescale,
                 options=request.sampler_options,
+                handoff=refiner_handoff(self, request, prompts, negatives),
                 callback=callback,
                 progress=progress,
             )
@@ -403,6 +415,7 @@ class Pipeline:
             model_hash=self.model_hash,
             noise_level=request.noise_level,
             class_labels=list(request.class_labels) if request.class_labels is not None else None,
+            extra={**vae_fields(self.vae), **refiner_fields(self, request)},
         )
 
     def _warn_unknown_words(self, prompts: Sequence[str]) -> None:

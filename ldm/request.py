@@ -23,6 +23,7 @@ from ldm.devices import check_compile, check_precision, resolve_device
 from ldm.errors import UserError
 from ldm.geometry import LatentGeometry, prepare_init_image
 from ldm.models.diffusion.guidance import check_guidance_rescale
+from ldm.models.diffusion.handoff import check_switch
 from ldm.models.diffusion.noise import MAX_SEED, Noise, check_seed
 from ldm.models.diffusion.samplers import check_sampler_options, check_sampling_arguments, resolve_sampler
 from ldm.modules.attention import check_slice_size
@@ -115,6 +116,8 @@ class GenerationRequest:
         aesthetic_score, negative_aesthetic_score: SDXL's micro-conditioning, (height, width) / (top, left) pixel
             pairs and refiner scores; None: SDXL's defaults (the output size, (0, 0), the positive values, the
             model's 6.0 / 2.5). See :mod:`ldm.sdxl_conditioning`; other models refuse them.
+        refiner_switch: with a refiner attached to the pipeline (:mod:`ldm.refiner`), the share of the steps the
+            base runs before the refiner takes over, in (0, 1] (A1111's "Refiner switch at").
     """
 
     prompts: str | Sequence[str]
@@ -145,6 +148,7 @@ class GenerationRequest:
     negative_target_size: tuple[int, int] | None = None
     aesthetic_score: float | None = None
     negative_aesthetic_score: float | None = None
+    refiner_switch: float = 0.8
     seeds: tuple[int, ...] = dataclasses.field(init=False, default=())
 
     def __post_init__(self) -> None:
@@ -183,6 +187,7 @@ class GenerationRequest:
         check_guidance_rescale(self.guidance_rescale)
         for field, value in check_size_fields({f: getattr(self, f) for f in SIZE_FIELDS}).items():
             set_(self, field, value)
+        check_switch(self.refiner_switch)
         set_(self, "seeds", self._image_seeds())
         set_(self, "class_labels", self._image_classes())
 

@@ -90,6 +90,13 @@ def model_size_keys(model: Any) -> set[str]:
     return set(keys) & {*PAIR_FIELDS.values(), SCORE_KEY}
 
 
+def fields_for(model: Any, values: Mapping[str, Any]) -> dict[str, Any]:
+    """The size fields of ``values`` that ``model`` takes: in a base -> refiner hand-off each model gets its own
+    (the base its sizes and crops, the refiner its original size, crop and aesthetic scores)."""
+    keys = model_size_keys(model)
+    return {field: value for field, value in values.items() if _key(field) in keys}
+
+
 def check_model_takes(values: Mapping[str, Any], keys: set[str], model_name: str) -> None:
     """UserError unless the model (whose conditioner reads ``keys``) takes every size field given in ``values``."""
     given = [field for field in SIZE_FIELDS if values.get(field) is not None]

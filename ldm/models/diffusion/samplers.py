@@ -22,6 +22,7 @@ import torch
 
 from ldm.errors import UserError
 from ldm.models.diffusion.guidance import Denoiser, GuidedEps, check_guidance_rescale
+from ldm.models.diffusion.handoff import Handoff, SwitchedDenoiser
 from ldm.models.diffusion.noise import Noise
 from ldm.models.diffusion.sampler_registry import (
     SAMPLERS,
@@ -48,6 +49,7 @@ __all__ = [
     "sampler_names",
     "sampler_options",
     "schedule_names",
+    "split_index",
 ]
 
 # The largest guidance scale accepted. A1111 offers 1..30; far beyond, eps_u + scale * (eps_c - eps_u) only
@@ -148,6 +150,22 @@ def img2img_start(sigmas: torch.Tensor, strength: float, compvis: bool, sigma_to
     return sigmas[steps - run :], float(sigmas[steps - run])
 
 
+def split_index(fraction: float, steps: int) -> int:
+    """The grid index a run of ``steps`` steps is split at for ``fraction`` of it: ``ceil(fraction * steps)``.
+
+    A1111 hands over to its refiner at the first step ``i >= switch_at * steps``; diffusers' ``denoising_end`` keeps
+    the timesteps above ``(1 - end) * 1000``, the same steps where ``fraction * steps`` is whole.
+    """
+    return min(steps, math.ceil(fraction * steps - 1e-9))
+
+
+def _check_split(start: float, end: float, x_T: torch.Tensor | None, init_latent: torch.Tensor | None) -> None:
+    if not (isinstance(start, int | float) and isinstance(end, int | float) and 0.0 <= start < end <= 1.0):
+        raise UserError(f"the schedule share to run must satisfy 0 <= start < end <= 1, got start={start}, end={end}.")
+    if start > 0 and (x_T is None or init_latent is not None):
+        raise UserError("start > 0 continues a run: give x_T, the latent the run up to start returned.")
+
+
 @torch.no_grad()
 def sample(
     model: Any,
@@ -167,6 +185,9 @@ def sample(
     schedule: str | None = None,
     guidance_rescale: float = 0.0,
     options: Mapping[str, float] | None = None,
+    start: float = 0.0,
+    end: float = 1.0,
+    handoff: Handoff | None = None,
     callback: Callable[[int, torch.Tensor], None] | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
@@ -189,6 +210,16 @@ def sample(
         guidance_rescale: Lin et al.'s guidance rescale ``phi`` in [0, 1] (diffusers' ``guidance_rescale``); 0 is
             off, 0.7 their suggestion (see :func:`~ldm.models.diffusion.guidance.rescale_guidance`).
         options: the sampler's own options (:func:`sampler_options`), e.g. ``{"s_churn": 1.0}`` for Euler.
+        start, end: run only this share of the sigma grid, steps ``split_index(start) .. split_index(end)`` (see
+            :func:`split_index`), to split one run between models (SDXL base then refiner, A1111's
+            ``--refiner_switch``, diffusers' ``denoising_end`` / ``denoising_start``). ``end < 1`` returns the
+            still noisy latent (model x_t at that sigma); ``start > 0`` continues from it, given as ``x_T``. Passing
+            the same ``noise`` object on makes the ancestral noise that of one run; a memoryless sampler (Euler, DDIM,
+            Heun ...) then gives one run's result, a multistep one (DPM++ 2M, LMS, PLMS ...) restarts its history
+            at ``start`` (first step of lower order, as diffusers does).
+        handoff: a second model that takes over inside the same loop from step ``split_index(handoff.switch)``
+            of the steps this run takes on (A1111's refiner; :mod:`~ldm.models.diffusion.handoff`): one schedule,
+            for every sampler.
         callback: ``callback(i, denoised)`` after each step with the current x0 estimate.
         progress: show a progress bar.
     """
@@ -196,6 +227,9 @@ def sample(
         sampler, steps, len(model.alphas_cumprod), strength, eta, init_latent is not None, scale, schedule,
         guidance_rescale, options,
     )  # fmt: skip
+    _check_split(start, end, x_T, init_latent)
+    if handoff is not None:
+        handoff.check(model)
     reference = init_latent if init_latent is not None else x_T
     if shape is None:
         if reference is None:
@@ -222,7 +256,14 @@ def sample(
     denoiser = Denoiser(eps, mask, init_latent if mask is not None else None, timestep=timestep)
     sigmas = _grid(spec, schedule, steps, eps.schedule)
     compvis = schedule in COMPVIS_GRIDS
-    if init_latent is None:
+    n = len(sigmas) - 1
+    if start > 0:
+        sigmas = sigmas[split_index(start, n) : split_index(end, n) + 1]
+        if len(sigmas) == 1:
+            return x_T
+        # x_T is the model's x_t at sigmas[0], as the run up to here returned it (the inverse of the last line).
+        x = x_T * math.sqrt(1.0 + float(sigmas[0]) ** 2)
+    elif init_latent is None:
         x_T = x_T if x_T is not None else noise.randn(shape)
         # x_T is standard normal. Exactly, the model's x_t is sqrt(a) * x in the sigma view, so x = x_T *
         # sqrt(1 + sigma^2) (CompVis); A1111 and k-diffusion start from x_T * sigma_0 instead.
@@ -235,6 +276,16 @@ def sample(
         # CompVis noises one step above the first and takes that x_t as the first step's: the ratio rescales it so.
         # For A1111 the two sigmas are the same and the ratio is 1.
         x = noised * math.sqrt((1.0 + float(sigmas[0]) ** 2) / (1.0 + sigma_noised**2))
+    if end < 1 and start == 0:
+        sigmas = sigmas[: split_index(end, len(sigmas) - 1) + 1]
+        if len(sigmas) == 1:
+            return x / math.sqrt(1.0 + float(sigmas[-1]) ** 2)
+    if handoff is not None and split_index(handoff.switch, len(sigmas) - 1) < len(sigmas) - 1:
+        # A share of the steps this run takes (img2img's tail), as A1111 counts its refiner switch.
+        second = GuidedEps(handoff.model, handoff.cond, handoff.uncond, scale, guidance_rescale)
+        known = init_latent if mask is not None else None
+        sigma_switch = float(sigmas[split_index(handoff.switch, len(sigmas) - 1)])
+        denoiser = SwitchedDenoiser(denoiser, Denoiser(second, mask, known, timestep=timestep), sigma_switch)
     options = dict(options or {})
     if spec.eta is not None:
         options["eta"] = spec.eta if eta is None else eta

@@ -55,6 +55,9 @@ class SDXLDiffusion(LatentDiffusion):
     """
 
     conditions_on_batch = True
+    # SDXL 1.0's VAE overflows float16 in its decoder (NaN / black images): pipelines decode in float32 when the model
+    # runs in float16, unless given an fp16-fixed VAE (ldm.vae; diffusers' force_upcast).
+    vae_needs_float32 = True
 
     def __init__(
         self, *args: Any, aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5, **kwargs: Any
