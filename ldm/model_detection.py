@@ -43,8 +43,9 @@ import torch
 
 from ldm.checkpoint import EMA_PREFIX, read_checkpoint, to_original_layout
 from ldm.errors import UserError
+from ldm.lazy_checkpoint import read_tensor
 from ldm.model_folder import find_model
-from ldm.serialization import read_metadata, read_tensor
+from ldm.serialization import read_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 SD = "configs/stable-diffusion/"
