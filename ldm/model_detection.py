@@ -9,7 +9,13 @@ for SD 2.x text-to-image models, one 320-value tensor (see below). A family is r
   refiner's one (``conditioner.embedders.0.model.*``);
 - the UNet's input channels (``input_blocks.0.0.weight``: 4 text-to-image, 9 inpainting, 5 depth, 7 x4 upscaler);
 - the extra models a family carries (``depth_model.*``: MiDaS; ``embedder.model.visual.*``: unCLIP's image encoder,
-  1280 wide for ViT-H, 1024 for ViT-L).
+  1280 wide for ViT-H, 1024 for ViT-L);
+- for CompVis latent-diffusion's pretrained models (``models/ldm/*``): the first stage (VQ by its codebook
+  ``first_stage_model.quantize.embedding.weight``, else KL), the UNet's output channels (``out.2.weight``) and the
+  conditioning model (a class embedder ``cond_stage_model.embedding``, BERT, a spatial rescaler
+  ``cond_stage_model.channel_mapper``, or none). Where several configs build one architecture (CelebA-HQ, FFHQ and
+  LSUN bedrooms; semantic synthesis 256 and 512), a word of the file name picks one, else the first (any builds the
+  model right; the line says which and why).
 
 and then checked against its *size*, the UNet's width and its cross-attention context: a fine-tune, merge, fp16,
 pruned or EMA-only file keeps both, so it detects the same; a model of the same structure but another size (a tiny

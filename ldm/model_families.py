@@ -51,13 +51,22 @@ class Family:
         return f"{self.name} ({stage}{TEXT_NAMES[self.text]}, UNet of {self.unet_in} input channels{extra})"
 
 
-def _ldm(name: str, folder: str, text: str | None, unet: tuple[int, int, int], **kwargs: object) -> Family:
+def _ldm(
+    name: str,
+    folder: str,
+    text: str | None,
+    unet: tuple[int, int, int],
+    context: int | None = None,
+    first_stage: str = "vq",
+    variants: tuple[tuple[str, str, str], ...] = (),
+) -> Family:
     """A CompVis latent-diffusion pretrained model (``models/ldm/<folder>/config.yaml``); ``unet``: (input
     channels, output channels, width)."""
     unet_in, unet_out, width = unet
-    first_stage = kwargs.pop("first_stage", "vq")
-    return Family(name, LDM + folder + "/config.yaml", text, unet_in, width, kwargs.pop("context", None),
-                  first_stage=first_stage, unet_out=unet_out, **kwargs)  # type: ignore[arg-type]  # fmt: skip
+    return Family(
+        name, LDM + folder + "/config.yaml", text, unet_in, width, context, first_stage=first_stage, unet_out=unet_out,
+        variants=variants,
+    )  # fmt: skip
 
 
 # CompVis latent-diffusion's pretrained models. CelebA-HQ, FFHQ and LSUN bedrooms share one architecture (VQ-f4,
