@@ -297,11 +297,20 @@ def load_state_dict_into(
     bad: list[str] = []
     chunk: dict[str, torch.Tensor] = {}
     for number, key in enumerate(fitted, 1):
-        value = state_dict[names[key]]
-        if nonfinite_tensors({key: value}):
-            bad.append(key)
+        name, target = names[key], targets[key]
+
+        def check(tensor: torch.Tensor, key: str = key) -> None:
+            if nonfinite_tensors({key: tensor}):
+                bad.append(key)
+
         # A model built by empty_parameters() takes the tensors themselves (assign), in the dtype it was built with.
-        chunk[key] = value.to(targets[key].dtype) if targets[key].is_meta else value
+        if target.is_meta and isinstance(state_dict, LazyStateDict):
+            value = state_dict.converted(name, target.dtype, check)
+        else:
+            value = state_dict[name]
+            check(value)
+            value = value.to(target.dtype) if target.is_meta else value
+        chunk[key] = value
         if number == len(fitted) or sum(t.nbytes for t in chunk.values()) >= LOAD_CHUNK_BYTES:
             _load_chunk(model, chunk, targets)
             chunk = {}

@@ -211,14 +211,15 @@ class LiveSourceTensors:
         import ldm.checkpoint
 
         self.live = self.peak = self.reads = 0
+        self.opened = []
         opener = ldm.checkpoint.open_checkpoint
 
         def tracked(path, *args):
             tensors, info = opener(path, *args)
             read = tensors._read
 
-            def read_tracked(key):
-                tensor = read(key)
+            def read_tracked(key, buffer):
+                tensor = read(key, buffer)
                 self.reads += 1
                 self.live += tensor.nbytes
                 self.peak = max(self.peak, self.live)
@@ -226,6 +227,7 @@ class LiveSourceTensors:
                 return tensor
 
             tensors._read = read_tracked
+            self.opened.append(tensors)
             return tensors, info
 
         monkeypatch.setattr(ldm.checkpoint, "open_checkpoint", tracked)
@@ -246,6 +248,8 @@ def test_loading_holds_one_tensor_of_the_file_at_a_time(tmp_path, tiny_config, t
     assert tracker.reads > 100 and largest < file_bytes / 2
     assert tracker.peak <= largest, (tracker.peak, largest, file_bytes)
     assert tracker.live == 0
+    # The fp16 values were read through one staging buffer, the size of the largest tensor, and not one per tensor.
+    assert len(tracker.opened[0]._staging) == largest
     assert all(p.dtype == torch.float32 for p in model.parameters())
     key = "model.diffusion_model.out.2.weight"
     torch.testing.assert_close(model.state_dict()[key], tiny_weights[key].half().float())
