@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ldm.files import atomic_path
+from ldm.lazy_checkpoint import LazyStateDict, open_checkpoint, split_state_dict
 from ldm.modules.ema import ema_buffer_name
 from ldm.serialization import CheckpointError, read_file
 
@@ -36,6 +37,10 @@ OPENCLIP_PREFIX = "cond_stage_model.model."
 EMA_PREFIX = "model_ema."
 UNET_PREFIX = "model.diffusion_model."
 DEPTH_PREFIX = "depth_model."  # SD 2 depth-to-image: the MiDaS weights
+
+# load_state_dict_into hands tensors to load_state_dict in groups of about this size: one call per tensor would walk
+# the module tree some 2,500 times for SDXL, one call for all would hold the whole file.
+LOAD_CHUNK_BYTES = 64 << 20
 
 # Keys real checkpoints carry that the model may not have, and that are safe to drop: the CLIP position ids are a
 # constant arange that recent transformers releases no longer save.
@@ -82,17 +87,7 @@ def read_checkpoint(
     (names, shapes, dtypes), read without the file's data.
     """
     path = Path(path)
-    _, data = read_file(path, layout_only=layout_only)
-    info: dict[str, Any] = {}
-    if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):
-        info = {k: v for k, v in data.items() if isinstance(v, int | float | str) and k != "state_dict"}
-        data = data["state_dict"]
-    if not isinstance(data, Mapping):
-        raise CheckpointError(f"checkpoint '{path}' holds no state dict (found {type(data).__name__}).")
-    state_dict = {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
-    if not state_dict:
-        raise CheckpointError(f"checkpoint '{path}' holds no tensors.")
-    return state_dict, info
+    return split_state_dict(path, read_file(path, layout_only=layout_only)[1])
 
 
 def read_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -133,19 +128,20 @@ def to_original_layout(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torc
     transformers release whose ``CLIPTextModel`` does not nest ``text_model`` lack that level. Both load. Other keys
     under ``cond_stage_model.transformer.`` (the LDM BERTEmbedder's) are left as they are.
     """
-    out = {}
-    for key, value in state_dict.items():
-        if key.startswith(CLIP_PREFIX) and key[len(CLIP_PREFIX) :].startswith(CLIP_TEXT_PARTS):
-            key = CLIP_NESTED + key[len(CLIP_PREFIX) :]
-        else:
-            # SDXL's CLIP ViT-L: conditioner.embedders.<i>.transformer.*, nested the same way.
-            key = SDXL_CLIP_UNNESTED.sub(r"\1text_model.\2", key)
-        out[key] = value
-    return out
+    return {original_key(key): value for key, value in state_dict.items()}
 
 
-def ema_to_model_keys(state_dict: Mapping[str, torch.Tensor], model_keys: Iterable[str]) -> dict[str, torch.Tensor]:
-    """Replace ``model.*`` weights by their ``model_ema.*`` copies (inference with the EMA weights).
+def original_key(key: str) -> str:
+    """A state-dict key in the CompVis SD layout (see :func:`to_original_layout`)."""
+    if key.startswith(CLIP_PREFIX) and key[len(CLIP_PREFIX) :].startswith(CLIP_TEXT_PARTS):
+        return CLIP_NESTED + key[len(CLIP_PREFIX) :]
+    # SDXL's CLIP ViT-L: conditioner.embedders.<i>.transformer.*, nested the same way.
+    return SDXL_CLIP_UNNESTED.sub(r"\1text_model.\2", key)
+
+
+def ema_to_model_keys(state_dict: Mapping[str, Any], model_keys: Iterable[str]) -> dict[str, Any]:
+    """Replace ``model.*`` weights by their ``model_ema.*`` copies (inference with the EMA weights); the values may
+    be tensors or anything standing for them (the loader maps keys to the file's key names).
 
     Raises CheckpointError when the checkpoint has no EMA weights.
     """
@@ -288,30 +284,50 @@ def load_state_dict_into(
     """Load a state dict in any supported layout into ``model`` strictly (see :func:`fit_state_dict`).
 
     ``use_ema_weights`` copies the checkpoint's ``model_ema.*`` weights into the diffusion model, as inference with
-    the EMA weights does.
+    the EMA weights does. The keys are fitted first, from the shapes alone (a :class:`LazyStateDict`'s layout); the
+    tensors are then taken from ``state_dict`` a few at a time (:data:`LOAD_CHUNK_BYTES`) and released once in the
+    model, so loading a lazily read file costs the model's memory and one chunk, not the file's as well.
     """
-    state_dict = to_original_layout(state_dict)
+    layout = state_dict.layout if isinstance(state_dict, LazyStateDict) else state_dict
+    names = {original_key(key): key for key in layout}  # {key in the original layout: key in state_dict}
     if use_ema_weights:
-        state_dict = ema_to_model_keys(state_dict, model.state_dict().keys())
-    fitted = fit_state_dict(model, state_dict, ignore_prefixes)
-    del state_dict
-    bad = nonfinite_tensors(fitted)
+        names = ema_to_model_keys(names, model.state_dict().keys())
+    fitted = fit_state_dict(model, {key: layout[name] for key, name in names.items()}, ignore_prefixes)
+    targets = model.state_dict()
+    bad: list[str] = []
+    chunk: dict[str, torch.Tensor] = {}
+    for number, key in enumerate(fitted, 1):
+        name, target = names[key], targets[key]
+
+        def check(tensor: torch.Tensor, key: str = key) -> None:
+            if nonfinite_tensors({key: tensor}):
+                bad.append(key)
+
+        # A model built by empty_parameters() takes the tensors themselves (assign), in the dtype it was built with.
+        if target.is_meta and isinstance(state_dict, LazyStateDict):
+            value = state_dict.converted(name, target.dtype, check)
+        else:
+            value = state_dict[name]
+            check(value)
+            value = value.to(target.dtype) if target.is_meta else value
+        chunk[key] = value
+        if number == len(fitted) or sum(t.nbytes for t in chunk.values()) >= LOAD_CHUNK_BYTES:
+            _load_chunk(model, chunk, targets)
+            chunk = {}
+        del value  # before the next one is read
     if bad:
         warnings.warn(
             f"{len(bad)} tensor(s) of the checkpoint hold NaN or inf (e.g. {', '.join(bad[:3])}): the model will "
             "likely give NaN or black images. The file is damaged, or was saved from a diverged run.",
             stacklevel=2,
         )
-    if not any(t.is_meta for t in model.state_dict().values()):
-        model.load_state_dict(fitted, strict=False)
-        return
-    # A model built by empty_parameters() takes the checkpoint's tensors themselves (assign), in the dtype it was
-    # built with, so the weights are never held twice in memory. Real (computed) buffers are copied instead: they
-    # would otherwise keep the whole file's storage alive, which safetensors shares between its tensors.
-    targets = model.state_dict()
-    empty = {k: v.to(targets[k].dtype) for k, v in fitted.items() if targets[k].is_meta}
-    model.load_state_dict({k: v for k, v in fitted.items() if k not in empty}, strict=False)
-    model.load_state_dict(empty, strict=False, assign=True)
+
+
+def _load_chunk(model: nn.Module, chunk: dict[str, torch.Tensor], targets: Mapping[str, torch.Tensor]) -> None:
+    """Meta tensors (empty_parameters()) take their values by assignment; real ones (computed buffers, or a model
+    with weights) are copied into."""
+    model.load_state_dict({k: v for k, v in chunk.items() if not targets[k].is_meta}, strict=False)
+    model.load_state_dict({k: v for k, v in chunk.items() if targets[k].is_meta}, strict=False, assign=True)
 
 
 def read_ckpt_path(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -342,10 +358,14 @@ def load_model_from_config(
     ckpt: str | os.PathLike | None,
     device: torch.device | str | None = None,
     use_ema_weights: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """Build ``config.model`` (or the model node itself) and load ``ckpt`` strictly; returns the model in eval mode.
 
-    ``ckpt=None`` keeps the freshly initialised weights (for tests and training from scratch).
+    ``ckpt=None`` keeps the freshly initialised weights (for tests and training from scratch), in float32. The file
+    is read one tensor at a time (:func:`ldm.lazy_checkpoint.open_checkpoint`), so the peak memory is the model's
+    and not the model's plus the file's. ``dtype`` (e.g. ``torch.float16``): the floating-point parameters are made
+    in that precision straight from the file, never in float32 first; buffers (noise schedules) keep theirs.
     """
     from ldm.util import default_device, instantiate_from_config
 
@@ -357,8 +377,12 @@ def load_model_from_config(
         # The checkpoint overwrites every parameter: skip their random initialisation and its memory.
         with empty_parameters():
             model = instantiate_from_config(node, path=path)
+        if dtype is not None:
+            for param in model.parameters():
+                if param.is_floating_point():
+                    param.data = param.data.to(dtype)  # on the meta device: costs nothing
         try:
-            load_state_dict_into(model, read_checkpoint(ckpt)[0], use_ema_weights=use_ema_weights)
+            load_state_dict_into(model, open_checkpoint(ckpt)[0], use_ema_weights=use_ema_weights)
         except CheckpointError as err:
             raise CheckpointError(f"{Path(ckpt).name}: {err}") from None
         left = [name for name, t in model.state_dict().items() if t.is_meta]

@@ -9,7 +9,13 @@ for SD 2.x text-to-image models, one 320-value tensor (see below). A family is r
   refiner's one (``conditioner.embedders.0.model.*``);
 - the UNet's input channels (``input_blocks.0.0.weight``: 4 text-to-image, 9 inpainting, 5 depth, 7 x4 upscaler);
 - the extra models a family carries (``depth_model.*``: MiDaS; ``embedder.model.visual.*``: unCLIP's image encoder,
-  1280 wide for ViT-H, 1024 for ViT-L).
+  1280 wide for ViT-H, 1024 for ViT-L);
+- for CompVis latent-diffusion's pretrained models (``models/ldm/*``): the first stage (VQ by its codebook
+  ``first_stage_model.quantize.embedding.weight``, else KL), the UNet's output channels (``out.2.weight``) and the
+  conditioning model (a class embedder ``cond_stage_model.embedding``, BERT, a spatial rescaler
+  ``cond_stage_model.channel_mapper``, or none). Where several configs build one architecture (CelebA-HQ, FFHQ and
+  LSUN bedrooms; semantic synthesis 256 and 512), a word of the file name picks one, else the first (any builds the
+  model right; the line says which and why).
 
 and then checked against its *size*, the UNet's width and its cross-attention context: a fine-tune, merge, fp16,
 pruned or EMA-only file keeps both, so it detects the same; a model of the same structure but another size (a tiny
@@ -43,84 +49,18 @@ import torch
 
 from ldm.checkpoint import EMA_PREFIX, read_checkpoint, to_original_layout
 from ldm.errors import UserError
+from ldm.lazy_checkpoint import read_tensor
+from ldm.model_families import EXTRAS, FAMILIES, TEXT_ENCODERS, TEXT_NAMES, Family
 from ldm.model_folder import find_model
-from ldm.serialization import read_metadata, read_tensor
+from ldm.serialization import read_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
-SD = "configs/stable-diffusion/"
 UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
 V_TEST_KEY = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
 V_TEST_THRESHOLD = 0.09  # ComfyUI's value (comfy/supported_models.py, SD20.model_type)
+UNET_OUT = "model.diffusion_model.out.2.weight"
 IMAGE_EMBEDDER = "embedder.model.visual.class_embedding"
-
-# Text encoders: (kind, the key whose first dimension is its width, what it is).
-TEXT_ENCODERS = (
-    ("sdxl", "conditioner.embedders.1.model.ln_final.weight", "CLIP ViT-L + OpenCLIP ViT-bigG text encoders"),
-    ("sdxl-refiner", "conditioner.embedders.0.model.ln_final.weight", "OpenCLIP ViT-bigG text encoder"),
-    ("openclip", "cond_stage_model.model.ln_final.weight", "OpenCLIP ViT-H/14 text encoder"),
-    ("clip", "cond_stage_model.transformer.text_model.final_layer_norm.weight", "CLIP ViT-L/14 text encoder"),
-    ("bert", "cond_stage_model.transformer.token_emb.weight", "BERT text encoder"),
-)
-TEXT_NAMES = {kind: what for kind, _, what in TEXT_ENCODERS}
-# Extra models some families carry, by the prefix of their keys.
-EXTRAS = {"depth_model.": "MiDaS depth model", "embedder.model.visual.": "CLIP image encoder"}
-
-
-@dataclass(frozen=True)
-class Family:
-    """A model family a bundled config builds: its structure, its size, and its config(s)."""
-
-    name: str
-    config: str
-    text: str
-    unet_in: int
-    unet_channels: int
-    context: int
-    extra: str | None = None
-    image_width: int | None = None  # unCLIP: the image encoder's width (ViT-H 1280, ViT-L 1024)
-    v_config: str | None = None  # where eps and v-prediction models share a layout: the v config
-    parameterization: str = "eps"  # what ``config`` predicts
-
-    def describe(self) -> str:
-        extra = f" + {EXTRAS[self.extra]} ({self.extra}*)" if self.extra else ""
-        if self.image_width:
-            extra = extra.replace("CLIP image", f"{self.image_width}-wide CLIP image")
-        return f"{self.name} ({TEXT_NAMES[self.text]}, UNet of {self.unet_in} input channels{extra})"
-
-
-FAMILIES = (
-    Family("SD 1.x", SD + "v1-inference.yaml", "clip", 4, 320, 768),
-    Family("SD 1.x inpainting", SD + "v1-inpainting-inference.yaml", "clip", 9, 320, 768),
-    Family("SD 2.x", SD + "v2-inference.yaml", "openclip", 4, 320, 1024, v_config=SD + "v2-inference-v.yaml"),
-    Family("SD 2.x inpainting", SD + "v2-inpainting-inference.yaml", "openclip", 9, 320, 1024),
-    Family("SD 2 depth-to-image", SD + "v2-midas-inference.yaml", "openclip", 5, 320, 1024, extra="depth_model."),
-    Family("SD 2.x x4 upscaler", SD + "x4-upscaling.yaml", "openclip", 7, 256, 1024, parameterization="v"),
-    Family(
-        "SD 2.1 unCLIP ViT-H",
-        SD + "v2-1-stable-unclip-h-inference.yaml",
-        "openclip",
-        4,
-        320,
-        1024,
-        extra="embedder.model.visual.",
-        image_width=1280,
-        parameterization="v",
-    ),
-    Family(
-        "SD 2.1 unCLIP ViT-L",
-        SD + "v2-1-stable-unclip-l-inference.yaml",
-        "openclip",
-        4,
-        320,
-        1024,
-        extra="embedder.model.visual.",
-        image_width=1024,
-        parameterization="v",
-    ),
-    Family("LDM text-to-image (BERT)", "configs/latent-diffusion/txt2img-1p4B-eval.yaml", "bert", 4, 320, 1280),
-    Family("SDXL base", SD + "sdxl-base-inference.yaml", "sdxl", 4, 320, 2048),
-    Family("SDXL refiner", SD + "sdxl-refiner-inference.yaml", "sdxl-refiner", 4, 384, 1280),
-)
+VQ_CODEBOOK = "first_stage_model.quantize.embedding.weight"
 
 
 @dataclass(frozen=True)
@@ -156,13 +96,16 @@ class Signature:
     context: int | None
     extras: frozenset[str]
     image_width: int | None
+    first_stage: str = "kl"
+    unet_out: int | None = None
 
     def structure(self) -> str:
         if self.unet_in is None:
             return "no UNet (model.diffusion_model.*)"
-        text = TEXT_NAMES.get(self.text or "", "no known text encoder")
+        text = TEXT_NAMES.get(self.text, "no known text encoder")
         extras = "".join(f" + {EXTRAS[e]}" for e in sorted(self.extras))
-        return f"a UNet of {self.unet_in} input channels, {text}{extras}"
+        stage = "a VQ first stage, " if self.first_stage == "vq" else ""
+        return f"{stage}a UNet of {self.unet_in} input channels, {text}{extras}"
 
 
 def signature(layout: Mapping[str, torch.Tensor]) -> Signature:
@@ -178,6 +121,7 @@ def signature(layout: Mapping[str, torch.Tensor]) -> Signature:
         None,
     )
     embedder = layout.get(IMAGE_EMBEDDER)
+    unet_out = layout.get(UNET_OUT)
     return Signature(
         text=text,
         unet_in=None if unet_in is None else unet_in.shape[1],
@@ -185,6 +129,8 @@ def signature(layout: Mapping[str, torch.Tensor]) -> Signature:
         context=context,
         extras=frozenset(p for p in EXTRAS if any(k.startswith(p) for k in layout)),
         image_width=None if embedder is None else embedder.shape[0],
+        first_stage="vq" if VQ_CODEBOOK in layout else "kl",
+        unet_out=None if unet_out is None else unet_out.shape[0],
     )
 
 
@@ -194,7 +140,20 @@ def _same_structure(family: Family, sig: Signature) -> bool:
         and family.unet_in == sig.unet_in
         and sig.extras == frozenset([family.extra] if family.extra else [])
         and family.image_width in (None, sig.image_width)
+        and family.first_stage == sig.first_stage
+        and family.unet_out in (None, sig.unet_out)
     )
+
+
+def _variant(family: Family, name: str) -> tuple[str, str, str]:
+    """``(label, config, why)``: of a family whose architecture several configs share, the one the file name names."""
+    if not family.variants:
+        return family.name, family.config, ""
+    lowered = name.lower()
+    word, config, what = next((v for v in family.variants if v[0] in lowered), family.variants[0])
+    others = ", ".join(v[2] for v in family.variants if v[1] != config)
+    how = f"its name has '{word}'" if word in lowered else "the default; the file name names none"
+    return f"{family.name} ({what})", config, f"{what} as {how} ({others}: same architecture, pass their --config)"
 
 
 def _marked_prediction(layout: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> tuple[str | None, str]:
@@ -246,7 +205,9 @@ def detect(
     metadata = metadata or {}
     layout = {k: v for k, v in to_original_layout(layout).items() if not k.startswith(EMA_PREFIX)}
     sig = signature(layout)
-    family = next((f for f in FAMILIES if _same_structure(f, sig)), None)
+    candidates = [f for f in FAMILIES if _same_structure(f, sig)]
+    family = next((f for f in candidates if (f.unet_channels, f.context) == (sig.unet_channels, sig.context)), None)
+    family = family or (candidates[0] if candidates else None)
     if family is None:
         looked = "; ".join(f.describe() for f in FAMILIES)
         hint = " It is not a full model checkpoint (a VAE, LoRA, embedding or diffusers-format file?)." * (
@@ -267,7 +228,9 @@ def detect(
     if family.v_config is not None and prediction is None:
         prediction, why = _sd2_prediction(layout, read, name, family)
     overrides: list[str] = []
-    label, config = family.name, family.config
+    label, config, variant = _variant(family, name)
+    if variant:
+        why = f"{why}, {variant}" if why else variant
     if prediction == "v" and family.v_config is not None:
         label, config = f"{family.name} v-prediction (768-v)", family.v_config
     elif prediction == "eps" and family.v_config is not None:

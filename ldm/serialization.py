@@ -222,46 +222,18 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     return {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
 
 
-def read_tensor(path: str | os.PathLike, name: str) -> torch.Tensor:
-    """The data of the one tensor ``name`` of a checkpoint's state dict (its ``state_dict`` entry where it has one),
-    reading only its bytes (a legacy stream is read in full); KeyError if there is no such tensor.
-
-    For the heuristics of :mod:`ldm.model_detection`, which need one small tensor of a multi-gigabyte file.
-    """
-    path = Path(path)
-    with open_regular(path) as file:
-        size = os.fstat(file.fileno()).st_size
-        kind = sniff_format(file.read(512), size)
-        if kind == "safetensors":
-            if name not in _safetensors_header(path, file, size):
-                raise KeyError(name)
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt", device="cpu") as tensors:
-                return tensors.get_tensor(name)
-        if kind != "zip":
-            return _state_dict_entry(read_file(path)[1], name)
-        data_pkl, records = _check_zip(path, file, size)
-        names = _foreign_globals(path, file, data_pkl)
-        with _allow_list_lock, torch.serialization.safe_globals(_stand_ins(names)):
-            _, contents, storage_keys = _declared_storages(io.BytesIO(data_pkl), legacy=False)
-        meta = _state_dict_entry(contents, name)
-        key = storage_keys[meta.untyped_storage()._cdata]
-        if records.get(key) is None:
-            raise CheckpointError(f"'{path}': tensor '{name}' has no record in the file; it is damaged.")
-        file.seek(0)
-        with zipfile.ZipFile(file) as archive:
-            prefix = next(n for n in archive.namelist() if n.endswith("/data.pkl"))[: -len("data.pkl")]
-            data = bytearray(archive.read(f"{prefix}data/{key}"))
-    storage = torch.frombuffer(data, dtype=meta.dtype) if data else torch.empty(0, dtype=meta.dtype)
-    return storage.as_strided(meta.shape, meta.stride(), meta.storage_offset()).clone()
-
-
-def _state_dict_entry(contents: Any, name: str) -> torch.Tensor:
-    state_dict = contents.get("state_dict", contents) if isinstance(contents, dict) else {}
-    if not isinstance(state_dict, dict) or not isinstance(state_dict.get(name), torch.Tensor):
-        raise KeyError(name)
-    return state_dict[name]
+def read_zip_layout(path: Path, file: BinaryIO, size: int, warn: bool = True) -> tuple[Any, dict[int, str]]:
+    """The object of a checked torch.save archive with its tensors on the meta device, and ``{storage id (_cdata):
+    storage key}``; nothing of the file's data is read. Checked as :func:`read_file` checks it (``warn``: name the
+    objects skipped)."""
+    data_pkl, records = _check_zip(path, file, size)
+    names = _foreign_globals(path, file, data_pkl)
+    with _allow_list_lock, torch.serialization.safe_globals(_stand_ins(names)):
+        declared, contents, storage_keys = _declared_storages(io.BytesIO(data_pkl), legacy=False)
+    _check_declared_storages(path, declared, records)
+    if warn:
+        _warn_skipped(path, names, stacklevel=5)
+    return contents, storage_keys
 
 
 def _read_exactly(file: BinaryIO, offset: int, n: int) -> bytes:
@@ -293,15 +265,19 @@ def _read_pickled(path: Path, file: BinaryIO, size: int, kind: str, layout_only:
         else:
             file.seek(0)  # the file already checked, not whatever the path names by now
             data = torch.load(file, map_location="cpu", weights_only=True)
+    _warn_skipped(path, names, stacklevel=5)
+    return data
+
+
+def _warn_skipped(path: Path, names: list[str], stacklevel: int) -> None:
     ignored = sorted(set(names) - set(DICT_LIKE))
     if ignored:
         listed = ", ".join(ignored[:6]) + (" ..." if len(ignored) > 6 else "")
         warnings.warn(
             f"{path.name}: skipped {len(ignored)} kind(s) of non-tensor object ({listed}); checkpoints are read "
             "without running any code they contain.",
-            stacklevel=4,
+            stacklevel=stacklevel,
         )
-    return data
 
 
 def _check_zip(path: Path, file: BinaryIO, size: int) -> tuple[bytes, dict[str, int]]:

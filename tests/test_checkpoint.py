@@ -200,3 +200,71 @@ def test_saved_checkpoints_get_the_permissions_the_umask_gives(tmp_path):
     finally:
         os.umask(umask)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.ckpt", "model.safetensors"]
+
+
+class LiveSourceTensors:
+    """Wraps ldm.checkpoint.open_checkpoint and tracks the bytes of the file's tensors alive at once."""
+
+    def __init__(self, monkeypatch) -> None:
+        import weakref
+
+        import ldm.checkpoint
+
+        self.live = self.peak = self.reads = 0
+        self.opened = []
+        opener = ldm.checkpoint.open_checkpoint
+
+        def tracked(path, *args):
+            tensors, info = opener(path, *args)
+            read = tensors._read
+
+            def read_tracked(key, buffer):
+                tensor = read(key, buffer)
+                self.reads += 1
+                self.live += tensor.nbytes
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(tensor, self._release, tensor.nbytes)
+                return tensor
+
+            tensors._read = read_tracked
+            self.opened.append(tensors)
+            return tensors, info
+
+        monkeypatch.setattr(ldm.checkpoint, "open_checkpoint", tracked)
+
+    def _release(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+
+def test_loading_holds_one_tensor_of_the_file_at_a_time(tmp_path, tiny_config, tiny_weights, tiny_cases, monkeypatch):
+    """An fp16 file into the fp32 model: each file tensor is released once converted, so at most one is alive
+    (not the whole file beside the model, as reading the state dict first would keep)."""
+    path = tmp_path / "fp16.safetensors"
+    save_checkpoint({k: v.half() if v.is_floating_point() else v for k, v in tiny_weights.items()}, path)
+    tracker = LiveSourceTensors(monkeypatch)
+    model = load_model_from_config(tiny_config, path, device="cpu")
+    largest = max(v.nbytes for v in tiny_weights.values()) // 2
+    file_bytes = sum(v.nbytes for v in tiny_weights.values()) // 2
+    assert tracker.reads > 100 and largest < file_bytes / 2
+    assert tracker.peak <= largest, (tracker.peak, largest, file_bytes)
+    assert tracker.live == 0
+    # The fp16 values were read through one staging buffer, the size of the largest tensor, and not one per tensor.
+    assert len(tracker.opened[0]._staging) == largest
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    key = "model.diffusion_model.out.2.weight"
+    torch.testing.assert_close(model.state_dict()[key], tiny_weights[key].half().float())
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
+def test_the_model_takes_the_file_tensors_themselves_in_the_file_dtype(tmp_path, tiny_config, tiny_weights, suffix):
+    """dtype=float16 from an fp16 file: every parameter is the tensor read from the file (no float32 copy, no
+    second copy), and the computed buffers (noise schedule) stay float32."""
+    path = tmp_path / f"fp16{suffix}"
+    save_checkpoint({k: v.half() if v.is_floating_point() else v for k, v in tiny_weights.items()}, path)
+    model = load_model_from_config(tiny_config, path, device="cpu", dtype=torch.float16)
+    assert all(p.dtype == torch.float16 for p in model.parameters())
+    assert model.alphas_cumprod.dtype == torch.float32
+    key = "model.diffusion_model.out.2.weight"
+    assert torch.equal(model.state_dict()[key], tiny_weights[key].half())
+    pointers = [p.untyped_storage().data_ptr() for p in model.parameters()]
+    assert len(set(pointers)) == len(pointers), "every parameter has memory of its own, none shares the file's"

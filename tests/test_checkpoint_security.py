@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 import main
 from ldm import cli
 from ldm.checkpoint import CheckpointError, load_state_dict_into, read_checkpoint
+from ldm.lazy_checkpoint import open_checkpoint
 from ldm.util import apply_overrides, instantiate_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,10 +50,18 @@ def deadline(seconds: int):
         signal.signal(signal.SIGALRM, previous)
 
 
+def read_lazily(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor through the loader's reader, one at a time."""
+    tensors, _ = open_checkpoint(path)
+    return {key: tensors[key] for key in tensors}
+
+
 def refused(path: Path, match: str) -> str:
-    with deadline(30), pytest.raises(CheckpointError, match=match) as err:
-        read_checkpoint(path)
-    assert "\n" not in str(err.value)
+    """Refused with a one-line CheckpointError, both by read_checkpoint and by the lazy reader that loading uses."""
+    for read in (read_checkpoint, read_lazily):
+        with deadline(30), pytest.raises(CheckpointError, match=match) as err:
+            read(path)
+        assert "\n" not in str(err.value)
     return str(err.value)
 
 
@@ -218,6 +227,10 @@ def test_every_dtype_and_shared_storage_round_trips(tmp_path, legacy):
         assert state_dict[key].dtype == expected.dtype and state_dict[key].stride() == expected.stride(), key
         assert torch.equal(state_dict[key].reshape(-1).view(torch.uint8), expected.reshape(-1).view(torch.uint8)), key
     assert state_dict["view"].untyped_storage().data_ptr() == state_dict["base"].untyped_storage().data_ptr()
+    lazily = read_lazily(path)  # each tensor in memory of its own, with the same values and strides
+    for key, expected in tensors.items():
+        assert lazily[key].dtype == expected.dtype and lazily[key].stride() == expected.stride(), key
+        assert torch.equal(lazily[key].reshape(-1).view(torch.uint8), expected.reshape(-1).view(torch.uint8)), key
 
 
 def test_torch_legacy_format_round_trips(tmp_path):
@@ -344,3 +357,16 @@ def test_a_safety_checker_file_of_another_kind_is_one_line(tmp_path):
     save_file({"w": torch.zeros(1)}, str(folder / "model.safetensors"))
     with pytest.raises(CheckpointError, match="not a CompVis/stable-diffusion-safety-checker file: it lacks visual_"):
         load_post_processing(folder)
+
+
+def test_a_checkpoint_replaced_while_it_is_read_lazily_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "model.safetensors"
+    save_file({"a": torch.ones(2), "b": torch.ones(3)}, str(path))
+    tensors, _ = open_checkpoint(path)
+    assert tensors["a"].tolist() == [1.0, 1.0]
+    save_file({"a": torch.zeros(2), "b": torch.zeros(1000)}, str(tmp_path / "other.safetensors"))
+    os.replace(tmp_path / "other.safetensors", path)
+    with pytest.raises(CheckpointError, match="changed while it was being read"):
+        tensors["b"]

@@ -315,3 +315,39 @@ def test_an_unknown_checkpoint_is_a_one_line_error_of_the_script(tmp_path, capsy
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "cannot tell which model 'vae.safetensors' is" in err
     assert "not a full model checkpoint" in err and not (tmp_path / "out").exists()
+
+
+LDM_MODELS = ["bsr_sr", "celeba256", "cin256", "ffhq256", "inpainting_big", "layout2img-openimages256", "lsun_beds256",
+              "lsun_churches256", "semantic_synthesis256", "semantic_synthesis512", "text2img256"]  # fmt: skip
+
+
+def ldm_layout(folder: str) -> dict[str, torch.Tensor]:
+    """The key layout of a CompVis latent-diffusion pretrained model, from its config built on the meta device."""
+    config = load_config(ROOT / "models" / "ldm" / folder / "config.yaml")
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return instantiate_from_config(config.model, path="model").state_dict()
+
+
+@pytest.mark.parametrize("folder", LDM_MODELS)
+def test_each_compvis_ldm_model_detects_as_its_config_from_a_bare_file(folder):
+    """A bare file (no config.yaml beside it) named as CompVis's downloads unpack, by folder: the layout tells the
+    first stage (VQ or KL), the UNet's channels and width, and the conditioning model; the name picks among the
+    configs that build the very same architecture."""
+    detection = detect(ldm_layout(folder), name=f"{folder}.ckpt")
+    assert str(detection.config) == f"models/ldm/{folder}/config.yaml", detection.line()
+    assert detection.path.is_file() and detection.overrides == ()
+
+
+def test_configs_sharing_an_architecture_fall_back_to_the_first_and_say_so():
+    detection = detect(ldm_layout("ffhq256"), name="model.ckpt")
+    assert str(detection.config) == "models/ldm/celeba256/config.yaml"
+    assert "the file name names none" in detection.reason
+    assert "FFHQ, LSUN bedrooms: same architecture" in detection.reason
+
+
+def test_a_ldm_model_of_another_width_is_named_as_its_family_not_guessed():
+    layout = ldm_layout("cin256")
+    layout[UNET_IN] = torch.empty(128, 4, 3, 3, device="meta")
+    with pytest.raises(UserError, match=r"laid out like LDM class-conditional ImageNet \(cin256\).*128 channels wide"):
+        detect(layout)
