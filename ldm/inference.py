@@ -234,10 +234,12 @@ class Pipeline:
         else:
             config = apply_overrides(config, overrides)
         geometry = LatentGeometry.from_config(config)
-        model = load_model_from_config(config, ckpt, device="cpu", use_ema_weights=use_ema_weights)
-        if options.precision in ("fp16", "bf16"):
+        # fp16 / bf16 weights are made in that precision straight from the file: the peak is the half-size model.
+        dtype = DTYPES[options.precision] if options.precision in ("fp16", "bf16") else None
+        model = load_model_from_config(config, ckpt, device="cpu", use_ema_weights=use_ema_weights, dtype=dtype)
+        if dtype is not None:
             for stage in model.stages().values():
-                stage.to(DTYPES[options.precision])
+                stage.to(dtype)  # without a checkpoint (ckpt=None) the weights were made in float32
         _place(model, options.device, options.idle_device)
         pipe = cls(model, geometry, options, ckpt=ckpt, vocabulary=config.get("vocabulary"), vae=vae)
         pipe.detection = detection
