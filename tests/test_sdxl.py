@@ -370,12 +370,13 @@ def test_original_layout_round_trips(base: SDXLDiffusion, tmp_path: Path) -> Non
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*(num_workers|LeafSpec|eval mode|val_dataloader).*")
-def test_main_py_trains_the_tiny_base(tmp_path: Path) -> None:
+@pytest.mark.parametrize("precision", ["32", "bf16-mixed"])
+def test_main_py_trains_the_tiny_base(tmp_path: Path, precision: str) -> None:
     from test_training_kinds import NO_IMAGES, data_section, run
 
     shapes = {"target": "ldm.data.shapes.ShapesDataset", "params": {"size": IMAGE, "length": 8}}
     model = OmegaConf.to_container(tiny_config().model)
     model["base_learning_rate"] = 1e-4
     # run() also checks that the run's last checkpoint loads strictly into the model its saved config builds.
-    _, state = run(tmp_path, "sdxl-tiny", model, data_section(shapes), 2, NO_IMAGES)
+    _, state = run(tmp_path, "sdxl-tiny", model, data_section(shapes), 2, NO_IMAGES, "--precision", precision)
     assert {k.split(".")[0] for k in state["state_dict"]} == {"model", "conditioner", "first_stage_model", "denoiser"}

@@ -243,3 +243,13 @@ def test_the_refiner_script_takes_aesthetic_scores_and_refuses_a_target_size(ref
     assert cli.main("txt2img", [*args, "--outdir", str(tmp_path / "no"), "--target_size", "16", "16"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not conditioned on target_size" in err and "aesthetic_score" in err
+
+
+def test_bf16_weights_from_the_file_idle_device_and_vae_tiling(tiny_files) -> None:
+    config, ckpt = tiny_files[1], tiny_files[3]
+    pipe = Pipeline.from_config(config, ckpt, device="cpu", precision="bf16", idle_device="cpu", vae_tiling=True)
+    stages = pipe.model.stages()
+    assert {p.dtype for p in stages["unet"].parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in stages["cond_stage"].parameters()} == {torch.bfloat16}  # both text encoders
+    result = pipe.generate("a red circle", steps=2, seed=1, sampler="Euler a", progress=False)
+    assert result.images[0].size == (IMAGE, IMAGE)
