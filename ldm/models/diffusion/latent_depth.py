@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from ldm.errors import UserError
-from ldm.models.diffusion.latent_diffusion import LatentDiffusion, _take, disabled_train
-from ldm.models.diffusion.latent_inpainting import widen_finetune_keys
+from ldm.models.diffusion.latent_diffusion import LatentDiffusion, _take, frozen
+from ldm.models.diffusion.latent_inpainting import WidensCheckpoint
 from ldm.modules.midas.api import prepare_midas_input
 from ldm.util import ConfigError, instantiate_from_config
 
@@ -35,7 +35,7 @@ def depth_to_condition(depth: torch.Tensor, size: tuple[int, int]) -> torch.Tens
     return 2.0 * (depth - low) / (high - low + DEPTH_RANGE_EPS) - 1.0
 
 
-class LatentDepth2ImageDiffusion(LatentDiffusion):
+class LatentDepth2ImageDiffusion(WidensCheckpoint, LatentDiffusion):
     """Latent diffusion conditioned on monocular depth (``conditioning_key: hybrid``): the UNet input is the noisy
     latent (B, 4, h, w) concatenated with the depth map (B, 1, h, w) from :func:`depth_to_condition`; the prompt
     goes to cross-attention.
@@ -85,20 +85,7 @@ class LatentDepth2ImageDiffusion(LatentDiffusion):
             self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys)
 
     def instantiate_depth_stage(self, config: Any) -> None:
-        model = instantiate_from_config(config)
-        self.depth_model = model.eval()
-        self.depth_model.train = disabled_train.__get__(model)
-        for p in self.depth_model.parameters():
-            p.requires_grad = False
-
-    def init_from_ckpt(
-        self, path: str, ignore_keys: list[str] | tuple[str, ...] = (), only_model: bool = False
-    ) -> None:
-        from ldm.checkpoint import read_ckpt_path
-
-        state_dict = widen_finetune_keys(read_ckpt_path(path), self.state_dict(), self.finetune_keys,
-                                         self.keep_finetune_dims)  # fmt: skip
-        self.load_checkpoint_state(state_dict, tuple(ignore_keys))
+        self.depth_model = frozen(instantiate_from_config(config))
 
     def stages(self) -> dict[str, torch.nn.Module]:
         """:meth:`LatentDiffusion.stages` plus ``depth_stage`` (MiDaS)."""

@@ -29,6 +29,13 @@ def disabled_train(self: nn.Module, mode: bool = True) -> nn.Module:
     return self
 
 
+def frozen(model: nn.Module) -> nn.Module:
+    """``model`` in eval mode for good (``.train`` disabled) and without gradients: a stage that is not trained."""
+    model = model.eval()
+    model.train = disabled_train.__get__(model)
+    return model.requires_grad_(False)
+
+
 def _take(value: Any, n: int) -> Any:
     """The first ``n`` entries of a batch value (tensor, list, or dict of them); other values unchanged."""
     if isinstance(value, Mapping):
@@ -95,11 +102,7 @@ class LatentDiffusion(DDPM):
             self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys)
 
     def instantiate_first_stage(self, config: Any) -> None:
-        model = instantiate_from_config(config)
-        self.first_stage_model = model.eval()
-        self.first_stage_model.train = disabled_train.__get__(model)
-        for p in self.first_stage_model.parameters():
-            p.requires_grad = False
+        self.first_stage_model = frozen(instantiate_from_config(config))
 
     def instantiate_cond_stage(self, config: Any) -> None:
         if config == "__is_first_stage__":
@@ -113,10 +116,7 @@ class LatentDiffusion(DDPM):
             # Encoders such as FrozenCLIPEmbedder freeze themselves by default; training them overrides that.
             model.requires_grad_(True)
         else:
-            model = model.eval()
-            model.train = disabled_train.__get__(model)
-            for p in model.parameters():
-                p.requires_grad = False
+            model = frozen(model)
         self.cond_stage_model = model
 
     def get_learned_conditioning(self, c: Any) -> Any:

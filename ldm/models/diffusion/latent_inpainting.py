@@ -30,7 +30,25 @@ def widen_finetune_keys(
     return state_dict
 
 
-class LatentInpaintDiffusion(LatentDiffusion):
+class WidensCheckpoint:
+    """``init_from_ckpt`` for models whose UNet takes more input channels than the checkpoint they start from
+    (inpainting, depth): ``self.finetune_keys`` are widened by :func:`widen_finetune_keys`, keeping the first
+    ``self.keep_finetune_dims`` channels. Mixed in before ``LatentDiffusion``."""
+
+    finetune_keys: tuple[str, ...] = ()
+    keep_finetune_dims: int = 4
+
+    def init_from_ckpt(
+        self, path: str, ignore_keys: list[str] | tuple[str, ...] = (), only_model: bool = False
+    ) -> None:
+        from ldm.checkpoint import read_ckpt_path
+
+        state_dict = widen_finetune_keys(read_ckpt_path(path), self.state_dict(), self.finetune_keys,
+                                         self.keep_finetune_dims)  # fmt: skip
+        self.load_checkpoint_state(state_dict, tuple(ignore_keys))
+
+
+class LatentInpaintDiffusion(WidensCheckpoint, LatentDiffusion):
     """SD inpainting models: the UNet sees the noisy latent plus the mask and the masked image's latent.
 
     With ``conditioning_key: hybrid`` the 9 UNet input channels are the latent (4), the mask (1, 1 = repaint) and
@@ -61,15 +79,6 @@ class LatentInpaintDiffusion(LatentDiffusion):
         self.keep_finetune_dims = keep_finetune_dims
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys)
-
-    def init_from_ckpt(
-        self, path: str, ignore_keys: list[str] | tuple[str, ...] = (), only_model: bool = False
-    ) -> None:
-        from ldm.checkpoint import read_ckpt_path
-
-        state_dict = widen_finetune_keys(read_ckpt_path(path), self.state_dict(), self.finetune_keys,
-                                         self.keep_finetune_dims)  # fmt: skip
-        self.load_checkpoint_state(state_dict, tuple(ignore_keys))
 
     @torch.no_grad()
     def inpainting_conditioning(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

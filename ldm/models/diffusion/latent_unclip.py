@@ -17,7 +17,7 @@ from torch import nn
 
 from ldm.errors import UserError
 from ldm.models.diffusion.ddpm import DDPM
-from ldm.models.diffusion.latent_diffusion import LatentDiffusion, disabled_train
+from ldm.models.diffusion.latent_diffusion import LatentDiffusion, frozen
 from ldm.util import ConfigError, config_value, instantiate_from_config
 
 # The conditioning keys that pass c_adm to the UNet as its vector input y.
@@ -68,20 +68,13 @@ class ImageEmbeddingConditionedLatentDiffusion(LatentDiffusion):
         self.embed_key = embedding_key
         self.embedding_dropout = float(embedding_dropout)
         self.freeze_embedder = freeze_embedder
-        self.embedder = self._frozen(instantiate_from_config(embedder_config), freeze_embedder)
+        embedder = instantiate_from_config(embedder_config)
+        self.embedder = frozen(embedder) if freeze_embedder else embedder.requires_grad_(True)
         self.noise_augmentor = None
         if noise_aug_config is not None:
-            self.noise_augmentor = self._frozen(instantiate_from_config(noise_aug_config), freeze=True)
+            self.noise_augmentor = frozen(instantiate_from_config(noise_aug_config))
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys)
-
-    @staticmethod
-    def _frozen(model: nn.Module, freeze: bool) -> nn.Module:
-        if not freeze:
-            return model.requires_grad_(True)
-        model = model.eval()
-        model.train = disabled_train.__get__(model)
-        return model.requires_grad_(False)
 
     # -- the image embedding --
 

@@ -14,7 +14,7 @@ import torch
 
 from ldm.errors import UserError
 from ldm.models.diffusion.ddpm import DDPM
-from ldm.models.diffusion.latent_diffusion import LatentDiffusion, _take, disabled_train
+from ldm.models.diffusion.latent_diffusion import LatentDiffusion, _take, frozen
 from ldm.util import ConfigError, instantiate_from_config
 
 # Stability's demos upscale at noise level 20 (of the 0..350 the x4 model was trained on).
@@ -62,11 +62,7 @@ class LatentUpscaleDiffusion(LatentDiffusion):
             self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys)
 
     def instantiate_low_stage(self, config: Any) -> None:
-        model = instantiate_from_config(config)
-        self.low_scale_model = model.eval()
-        self.low_scale_model.train = disabled_train.__get__(model)
-        for p in self.low_scale_model.parameters():
-            p.requires_grad = False
+        self.low_scale_model = frozen(instantiate_from_config(config))
 
     @staticmethod
     def _conditioning(cond: Any, low_res: torch.Tensor, noise_level: torch.Tensor) -> dict[str, Any]:
