@@ -330,8 +330,9 @@ def _load_chunk(model: nn.Module, chunk: dict[str, torch.Tensor], targets: Mappi
     model.load_state_dict({k: v for k, v in chunk.items() if targets[k].is_meta}, strict=False, assign=True)
 
 
-def read_ckpt_path(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The state dict of a config's ``ckpt_path``, read while the model is built.
+def read_ckpt_path(path: str | os.PathLike) -> LazyStateDict:
+    """The state dict of a config's ``ckpt_path``, read while the model is built, a tensor at a time as it is loaded
+    (:class:`LazyStateDict`), so fine-tuning SDXL from a file does not hold the file beside the model.
 
     A file that does not exist is a one-line ConfigError naming the config key and the file: several original configs
     name checkpoints no repository ships (``models/first_stage_models/kl-f8/model.ckpt``), and the fix is either
@@ -344,7 +345,7 @@ def read_ckpt_path(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             f"{building_path()}.params.ckpt_path: checkpoint '{path}' does not exist; give the path of that file, or "
             "remove ckpt_path to build the model with freshly initialised weights."
         )
-    return read_checkpoint(path)[0]
+    return open_checkpoint(path)[0]
 
 
 def init_from_ckpt(model: nn.Module, path: str | os.PathLike, ignore_keys: Iterable[str] = ()) -> None:

@@ -70,6 +70,24 @@ class LazyStateDict(Mapping[str, torch.Tensor]):
             check(tensor)
         return tensor.to(dtype)
 
+    def view(
+        self,
+        names: Mapping[str, str],
+        edits: Mapping[str, tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]] | None = None,
+    ) -> LazyStateDict:
+        """The tensors under new names (``{new: old}``), still read when indexed; ``edits`` ``{new: (layout, edit)}``
+        change a tensor as it is read (``layout``: the result's meta tensor), e.g. widen an input convolution."""
+        edits = dict(edits or {})
+        layout = {new: edits[new][0] if new in edits else self.layout[old] for new, old in names.items()}
+
+        def read(key: str, buffer: bytearray | None) -> torch.Tensor:
+            if key in edits:
+                return edits[key][1](self._read(names[key], None))
+            return self._read(names[key], buffer)
+
+        sizes = None if self._sizes is None else {new: self._sizes[old] for new, old in names.items()}
+        return LazyStateDict(layout, read, sizes)
+
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self.layout:
             raise KeyError(key)

@@ -268,3 +268,43 @@ def test_the_model_takes_the_file_tensors_themselves_in_the_file_dtype(tmp_path,
     assert torch.equal(model.state_dict()[key], tiny_weights[key].half())
     pointers = [p.untyped_storage().data_ptr() for p in model.parameters()]
     assert len(set(pointers)) == len(pointers), "every parameter has memory of its own, none shares the file's"
+
+
+@pytest.mark.parametrize("widen", [False, True])
+def test_a_configs_ckpt_path_is_read_a_tensor_at_a_time(tiny_config, tiny_dir, tiny_weights, monkeypatch, widen):
+    """``ckpt_path`` (fine-tuning from a file) loads through the lazy reader too: with one tensor a chunk, at most one
+    file tensor is alive, also when an inpainting model widens its input convolution from an ordinary file."""
+    import ldm.checkpoint
+
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    overrides = [f"model.params.ckpt_path={tiny_dir / 'model.safetensors'}"]
+    if widen:
+        overrides += [
+            "model.target=ldm.models.diffusion.ddpm.LatentInpaintDiffusion",
+            "model.params.conditioning_key=hybrid",
+            "model.params.unet_config.params.in_channels=9",
+            f"model.params.finetune_keys=[{key}]",
+        ]
+    monkeypatch.setattr(ldm.checkpoint, "LOAD_CHUNK_BYTES", 1)
+    tracker = LiveSourceTensors(monkeypatch)
+    model = instantiate_from_config(apply_overrides(tiny_config, overrides).model, path="model")
+    assert 100 < tracker.reads <= len(tiny_weights) and tracker.live == 0
+    assert tracker.peak <= max(v.nbytes for v in tiny_weights.values())
+    weight = model.state_dict()[key]
+    torch.testing.assert_close(weight[:, :4], tiny_weights[key])
+    assert weight.shape[1] == (9 if widen else 4) and bool((weight[:, 4:] == 0).all())
+    other = "model.diffusion_model.out.2.weight"
+    assert torch.equal(model.state_dict()[other], tiny_weights[other])
+
+
+def test_load_only_unet_takes_a_file_of_the_diffusion_wrapper(tiny_config, tiny_weights, tmp_path):
+    """CompVis's DDPM ``load_only_unet``: the file's keys are the DiffusionWrapper's (``diffusion_model.*``)."""
+    from ldm.models.diffusion.ddpm import DDPM
+
+    path = tmp_path / "unet.safetensors"
+    unet = {k.removeprefix("model."): v for k, v in tiny_weights.items() if k.startswith("model.diffusion_model.")}
+    save_checkpoint(unet, path)
+    unet_config = tiny_config.model.params.unet_config
+    model = DDPM(unet_config, image_size=8, channels=4, ckpt_path=str(path), load_only_unet=True, use_ema=False)
+    key = "diffusion_model.out.2.weight"
+    assert torch.equal(model.model.state_dict()[key], unet[key])

@@ -227,9 +227,7 @@ class DDPM(DiffusionTrainingMixin, pl.LightningModule):
 
         state_dict = read_ckpt_path(path)
         if only_model:
-            state_dict = {f"model.{k}": v for k, v in state_dict.items() if not k.startswith("model.")} | {
-                k: v for k, v in state_dict.items() if k.startswith("model.")
-            }
+            state_dict = state_dict.view({k if k.startswith("model.") else f"model.{k}": k for k in state_dict})
             ignore_keys = tuple(ignore_keys) + tuple({k.split(".")[0] + "." for k in self.state_dict()} - {"model."})
         self.load_checkpoint_state(state_dict, ignore_keys)
 

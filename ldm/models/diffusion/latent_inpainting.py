@@ -13,21 +13,29 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ldm.lazy_checkpoint import LazyStateDict
 from ldm.models.diffusion.latent_diffusion import LatentDiffusion
 from ldm.util import ConfigError
 
 
 def widen_finetune_keys(
-    state_dict: dict[str, torch.Tensor], own: Mapping[str, torch.Tensor], keys: tuple[str, ...], keep: int
-) -> dict[str, torch.Tensor]:
-    """``state_dict`` with each of ``keys`` whose shape differs from the model's (``own``) widened to it: its first
-    ``keep`` input channels (dim 1) from the checkpoint, the new ones zero, so the model starts as the checkpoint."""
+    state_dict: LazyStateDict, own: Mapping[str, torch.Tensor], keys: tuple[str, ...], keep: int
+) -> LazyStateDict:
+    """``state_dict`` with each of ``keys`` whose shape differs from the model's (``own``) widened to it as it is
+    read: its first ``keep`` input channels (dim 1) from the checkpoint, the new ones zero, so the model starts as
+    the checkpoint."""
+    edits = {}
     for key in keys:
-        if key in state_dict and state_dict[key].shape != own[key].shape:
-            widened = torch.zeros_like(own[key], device="cpu")
-            widened[:, :keep] = state_dict[key][:, :keep]
-            state_dict[key] = widened
-    return state_dict
+        if key in state_dict and state_dict.layout[key].shape != own[key].shape:
+            shape = own[key].shape
+
+            def widen(tensor: torch.Tensor, shape: torch.Size = shape) -> torch.Tensor:
+                widened = tensor.new_zeros(shape)
+                widened[:, :keep] = tensor[:, :keep]
+                return widened
+
+            edits[key] = (torch.empty(shape, dtype=state_dict.layout[key].dtype, device="meta"), widen)
+    return state_dict.view({key: key for key in state_dict}, edits)
 
 
 class WidensCheckpoint:
