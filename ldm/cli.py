@@ -35,7 +35,7 @@ from ldm.devices import (
 from ldm.errors import UserError, print_error
 from ldm.geometry import LatentGeometry, output_size
 from ldm.inference import Pipeline
-from ldm.memory import Footprint, MemoryEstimate, check_memory, estimate, min_chunks
+from ldm.memory import Footprint, MemoryEstimate, check_memory, estimate, min_chunks, with_refiner
 from ldm.model_detection import detect_checkpoint
 from ldm.models.diffusion.latent_unclip import check_variation_config
 from ldm.models.diffusion.noise import MAX_SEED, check_seed
@@ -231,19 +231,23 @@ def plan(mode: str, args: argparse.Namespace) -> Job:
         refiner_switch=getattr(args, "refiner_switch", 0.8),
     )
     kind = str(config.model.get("target", "")).rpartition(".")[2]
-    check_model_takes({field: getattr(request, field) for field in SIZE_FIELDS}, config_size_keys(config), kind)
+    refiner = plan_refiner(args, config)
+    taken = config_size_keys(config) | (config_size_keys(refiner.config) if refiner is not None else set())
+    check_model_takes({field: getattr(request, field) for field in SIZE_FIELDS}, taken, kind)
     grid = None if args.skip_grid else args.n_rows or args.n_samples
-    memory = estimate(
-        Footprint.from_config(config),
-        batch=len(batches[0]),
-        height=height,
-        width=width,
-        chunks=max(min_chunks(p) for p in [*prompts, args.negative_prompt]),
-        half=options.half,
-        vae_tiling=args.vae_tiling,
-        encode=mode not in FROM_NOISE,
-        kept_images=total if grid is not None else 0,
-    )
+    sizing = {
+        "batch": len(batches[0]),
+        "height": height,
+        "width": width,
+        "chunks": max(min_chunks(p) for p in [*prompts, args.negative_prompt]),
+        "half": options.half,
+        "vae_tiling": args.vae_tiling,
+        "encode": mode not in FROM_NOISE,
+        "kept_images": total if grid is not None else 0,
+    }
+    memory = estimate(Footprint.from_config(config), **sizing)
+    if refiner is not None:
+        memory = with_refiner(memory, estimate(Footprint.from_config(refiner.config), **sizing))
     check_memory(memory, available_memory(options.device), options.device, args.vae_tiling)
     request = request.for_model(geometry)
 
@@ -265,7 +269,7 @@ def plan(mode: str, args: argparse.Namespace) -> Job:
         outdir=outdir,
         save_samples=not args.skip_save,
         grid_images_per_row=grid,
-        refiner=plan_refiner(args, config),
+        refiner=refiner,
         vae=check_vae_file(args.vae),
     )
 

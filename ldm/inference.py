@@ -209,6 +209,7 @@ class Pipeline:
         overrides: Sequence[str] = (),
         use_ema_weights: bool = False,
         vae: str | os.PathLike | None = None,
+        park_unet: bool = False,
         **runtime: Any,
     ) -> Pipeline:
         """Build the model of a config (path or OmegaConf, plus ``key=value`` overrides) and load ``ckpt`` strictly.
@@ -216,7 +217,8 @@ class Pipeline:
         ``config=None``: the config detected from ``ckpt``'s key layout, announced in one printed line (see
         :mod:`ldm.model_detection`; ``pipe.detection`` keeps it). ``options``, or the same as keyword arguments
         (``device="cpu", precision="full", ...``; see :class:`RuntimeOptions`). ``ckpt=None`` keeps random weights
-        (for tests); ``vae``: a VAE file for the first stage. Raises UserError (ConfigError, CheckpointError) with a
+        (for tests); ``vae``: a VAE file for the first stage; ``park_unet``: the UNet waits on ``idle_device`` too
+        (a refiner's, brought over at the hand-off). Raises UserError (ConfigError, CheckpointError) with a
         message naming the fix.
         """
         if options is not None and runtime:
@@ -240,7 +242,7 @@ class Pipeline:
         if dtype is not None:
             for stage in model.stages().values():
                 stage.to(dtype)  # without a checkpoint (ckpt=None) the weights were made in float32
-        _place(model, options.device, options.idle_device)
+        _place(model, options.device, options.idle_device, park_unet)
         pipe = cls(model, geometry, options, ckpt=ckpt, vocabulary=config.get("vocabulary"), vae=vae)
         pipe.detection = detection
         return pipe
@@ -365,7 +367,8 @@ class Pipeline:
         variation = request.noise_level is not None
         with self._autocast():
             with self._active(self.stages.get("cond_stage")):
-                cond, uncond = encode_request(model, request, prompts, negatives, self.device)
+                refiner = self.refiner.model if self.refiner is not None else None
+                cond, uncond = encode_request(model, request, prompts, negatives, self.device, refiner)
             if variation:
                 init_latent = latent_mask = None
                 cond, uncond = self._variation_inputs(request.init_image, request.noise_level, noise, cond, uncond)
@@ -433,15 +436,16 @@ class Pipeline:
                 )
 
 
-def _place(model: torch.nn.Module, device: torch.device, idle_device: torch.device | None) -> None:
-    """Move the model to ``device``, except the text encoder and VAE, which go to ``idle_device`` when given.
+def _place(model: torch.nn.Module, device: torch.device, idle_device: torch.device | None, park_unet: bool) -> None:
+    """Move the model to ``device``, except the text encoder and VAE (and the UNet with ``park_unet``), which go to
+    ``idle_device`` when given.
 
     Each part moves straight to its place, so the stages never occupy the main device during loading.
     """
     if idle_device is None:
         model.to(device)
         return
-    idle = {id(stage) for role, stage in model.stages().items() if role != "unet"}
+    idle = {id(stage) for role, stage in model.stages().items() if role != "unet" or park_unet}
     for child in model.children():
         child.to(idle_device if id(child) in idle else device)
     for name, buffer in model.named_buffers(recurse=False):

@@ -31,6 +31,7 @@ context and the grid plus the largest of unet with attention, encoder and decode
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, fields
@@ -149,6 +150,17 @@ def estimate(
         encoder=4 * ENCODER_ACTIVATIONS * pixels * f.vae_width if encode else 0,
         decoder=4 * decoder,
         grid=2 * PIXEL_BYTES * kept_images * pixels,
+    )
+
+
+def with_refiner(base: MemoryEstimate, refiner: MemoryEstimate) -> MemoryEstimate:
+    """The estimate of a base -> refiner run: both models' prompt embeddings are held through sampling, a step is
+    the larger UNet's (the SDXL refiner's is the wider one), and the base's VAE decodes."""
+    return dataclasses.replace(
+        base,
+        context=base.context + refiner.context,
+        attention=max(base.attention, refiner.attention),
+        unet=max(base.unet, refiner.unet),
     )
 
 

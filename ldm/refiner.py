@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,7 +68,23 @@ def attach_refiner(pipe: Pipeline, refiner: Pipeline | None) -> None:
             raise UserError(f"the refiner must be a text-to-image model; got a {type(refiner.model).__name__}.")
         check_pair(pipe.geometry, refiner.geometry, pipe.model.scale_factor, refiner.model.scale_factor)
         Handoff(refiner.model, None, None).check(pipe.model)
+        if pipe.idle_device is not None:
+            refiner.stages["unet"].to(pipe.idle_device)  # comes to the device at the hand-off (_swap_unets)
     pipe.refiner = refiner
+
+
+def _swap_unets(pipe: Pipeline, refiner: Pipeline) -> Callable[[bool], None] | None:
+    """With ``idle_device``, the hand-off's ``on_change``: only the UNet in charge is on the device (SDXL's two are
+    2.6 B and 2.3 B parameters); None without an idle device."""
+    if pipe.idle_device is None:
+        return None
+    base, other = pipe.stages["unet"], refiner.stages["unet"]
+
+    def on_change(refining: bool) -> None:
+        (base if refining else other).to(pipe.idle_device)
+        (other if refining else base).to(pipe.device)
+
+    return on_change
 
 
 def load_refiner(
@@ -76,7 +92,7 @@ def load_refiner(
 ) -> Pipeline:
     """Load the refiner checkpoint (its config detected unless given) with ``pipe``'s runtime options, attach it
     (:func:`attach_refiner`) and return it."""
-    refiner = type(pipe).from_config(config, ckpt, pipe.options, **kwargs)
+    refiner = type(pipe).from_config(config, ckpt, pipe.options, park_unet=pipe.idle_device is not None, **kwargs)
     attach_refiner(pipe, refiner)
     return refiner
 
@@ -101,7 +117,7 @@ def refiner_handoff(
             )
         else:
             cond, uncond = encode_prompts(refiner.model, list(prompts), list(negatives), request.clip_skip)
-    return Handoff(refiner.model, cond, uncond, request.refiner_switch)
+    return Handoff(refiner.model, cond, uncond, request.refiner_switch, _swap_unets(pipe, refiner))
 
 
 def refiner_fields(pipe: Pipeline, request: GenerationRequest) -> dict[str, Any]:

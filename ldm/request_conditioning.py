@@ -16,16 +16,30 @@ from ldm.class_labels import class_embedder, encode_class_labels
 from ldm.errors import UserError
 from ldm.prompts import encode_prompts
 from ldm.request import GenerationRequest
-from ldm.sdxl_conditioning import SIZE_FIELDS, check_model_takes, encode_sdxl_prompts, model_size_keys
+from ldm.sdxl_conditioning import (
+    SIZE_FIELDS,
+    check_model_takes,
+    encode_sdxl_prompts,
+    fields_for,
+    model_size_keys,
+)
 
 
 def encode_request(
-    model: Any, request: GenerationRequest, prompts: Sequence[str], negatives: Sequence[str], device: torch.device
+    model: Any,
+    request: GenerationRequest,
+    prompts: Sequence[str],
+    negatives: Sequence[str],
+    device: torch.device,
+    refiner: Any = None,
 ) -> tuple[Any, Any]:
     """(cond, uncond) of the images' ``prompts`` / ``negatives`` (B each) for a request checked by ``for_model``;
-    the caller has the cond stage on ``device``. UserError for settings the model does not take."""
+    the caller has the cond stage on ``device``. UserError for settings the model does not take, nor ``refiner``
+    (the model that finishes the run: a base -> refiner request may set the refiner's aesthetic scores)."""
     sizes = {field: getattr(request, field) for field in SIZE_FIELDS}
-    check_model_takes(sizes, model_size_keys(model), type(model).__name__)
+    taken = model_size_keys(model) | (model_size_keys(refiner) if refiner is not None else set())
+    check_model_takes(sizes, taken, type(model).__name__)
+    sizes = fields_for(model, sizes)
     if request.class_labels is not None or class_embedder(model) is not None:
         if request.class_labels is None:
             raise UserError("this model is class-conditional: give class labels (--classes), not prompts.")

@@ -8,7 +8,7 @@ import torch
 
 from ldm import devices
 from ldm.devices import GIB, available_memory, gib, is_out_of_memory
-from ldm.memory import Footprint, estimate, min_chunks
+from ldm.memory import Footprint, estimate, min_chunks, with_refiner
 from ldm.util import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +61,20 @@ def test_long_prompts_cost_cross_attention_and_context():
     many = estimate(footprint, batch=1, height=512, width=512, chunks=6501)
     assert one.attention < 0.1 * GIB and many.attention > 15 * GIB and many.context > 5 * GIB
     assert many.largest == "attention"
+
+
+def test_a_refined_run_counts_both_prompt_embeddings_and_the_wider_unet():
+    sizes = {"batch": 1, "height": 1024, "width": 1024, "half": True}
+    base, refiner = (
+        estimate(
+            Footprint.from_config(load_config(ROOT / f"configs/stable-diffusion/sdxl-{kind}-inference.yaml")), **sizes
+        )
+        for kind in ("base", "refiner")
+    )
+    both = with_refiner(base, refiner)
+    assert refiner.unet > base.unet, "the refiner's UNet is the wider one (384 channels against 320)"
+    assert both.unet == refiner.unet and both.context == base.context + refiner.context
+    assert both.decoder == base.decoder and both.peak > base.peak
 
 
 def test_img2img_counts_the_encoder_and_a_grid_counts_every_kept_image():

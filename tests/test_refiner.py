@@ -175,3 +175,54 @@ def test_bad_refiner_flags_are_one_line_errors(pair_files, tmp_path, capsys, ext
     assert cli.main("txt2img", _script_args(pair_files, tmp_path / "out", *extra)) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_refiners_aesthetic_score_is_set_in_a_refined_run(pair):
+    """The base takes no aesthetic score, the refiner does: with a refiner attached the request may set it, and it
+    changes only the refiner's steps."""
+    base, refiner = pair
+    with pytest.raises(UserError, match="not conditioned on aesthetic_score"):
+        base.generate("a red circle", seed=3, sampler="euler", aesthetic_score=3.0, **SETTINGS)
+    attach_refiner(base, refiner)
+    try:
+        run = {"seed": 3, "sampler": "euler", "refiner_switch": 0.2, **SETTINGS}
+        default = base.generate("a red circle", **run)
+        same = base.generate("a red circle", aesthetic_score=6.0, **run)
+        low = base.generate("a red circle", aesthetic_score=-50.0, **run)  # far off, so the tiny model shows it
+    finally:
+        attach_refiner(base, None)
+    assert all(np.array_equal(a, b) for a, b in zip(_pixels(default), _pixels(same), strict=True))
+    assert any(np.abs(a - b).max() > 0 for a, b in zip(_pixels(default), _pixels(low), strict=True))
+
+
+def test_with_an_idle_device_only_the_unet_in_charge_is_on_the_device(pair):
+    """--idle_device in a refined run: the refiner's UNet comes over at the switch, the base's goes idle, and the
+    base's is back when the run ends (here both devices are the CPU: the moves are recorded)."""
+    base, refiner = pair
+    moves: list[tuple[str, str]] = []
+    units = {"base": base.stages["unet"], "refiner": refiner.stages["unet"]}
+    for name, unet in units.items():
+        unet.to = lambda device, name=name: moves.append((name, str(device)))
+    base.idle_device = torch.device("cpu")
+    try:
+        attach_refiner(base, refiner)
+        assert moves == [("refiner", "cpu")]
+        moves.clear()
+        base.generate("a red circle", seed=3, sampler="euler", **SETTINGS)
+    finally:
+        attach_refiner(base, None)
+        base.idle_device = None
+        for unet in units.values():
+            del unet.to
+    # Switch: the base's goes idle, the refiner's comes; after the run the other way round.
+    assert moves == [("base", "cpu"), ("refiner", "cpu"), ("refiner", "cpu"), ("base", "cpu")]
+
+
+def test_txt2img_takes_the_refiners_aesthetic_score(pair_files, tmp_path, capsys):
+    refiner = ["--refiner", str(pair_files / "refiner.safetensors")]
+    refiner += ["--refiner_config", str(pair_files / "refiner.yaml")]
+    args = _script_args(pair_files, tmp_path / "refined", *refiner, "--aesthetic_score", "3.5")
+    assert cli.main("txt2img", args) == 0
+    assert len(list((tmp_path / "refined").rglob("*.png"))) == 1
+    assert cli.main("txt2img", _script_args(pair_files, tmp_path / "plain", "--aesthetic_score", "3.5")) == 2
+    assert "not conditioned on aesthetic_score" in capsys.readouterr().err

@@ -109,3 +109,16 @@ def test_split_index_follows_a1111():
 def test_bad_splits_are_clear_errors(exact, kwargs, message):
     with pytest.raises(UserError, match=message):
         sample(exact, "euler", steps=10, shape=(1, 1, 2, 2), progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("sampler, changes", [("euler", [True, False]), ("restart", None)])
+def test_the_handoff_reports_each_change_of_the_model_in_charge(exact, sampler, changes):
+    """``Handoff.on_change`` sees every change of the model in charge and ends with the first model's; Restart's
+    jumps back up the grid give charge back to the first model and then to the second again."""
+    seen: list[bool] = []
+    handoff = Handoff(exact, None, None, 0.6, on_change=seen.append)
+    sample(exact, sampler, handoff=handoff, **KW)
+    assert seen[0] is True and seen[-1] is False
+    assert all(a != b for a, b in zip(seen, seen[1:], strict=False)), "only changes are reported"
+    if changes is not None:
+        assert seen == changes

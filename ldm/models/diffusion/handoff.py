@@ -11,6 +11,7 @@ estimate from the second model, where A1111, counting steps, still asks the firs
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,12 +36,16 @@ class Handoff:
         model: a ``LatentDiffusion`` with the same ``alphas_cumprod`` as the first model.
         cond, uncond: its conditioning and unconditional/negative conditioning (its own conditioner's output).
         switch: share of the steps the first model runs, in (0, 1]; 1 never hands over.
+        on_change: called with True when the second model takes charge and with False when the first does again
+            (a restart sampler's jump back up, or the end of the run), e.g. to keep only the UNet in use on the
+            accelerator.
     """
 
     model: Any
     cond: Any
     uncond: Any
     switch: float = 0.8
+    on_change: Callable[[bool], None] | None = None
 
     def check(self, first: Any) -> None:
         """UserError unless ``switch`` is in (0, 1] and both models share one training schedule."""
@@ -53,9 +58,17 @@ class Handoff:
 class SwitchedDenoiser:
     """``D(x, sigma)`` of ``first`` above ``sigma_switch`` and of ``second`` at and below it (see :class:`Denoiser`)."""
 
-    def __init__(self, first: Denoiser, second: Denoiser, sigma_switch: float) -> None:
+    def __init__(
+        self,
+        first: Denoiser,
+        second: Denoiser,
+        sigma_switch: float,
+        on_change: Callable[[bool], None] | None = None,
+    ) -> None:
         self.first, self.second, self.sigma_switch = first, second, float(sigma_switch)
         self.schedule = first.schedule
+        self.on_change = on_change
+        self.second_in_charge = False
 
     @property
     def sigma_min(self) -> float:
@@ -66,7 +79,18 @@ class SwitchedDenoiser:
         return self.first.sigma_max
 
     def _pick(self, sigma: float) -> Denoiser:
-        return self.first if float(sigma) > self.sigma_switch else self.second
+        self._set(float(sigma) <= self.sigma_switch)
+        return self.second if self.second_in_charge else self.first
+
+    def _set(self, second: bool) -> None:
+        if second != self.second_in_charge:
+            self.second_in_charge = second
+            if self.on_change is not None:
+                self.on_change(second)
+
+    def finish(self) -> None:
+        """Give the first model charge again (after the run, or when it was interrupted)."""
+        self._set(False)
 
     def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         """x: (B, C, H, W) at noise level ``sigma`` -> denoised (B, C, H, W)."""

@@ -285,7 +285,8 @@ def sample(
         second = GuidedEps(handoff.model, handoff.cond, handoff.uncond, scale, guidance_rescale)
         known = init_latent if mask is not None else None
         sigma_switch = float(sigmas[split_index(handoff.switch, len(sigmas) - 1)])
-        denoiser = SwitchedDenoiser(denoiser, Denoiser(second, mask, known, timestep=timestep), sigma_switch)
+        second_denoiser = Denoiser(second, mask, known, timestep=timestep)
+        denoiser = SwitchedDenoiser(denoiser, second_denoiser, sigma_switch, handoff.on_change)
     options = dict(options or {})
     if spec.eta is not None:
         options["eta"] = spec.eta if eta is None else eta
@@ -294,6 +295,10 @@ def sample(
         if callback is not None:
             callback(step["i"], step["denoised"])
 
-    x = spec.loop(denoiser, x, sigmas, noise=noise, callback=report, progress=progress, **options)
+    try:
+        x = spec.loop(denoiser, x, sigmas, noise=noise, callback=report, progress=progress, **options)
+    finally:
+        if isinstance(denoiser, SwitchedDenoiser):
+            denoiser.finish()
     # Back to the model's x_t: the same unless the schedule ends above sigma 0 (the CompVis grids do).
     return x / math.sqrt(1.0 + float(sigmas[-1]) ** 2)
