@@ -179,6 +179,45 @@ def load_embeddings(directory: str | os.PathLike) -> list[Embedding]:
     return list(embeddings.values())
 
 
+def save_embedding(
+    path: str | os.PathLike,
+    vectors: Mapping[str | None, torch.Tensor],
+    step: int | None = None,
+    sd_checkpoint_name: str | None = None,
+) -> None:
+    """Write an embedding that A1111 and :func:`read_embedding` read, atomically; the name is the file stem.
+
+    ``vectors``: ``{None: (n, D)}`` for a single-encoder model, ``{"clip_l": ..., "clip_g": ...}`` for SDXL.
+    ``.pt``: A1111's layout (``string_to_param``, ``string_to_token``, ``name``, ``step``, ...), plain tensors and
+    dicts only, so a ``weights_only`` reader takes it; ``.safetensors``: ``emb_params`` (or ``clip_l`` / ``clip_g``)
+    with the step and checkpoint name as metadata. SDXL embeddings are written as safetensors only, as A1111 reads
+    them.
+    """
+    from ldm.files import atomic_path
+
+    path = Path(path)
+    tensors = {key: v.detach().float().cpu().contiguous() for key, v in vectors.items()}
+    keyed = None not in tensors
+    with atomic_path(path) as tmp:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors.torch import save_file
+
+            metadata = {"name": path.stem, "step": str(step), "sd_checkpoint_name": str(sd_checkpoint_name)}
+            save_file(tensors if keyed else {"emb_params": tensors[None]}, tmp, metadata=metadata)
+        elif keyed:
+            raise UserError(f"'{path}': SDXL embeddings (clip_l + clip_g) are saved as .safetensors; use that suffix.")
+        else:
+            data = {
+                "string_to_token": {"*": 265},  # A1111 writes this id (the token "*"); readers ignore it
+                "string_to_param": {"*": tensors[None]},
+                "name": path.stem,
+                "step": step,
+                "sd_checkpoint": None,
+                "sd_checkpoint_name": sd_checkpoint_name,
+            }
+            torch.save(data, tmp)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Using embeddings in prompts
 
