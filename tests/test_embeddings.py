@@ -258,3 +258,24 @@ def test_ti_hashes_name_the_embeddings_a_prompt_uses(clip, tmp_path):
         clip.textual_inversion = None
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
     assert field == {"TI hashes": f"myemb: {digest}"} and none == {}
+
+
+def test_saved_embeddings_read_back_in_every_written_layout(tmp_path):
+    from safetensors import safe_open
+
+    from ldm.adapters.embeddings import save_embedding
+
+    vec = vectors(3)
+    save_embedding(tmp_path / "mine.pt", {None: vec}, step=7, sd_checkpoint_name="base")
+    save_embedding(tmp_path / "mine2.safetensors", {None: vec}, step=7)
+    save_embedding(tmp_path / "xl.safetensors", {"clip_l": vec, "clip_g": vectors(3, 48)})
+    data = torch.load(tmp_path / "mine.pt", weights_only=True)  # what A1111's loader calls
+    assert set(data) == {"string_to_token", "string_to_param", "name", "step", "sd_checkpoint", "sd_checkpoint_name"}
+    assert data["name"] == "mine" and torch.equal(data["string_to_param"]["*"], vec)
+    with safe_open(tmp_path / "mine2.safetensors", "pt") as file:
+        assert list(file.keys()) == ["emb_params"] and file.metadata()["step"] == "7"
+    back = {e.name: e for e in load_embeddings(tmp_path)}
+    assert back["mine"].step == 7 and back["mine"].sd_checkpoint_name == "base"
+    assert torch.equal(back["mine2"].vectors[None], vec) and torch.equal(back["xl"].vectors["clip_l"], vec)
+    with pytest.raises(UserError, match="saved as .safetensors"):
+        save_embedding(tmp_path / "xl.pt", {"clip_l": vec, "clip_g": vec})
