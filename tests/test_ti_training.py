@@ -1,6 +1,7 @@
 """Textual-inversion training through main.py (ldm/adapters/ti_training.py, configs/textual-inversion/): the real-size
 configs build, and the tiny SD 1.x model trains an embedding for a few steps on a caption folder: the loss falls,
-nothing but the vectors changes, and the saved A1111 file reloads and changes the prompt's encoding.
+nothing but the vectors changes, and the saved A1111 file reloads and changes the prompt's encoding. The tiny SDXL
+model trains its clip_l / clip_g vectors, and its saved file gives the conditioning the trained model computes.
 """
 
 from __future__ import annotations
@@ -176,3 +177,66 @@ def test_training_lowers_the_loss_and_the_file_changes_the_output(trained, tiny_
     with torch.no_grad():
         torch.testing.assert_close(with_file, model.get_learned_conditioning([prompt]))
     assert not torch.allclose(with_file, plain)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SDXL
+
+
+def test_the_sdxl_config_builds_with_vectors_for_both_encoders():
+    config = load_config(CONFIGS / "sdxl-textual-inversion.yaml", ["model.params.ckpt_path=null"])
+    with torch.device("meta"):
+        model = instantiate_from_config(config.model, path="model")
+    trainable = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"embedding_vectors.clip_l": (1, 768), "embedding_vectors.clip_g": (1, 1280)}
+
+
+def test_sdxl_training_steps_lower_the_loss_and_the_file_gives_the_same_conditioning(tmp_path):
+    from sdxl_model import IMAGE
+    from sdxl_model import tiny_config as sdxl_config
+
+    from ldm.sdxl_conditioning import encode_sdxl_prompts
+
+    config = sdxl_config()
+    base_model = config.model
+    torch.manual_seed(0)
+    base = instantiate_from_config(base_model).eval()
+    with torch.no_grad():  # a freshly built UNet ignores its context (zero-initialised attention outputs)
+        for param in base.model.parameters():
+            if not param.any():
+                param.normal_(std=0.1)
+    ti_config = OmegaConf.merge(base_model, {"target": "ldm.adapters.ti_training.TextualInversionSDXL", "params": {
+        "embedding_name": NAME, "init_text": "blue", "num_vectors_per_token": 2,
+        "templates": ["a photo of [name], [filewords]"]}})  # fmt: skip
+    model = instantiate_from_config(ti_config)
+    model.load_state_dict(base.state_dict(), strict=False)
+    model.eval()
+    batch = {"jpg": torch.rand(4, IMAGE, IMAGE, 3) * 0.2 + torch.tensor([0.6, -0.8, -0.7]), "txt": ["a square"] * 4}
+    initial = {k: v.detach().clone() for k, v in model.embedding_vectors.items()}
+    # Steps on one fixed draw of timesteps and noise, through the training path (captions from the templates,
+    # encoded with gradients): the random tiny UNet makes the loss over random draws too noisy to compare.
+    torch.manual_seed(1)
+    z, c = model.get_input(batch, model.first_stage_key)
+    t, noise = torch.randint(100, 900, (z.shape[0],)), torch.randn_like(z)
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=0.05)
+    losses = []
+    for _ in range(15):
+        loss, _ = model.p_losses(z, model.get_learned_conditioning(c), t, noise)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.98 * losses[0], losses
+    assert all(not torch.equal(initial[k], v) for k, v in model.embedding_vectors.items())
+    assert set(model.state_dict()) - set(base.state_dict()) == {"embedding_vectors.clip_l", "embedding_vectors.clip_g"}
+
+    model.save_embedding(tmp_path / f"{NAME}.safetensors")
+    embedding = read_embedding(tmp_path / f"{NAME}.safetensors")
+    assert embedding.vectors["clip_l"].shape == (2, 32)
+    prompt = f"a photo of {NAME}, a square"
+    attach_embeddings(base, [embedding])
+    with torch.no_grad():
+        cond, _ = encode_sdxl_prompts(base, [prompt], [""], 1, {}, *model.output_size)
+        trained = model.get_learned_conditioning([prompt])
+    torch.testing.assert_close(cond["c_crossattn"][0], trained["c_crossattn"][0])
+    torch.testing.assert_close(cond["c_adm"], trained["c_adm"])
