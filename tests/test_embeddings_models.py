@@ -135,3 +135,16 @@ def test_txt2img_script_takes_embeddings_dir(tiny_files, red_embedding, tmp_path
     capsys.readouterr()
     assert cli.main("txt2img", [*common, "--embeddings_dir", str(tmp_path / "none")]) == 2
     assert "--embeddings_dir" in capsys.readouterr().err
+
+
+def test_bf16_weights_take_the_float32_file(tiny_files, red_embedding):
+    """The file's float32 vectors are cast to the encoder's dtype where they go in."""
+    files = (tiny_files / "tiny.yaml", tiny_files / "tiny.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = Pipeline.from_config(*files, embeddings_dir=red_embedding, device="cpu", precision="bf16")
+    assert pipe.model.cond_stage_model.token_embedding.weight.dtype == torch.bfloat16
+    settings = dict(steps=2, sampler="DDIM", seed=5, width=32, height=32, progress=False)
+    with_embedding = pipe.generate("a zzred circle", **settings)
+    word = pipe.generate("a red circle", **settings)
+    assert np.array_equal(np.asarray(with_embedding.images[0]), np.asarray(word.images[0]))
