@@ -27,6 +27,7 @@ from typing import Any
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from ldm.adapters.embeddings import embeddings_folder
 from ldm.cli_parser import DEFAULT_CKPT, DEPTH_CONFIG, FROM_NOISE, build_parser
 from ldm.devices import (
     available_memory,
@@ -76,6 +77,7 @@ class Job:
     grid_images_per_row: int | None  # None: no grid
     refiner: RefinerPlan | None = None  # --refiner
     vae: Path | None = None  # --vae
+    embeddings_dir: Path | None = None  # --embeddings_dir, or embeddings/ where it exists
 
     def seeded_batches(self) -> Iterator[tuple[list[str], list[int]]]:
         """Each batch's prompts and seeds, made when the run reaches it: ``--n_iter`` may be any size."""
@@ -271,6 +273,7 @@ def plan(mode: str, args: argparse.Namespace) -> Job:
         grid_images_per_row=grid,
         refiner=refiner,
         vae=check_vae_file(args.vae),
+        embeddings_dir=embeddings_folder(args.embeddings_dir),
     )
 
 
@@ -301,7 +304,7 @@ def _note_flagged(seed: int) -> None:
 
 def run(job: Job) -> Iterator[Path]:
     """Load the model, generate every batch and save samples and grid; yields each file as it is written."""
-    pipe = Pipeline.from_config(job.config, job.ckpt, job.options, vae=job.vae)
+    pipe = Pipeline.from_config(job.config, job.ckpt, job.options, vae=job.vae, embeddings_dir=job.embeddings_dir)
     if job.refiner is not None:
         job.refiner.load(pipe)
     device = job.options.device

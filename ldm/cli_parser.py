@@ -137,6 +137,13 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     add("--vae_tiling", action="store_true", help="decode large images by overlapping tiles, to save memory")
     _add_size_conditioning(parser)
     add("--vae", type=str, default=None, metavar="FILE", help="a VAE file (.safetensors/.ckpt) for the model's own")
+    add(
+        "--embeddings_dir",
+        type=str,
+        default=None,
+        metavar="DIR",
+        help="textual-inversion embeddings, used by file name in prompts (default: embeddings/ where it exists)",
+    )
     if image_input:
         add("--init-img", dest="init_img", type=str, required=True, help="path to the input image")
     if mode == "image_variation":

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from PIL import Image
 
+from ldm.adapters.embeddings import attach_embeddings, load_embeddings, ti_hashes_field
 from ldm.checkpoint import load_model_from_config
 from ldm.errors import UserError
 from ldm.geometry import LatentGeometry
@@ -210,6 +211,7 @@ class Pipeline:
         use_ema_weights: bool = False,
         vae: str | os.PathLike | None = None,
         park_unet: bool = False,
+        embeddings_dir: str | os.PathLike | None = None,
         **runtime: Any,
     ) -> Pipeline:
         """Build the model of a config (path or OmegaConf, plus ``key=value`` overrides) and load ``ckpt`` strictly.
@@ -218,7 +220,8 @@ class Pipeline:
         :mod:`ldm.model_detection`; ``pipe.detection`` keeps it). ``options``, or the same as keyword arguments
         (``device="cpu", precision="full", ...``; see :class:`RuntimeOptions`). ``ckpt=None`` keeps random weights
         (for tests); ``vae``: a VAE file for the first stage; ``park_unet``: the UNet waits on ``idle_device`` too
-        (a refiner's, brought over at the hand-off). Raises UserError (ConfigError, CheckpointError) with a
+        (a refiner's, brought over at the hand-off); ``embeddings_dir``: textual-inversion embeddings to use by name
+        in prompts (:mod:`ldm.adapters.embeddings`). Raises UserError (ConfigError, CheckpointError) with a
         message naming the fix.
         """
         if options is not None and runtime:
@@ -243,6 +246,8 @@ class Pipeline:
             for stage in model.stages().values():
                 stage.to(dtype)  # without a checkpoint (ckpt=None) the weights were made in float32
         _place(model, options.device, options.idle_device, park_unet)
+        if embeddings_dir is not None:
+            attach_embeddings(model, load_embeddings(embeddings_dir))
         pipe = cls(model, geometry, options, ckpt=ckpt, vocabulary=config.get("vocabulary"), vae=vae)
         pipe.detection = detection
         return pipe
@@ -420,7 +425,11 @@ class Pipeline:
             model_hash=self.model_hash,
             noise_level=request.noise_level,
             class_labels=list(request.class_labels) if request.class_labels is not None else None,
-            extra={**vae_fields(self.vae), **refiner_fields(self, request)},
+            extra={
+                **vae_fields(self.vae),
+                **refiner_fields(self, request),
+                **ti_hashes_field(model, [*prompts, *negatives]),
+            },
         )
 
     def _warn_unknown_words(self, prompts: Sequence[str]) -> None:

@@ -240,41 +240,57 @@ def prompt_chunks(encoder: Any, prompts: Sequence[str]) -> list[list[list[tuple[
     tokenizer = encoder.tokenizer
     comma = tokenizer.encode(",")
     comma_id = comma[0] if len(comma) == 1 else None
-    return [_chunk(_weighted_tokens(p, tokenizer), tokenizer.max_length - 2, comma_id) for p in prompts]
+    # Textual-inversion embeddings attached to the encoder (ldm.adapters.embeddings): their names become vectors.
+    embeddings = getattr(encoder, "textual_inversion", None)
+    return [_chunk(_weighted_tokens(p, tokenizer, embeddings), tokenizer.max_length - 2, comma_id) for p in prompts]
 
 
-def _weighted_tokens(prompt: str, tokenizer: Any) -> list[tuple[int, float] | None]:
+def _weighted_tokens(prompt: str, tokenizer: Any, embeddings: Any = None) -> list[tuple[Any, float] | None]:
     """BPE ids of a prompt with their weights; None where a BREAK is.
 
-    Each fragment is tokenised on its own, so ``"(red:1.5) circle"`` has the ids of ``"red circle"``.
+    Each fragment is tokenised on its own, so ``"(red:1.5) circle"`` has the ids of ``"red circle"``. With
+    ``embeddings`` (a :class:`ldm.adapters.embeddings.TokenTable`) an embedding's name becomes one item whose token is
+    its vectors, (n, D), taking n positions.
     """
-    tokens: list[tuple[int, float] | None] = []
+    tokens: list[tuple[Any, float] | None] = []
     for fragment in parse_prompt_attention(prompt):
         if fragment is BREAK:
             tokens.append(None)
         else:
             text, weight = fragment
-            tokens.extend((token, weight) for token in tokenizer.encode(text))
+            ids = tokenizer.encode(text)
+            tokens.extend((token, weight) for token in (embeddings.substitute(ids) if embeddings else ids))
     return tokens
 
 
-def _chunk(tokens: list[tuple[int, float] | None], size: int, comma_id: int | None) -> list[list[tuple[int, float]]]:
-    """Split weighted tokens into chunks of at most ``size``; a None (BREAK) ends a chunk. At least one chunk."""
-    chunks: list[list[tuple[int, float]]] = []
-    current: list[tuple[int, float]] = []
+def _chunk(tokens: list[tuple[Any, float] | None], size: int, comma_id: int | None) -> list[list[tuple[Any, float]]]:
+    """Split weighted tokens into chunks of at most ``size``; a None (BREAK) ends a chunk. At least one chunk.
+
+    An embedding's item (vectors (n, D) as its token) becomes n positions, each a vector (D,), that stay in one chunk:
+    one that does not fit moves whole to the next chunk, as in A1111.
+    """
+    chunks: list[list[tuple[Any, float]]] = []
+    current: list[tuple[Any, float]] = []
     for item in tokens:
         if item is None:
             chunks.append(current)
             current = []
             continue
+        token, weight = item
         if len(current) == size:
             cut = size
-            tail = [token for token, _ in current[-COMMA_BACKTRACK:]]
-            if item[0] != comma_id and comma_id in tail:
+            tail = [t if isinstance(t, int) else None for t, _ in current[-COMMA_BACKTRACK:]]
+            if not (isinstance(token, int) and token == comma_id) and comma_id in tail:
                 cut = size - tail[::-1].index(comma_id)
             chunks.append(current[:cut])
             current = current[cut:]
-        current.append(item)
+        if isinstance(token, int):
+            current.append(item)
+            continue
+        if len(current) + len(token) > size:
+            chunks.append(current)
+            current = []
+        current.extend((vector, weight) for vector in token)
     if current or not chunks:
         chunks.append(current)
     return chunks
@@ -294,20 +310,23 @@ def encode_chunks(
     size = tokenizer.max_length - 2
     outputs, pooled = [], None
     for j in range(num_chunks):
-        ids, weights = [], []
+        ids, weights, vectors = [], [], []
         for chunks in chunked:
             chunk = chunks[j] if j < len(chunks) else []
             padding = size - len(chunk)
+            # An embedding's positions hold token 0 (A1111's placeholder) and get its vectors in the encoder.
             ids.append(
-                [tokenizer.bos_token_id, *(t for t, _ in chunk), tokenizer.eos_token_id]
+                [tokenizer.bos_token_id, *(t if isinstance(t, int) else 0 for t, _ in chunk), tokenizer.eos_token_id]
                 + [tokenizer.pad_token_id] * padding
             )
             weights.append([1.0, *(w for _, w in chunk), 1.0] + [1.0] * padding)
+            vectors.append([(i + 1, t) for i, (t, _) in enumerate(chunk) if not isinstance(t, int)])
         tokens = torch.tensor(ids, device=encoder.device)
+        extra = {"token_vectors": vectors} if any(vectors) else {}
         if return_pooled and j == 0:
-            z, pooled = encoder.encode_token_ids(tokens, clip_skip=clip_skip, return_pooled=True)
+            z, pooled = encoder.encode_token_ids(tokens, clip_skip=clip_skip, return_pooled=True, **extra)
         else:
-            z = encoder.encode_token_ids(tokens, clip_skip=clip_skip)
+            z = encoder.encode_token_ids(tokens, clip_skip=clip_skip, **extra)
         outputs.append(_apply_weights(z, torch.tensor(weights, device=z.device)))
     z = torch.cat(outputs, dim=1)
     return (z, pooled) if return_pooled else z

@@ -8,10 +8,11 @@ Architectures are built from configs only (never from a model hub): the weights 
 ``cond_stage_model.*`` entries these modules' state dicts match key for key.
 """
 
+import contextlib
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,33 @@ CLIP_VIT_L14_TEXT_CONFIG: dict[str, Any] = {
     "eos_token_id": 49407,
     "pad_token_id": 1,
 }
+
+
+# Per batch row, ``(position, vector (D,))`` pairs standing in for the token embeddings at those positions.
+TokenVectors = Sequence[Sequence[tuple[int, torch.Tensor]]]
+
+
+def place_token_vectors(embedded: torch.Tensor, token_vectors: TokenVectors | None) -> torch.Tensor:
+    """Token embeddings (B, L, D) with ``token_vectors`` in place; out of place, so gradients reach the vectors."""
+    places = [(row, position, vector) for row, pairs in enumerate(token_vectors or ()) for position, vector in pairs]
+    if not places:
+        return embedded
+    rows, positions, vectors = zip(*places, strict=True)
+    index = (torch.tensor(rows, device=embedded.device), torch.tensor(positions, device=embedded.device))
+    return embedded.index_put(index, torch.stack(vectors).to(embedded))
+
+
+@contextlib.contextmanager
+def _vectors_at_output(embedding: nn.Module, token_vectors: TokenVectors | None) -> Iterator[None]:
+    """While the block runs, ``embedding``'s output (B, L, D) gets ``token_vectors`` placed in it."""
+    if not token_vectors or not any(token_vectors):
+        yield
+        return
+    handle = embedding.register_forward_hook(lambda module, args, out: place_token_vectors(out, token_vectors))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 class _NestedTextModel(nn.Module):
@@ -156,8 +184,17 @@ class FrozenCLIPEmbedder(AbstractEncoder):
         """Whether the output has one feature vector per token (all layers but ``"pooled"``)."""
         return self.layer != "pooled"
 
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        """The token embedding table, (vocab, D): textual-inversion vectors live in its space."""
+        return self.transformer.text_model.embeddings.token_embedding
+
     def encode_token_ids(
-        self, tokens: torch.Tensor, clip_skip: int = 1, return_pooled: bool = False
+        self,
+        tokens: torch.Tensor,
+        clip_skip: int = 1,
+        return_pooled: bool = False,
+        token_vectors: TokenVectors | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Encode token ids, optionally stopping ``clip_skip - 1`` layers before the configured one.
 
@@ -167,6 +204,8 @@ class FrozenCLIPEmbedder(AbstractEncoder):
 
         Args:
             tokens: (B, max_length) int64 token ids, e.g. from ``self.tokenizer``.
+            token_vectors: per row, ``(position, vector (D,))`` pairs that replace the token embeddings at those
+                positions (textual inversion, :mod:`ldm.adapters.embeddings`).
         Returns:
             z: (B, max_length, D) for ``"last"`` / ``"hidden"``, (B, 1, D) for ``"pooled"``; with ``return_pooled``
             the pair ``(z, pooled)``, pooled: (B, D) the EOS token's features after the last layer.
@@ -180,9 +219,11 @@ class FrozenCLIPEmbedder(AbstractEncoder):
         # left uninitialised by a meta-device construction followed by ``load_state_dict(assign=True)``.
         position_ids = torch.arange(tokens.shape[1], device=tokens.device)[None]
         skipping = self.layer == "last" and clip_skip > 1
-        outputs = self.transformer(
-            input_ids=tokens, position_ids=position_ids, output_hidden_states=self.layer == "hidden" or skipping
-        )
+        # transformers' CLIPTextModel takes no input embeddings, so the vectors go in at its token embedding's output.
+        with _vectors_at_output(self.token_embedding, token_vectors):
+            outputs = self.transformer(
+                input_ids=tokens, position_ids=position_ids, output_hidden_states=self.layer == "hidden" or skipping
+            )
         if self.layer == "pooled":
             z = outputs.pooler_output[:, None, :]
         elif self.layer == "hidden":
@@ -286,8 +327,17 @@ class FrozenOpenCLIPEmbedder(AbstractEncoder):
         """Run the text tower up to ``self.layer``: tokens (B, L) int64 -> z (B, L, width) (``encode_token_ids``)."""
         return self.encode_token_ids(tokens, return_pooled=self.return_pooled)
 
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        """The token embedding table, (vocab, width): textual-inversion vectors live in its space."""
+        return self.model.token_embedding
+
     def encode_token_ids(
-        self, tokens: torch.Tensor, clip_skip: int = 1, return_pooled: bool = False
+        self,
+        tokens: torch.Tensor,
+        clip_skip: int = 1,
+        return_pooled: bool = False,
+        token_vectors: TokenVectors | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Run the text tower, stopping ``clip_skip - 1`` blocks before the configured ``layer``.
 
@@ -296,6 +346,7 @@ class FrozenOpenCLIPEmbedder(AbstractEncoder):
 
         Args:
             tokens: (B, L) int64 token ids, L <= context length.
+            token_vectors: per row, ``(position, vector (width,))`` pairs that replace the token embeddings there.
         Returns:
             z: (B, L, width); with ``return_pooled`` the pair ``(z, pooled)``, pooled: (B, embed_dim), which always
             runs all blocks (CLIP skip does not change it, as in SDXL's training).
@@ -304,7 +355,8 @@ class FrozenOpenCLIPEmbedder(AbstractEncoder):
         num_blocks = len(blocks) - self.layer_idx - (clip_skip - 1)
         if clip_skip < 1 or num_blocks < 0:
             raise UserError(f"clip_skip={clip_skip} is out of range for layer={self.layer!r} of {len(blocks)} blocks")
-        x = self.model.token_embedding(tokens) + self.model.positional_embedding[: tokens.shape[1]]
+        x = place_token_vectors(self.model.token_embedding(tokens), token_vectors)
+        x = x + self.model.positional_embedding[: tokens.shape[1]]
         # Built here rather than taken from the tower's ``attn_mask`` buffer, which is not in the state dict and would
         # stay uninitialised after a meta-device construction.
         seq_len = tokens.shape[1]

@@ -1,0 +1,1 @@
+"""Add-ons loaded into a model from their own files: textual-inversion embeddings, LoRA."""
