@@ -25,6 +25,7 @@ from ldm.errors import UserError
 from ldm.geometry import LatentGeometry
 from ldm.model_detection import detect_checkpoint
 from ldm.models.diffusion.handoff import Handoff
+from ldm.prompt_schedule import encode_scheduled
 from ldm.prompts import encode_prompts
 from ldm.sdxl_conditioning import SIZE_FIELDS, encode_sdxl_prompts, fields_for, model_size_keys
 from ldm.util import load_config
@@ -112,11 +113,15 @@ def refiner_handoff(
     with refiner._active(refiner.stages["cond_stage"]):
         if model_size_keys(refiner.model):
             sizes = fields_for(refiner.model, {field: getattr(request, field) for field in SIZE_FIELDS})
-            cond, uncond = encode_sdxl_prompts(
-                refiner.model, prompts, negatives, request.clip_skip, sizes, request.height, request.width
-            )
+
+            def encode(p: list[str], n: list[str]) -> tuple[Any, Any]:
+                return encode_sdxl_prompts(refiner.model, p, n, request.clip_skip, sizes, request.height, request.width)
         else:
-            cond, uncond = encode_prompts(refiner.model, list(prompts), list(negatives), request.clip_skip)
+
+            def encode(p: list[str], n: list[str]) -> tuple[Any, Any]:
+                return encode_prompts(refiner.model, p, n, request.clip_skip)
+
+        cond, uncond = encode_scheduled(encode, prompts, negatives, request.steps)
     return Handoff(refiner.model, cond, uncond, request.refiner_switch, _swap_unets(pipe, refiner))
 
 

@@ -14,6 +14,7 @@ import torch
 
 from ldm.class_labels import class_embedder, encode_class_labels
 from ldm.errors import UserError
+from ldm.prompt_schedule import encode_scheduled, is_plain
 from ldm.prompts import encode_prompts
 from ldm.request import GenerationRequest
 from ldm.sdxl_conditioning import (
@@ -45,7 +46,19 @@ def encode_request(
             raise UserError("this model is class-conditional: give class labels (--classes), not prompts.")
         return encode_class_labels(model, request.class_labels, request.scale, device)
     if getattr(model, "conditions_on_batch", False) and getattr(model, "conditioner", None) is not None:
-        return encode_sdxl_prompts(model, prompts, negatives, request.clip_skip, sizes, request.height, request.width)
+        return encode_scheduled(
+            lambda p, n: encode_sdxl_prompts(model, p, n, request.clip_skip, sizes, request.height, request.width),
+            prompts, negatives, request.steps,
+        )  # fmt: skip
     if model.stages().get("cond_stage") is None:
         return None, None
-    return encode_prompts(model, list(prompts), list(negatives), request.clip_skip)
+    if model.conditions_on_image or model.image_is_condition:
+        if not all(is_plain(text, request.steps) for text in [*prompts, *negatives]):
+            raise UserError(
+                f"prompt editing ([a:b:when], [a|b]) and AND are for text-to-image and img2img models; this "
+                f"{type(model).__name__} takes plain prompts."
+            )
+        return encode_prompts(model, list(prompts), list(negatives), request.clip_skip)
+    return encode_scheduled(
+        lambda p, n: encode_prompts(model, p, n, request.clip_skip), prompts, negatives, request.steps
+    )
