@@ -172,8 +172,7 @@ def prompt_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
     nodes, _ = _Parser(prompt, steps).sequence(0, "")
     ends: set[int] = {steps}
     _ends(nodes, steps, ends)
-    if len(ends) == 1:
-        return [(steps, prompt)]
+    # The nodes of text alone join back to the prompt, so a prompt without editing comes back unchanged.
     return [(end, _text_at(nodes, end)) for end in sorted(ends)]
 
 

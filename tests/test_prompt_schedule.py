@@ -50,6 +50,7 @@ def test_schedules_are_a1111s(prompt, expected):
         ("time: 5:00 [a:b]", ["time: 5:00 [a:b]"] * 6),  # not a schedule: no number
         (r"\[a:b:1\]", [r"\[a:b:1\]"] * 6),  # escaped brackets are text
         ("[a:b:c:1]", ["[a:b:c:1]"] * 6),
+        ("[a:b:6] [c:d:9]", ["a c"] * 6),  # switches at or after the last step never happen
     ],
 )
 def test_text_at_each_step(prompt, texts):
