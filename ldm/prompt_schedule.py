@@ -18,10 +18,9 @@ it runs, counted from the first), and a schedule of ``steps`` steps holds segmen
 first segment with ``i <= end``. So ``[a:b:5]`` gives ``a`` for steps 0..5 and ``b`` from step 6 on, and ``[a|b]``
 gives a, a, b, a, b ... (A1111's own off-by-ones, kept so that its images reproduce). ``steps`` is the requested
 step count, also for img2img, which runs only a share of them (A1111 without its "img2img_fix_steps" option). Unlike
-A1111, which counts model calls and doubles the steps of second-order samplers, a step here is a sampler step: a
-model call at a noise level between two steps' (DPM2's midpoint) uses the text of the step it belongs to, one at a
-step's own noise level that step's, so Heun's correction, evaluated at the next step's level, takes the next step's
-text there (as the refiner hand-off, :mod:`ldm.models.diffusion.handoff`, chooses its model).
+A1111, which counts model calls and doubles the steps of second-order samplers, a step here is a sampler step, and
+every model call of it uses its text: Heun's correction, DPM2's midpoint, PLMS's Heun first step (see
+:mod:`ldm.models.diffusion.step_clock`; DPM adaptive and DPM fast go by noise level).
 
 Brackets that do not form one of these (``[x]``, ``[a:b]``, unbalanced ones) are left as they are.
 """

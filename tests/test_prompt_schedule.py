@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldm.models.diffusion.guidance import GuidedEps, StepConditioning
+from ldm.models.diffusion.guidance import Denoiser, GuidedEps, StepConditioning
 from ldm.models.diffusion.noise import Noise
-from ldm.models.diffusion.samplers import sample
+from ldm.models.diffusion.samplers import SAMPLERS, _grid, sample
+from ldm.models.diffusion.step_clock import trace_call_steps
 from ldm.prompt_schedule import encode_scheduled, is_plain, prompt_schedule, split_and, text_at_step
 from tests.analytic_model import GaussianDataModel
 
@@ -94,6 +95,10 @@ def code_encoder(prompts: list[str], negatives: list[str]) -> tuple[torch.Tensor
             torch.tensor([CODES[n.strip()] for n in negatives], dtype=torch.float64))  # fmt: skip
 
 
+def sample_grid(spec, steps):
+    return _grid(spec, spec.schedule, steps, GaussianDataModel().schedule)
+
+
 def run(prompts, negatives, steps=6, sampler="euler", scale=3.0, model=None, **kwargs):
     model = model if model is not None else RecordingModel()
     cond, uncond = encode_scheduled(code_encoder, prompts, negatives, steps)
@@ -118,15 +123,43 @@ def test_a_schedule_equals_the_hand_split_run():
     first, _ = run(["a"], ["neg"], end=4 / 6)  # steps 0..3
     second, _ = run(["b"], ["neg"], start=4 / 6, x_T=first)
     torch.testing.assert_close(full, second, rtol=0, atol=0)
+    # A continuation counts its steps from the run's first: the schedule is b's from step 4 on.
+    continued, _ = run(["[a:b:3]"], ["neg"], start=4 / 6, x_T=first)
+    torch.testing.assert_close(continued, second, rtol=0, atol=0)
 
 
-def test_midpoint_calls_take_their_steps_text_and_heuns_correction_the_next_steps():
-    # DPM2 evaluates each step at its start and at a midpoint below it, both with the step's text.
-    _, model = run(["[a:b:2]"], [""], sampler="dpm_2")
-    assert [row[1] for row in model.seen] == [0.1] * 6 + [0.2] * (len(model.seen) - 6)
-    # Heun's correction is evaluated at the next step's noise level, and takes that step's text.
-    _, model = run(["[a:b:2]"], [""], sampler="heun")
-    assert [row[1] for row in model.seen] == [0.1] * 5 + [0.2] * (len(model.seen) - 5)
+def test_dpm_fast_and_adaptive_go_by_noise_level():
+    for sampler in ("dpm_fast", "dpm_adaptive"):
+        _, model = run(["[a:b:2]"], [""], sampler=sampler)
+        codes = [row[1] for row in model.seen]
+        assert codes[0] == 0.1 and codes[-1] == 0.2, sampler
+        # DPM adaptive's rejected attempts go back up in noise, and so to a's text.
+        assert codes == sorted(codes) or sampler == "dpm_adaptive"
+
+
+def test_every_call_of_a_step_takes_that_steps_text():
+    # DPM2 calls the model at each step's start and at a midpoint below it; Heun at the start and (a correction) at
+    # the next step's noise level; PLMS's first step is Heun's. All with the step's text: a for steps 0..2.
+    for sampler, a_calls in [("dpm_2", 6), ("heun", 6), ("plms", 4), ("euler", 3), ("uni_pc", 3)]:
+        _, model = run(["[a:b:2]"], [""], sampler=sampler)
+        assert [row[1] for row in model.seen] == [0.1] * a_calls + [0.2] * (len(model.seen) - a_calls), sampler
+
+
+@pytest.mark.parametrize("name", sorted(name for name, spec in SAMPLERS.items() if spec.fixed_steps))
+def test_the_traced_steps_of_every_sampler_are_its_reported_steps(name):
+    # The dry run's steps, call by call, are those of a real run's reports: the call just before report i is step
+    # i's first, and steps never go back. (DPM adaptive's calls depend on the model: it goes by noise level.)
+    spec, model, reports = SAMPLERS[name], RecordingModel(), []
+    sigmas = sample_grid(spec, 6)
+    options = {"eta": spec.eta} if spec.eta is not None else {}
+    traced = trace_call_steps(spec.loop, sigmas, options)
+    x = torch.randn(1, 1, 2, 2, dtype=torch.float64)
+    spec.loop(Denoiser(GuidedEps(model, torch.tensor([0.1]), torch.tensor([0.0]), 3.0)), x, sigmas,
+              noise=Noise([0]), callback=lambda step: reports.append((len(model.seen), step["i"])), progress=False,
+              **options)  # fmt: skip
+    assert len(traced) == len(model.seen)
+    assert [traced[calls - 1] for calls, _ in reports] == [i for _, i in reports]
+    assert traced == sorted(traced)
 
 
 def test_img2img_counts_from_the_first_step_it_runs_over_the_requested_steps():

@@ -4,15 +4,14 @@ Samplers never call the UNet directly: every sampler calls a :class:`Denoiser`, 
 ``x = x0 + sigma * eps``, which calls :class:`GuidedEps`, the guided eps-prediction ``eps(x_t, t)``, which calls
 ``model.apply_model`` once per evaluation, with the unconditional and conditional halves in one batch.
 Conditioning may change over the steps and compose several sub-prompts per image (:class:`StepConditioning`,
-A1111's prompt editing and ``AND``): each evaluation is mapped to its step by its timestep (:class:`StepGrid`).
+A1111's prompt editing and ``AND``): :mod:`~ldm.models.diffusion.step_clock` says which step each call is of.
 The schedule is a CPU table, and step arguments are Python floats, so a sampling loop makes no host-device syncs.
 """
 
 from __future__ import annotations
 
-import bisect
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,25 +92,6 @@ class StepConditioning:
         return self._cache[rows]
 
 
-class StepGrid:
-    """Which step of a run a model evaluation at timestep ``t`` belongs to.
-
-    Step i covers the timesteps ``(t_{i+1}, t_i]`` of the run's grid: an evaluation at a step's own timestep is that
-    step's, one between two grid points (DPM2's midpoint) the step above it, one above the grid's top (Euler's churn)
-    step 0. Heun's correction, at the next step's timestep, is the next step's, as the refiner hand-off counts it.
-
-    Args:
-        timesteps: the timestep of each step's start, decreasing (the run's sigmas but the last, as the model sees
-            them).
-    """
-
-    def __init__(self, timesteps: Sequence[float]) -> None:
-        self._negated = [-float(t) for t in timesteps]
-
-    def __call__(self, t: float) -> int:
-        return max(bisect.bisect_right(self._negated, -float(t)) - 1, 0)
-
-
 def check_guidance_rescale(phi: float) -> float:
     """``phi`` as a float, or a ValueError unless it lies in [0, 1]."""
     phi = float(phi)
@@ -167,13 +147,14 @@ class GuidedEps:
         self.scheduled = isinstance(cond, StepConditioning) or isinstance(uncond, StepConditioning)
         # Sub-prompts composed with weights (AND): the unconditional branch is always needed.
         self.composed = isinstance(cond, StepConditioning) and not cond.simple
-        self.step_of: StepGrid | None = None
+        self.step_of: Callable[[float], int] | None = None
         plain = uncond is not None and not self.scheduled
         self.batched = _batch_conditionings(uncond, cond) if plain else None
 
-    def count_steps(self, grid: StepGrid) -> None:
-        """Map evaluations to steps with ``grid`` (the sampler front end sets it once it knows the run's grid)."""
-        self.step_of = grid
+    def count_steps(self, step_of: Callable[[float], int]) -> None:
+        """Map model calls to steps with ``step_of(t) -> step`` (:mod:`~ldm.models.diffusion.step_clock`; the
+        sampler front end sets it once it knows the run)."""
+        self.step_of = step_of
 
     def _conditionings(self, t: float) -> tuple[Any, Any]:
         """(uncond, cond) at timestep ``t``: the step's rows of scheduled conditionings."""
