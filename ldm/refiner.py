@@ -16,6 +16,7 @@ import argparse
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -113,14 +114,10 @@ def refiner_handoff(
     with refiner._active(refiner.stages["cond_stage"]):
         if model_size_keys(refiner.model):
             sizes = fields_for(refiner.model, {field: getattr(request, field) for field in SIZE_FIELDS})
-
-            def encode(p: list[str], n: list[str]) -> tuple[Any, Any]:
-                return encode_sdxl_prompts(refiner.model, p, n, request.clip_skip, sizes, request.height, request.width)
+            encode = partial(encode_sdxl_prompts, refiner.model, clip_skip=request.clip_skip, sizes=sizes,
+                             height=request.height, width=request.width)  # fmt: skip
         else:
-
-            def encode(p: list[str], n: list[str]) -> tuple[Any, Any]:
-                return encode_prompts(refiner.model, p, n, request.clip_skip)
-
+            encode = partial(encode_prompts, refiner.model, clip_skip=request.clip_skip)
         cond, uncond = encode_scheduled(encode, prompts, negatives, request.steps)
     return Handoff(refiner.model, cond, uncond, request.refiner_switch, _swap_unets(pipe, refiner))
 

@@ -8,6 +8,7 @@ get None for both.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -46,19 +47,22 @@ def encode_request(
             raise UserError("this model is class-conditional: give class labels (--classes), not prompts.")
         return encode_class_labels(model, request.class_labels, request.scale, device)
     if getattr(model, "conditions_on_batch", False) and getattr(model, "conditioner", None) is not None:
-        return encode_scheduled(
-            lambda p, n: encode_sdxl_prompts(model, p, n, request.clip_skip, sizes, request.height, request.width),
-            prompts, negatives, request.steps,
-        )  # fmt: skip
+        encode = partial(encode_sdxl_prompts, model, clip_skip=request.clip_skip, sizes=sizes, height=request.height,
+                         width=request.width)  # fmt: skip
+        return encode_scheduled(encode, prompts, negatives, request.steps)
     if model.stages().get("cond_stage") is None:
         return None, None
+    encode = partial(encode_prompts, model, clip_skip=request.clip_skip)
     if model.conditions_on_image or model.image_is_condition:
-        if not all(is_plain(text, request.steps) for text in [*prompts, *negatives]):
+        # Their cond gets the image's conditioning added per image (sampling_conditioning), which a schedule's
+        # per-step rows do not have.
+        plain = all(is_plain(p, request.steps) for p in prompts) and all(
+            is_plain(n, request.steps, compose=False) for n in negatives
+        )
+        if not plain:
             raise UserError(
                 f"prompt editing ([a:b:when], [a|b]) and AND are for text-to-image and img2img models; this "
                 f"{type(model).__name__} takes plain prompts."
             )
-        return encode_prompts(model, list(prompts), list(negatives), request.clip_skip)
-    return encode_scheduled(
-        lambda p, n: encode_prompts(model, p, n, request.clip_skip), prompts, negatives, request.steps
-    )
+        return encode(list(prompts), list(negatives))
+    return encode_scheduled(encode, prompts, negatives, request.steps)

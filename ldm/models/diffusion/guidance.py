@@ -127,8 +127,10 @@ class GuidedEps:
 
     Args:
         model: a ``DDPM``/``LatentDiffusion`` (uses ``apply_model``, ``alphas_cumprod``, ``parameterization``).
-        cond: conditioning for ``apply_model`` (e.g. (B, 77, D), or a dict for hybrid/inpainting models).
-        uncond: the unconditional (or negative) conditioning, same kind as ``cond``.
+        cond: conditioning for ``apply_model`` (e.g. (B, 77, D), or a dict for hybrid/inpainting models), or a
+            :class:`StepConditioning` (per step, and with ``AND`` several weighted rows per image: composable
+            guidance ``eps_u + sum_i w_i * scale * (eps_i - eps_u)``, all rows in the one batched call).
+        uncond: the unconditional (or negative) conditioning, same kind as ``cond`` (or a StepConditioning).
         scale: guidance scale; 1 means no guidance.
         guidance_rescale: :func:`rescale_guidance`'s ``phi`` in [0, 1] (0, the default, is off), applied to the guided
             model output (eps, or v for v-models) as diffusers does.
