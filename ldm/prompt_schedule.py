@@ -57,7 +57,7 @@ Node = str | _Edit | _Alternate
 
 
 def split_and(prompt: str) -> list[tuple[str, float]]:
-    """A prompt's sub-prompts and their weights: ``"a cat :1.2 AND a dog"`` -> ``[("a cat", 1.2), ("a dog", 1.0)]``.
+    """A prompt's sub-prompts and their weights: ``"a cat :1.2 AND a dog"`` -> ``[("a cat", 1.2), (" a dog", 1.0)]``.
 
     As A1111: split at the word ``AND``; a sub-prompt's trailing ``:number`` is its weight, and its trailing spaces
     go. A prompt with neither gives ``[(prompt, 1.0)]`` unchanged.
@@ -76,8 +76,10 @@ def split_and(prompt: str) -> list[tuple[str, float]]:
 
 
 def _when(number: str, steps: int) -> int:
+    """The last step of ``before``: ``int(when * steps)`` for ``when < 1``, else ``int(when)``, within -1..steps
+    (which a number of 400 digits, inf as a float, also is)."""
     value = float(number)
-    return min(steps, int(value * steps if value < 1 else value))
+    return int(max(min(value * steps if value < 1 else value, steps), -1))
 
 
 class _Parser:
@@ -168,7 +170,10 @@ def prompt_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
     ``prompt_schedule("a [b:c:0.5] d", 10)`` -> ``[(5, "a b d"), (10, "a c d")]``; without editing or alternation
     ``[(steps, prompt)]``.
     """
-    nodes, _ = _Parser(prompt, steps).sequence(0, "")
+    try:
+        nodes, _ = _Parser(prompt, steps).sequence(0, "")
+    except RecursionError:  # brackets nested thousands deep: text, as A1111 takes a prompt it cannot parse
+        return [(steps, prompt)]
     ends: set[int] = {steps}
     _ends(nodes, steps, ends)
     # The nodes of text alone join back to the prompt, so a prompt without editing comes back unchanged.

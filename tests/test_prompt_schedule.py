@@ -52,12 +52,19 @@ def test_schedules_are_a1111s(prompt, expected):
         (r"\[a:b:1\]", [r"\[a:b:1\]"] * 6),  # escaped brackets are text
         ("[a:b:c:1]", ["[a:b:c:1]"] * 6),
         ("[a:b:6] [c:d:9]", ["a c"] * 6),  # switches at or after the last step never happen
+        ("[a:b:-1] [c:d:1e999] [e:f:-1e999]", ["b c f"] * 6),  # before never / always
     ],
 )
 def test_text_at_each_step(prompt, texts):
     schedule = prompt_schedule(prompt, 6)
     assert [text_at_step(schedule, step) for step in range(6)] == texts
     assert schedule[-1][0] == 6
+
+
+def test_brackets_nested_thousands_deep_are_text():
+    prompt = "(" * 5000 + "[a:b:2]" + ")" * 5000
+    assert prompt_schedule(prompt, 6) == [(6, prompt)]
+    assert prompt_schedule("[" * 300 + "a:b:2" + "]" * 300, 6)[0][1].startswith("[" * 299)
 
 
 def test_and_splits_sub_prompts_with_weights_as_a1111():
