@@ -16,6 +16,7 @@ import argparse
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,7 @@ from ldm.errors import UserError
 from ldm.geometry import LatentGeometry
 from ldm.model_detection import detect_checkpoint
 from ldm.models.diffusion.handoff import Handoff
+from ldm.prompt_schedule import encode_scheduled
 from ldm.prompts import encode_prompts
 from ldm.sdxl_conditioning import SIZE_FIELDS, encode_sdxl_prompts, fields_for, model_size_keys
 from ldm.util import load_config
@@ -112,11 +114,11 @@ def refiner_handoff(
     with refiner._active(refiner.stages["cond_stage"]):
         if model_size_keys(refiner.model):
             sizes = fields_for(refiner.model, {field: getattr(request, field) for field in SIZE_FIELDS})
-            cond, uncond = encode_sdxl_prompts(
-                refiner.model, prompts, negatives, request.clip_skip, sizes, request.height, request.width
-            )
+            encode = partial(encode_sdxl_prompts, refiner.model, clip_skip=request.clip_skip, sizes=sizes,
+                             height=request.height, width=request.width)  # fmt: skip
         else:
-            cond, uncond = encode_prompts(refiner.model, list(prompts), list(negatives), request.clip_skip)
+            encode = partial(encode_prompts, refiner.model, clip_skip=request.clip_skip)
+        cond, uncond = encode_scheduled(encode, prompts, negatives, request.steps)
     return Handoff(refiner.model, cond, uncond, request.refiner_switch, _swap_unets(pipe, refiner))
 
 

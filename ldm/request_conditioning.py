@@ -8,12 +8,14 @@ get None for both.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
 
 from ldm.class_labels import class_embedder, encode_class_labels
 from ldm.errors import UserError
+from ldm.prompt_schedule import encode_scheduled, is_plain
 from ldm.prompts import encode_prompts
 from ldm.request import GenerationRequest
 from ldm.sdxl_conditioning import (
@@ -45,7 +47,22 @@ def encode_request(
             raise UserError("this model is class-conditional: give class labels (--classes), not prompts.")
         return encode_class_labels(model, request.class_labels, request.scale, device)
     if getattr(model, "conditions_on_batch", False) and getattr(model, "conditioner", None) is not None:
-        return encode_sdxl_prompts(model, prompts, negatives, request.clip_skip, sizes, request.height, request.width)
+        encode = partial(encode_sdxl_prompts, model, clip_skip=request.clip_skip, sizes=sizes, height=request.height,
+                         width=request.width)  # fmt: skip
+        return encode_scheduled(encode, prompts, negatives, request.steps)
     if model.stages().get("cond_stage") is None:
         return None, None
-    return encode_prompts(model, list(prompts), list(negatives), request.clip_skip)
+    encode = partial(encode_prompts, model, clip_skip=request.clip_skip)
+    if model.conditions_on_image or model.image_is_condition:
+        # Their cond gets the image's conditioning added per image (sampling_conditioning), which a schedule's
+        # per-step rows do not have.
+        plain = all(is_plain(p, request.steps) for p in prompts) and all(
+            is_plain(n, request.steps, compose=False) for n in negatives
+        )
+        if not plain:
+            raise UserError(
+                f"prompt editing ([a:b:when], [a|b]) and AND are for text-to-image and img2img models; this "
+                f"{type(model).__name__} takes plain prompts."
+            )
+        return encode(list(prompts), list(negatives))
+    return encode_scheduled(encode, prompts, negatives, request.steps)

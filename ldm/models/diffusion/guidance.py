@@ -3,6 +3,8 @@
 Samplers never call the UNet directly: every sampler calls a :class:`Denoiser`, ``D(x, sigma)`` with
 ``x = x0 + sigma * eps``, which calls :class:`GuidedEps`, the guided eps-prediction ``eps(x_t, t)``, which calls
 ``model.apply_model`` once per evaluation, with the unconditional and conditional halves in one batch.
+Conditioning may change over the steps and compose several sub-prompts per image (:class:`StepConditioning`,
+A1111's prompt editing and ``AND``): :mod:`~ldm.models.diffusion.step_clock` says which step each call is of.
 The schedule is a CPU table, and step arguments are Python floats, so a sampling loop makes no host-device syncs.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -47,6 +50,48 @@ def _batch_conditionings(uncond: Any, cond: Any) -> Any | None:
     return None
 
 
+def select_rows(conditioning: Any, rows: torch.Tensor) -> Any:
+    """Rows ``rows`` (a (M,) long tensor) of a batched conditioning: a tensor (N, ...), or a dict / list of them."""
+    if isinstance(conditioning, torch.Tensor):
+        return conditioning.index_select(0, rows.to(conditioning.device))
+    if isinstance(conditioning, Mapping):
+        return {key: select_rows(value, rows) for key, value in conditioning.items()}
+    if isinstance(conditioning, list | tuple):
+        return [select_rows(value, rows) for value in conditioning]
+    raise TypeError(f"cannot take rows of a {type(conditioning).__name__} conditioning.")
+
+
+@dataclass(frozen=True)
+class StepConditioning:
+    """Conditioning that changes over a run's steps and may guide an image with several weighted rows (A1111's
+    prompt editing, alternation and composable ``AND``; :func:`ldm.prompt_schedule.encode_scheduled` builds it).
+
+    Attributes:
+        table: the conditioning of N distinct texts, batch first: (N, L, D), or a dict / list of such (SDXL's).
+        rows: per step, the table rows of the batch at that step (M each); steps past the end use the last.
+        owners: per batch row, the image (0..B-1) it guides; the rows of one image are adjacent.
+        weights: per batch row, its ``AND`` weight.
+    """
+
+    table: Any
+    rows: tuple[tuple[int, ...], ...]
+    owners: tuple[int, ...]
+    weights: tuple[float, ...]
+    _cache: dict[tuple[int, ...], Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def simple(self) -> bool:
+        """One row of weight 1 per image: guided as a plain conditioning."""
+        return self.owners == tuple(range(len(self.owners))) and all(w == 1.0 for w in self.weights)
+
+    def at(self, step: int) -> Any:
+        """The batch's conditioning (M rows) at 0-based ``step``; each distinct row set is gathered once."""
+        rows = self.rows[min(max(step, 0), len(self.rows) - 1)]
+        if rows not in self._cache:
+            self._cache[rows] = select_rows(self.table, torch.tensor(rows, dtype=torch.long))
+        return self._cache[rows]
+
+
 def check_guidance_rescale(phi: float) -> float:
     """``phi`` as a float, or a ValueError unless it lies in [0, 1]."""
     phi = float(phi)
@@ -82,8 +127,10 @@ class GuidedEps:
 
     Args:
         model: a ``DDPM``/``LatentDiffusion`` (uses ``apply_model``, ``alphas_cumprod``, ``parameterization``).
-        cond: conditioning for ``apply_model`` (e.g. (B, 77, D), or a dict for hybrid/inpainting models).
-        uncond: the unconditional (or negative) conditioning, same kind as ``cond``.
+        cond: conditioning for ``apply_model`` (e.g. (B, 77, D), or a dict for hybrid/inpainting models), or a
+            :class:`StepConditioning` (per step, and with ``AND`` several weighted rows per image: composable
+            guidance ``eps_u + sum_i w_i * scale * (eps_i - eps_u)``, all rows in the one batched call).
+        uncond: the unconditional (or negative) conditioning, same kind as ``cond`` (or a StepConditioning).
         scale: guidance scale; 1 means no guidance.
         guidance_rescale: :func:`rescale_guidance`'s ``phi`` in [0, 1] (0, the default, is off), applied to the guided
             model output (eps, or v for v-models) as diffusers does.
@@ -99,7 +146,25 @@ class GuidedEps:
         self.scale = float(scale)
         self.parameterization = getattr(model, "parameterization", "eps")
         self.schedule = DiscreteSchedule(model.alphas_cumprod)
-        self.batched = _batch_conditionings(uncond, cond) if uncond is not None else None
+        self.scheduled = isinstance(cond, StepConditioning) or isinstance(uncond, StepConditioning)
+        # Sub-prompts composed with weights (AND): the unconditional branch is always needed.
+        self.composed = isinstance(cond, StepConditioning) and not cond.simple
+        self.step_of: Callable[[float], int] | None = None
+        plain = uncond is not None and not self.scheduled
+        self.batched = _batch_conditionings(uncond, cond) if plain else None
+
+    def count_steps(self, step_of: Callable[[float], int]) -> None:
+        """Map model calls to steps with ``step_of(t) -> step`` (:mod:`~ldm.models.diffusion.step_clock`; the
+        sampler front end sets it once it knows the run)."""
+        self.step_of = step_of
+
+    def _conditionings(self, t: float) -> tuple[Any, Any]:
+        """(uncond, cond) at timestep ``t``: the step's rows of scheduled conditionings."""
+        if not self.scheduled:
+            return self.uncond, self.cond
+        step = self.step_of(t) if self.step_of is not None else 0
+        pick = [c.at(step) if isinstance(c, StepConditioning) else c for c in (self.uncond, self.cond)]
+        return pick[0], pick[1]
 
     def _branches(self, x_t: torch.Tensor, t: float, with_uncond: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Raw (unconditional or None, conditional) outputs at ``x_t``: (B, C, H, W) and timestep ``t``, which reaches
@@ -111,6 +176,8 @@ class GuidedEps:
             # float32, unless the whole computation is float64 (analytic tests need the exact fractional t).
             dtype = torch.promote_types(x_t.dtype, torch.float32)
             ts = torch.full((x_t.shape[0],), float(t), device=x_t.device, dtype=dtype)
+        if self.scheduled:
+            return self._scheduled_branches(x_t, ts, t, with_uncond or self.composed)
         if self.uncond is None or not with_uncond:
             return None, self.model.apply_model(x_t, ts, self.cond)
         if self.batched is not None:
@@ -120,9 +187,36 @@ class GuidedEps:
             out_c = self.model.apply_model(x_t, ts, self.cond)
         return out_u, out_c
 
+    def _scheduled_branches(
+        self, x_t: torch.Tensor, ts: torch.Tensor, t: float, with_uncond: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """:meth:`_branches` for :class:`StepConditioning`: the step's rows, uncond (B) and every cond row (M) in
+        one ``apply_model`` call where they batch. Returns (B, ...) or None, and (M, ...)."""
+        uncond, cond = self._conditionings(t)
+        if self.composed:
+            owners = torch.tensor(self.cond.owners, device=x_t.device)
+            x_c, ts_c = x_t.index_select(0, owners), ts.index_select(0, owners)
+        else:
+            x_c, ts_c = x_t, ts
+        if uncond is None or not with_uncond:
+            return None, self.model.apply_model(x_c, ts_c, cond)
+        batched = _batch_conditionings(uncond, cond)
+        if batched is None:
+            return self.model.apply_model(x_t, ts, uncond), self.model.apply_model(x_c, ts_c, cond)
+        out = self.model.apply_model(torch.cat([x_t, x_c]), torch.cat([ts, ts_c]), batched)
+        return out[: len(x_t)], out[len(x_t) :]
+
     def _guide(self, out_u: torch.Tensor | None, out_c: torch.Tensor) -> torch.Tensor:
         if out_u is None:
             return out_c
+        if self.composed:
+            # Composable diffusion (A1111's): uncond + sum_i w_i * scale * (cond_i - uncond) over each image's rows.
+            owners = torch.tensor(self.cond.owners, device=out_c.device)
+            weights = torch.tensor(self.cond.weights, device=out_c.device, dtype=out_c.dtype)
+            delta = (out_c - out_u.index_select(0, owners)) * weights.reshape(-1, *[1] * (out_c.dim() - 1))
+            composed = out_u.index_add(0, owners, delta)  # the conditional estimate guidance rescale aims at
+            guided = out_u.index_add(0, owners, delta * self.scale)
+            return rescale_guidance(guided, composed, self.guidance_rescale) if self.guidance_rescale else guided
         guided = out_u + self.scale * (out_c - out_u)
         return rescale_guidance(guided, out_c, self.guidance_rescale) if self.guidance_rescale else guided
 

@@ -34,6 +34,7 @@ from ldm.models.diffusion.sampler_registry import (
     schedule_names,
 )
 from ldm.models.diffusion.schedules import COMPVIS_GRIDS, get_sigmas, model_timesteps
+from ldm.models.diffusion.step_clock import step_clock
 
 __all__ = [
     "MAX_SCALE",
@@ -257,6 +258,8 @@ def sample(
     sigmas = _grid(spec, schedule, steps, eps.schedule)
     compvis = schedule in COMPVIS_GRIDS
     n = len(sigmas) - 1
+    # Prompt schedules count steps from the run's first (img2img: the first it runs, as A1111), a continuation on.
+    offset = split_index(start, n) if start > 0 else 0
     if start > 0:
         sigmas = sigmas[split_index(start, n) : split_index(end, n) + 1]
         if len(sigmas) == 1:
@@ -280,16 +283,24 @@ def sample(
         sigmas = sigmas[: split_index(end, len(sigmas) - 1) + 1]
         if len(sigmas) == 1:
             return x / math.sqrt(1.0 + float(sigmas[-1]) ** 2)
+    guided = [eps]
     if handoff is not None and split_index(handoff.switch, len(sigmas) - 1) < len(sigmas) - 1:
         # A share of the steps this run takes (img2img's tail), as A1111 counts its refiner switch.
         second = GuidedEps(handoff.model, handoff.cond, handoff.uncond, scale, guidance_rescale)
         known = init_latent if mask is not None else None
         sigma_switch = float(sigmas[split_index(handoff.switch, len(sigmas) - 1)])
+        guided.append(second)
         second_denoiser = Denoiser(second, mask, known, timestep=timestep)
         denoiser = SwitchedDenoiser(denoiser, second_denoiser, sigma_switch, handoff.on_change)
     options = dict(options or {})
     if spec.eta is not None:
         options["eta"] = spec.eta if eta is None else eta
+
+    if any(g.scheduled for g in guided):
+        to_t = timestep if timestep is not None else eps.schedule.sigma_to_t
+        clock = step_clock(spec.loop, spec.fixed_steps, sigmas, options, offset, to_t)
+        for g in guided:
+            g.count_steps(clock)
 
     def report(step: dict[str, Any]) -> None:
         if callback is not None:
