@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from ldm.cli_parser import DEFAULT_CKPT, DEPTH_CONFIG, FROM_NOISE, build_parser
+from ldm.control_cli import controls_from_args
 from ldm.devices import (
     available_memory,
     is_out_of_memory,
@@ -229,6 +230,7 @@ def plan(mode: str, args: argparse.Namespace) -> Job:
         noise_level=getattr(args, "noise_level", None),
         **{field: getattr(args, field) for field in SIZE_FIELDS},
         refiner_switch=getattr(args, "refiner_switch", 0.8),
+        controls=controls_from_args(args),
     )
     kind = str(config.model.get("target", "")).rpartition(".")[2]
     refiner = plan_refiner(args, config)
