@@ -4,16 +4,17 @@
     pipe.generate("a house", controls=[ControlSpec("control_v11p_sd15_canny.pth", "photo.png", preprocessor="canny")])
 
 Each ControlNet sees the noisy latent, the timestep, the text context (and SDXL's ADM vector) and its control image,
-resized to the output size, and gives residuals that the UNet adds to its skip connections and middle block (see
-:mod:`ldm.modules.diffusionmodules.controlnet`); several ControlNets add theirs up. As A1111's default ("Balanced"),
-the residuals go to the conditional and the unconditional branch alike: the control images ride in the conditioning
-as ``c_control`` (so the two branches stay one batch), and the ControlNets wait on the UNet's wrapper
-(``DiffusionWrapper.control``) for the run.
+resized to 8x the latent (the output size, for SD's 8x VAE), and gives residuals that the UNet adds to its skip
+connections and middle block (see :mod:`ldm.modules.diffusionmodules.controlnet`); several ControlNets add theirs
+up. As A1111's default ("Balanced"), the residuals go to the conditional and the unconditional branch alike: the
+control images ride in the conditioning as ``c_control`` (so the two branches stay one batch), and the ControlNets
+wait on the UNet's wrapper (``DiffusionWrapper.control``) for the run.
 
 ``strength`` scales a ControlNet's residuals (A1111's "Weight"; 0 leaves the image exactly as without it).
 ``start`` / ``end`` are A1111's "Guidance Start / End": the ControlNet acts at step ``i`` of the ``N`` steps the run
-takes (img2img: its share of them) when ``start <= i / N <= end``; the step is counted by the sampler's callback, so
-every evaluation within one step (Heun's two) agrees.
+takes (img2img: its share of them) when ``start <= i / N <= end``. The steps are counted by the sampler's callback,
+which comes after a step's first evaluation: a second-order correction (Heun's), made at the next step's sigma, counts
+as the next step, as a refiner hand-off (:mod:`ldm.models.diffusion.handoff`) counts it.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from ldm.control_preprocess import CANNY_THRESHOLDS, check_preprocessor, preproc
 from ldm.errors import UserError
 from ldm.models.diffusion.samplers import img2img_start, resolve_sampler
 from ldm.models.diffusion.schedules import COMPVIS_GRIDS
-from ldm.modules.diffusionmodules.controlnet import ControlNet
+from ldm.modules.diffusionmodules.controlnet import HINT_FACTOR, ControlNet
 from ldm.outputs import load_image, model_hash
 
 
@@ -214,7 +215,9 @@ class ControlRun:
             raise UserError(f"ControlNets need a UNet model; this is a {type(pipe.model).__name__}.")
         unet = self.wrapper.diffusion_model
         nets = [pipe.controlnets.get(spec.model, unet, pipe.device) for spec in self.specs]
-        self.hints = [control_image(spec, request.width, request.height).to(pipe.device) for spec in self.specs]
+        # The hint block takes the image down 8x, to the latent: the output size for SD's VAE (which also is 8x).
+        width, height = (side // pipe.geometry.factor * HINT_FACTOR for side in (request.width, request.height))
+        self.hints = [control_image(spec, width, height).to(pipe.device) for spec in self.specs]
         self.batch = request.batch
         self.stack = ControlStack(self.specs, nets, run_steps(request))
 

@@ -78,7 +78,9 @@ def test_full_size_configs_have_the_unets_encoder_keys_and_cldms_own(name, conte
         unet = instantiate_from_config(unet_node)
     keys = {k: tuple(v.shape) for k, v in net.state_dict().items()}
     unet_keys = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
-    encoder = {k: v for k, v in keys.items() if k.startswith(("time_embed.", "label_emb.", "input_blocks.", "middle_block."))}
+    encoder = {
+        k: v for k, v in keys.items() if k.startswith(("time_embed.", "label_emb.", "input_blocks.", "middle_block."))
+    }
     assert encoder == {k: v for k, v in unet_keys.items() if k.split(".")[0] in {p.split(".")[0] for p in encoder}}
     own = {k: v for k, v in keys.items() if k not in encoder}
     # cldm's input hint block: 8 convolutions, 3 of them stride 2, the last zero; a zero conv per skip + the middle.
@@ -142,8 +144,8 @@ def test_files_of_another_family_or_no_controlnet_are_one_line_errors(tiny_confi
     with pytest.raises(UserError, match="not a ControlNet"):
         control_state_dict({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)})
     with pytest.raises(UserError, match="not a key of a diffusers ControlNetModel"):
-        diffusers_to_cldm({"controlnet_cond_embedding.conv_in.weight": torch.zeros(1),
-                           "down_blocks.0.resnets.0.norm1.weight": torch.zeros(1), "unet.foo": torch.zeros(1)})  # fmt: skip
+        names = ("controlnet_cond_embedding.conv_in.weight", "down_blocks.0.resnets.0.norm1.weight", "unet.foo")
+        diffusers_to_cldm(dict.fromkeys(names, torch.zeros(1)))
     (tmp_path / "control_tiny.yaml").unlink()
     with pytest.raises(UserError, match="put its cldm YAML config beside it"):
         load_controlnet(path)

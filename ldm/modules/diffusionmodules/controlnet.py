@@ -24,6 +24,7 @@ from ldm.modules.diffusionmodules.util import conv_nd, timestep_embedding, zero_
 # (out_channels, stride) of the hint block's convolutions before the last: three stride-2 steps take the hint image
 # down 8x, to the latent size. Each is followed by a SiLU, so the keys are input_hint_block.{0,2,...,14}.
 HINT_LAYERS = ((16, 1), (16, 1), (32, 2), (32, 1), (96, 2), (96, 1), (256, 2))
+HINT_FACTOR = 8  # the hint image's side / the latent's
 
 
 def skip_widths(model_channels: int, channel_mult: Sequence[int], num_res_blocks: int | Sequence[int]) -> list[int]:
