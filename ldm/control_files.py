@@ -33,11 +33,7 @@ from ldm.util import instantiate_from_config, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "controlnet"
 PREFIX = "control_model."
-# The key whose shape (model_channels, context_dim) tells the family; SDXL's first level has no attention.
-CONTEXT_KEYS = (
-    "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
-    "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight",
-)
+CONTEXT_KEY = "attn2.to_k.weight"  # (channels, context_dim)
 FAMILIES = {768: ("SD 1.x", "cldm_v15.yaml"), 1024: ("SD 2.x", "cldm_v21.yaml"), 2048: ("SDXL", "cldm_xl.yaml")}
 
 # diffusers' ResBlock / hint-embedding names -> cldm's.
@@ -133,14 +129,15 @@ def control_state_dict(
 
 def context_width(weights: Mapping[str, torch.Tensor]) -> int | None:
     """The cross-attention context width of cldm-named ControlNet weights (None without cross-attention)."""
-    key = next((k for k in CONTEXT_KEYS if k in weights), None)
+    # Every cross-attention of the encoder reads the same context.
+    key = next((k for k in weights if k.endswith(CONTEXT_KEY)), None)
     return int(weights[key].shape[1]) if key is not None else None
 
 
 def unet_context_width(unet: nn.Module) -> int | None:
     """The context width of a base UNet, from its first cross-attention; None for a UNet without one."""
     for name, param in unet.named_parameters():
-        if name.endswith("attn2.to_k.weight"):
+        if name.endswith(CONTEXT_KEY):
             return int(param.shape[1])
     return None
 

@@ -96,8 +96,15 @@ def test_full_size_configs_have_the_unets_encoder_keys_and_cldms_own(name, conte
     assert keys[attn][1] == context_dim
     assert len(keys[attn.replace("transformer_blocks.0.attn2.to_k", "proj_in")]) == (2 if linear else 4)
     if name == "cldm_v15":
-        # The published control_sd15_*.pth / control_v11p_sd15_*.pth: 361,279,120 values in 340 tensors.
+        # Keys of the published control_sd15_*.pth / control_v11p_sd15_*.pth (without control_model.): 361,279,120
+        # values in 340 tensors; the last level has no attention, the channel changes have 1x1 skip convolutions.
         assert len(keys) == 340 and sum(np.prod(s) for s in keys.values()) == 361_279_120
+        assert keys["input_blocks.4.0.skip_connection.weight"] == (640, 320, 1, 1)
+        assert keys["input_blocks.3.0.op.weight"] == (320, 320, 3, 3)
+        assert keys["input_blocks.11.0.out_layers.3.bias"] == (1280,)
+        assert keys["middle_block.1.proj_out.bias"] == (1280,)
+        assert keys["input_blocks.1.1.transformer_blocks.0.attn1.to_out.0.bias"] == (320,)
+        assert not any(k.startswith("input_blocks.10.1.") or "to_q.bias" in k for k in keys)
 
 
 def test_cldm_files_with_and_without_the_prefix_and_diffusers_files_load_the_same_weights(tiny_config, tmp_path):

@@ -2,8 +2,10 @@
 
 import numpy as np
 import pytest
+import torch
 from controlnet_model import tiny_controlnet, write_cldm, write_diffusers
 from PIL import Image
+from safetensors.torch import save_file
 
 from ldm import cli
 from ldm.control import ControlSpec, run_steps
@@ -180,3 +182,40 @@ def test_script_flags_pair_up_in_groups(files, tiny_files, tmp_path, capsys, mon
     code, err = run_main("txt2img", [*tiny_files, "--outdir", str(out), *control[:4], "--control_start", "0.1",
                                      "--control_start", "0.2"], capsys)  # fmt: skip
     assert code == 2 and "give --control_start once for all ControlNets or once each (1), not 2 times" in err
+
+
+def test_sdxl_controlnets_take_the_adm_vector_and_load_from_diffusers_files(tmp_path):
+    from controlnet_model import diffusers_key
+    from omegaconf import OmegaConf
+    from sdxl_model import tiny_config as sdxl_config
+
+    from ldm.control_files import load_controlnet
+    from ldm.modules.diffusionmodules.controlnet import ControlNet
+
+    config = sdxl_config()
+    torch.manual_seed(0)
+    pipe = Pipeline.from_config(config, None, device="cpu", precision="full")
+    with torch.no_grad():
+        pipe.model.model.diffusion_model.out[2].weight.normal_()  # fresh, the UNet's output is zero
+    params = OmegaConf.to_container(config.model.params.unet_config.params)
+    del params["out_channels"]
+    net = ControlNet(**params, hint_channels=3).eval()
+    with torch.no_grad():
+        for name, param in net.named_parameters():
+            if name.startswith(("zero_convs", "middle_block_out", "input_hint_block.14")):
+                param.normal_(std=0.3)
+    assert "label_emb.0.0.weight" in net.state_dict()
+    hint = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    settings = {"steps": 1, "seed": 1, "sampler": "Euler", "height": 16, "width": 16}
+    plain = pipe.generate("a", **settings)
+    controlled = pipe.generate("a", controls=[ControlSpec(net, hint)], **settings)
+    assert not same(controlled, plain)
+    assert same(pipe.generate("a", controls=[ControlSpec(net, hint, strength=0)], **settings), plain)
+    # The same weights as a diffusers SDXL ControlNetModel file (add_embedding, one resnet a level).
+    path = tmp_path / "diffusion_pytorch_model.safetensors"
+    save_file({diffusers_key(k, 1): v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    node = {"target": "ldm.modules.diffusionmodules.controlnet.ControlNet", "params": {**params, "hint_channels": 3}}
+    OmegaConf.save(OmegaConf.create(node), path.with_suffix(".yaml"))
+    loaded = load_controlnet(path, base_unet=pipe.model.model.diffusion_model)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in net.state_dict().items())
+    assert same(pipe.generate("a", controls=[ControlSpec(path, hint)], **settings), controlled)
