@@ -33,6 +33,8 @@ from ldm.util import instantiate_from_config, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "controlnet"
 PREFIX = "control_model."
+TARGET = "ldm.modules.diffusionmodules.controlnet.ControlNet"
+ORIGINAL_TARGET = "cldm.cldm.ControlNet"
 CONTEXT_KEY = "attn2.to_k.weight"  # (channels, context_dim)
 FAMILIES = {768: ("SD 1.x", "cldm_v15.yaml"), 1024: ("SD 2.x", "cldm_v21.yaml"), 2048: ("SDXL", "cldm_xl.yaml")}
 
@@ -161,6 +163,8 @@ def build_controlnet(weights: Mapping[str, torch.Tensor], config: str | os.PathL
     node = load_config(config)
     if "model" in node:
         node = node.model.params.control_stage_config
+    if node.get("target") == ORIGINAL_TARGET:
+        node.target = TARGET  # the original YAML files A1111 keeps beside the models name cldm's class
     # The input widths are the file's: the hint's (3 for images) and the latent's.
     node.params.hint_channels = int(weights["input_hint_block.0.weight"].shape[1])
     node.params.in_channels = int(weights["input_blocks.0.0.weight"].shape[1])

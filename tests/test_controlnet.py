@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from controlnet_model import diffusers_key, tiny_control_params, tiny_controlnet, write_cldm, write_diffusers
+from omegaconf import OmegaConf
 from PIL import Image
 
 from ldm.checkpoint import empty_parameters
@@ -118,6 +119,19 @@ def test_cldm_files_with_and_without_the_prefix_and_diffusers_files_load_the_sam
         loaded = load_controlnet(path).state_dict()
         assert loaded.keys() == expected.keys()
         assert all(torch.equal(loaded[k], expected[k]) for k in expected), path.name
+
+
+def test_the_original_cldm_yaml_beside_a_file_builds_it(tiny_config, tmp_path):
+    net = tiny_controlnet(tiny_config)
+    path = write_cldm(tmp_path / "control_v11p_tiny.pth", net, tiny_config)
+    # As lllyasviel's models/cldm_v15.yaml has it: the whole ControlLDM, cldm's class names.
+    original = {"model": {"target": "cldm.cldm.ControlLDM", "params": {
+        "control_key": "hint", "only_mid_control": False,
+        "control_stage_config": {"target": "cldm.cldm.ControlNet", "params": tiny_control_params(tiny_config)},
+        "unet_config": {"target": "cldm.cldm.ControlledUnetModel", "params": {}}}}}  # fmt: skip
+    OmegaConf.save(OmegaConf.create(original), path.with_suffix(".yaml"))
+    loaded = load_controlnet(path).state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in net.state_dict().items())
 
 
 def test_a_whole_controlldm_checkpoint_gives_its_control_model(tiny_config, tiny_weights):
