@@ -71,7 +71,9 @@ def diffusers_to_cldm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch
     resnets and attention are ``middle_block.0/2`` and ``.1``; ``controlnet_down_blocks.n`` is ``zero_convs.n.0``; the
     hint embedding's ``blocks.k`` is ``input_hint_block.{2 + 2k}``. Transformer internals keep their names.
     """
-    per_level = 1 + max(int(m[1]) for k in state_dict if (m := re.match(r"down_blocks\.0\.resnets\.(\d+)\.", k)))
+    # R, from the first level's resnets (a file without them fails the strict load that follows, naming the keys).
+    resnets = [int(m[1]) for k in state_dict if (m := re.match(r"down_blocks\.0\.resnets\.(\d+)\.", k))]
+    per_level = 1 + max(resnets, default=0)
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         name = _cldm_name(key, per_level)

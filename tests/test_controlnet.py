@@ -203,14 +203,20 @@ def test_canny_without_opencv_names_the_package(monkeypatch):
         preprocess(drawing(), "hed")
 
 
-def test_against_diffusers_controlnetmodel(tiny_config):
+@pytest.mark.parametrize("sd2", [False, True], ids=["sd1", "sd2-linear-proj"])
+def test_against_diffusers_controlnetmodel(tiny_config, sd2):
     diffusers = pytest.importorskip("diffusers", reason="diffusers is optional; only this comparison needs it")
     params = tiny_control_params(tiny_config)
+    heads = params["num_heads"]
+    if sd2:  # SD 2.x's way: a fixed head width (diffusers counts heads per level) and linear projections
+        del params["num_heads"]
+        params.update(num_head_channels=16, use_linear_in_transformer=True)
+        heads = (2, 4)
     torch.manual_seed(0)
     theirs = diffusers.ControlNetModel(
         in_channels=4, conditioning_channels=3, block_out_channels=(32, 64), layers_per_block=2,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), cross_attention_dim=params["context_dim"],
-        attention_head_dim=params["num_heads"], norm_num_groups=32, use_linear_projection=False,
+        attention_head_dim=heads, norm_num_groups=32, use_linear_projection=sd2,
     ).eval()  # fmt: skip
     with torch.no_grad():
         for param in theirs.parameters():
