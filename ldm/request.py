@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ldm.control import check_controls
+from ldm.control import ControlSpec, check_controls
 from ldm.devices import check_compile, check_precision, resolve_device
 from ldm.errors import UserError
 from ldm.geometry import LatentGeometry, prepare_init_image
@@ -152,7 +152,7 @@ class GenerationRequest:
     aesthetic_score: float | None = None
     negative_aesthetic_score: float | None = None
     refiner_switch: float = 0.8
-    controls: Sequence[Any] = ()
+    controls: Sequence[ControlSpec | Mapping[str, Any]] = ()
     seeds: tuple[int, ...] = dataclasses.field(init=False, default=())
 
     def __post_init__(self) -> None:
