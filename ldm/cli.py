@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from ldm.adapters.embeddings import embeddings_folder
 from ldm.cli_parser import DEFAULT_CKPT, DEPTH_CONFIG, FROM_NOISE, build_parser
+from ldm.control_cli import controls_from_args
 from ldm.devices import (
     available_memory,
     is_out_of_memory,
@@ -231,6 +232,7 @@ def plan(mode: str, args: argparse.Namespace) -> Job:
         noise_level=getattr(args, "noise_level", None),
         **{field: getattr(args, field) for field in SIZE_FIELDS},
         refiner_switch=getattr(args, "refiner_switch", 0.8),
+        controls=controls_from_args(args),
     )
     kind = str(config.model.get("target", "")).rpartition(".")[2]
     refiner = plan_refiner(args, config)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ldm.control_cli import add_control_arguments
 from ldm.devices import PRECISIONS
 from ldm.errors import ScriptParser
 from ldm.models.diffusion.samplers import sampler_names, schedule_names
@@ -162,6 +163,8 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
         )
     if mode in ("txt2img", "img2img"):
         add_refiner_arguments(parser)
+    if mode in ("txt2img", "img2img", "inpaint"):
+        add_control_arguments(parser)
     if mode == "inpaint":
         add("--mask", type=str, required=True, help="mask image of the init image's size, white = repaint")
     if depth:

@@ -49,6 +49,7 @@ from PIL import Image
 
 from ldm.adapters.embeddings import attach_embeddings, load_embeddings, ti_hashes_field
 from ldm.checkpoint import load_model_from_config
+from ldm.control import ControlNetCache, ControlRun
 from ldm.errors import UserError
 from ldm.geometry import LatentGeometry
 from ldm.model_detection import Detection, detect_checkpoint
@@ -184,6 +185,7 @@ class Pipeline:
         self.detection: Detection | None = None  # how from_config chose the config, when it detected it
         self.vocabulary = frozenset(w.lower() for w in vocabulary) if vocabulary else None
         self.refiner: Pipeline | None = None  # finishes runs from request.refiner_switch on (ldm.refiner)
+        self.controlnets = ControlNetCache()  # the ControlNet files requests named (ldm.control)
         self.stages = model.stages()
         self.vae = Path(vae) if vae is not None else None
         self.vae_float32 = prepare_first_stage(model, options.precision, self.device, self.vae)
@@ -370,7 +372,8 @@ class Pipeline:
         model = self.model
         noise = Noise(request.seeds, self.device)
         variation = request.noise_level is not None
-        with self._autocast():
+        control = ControlRun(self, request)  # the request's ControlNets, on the UNet for the run (ldm.control)
+        with self._autocast(), control.attached():
             with self._active(self.stages.get("cond_stage")):
                 refiner = self.refiner.model if self.refiner is not None else None
                 cond, uncond = encode_request(model, request, prompts, negatives, self.device, refiner)
@@ -379,6 +382,7 @@ class Pipeline:
                 cond, uncond = self._variation_inputs(request.init_image, request.noise_level, noise, cond, uncond)
             else:
                 init_latent, latent_mask, cond, uncond = self._image_inputs(request, cond, uncond)
+            cond, uncond = control.conditioning(cond, uncond)
             if init_latent is not None:
                 init_latent = init_latent.expand(batch, -1, -1, -1)
             latents = sample(
@@ -398,7 +402,7 @@ class Pipeline:
                 guidance_rescale=request.guidance_rescale,
                 options=request.sampler_options,
                 handoff=refiner_handoff(self, request, prompts, negatives),
-                callback=callback,
+                callback=control.callback(callback),
                 progress=progress,
             )
             if latent_mask is not None:
@@ -429,6 +433,7 @@ class Pipeline:
                 **vae_fields(self.vae),
                 **refiner_fields(self, request),
                 **ti_hashes_field(model, [*prompts, *negatives]),
+                **control.fields(),
             },
         )
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ldm.control import ControlSpec, check_controls
 from ldm.devices import check_compile, check_precision, resolve_device
 from ldm.errors import UserError
 from ldm.geometry import LatentGeometry, prepare_init_image
@@ -116,6 +117,8 @@ class GenerationRequest:
         aesthetic_score, negative_aesthetic_score: SDXL's micro-conditioning, (height, width) / (top, left) pixel
             pairs and refiner scores; None: SDXL's defaults (the output size, (0, 0), the positive values, the
             model's 6.0 / 2.5). See :mod:`ldm.sdxl_conditioning`; other models refuse them.
+        controls: ControlNets (:class:`ldm.control.ControlSpec`, or dicts of its fields), each with its control
+            image, strength and guidance range.
         refiner_switch: with a refiner attached to the pipeline (:mod:`ldm.refiner`), the share of the steps the
             base runs before the refiner takes over, in (0, 1] (A1111's "Refiner switch at").
     """
@@ -149,6 +152,7 @@ class GenerationRequest:
     aesthetic_score: float | None = None
     negative_aesthetic_score: float | None = None
     refiner_switch: float = 0.8
+    controls: Sequence[ControlSpec | Mapping[str, Any]] = ()
     seeds: tuple[int, ...] = dataclasses.field(init=False, default=())
 
     def __post_init__(self) -> None:
@@ -188,6 +192,7 @@ class GenerationRequest:
         for field, value in check_size_fields({f: getattr(self, f) for f in SIZE_FIELDS}).items():
             set_(self, field, value)
         check_switch(self.refiner_switch)
+        set_(self, "controls", check_controls(self.controls))
         set_(self, "seeds", self._image_seeds())
         set_(self, "class_labels", self._image_classes())
 

@@ -27,6 +27,7 @@ class DiffusionWrapper(nn.Module):
             raise ConfigError(f"conditioning_key '{conditioning_key}' is not one of {CONDITIONING_KEYS}.")
         self.diffusion_model = instantiate_from_config(diff_model_config)
         self.conditioning_key = conditioning_key
+        self.control = None  # the ControlNets of a run, attached by ldm.control (a plain attribute, not a submodule)
 
     def forward(
         self,
@@ -35,8 +36,12 @@ class DiffusionWrapper(nn.Module):
         c_concat: list[torch.Tensor] | None = None,
         c_crossattn: list[torch.Tensor] | None = None,
         c_adm: torch.Tensor | None = None,
+        c_control: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """x: (B, C, H, W), t: (B,), c_concat: [(B, C', H, W)], c_crossattn: [(B, L, D)] -> (B, C_out, H, W)."""
+        """x: (B, C, H, W), t: (B,), c_concat: [(B, C', H, W)], c_crossattn: [(B, L, D)] -> (B, C_out, H, W).
+
+        c_control: control images [(B, 3, 8H, 8W)], one per ControlNet of ``self.control`` (:mod:`ldm.control`)."""
+        latent = x
         key = self.conditioning_key
         if key in ("concat", "hybrid", "hybrid-adm") and c_concat:
             x = torch.cat([x, *c_concat], dim=1)
@@ -46,4 +51,5 @@ class DiffusionWrapper(nn.Module):
             y = c_crossattn[0] if c_crossattn else c_adm
         elif key in ("hybrid-adm", "crossattn-adm"):
             y = c_adm
-        return self.diffusion_model(x, t, context=context, y=y)
+        control = self.control(latent, t, context, y, c_control) if c_control and self.control else None
+        return self.diffusion_model(x, t, context=context, y=y, **({"control": control} if control else {}))

@@ -424,7 +424,10 @@ class UNetModel(nn.Module):
         timesteps: torch.Tensor | None = None,
         context: torch.Tensor | Sequence[torch.Tensor] | None = None,
         y: torch.Tensor | None = None,
+        control: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """``control``: a ControlNet's residuals (:mod:`~ldm.modules.diffusionmodules.controlnet`), one per input
+        block then the middle block's, added to the skip connections and to the middle block's output (cldm)."""
         if timesteps is None:
             raise ValueError("UNetModel.forward needs timesteps")
         if (y is not None) != (self.label_emb is not None):
@@ -439,6 +442,9 @@ class UNetModel(nn.Module):
             h = block(h, emb, context)
             skips.append(h)
         h = self.middle_block(h, emb, context)
+        if control is not None:
+            h = h + control[-1]
+            skips = [skip + residual for skip, residual in zip(skips, control[:-1], strict=True)]
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
         out = self.id_predictor(h) if self.predict_codebook_ids else self.out(h)
