@@ -1,7 +1,8 @@
 """img2img and inpainting over a folder of images (``--indir``).
 
-img2img takes every image file of the folder (PNG, JPEG, WebP), sorted by name; inpainting every
-``name.png`` / ``name_mask.png`` pair, the layout CompVis's ``scripts/inpaint.py`` reads (:mod:`ldm.concat_inpainting`).
+img2img takes every image file of the folder (PNG, JPEG, WebP) except masks (``*_mask.png``), sorted by name;
+inpainting every ``name.png`` / ``name_mask.png`` pair, the layout CompVis's ``scripts/inpaint.py`` reads
+(:mod:`ldm.concat_inpainting`).
 Each input is a run of its own with the same seeds (as A1111's batch tab), sized from its own image; every output is
 a new numbered sample with its own infotext, so nothing already in the output folder is overwritten.
 """
@@ -27,7 +28,10 @@ def folder_inputs(indir: str | Path, inpaint: bool) -> list[Input]:
         inputs: list[Input] = list(image_mask_pairs(folder))
         what = f"name.png / name{MASK_SUFFIX} pairs"
     else:
-        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(
+            p for p in folder.iterdir()
+            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.endswith(MASK_SUFFIX)
+        )  # fmt: skip
         inputs = [(p, None) for p in files]
         what = "images (" + ", ".join(IMAGE_SUFFIXES) + ")"
     if not inputs:
