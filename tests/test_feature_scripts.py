@@ -137,3 +137,18 @@ def test_hires_and_variation_flags_reach_the_infotext(tiny_files, tmp_path, caps
     assert [(c["Seed"], c["Variation seed"]) for c in cells] == [("5", "100"), ("5", "101")]
     assert all(c["Hires upscale"] == "1.5" and c["Hires upscaler"] == "Latent (nearest)" for c in cells)
     assert all(c["Size"] == "8x8" and c["Variation seed strength"] == "0.25" for c in cells)
+
+
+def test_inpaint_script_sends_indir_to_the_sd_form_unless_it_is_compvis_ldm(tiny_files, tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("inpaint_script", Path(__file__).parents[1] / "scripts/inpaint.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.runs_compvis_ldm(["--indir", "in", "--outdir", "out"])  # CompVis's defaults
+    assert not script.runs_compvis_ldm(["--indir", "in", "--ckpt", "sd.ckpt"])
+    assert not script.runs_compvis_ldm(["--indir=in", f"--config={tiny_files / 'tiny.yaml'}", "--ckpt", "x"])
+    ldm = tmp_path / "ldm.yaml"
+    ldm.write_text("model:\n  params:\n    cond_stage_config: __is_first_stage__\n")
+    assert script.runs_compvis_ldm(["--indir", "in", "--config", str(ldm)])
+    assert not script.runs_compvis_ldm(["--init-img", "a.png", "--config", str(ldm)])
