@@ -51,7 +51,8 @@ def blur_mask(mask: Image.Image, sigma: int) -> Image.Image:
         padded = np.pad(values, pad, mode="reflect")
         length = values.shape[axis]
         values = sum(w * np.take(padded, range(k, k + length), axis=axis) for k, w in enumerate(taps))
-    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+        values = np.clip(np.rint(values), 0, 255)  # 8 bits after each pass, as A1111's two cv2 calls
+    return Image.fromarray(values.astype(np.uint8), "L")
 
 
 def paste_back(
