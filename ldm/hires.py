@@ -57,7 +57,11 @@ def check_hires(enable: bool, scale: float, upscaler: str, steps: int, strength:
 
 def hires_size(height: int, width: int, scale: float, multiple: int) -> tuple[int, int]:
     """The second pass's (height, width): each side times ``scale``, rounded down to ``multiple``."""
-    return tuple(max(multiple, int(side * scale) // multiple * multiple) for side in (height, width))  # type: ignore[return-value]
+
+    def side(length: int) -> int:
+        return max(multiple, int(length * scale) // multiple * multiple)
+
+    return side(height), side(width)
 
 
 def upscale_latents(latents: torch.Tensor, upscaler: str, size: tuple[int, int]) -> torch.Tensor:
