@@ -246,7 +246,8 @@ def plan(mode: str, args: argparse.Namespace) -> Job:
     taken = config_size_keys(config) | (config_size_keys(refiner.config) if refiner is not None else set())
     check_model_takes({field: getattr(request, field) for field in SIZE_FIELDS}, taken, kind)
     # A folder's images differ in size, and an X/Y grid writes its own: no CompVis grid.
-    grid = None if args.skip_grid or inputs is not None or args.xy_x or args.xy_y else args.n_rows or args.n_samples
+    xy_axes = getattr(args, "xy_x", None), getattr(args, "xy_y", None)
+    grid = None if args.skip_grid or inputs is not None or any(xy_axes) else args.n_rows or args.n_samples
     sizing = {
         "batch": len(batches[0]),
         "height": height,
@@ -262,7 +263,7 @@ def plan(mode: str, args: argparse.Namespace) -> Job:
         memory = with_refiner(memory, estimate(Footprint.from_config(refiner.config), **sizing))
     check_memory(memory, available_memory(options.device), options.device, args.vae_tiling)
     checked = request.for_model(geometry)
-    xy = plan_grid(getattr(args, "xy_x", None), getattr(args, "xy_y", None), checked, geometry)
+    xy = plan_grid(*xy_axes, checked, geometry)
     if xy is not None and inputs is not None:
         raise UserError("an X/Y grid runs on one input: give --init-img instead of --indir.")
     for image, _ in (inputs or [])[1:]:  # the others, sized from their headers (each is loaded when it runs)
