@@ -35,6 +35,8 @@ from ldm.devices import (
     is_out_of_memory,
 )
 from ldm.errors import UserError, print_error
+from ldm.feature_args import feature_settings
+from ldm.folders import Input, resolve_inputs
 from ldm.geometry import LatentGeometry, output_size
 from ldm.inference import Pipeline
 from ldm.memory import Footprint, MemoryEstimate, check_memory, estimate, min_chunks, with_refiner
@@ -48,6 +50,7 @@ from ldm.request import GenerationRequest, RuntimeOptions
 from ldm.sdxl_conditioning import SIZE_FIELDS, check_model_takes, config_size_keys
 from ldm.util import load_config
 from ldm.vae import check_vae_file
+from ldm.xy_grid import GridPlan, plan_grid, write_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_DIR = Path("models/ldm/shapes")
@@ -79,18 +82,22 @@ class Job:
     refiner: RefinerPlan | None = None  # --refiner
     vae: Path | None = None  # --vae
     embeddings_dir: Path | None = None  # --embeddings_dir, or embeddings/ where it exists
+    inputs: list[Input] | None = None  # --indir: each input's (image, mask); request.height/width are --H/--W's
+    xy: GridPlan | None = None  # --xy_x / --xy_y
 
-    def seeded_batches(self) -> Iterator[tuple[list[str], list[int]]]:
-        """Each batch's prompts and seeds, made when the run reaches it: ``--n_iter`` may be any size."""
-        k = 0
+    def seeded_batches(self) -> Iterator[tuple[list[str], list[int], list[int] | None]]:
+        """Each batch's prompts, seeds and subseeds, made when the run reaches it: ``--n_iter`` may be any size.
+        With variation seeds the images keep ``--seed`` and image k gets the subseed + k, as in A1111."""
+        k, vary = 0, self.request.subseed_strength > 0
         for _ in range(self.n_iter):
             for prompts in self.batches:
+                offsets = [(0 if self.fixed_code else k) + j for j in range(len(prompts))]
                 if self.batch_seeds is not None:
                     seeds = self.batch_seeds[k : k + len(prompts)]
                 else:
-                    seeds = [self.seed + (0 if self.fixed_code else k) + j for j in range(len(prompts))]
+                    seeds = [self.seed + (0 if vary else offset) for offset in offsets]
                 k += len(prompts)
-                yield prompts, seeds
+                yield prompts, seeds, [self.request.subseed + offset for offset in offsets] if vary else None
 
 
 def _shown(path: Path) -> str:
@@ -167,6 +174,9 @@ def choose_config(config: str | None, ckpt: Path, overrides: Sequence[str]) -> D
 
 def plan(mode: str, args: argparse.Namespace) -> Job:
     """Check every input and work out batches and seeds; loads no model and writes nothing."""
+    inputs = resolve_inputs(args, mode)
+    if inputs is not None:  # the first input stands for all in the checks below; each is sized when it runs
+        args.init_img, args.mask = inputs[0]
     ckpt = find_checkpoint(args.ckpt)
     config = choose_config(args.config, ckpt, args.overrides)
     if mode == "depth2img" and not str(config.model.get("target", "")).endswith(".LatentDepth2ImageDiffusion"):
@@ -233,12 +243,15 @@ def plan(mode: str, args: argparse.Namespace) -> Job:
         **{field: getattr(args, field) for field in SIZE_FIELDS},
         refiner_switch=getattr(args, "refiner_switch", 0.8),
         controls=controls_from_args(args),
+        **feature_settings(args),
     )
     kind = str(config.model.get("target", "")).rpartition(".")[2]
     refiner = plan_refiner(args, config)
     taken = config_size_keys(config) | (config_size_keys(refiner.config) if refiner is not None else set())
     check_model_takes({field: getattr(request, field) for field in SIZE_FIELDS}, taken, kind)
-    grid = None if args.skip_grid else args.n_rows or args.n_samples
+    # A folder's images differ in size, and an X/Y grid writes its own: no CompVis grid.
+    xy_axes = getattr(args, "xy_x", None), getattr(args, "xy_y", None)
+    grid = None if args.skip_grid or inputs is not None or any(xy_axes) else args.n_rows or args.n_samples
     sizing = {
         "batch": len(batches[0]),
         "height": height,
@@ -253,7 +266,13 @@ def plan(mode: str, args: argparse.Namespace) -> Job:
     if refiner is not None:
         memory = with_refiner(memory, estimate(Footprint.from_config(refiner.config), **sizing))
     check_memory(memory, available_memory(options.device), options.device, args.vae_tiling)
-    request = request.for_model(geometry)
+    checked = request.for_model(geometry)
+    xy = plan_grid(*xy_axes, checked, geometry)
+    if xy is not None and inputs is not None:
+        raise UserError("an X/Y grid runs on one input: give --init-img instead of --indir.")
+    for image, _ in (inputs or [])[1:]:  # the others, sized from their headers (each is loaded when it runs)
+        output_size(image_size(image, "init image"), geometry, height=args.H, width=args.W)
+    request = checked if inputs is None else request  # a folder's request is sized for each input as it runs
 
     outdir = Path(args.outdir)
     if outdir.exists() and not outdir.is_dir():
@@ -276,6 +295,8 @@ def plan(mode: str, args: argparse.Namespace) -> Job:
         refiner=refiner,
         vae=check_vae_file(args.vae),
         embeddings_dir=embeddings_folder(args.embeddings_dir),
+        inputs=inputs,
+        xy=xy,
     )
 
 
@@ -321,17 +342,23 @@ def run(job: Job) -> Iterator[Path]:
             print(f"note: {notice}", file=sys.stderr)
     else:
         step = OutputStep(job.outdir, **keeps)
-    steps = job.request.steps
-    with tqdm(total=job.n_iter * len(job.batches) * steps, desc=job.mode, unit="step") as bar:
-        for b, (prompts, seeds) in enumerate(job.seeded_batches()):
-            # The scripts take one negative prompt for all images.
-            request = dataclasses.replace(
-                job.request, prompts=prompts, negative_prompts=job.request.negative_prompts[:1], seed=seeds
-            )
-            result = pipe.run(request, callback=lambda i, x: bar.update(1), progress=False)
-            # img2img runs only part of the schedule; the bar still ends each batch at its boundary.
-            bar.update((b + 1) * steps - bar.n)
-            yield from step.save(result)
+    if job.xy is not None:
+        yield from write_grid(job.xy, pipe, step)
+        return
+    steps, inputs = job.request.steps, job.inputs or [(None, None)]
+    with tqdm(total=len(inputs) * job.n_iter * len(job.batches) * steps, desc=job.mode, unit="step") as bar:
+        for image, mask in inputs:
+            base = job.request if image is None else dataclasses.replace(job.request, init_image=image, mask=mask)
+            for prompts, seeds, subseeds in job.seeded_batches():
+                # The scripts take one negative prompt for all images.
+                request = dataclasses.replace(
+                    base, prompts=prompts, negative_prompts=base.negative_prompts[:1], seed=seeds, subseed=subseeds
+                )
+                done = bar.n + steps
+                result = pipe.run(request, callback=lambda i, x: bar.update(1), progress=False)
+                # img2img runs only part of the schedule; the bar still ends each batch at its boundary.
+                bar.update(done - bar.n)
+                yield from step.save(result)
     yield from step.finish()
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from ldm.control_cli import add_control_arguments
 from ldm.devices import PRECISIONS
 from ldm.errors import ScriptParser
+from ldm.feature_args import FOLDER_MODES, add_feature_arguments
 from ldm.models.diffusion.samplers import sampler_names, schedule_names
 from ldm.refiner import add_refiner_arguments
 from ldm.request import IMG2IMG_STRENGTH, INPAINT_STRENGTH
@@ -146,7 +147,8 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
         help="textual-inversion embeddings, used by file name in prompts (default: embeddings/ where it exists)",
     )
     if image_input:
-        add("--init-img", dest="init_img", type=str, required=True, help="path to the input image")
+        folder = mode in FOLDER_MODES  # --init-img or --indir, checked by ldm.folders.resolve_inputs
+        add("--init-img", dest="init_img", type=str, required=not folder, help="path to the input image")
     if mode == "image_variation":
         add(
             "--noise_level",
@@ -166,9 +168,10 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     if mode in ("txt2img", "img2img", "inpaint"):
         add_control_arguments(parser)
     if mode == "inpaint":
-        add("--mask", type=str, required=True, help="mask image of the init image's size, white = repaint")
+        add("--mask", type=str, default=None, help="mask image of the init image's size, white = repaint")
     if depth:
         add("--depth_map", type=str, default=None, help="a depth map (brighter = nearer) to use instead of MiDaS's")
+    add_feature_arguments(parser, mode)
     add("overrides", nargs="*", metavar="key=value", help="config overrides")
     return parser
 

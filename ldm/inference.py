@@ -41,7 +41,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
@@ -50,8 +49,11 @@ from PIL import Image
 from ldm.adapters.embeddings import attach_embeddings, load_embeddings, ti_hashes_field
 from ldm.checkpoint import load_model_from_config
 from ldm.control import ControlNetCache, ControlRun
+from ldm.conversions import depth_to_tensor, image_to_tensor, mask_to_tensor, tensor_to_images
 from ldm.errors import UserError
+from ldm.features import feature_runner, request_fields
 from ldm.geometry import LatentGeometry
+from ldm.masking import paste_back
 from ldm.model_detection import Detection, detect_checkpoint
 from ldm.models.diffusion.guidance import keep_known
 from ldm.models.diffusion.noise import Noise
@@ -69,28 +71,7 @@ from ldm.vae import float32_decoder, prepare_first_stage, vae_fields
 DTYPES = {"autocast": torch.float16, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Conversions
-
-
-def image_to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> (1, 3, H, W) float32 in [-1, 1]."""
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
-
-
-def mask_to_tensor(mask: Image.Image) -> torch.Tensor:
-    """Binary "L" mask -> (1, 1, H, W) float32, 1 = repaint."""
-    return torch.from_numpy((np.asarray(mask) >= 128).astype(np.float32))[None, None]
-
-
-def depth_to_tensor(depth: Image.Image) -> torch.Tensor:
-    """A depth map (any PIL mode: 8- or 16-bit grey, float; brighter = nearer) -> (1, 1, H, W) float32."""
-    return torch.from_numpy(np.asarray(depth.convert("F"), dtype=np.float32).copy())[None, None]
-
-
-def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
-    """(B, 3, H, W) roughly in [-1, 1] -> B RGB uint8 PIL images (clamped, rounded)."""
-    pixels = ((x.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
-    return [Image.fromarray(a) for a in pixels.permute(0, 2, 3, 1).cpu().numpy()]
+# Labels
 
 
 def sampler_label(name: str, schedule: str | None = None) -> str:
@@ -128,6 +109,8 @@ class GenerationResult:
     noise_level: int | None = None
     class_labels: list[int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # further A1111 entries (the refiner's), written last
+    image_extra: list[dict[str, Any]] = field(default_factory=list)  # image i's own further entries (subseed)
+    latents: torch.Tensor | None = None  # (B, C, h, w), the decoded latents (the hires fix upscales them)
 
     def fields(self, i: int) -> dict[str, Any]:
         """The A1111 settings of image ``i``, in A1111's order (None values are left out when written)."""
@@ -145,6 +128,7 @@ class GenerationResult:
             "Eta": self.eta,
             "Noise level": self.noise_level,
             **self.extra,
+            **(self.image_extra[i] if self.image_extra else {}),
         }
 
     def parameters(self, i: int) -> str:
@@ -283,6 +267,11 @@ class Pipeline:
         decode = float32_decoder(decode, self.device) if self.vae_float32 else decode
         return tiled_decode(decode, latents, self.geometry.factor) if self.options.vae_tiling else decode(latents)
 
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] on the device -> scaled latents (B, C, H/f, W/f)."""
+        with self._autocast(), self._active(self.stages["first_stage"]):
+            return self.model.encode_image(pixels)
+
     def _image_inputs(
         self, request: GenerationRequest, cond: Any, uncond: Any
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, Any, Any]:
@@ -357,20 +346,24 @@ class Pipeline:
         request: GenerationRequest,
         callback: Callable[[int, torch.Tensor], None] | None = None,
         progress: bool = True,
+        start: tuple[torch.Tensor, float] | None = None,
     ) -> GenerationResult:
         """Generate the images of ``request`` in one batch.
 
         img2img keeps the init image's size rounded down to the model's multiple unless height/width are given
         (see :func:`prepare_init_image`). A mask (white = repaint) goes to 9-channel inpainting models
         (``LatentInpaintDiffusion``) as conditioning; other models keep the unmasked latent at every step. Either
-        way the unmasked pixels of the init image are pasted back, as CompVis's inpainting did.
+        way the unmasked pixels of the init image are pasted back, as CompVis's inpainting did. ``start``: (latents
+        (B, C, h, w), strength) to run img2img from instead (the hires fix's second pass, :mod:`ldm.hires`).
         """
+        if (runner := feature_runner(request)) is not None:  # hires fix, inpaint only masked: runs in passes
+            return runner(self, request, functools.partial(self.run, callback=callback, progress=progress))
         request = request.for_model(self.geometry)
         self._warn_unknown_words(request.prompts)
         prompts, negatives = request.image_prompts
         batch, height, width = request.batch, request.height, request.width
         model = self.model
-        noise = Noise(request.seeds, self.device)
+        noise = Noise(request.seeds, self.device, request.subseeds, request.subseed_strength)
         variation = request.noise_level is not None
         control = ControlRun(self, request)  # the request's ControlNets, on the UNet for the run (ldm.control)
         with self._autocast(), control.attached():
@@ -383,6 +376,9 @@ class Pipeline:
             else:
                 init_latent, latent_mask, cond, uncond = self._image_inputs(request, cond, uncond)
             cond, uncond = control.conditioning(cond, uncond)
+            strength = request.strength
+            if start is not None:
+                init_latent, strength = start
             if init_latent is not None:
                 init_latent = init_latent.expand(batch, -1, -1, -1)
             latents = sample(
@@ -395,7 +391,7 @@ class Pipeline:
                 shape=self.geometry.latent_shape(batch, height, width),
                 noise=noise,
                 init_latent=init_latent,
-                strength=request.strength if init_latent is not None else 1.0,
+                strength=strength if init_latent is not None else 1.0,
                 mask=latent_mask,
                 eta=request.eta,
                 schedule=request.schedule,
@@ -411,7 +407,7 @@ class Pipeline:
             with self._active(self.stages["first_stage"]):
                 images = tensor_to_images(self._decode(latents))
         if request.mask is not None:
-            images = [Image.composite(generated, request.init_image, request.mask) for generated in images]
+            images = paste_back(images, request.init_image, request.mask, request.mask_blur)
         return GenerationResult(
             images=images,
             seeds=list(request.seeds),
@@ -434,7 +430,10 @@ class Pipeline:
                 **refiner_fields(self, request),
                 **ti_hashes_field(model, [*prompts, *negatives]),
                 **control.fields(),
+                **request_fields(request)[0],
             },
+            image_extra=request_fields(request)[1],
+            latents=latents,
         )
 
     def _warn_unknown_words(self, prompts: Sequence[str]) -> None:

@@ -221,12 +221,17 @@ def parse_parameters(text: str) -> dict[str, str]:
     """Read an A1111 ``parameters`` text back: ``{"Prompt": ..., "Negative prompt": ..., "Steps": "50", ...}``.
 
     Values stay strings, as A1111 writes them (``"Size": "512x512"``). Multi-line prompts (which A1111 writes) are
-    read back with their line breaks; see :func:`format_parameters` for what this package writes.
+    read back with their line breaks; see :func:`format_parameters` for what this package writes. A text of one
+    line with three or more ``Key: value`` fields is A1111's for an empty prompt.
     """
     # Only trailing line breaks go: an empty prompt is an empty first line.
     lines = text.rstrip("\n").split("\n")
     last = lines[-1]
-    fields = _parse_fields(last) if len(lines) > 1 and not last.startswith(NEGATIVE_MARKER) else None
+    fields = _parse_fields(last) if not last.startswith(NEGATIVE_MARKER) else None
+    if len(lines) == 1 and fields is not None and (text.endswith("\n") or len(fields) < 3):
+        # A1111 strips its text, so an empty prompt leaves the parameters line alone; its reader takes a single line
+        # for parameters when it holds three or more. A prompt alone, as format_parameters writes it, ends in "\n".
+        fields = None
     if fields is not None:
         lines = lines[:-1]
     prompt, negative, in_negative = [], [], False

@@ -23,9 +23,11 @@ from ldm.control import ControlSpec, check_controls
 from ldm.devices import check_compile, check_precision, resolve_device
 from ldm.errors import UserError
 from ldm.geometry import LatentGeometry, prepare_init_image
+from ldm.hires import check_hires
+from ldm.masking import check_masking
 from ldm.models.diffusion.guidance import check_guidance_rescale
 from ldm.models.diffusion.handoff import check_switch
-from ldm.models.diffusion.noise import MAX_SEED, Noise, check_seed
+from ldm.models.diffusion.noise import MAX_SEED, Noise, check_seed, check_subseed_strength
 from ldm.models.diffusion.samplers import check_sampler_options, check_sampling_arguments, resolve_sampler
 from ldm.modules.attention import check_slice_size
 from ldm.outputs import load_image
@@ -119,6 +121,16 @@ class GenerationRequest:
             model's 6.0 / 2.5). See :mod:`ldm.sdxl_conditioning`; other models refuse them.
         controls: ControlNets (:class:`ldm.control.ControlSpec`, or dicts of its fields), each with its control
             image, strength and guidance range.
+        subseed, subseed_strength: A1111's variation seed: each image's starting noise is its seed's slerped toward
+            its subseed's by ``subseed_strength`` in [0, 1] (:mod:`ldm.models.diffusion.noise`). As in A1111, with a
+            strength above 0 every image of an integer ``seed`` gets that seed and image i the subseed
+            ``subseed + i``; a list gives each image's. None draws one. After construction ``subseeds`` holds them.
+        enable_hr, hr_scale, hr_upscaler, hr_second_pass_steps, denoising_strength: A1111's hires fix (txt2img):
+            generate, upscale by ``hr_scale`` with ``hr_upscaler`` (a latent or an image upscaler), then img2img at
+            ``denoising_strength`` for ``hr_second_pass_steps`` steps (0: ``steps``); see :mod:`ldm.hires`.
+        mask_blur, inpaint_full_res, inpaint_full_res_padding: inpainting (:mod:`ldm.masking`): the pixels' std of
+            the Gaussian blur of the mask the result is pasted back with; "inpaint only masked" (the mask's bounding
+            box plus the padding in pixels is cut out, inpainted at height x width and pasted back).
         refiner_switch: with a refiner attached to the pipeline (:mod:`ldm.refiner`), the share of the steps the
             base runs before the refiner takes over, in (0, 1] (A1111's "Refiner switch at").
     """
@@ -153,7 +165,18 @@ class GenerationRequest:
     negative_aesthetic_score: float | None = None
     refiner_switch: float = 0.8
     controls: Sequence[ControlSpec | Mapping[str, Any]] = ()
+    subseed: int | Sequence[int] | None = None
+    subseed_strength: float = 0.0
+    enable_hr: bool = False
+    hr_scale: float = 2.0
+    hr_upscaler: str = "Latent"
+    hr_second_pass_steps: int = 0
+    denoising_strength: float = 0.7
+    mask_blur: int = 0
+    inpaint_full_res: bool = False
+    inpaint_full_res_padding: int = 32
     seeds: tuple[int, ...] = dataclasses.field(init=False, default=())
+    subseeds: tuple[int, ...] | None = dataclasses.field(init=False, default=None)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: the normalised values are set once, here
@@ -193,7 +216,13 @@ class GenerationRequest:
             set_(self, field, value)
         check_switch(self.refiner_switch)
         set_(self, "controls", check_controls(self.controls))
+        check_hires(self.enable_hr, self.hr_scale, self.hr_upscaler, self.hr_second_pass_steps, self.denoising_strength)
+        if self.enable_hr and self.init_image is not None:
+            raise UserError("the hires fix (enable_hr) is for txt2img; for img2img give the larger size instead.")
+        check_masking(self.mask_blur, self.inpaint_full_res, self.inpaint_full_res_padding)
+        set_(self, "subseed_strength", check_subseed_strength(self.subseed_strength))
         set_(self, "seeds", self._image_seeds())
+        set_(self, "subseeds", self._image_subseeds())
         set_(self, "class_labels", self._image_classes())
 
     def _image_classes(self) -> tuple[int, ...] | None:
@@ -230,11 +259,28 @@ class GenerationRequest:
                     f"seed {first} would give the last of {count} images the seed {first + count - 1}, past the "
                     f"largest seed {MAX_SEED}; use a seed of at most {MAX_SEED - count + 1}."
                 )
-            return tuple(first + i for i in range(count))
+            # A1111: a variation run keeps the seed and varies the subseed.
+            return tuple(first + (i if self.subseed_strength == 0 else 0) for i in range(count))
         seeds = tuple(check_seed(int(s)) for s in self.seed)
         if len(seeds) != count:
             raise UserError(f"got {len(seeds)} seeds for {count} images; give one per image, or a single seed.")
         return seeds
+
+    def _image_subseeds(self) -> tuple[int, ...] | None:
+        if self.subseed_strength == 0:
+            return None
+        if self.noise_level is not None:
+            raise UserError("variation seeds change the starting noise; an image variation (noise_level) takes none.")
+        count = len(self.seeds)
+        if self.subseed is None:
+            object.__setattr__(self, "subseed", Noise.from_seed(None, 1).seeds[0])  # kept, as the seed is
+        if isinstance(self.subseed, int):
+            first = check_seed(self.subseed, "subseed")
+            return tuple(check_seed(first + i, "the last image's subseed") for i in range(count))
+        subseeds = tuple(check_seed(int(s), "subseed") for s in self.subseed)
+        if len(subseeds) != count:
+            raise UserError(f"got {len(subseeds)} subseeds for {count} images; give one per image, or a single one.")
+        return subseeds
 
     @property
     def batch(self) -> int:

@@ -1,10 +1,14 @@
 """Inpainting, in two forms:
 
-- SD models: repaint the white region of --mask in --init-img (``ldm.cli``, every txt2img flag too):
+- SD models: repaint the white region of --mask in --init-img, or of every ``name.png`` / ``name_mask.png`` pair
+  in --indir (``ldm.cli``, every txt2img flag too):
       python scripts/inpaint.py --help
 - CompVis latent-diffusion's inpainting_big, with its script's flags: every ``name.png`` / ``name_mask.png`` pair in
   --indir, repainted into ``--outdir/name.png`` (``ldm.concat_inpainting``):
       python scripts/inpaint.py --indir data/inpainting_examples --outdir outputs/inpainting_results --steps 50
+
+``--indir`` runs the CompVis form with its default model (no --config and no --ckpt) or a --config whose cond stage
+is its first stage (``__is_first_stage__``, as inpainting_big's); with any other model, the SD form.
 """
 
 from __future__ import annotations
@@ -70,9 +74,32 @@ def main_pairs(argv: Sequence[str]) -> int:
     return 0
 
 
+def _flag(argv: Sequence[str], name: str) -> str | None:
+    """The value of ``name`` in ``argv`` (``--name VALUE`` or ``--name=VALUE``), None when absent."""
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(name + "="):
+            return arg.partition("=")[2]
+    return None
+
+
+def runs_compvis_ldm(argv: Sequence[str]) -> bool:
+    """Whether ``argv`` is the CompVis LDM form (see the module docstring)."""
+    if not any(a == "--indir" or a.startswith("--indir=") for a in argv):
+        return False
+    config = _flag(argv, "--config")
+    if config is None:
+        return _flag(argv, "--ckpt") is None
+    try:
+        return load_config(config).model.params.get("cond_stage_config") == "__is_first_stage__"
+    except (UserError, OSError):
+        return True  # the CompVis form reports the unreadable config
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a == "--indir" or a.startswith("--indir=") for a in argv):
+    if runs_compvis_ldm(argv):
         return main_pairs(argv)
     return sd_main("inpaint", argv)
 

@@ -1,0 +1,137 @@
+"""Inpainting's A1111 extras: mask blur and "inpaint only masked".
+
+- ``mask_blur``: the generated image is pasted back over the init image through the mask blurred by a Gaussian of
+  that many pixels' std (OpenCV's kernel size ``2 * int(2.5 * sigma + 0.5) + 1`` and mirrored border, as A1111
+  blurs), so the seam fades. The model still repaints the binary mask; 0 gives exactly the unblurred paste-back.
+- ``inpaint_full_res`` ("Only masked"): the mask's bounding box, grown by ``inpaint_full_res_padding`` pixels and
+  then to the aspect ratio of the generation size, is cut out of the init image, inpainted at height x width (the
+  model's resolution, whatever the region's) and pasted back, through the blurred mask, into the full-size image.
+  Outside the mask the init image's pixels are kept bit for bit.
+
+Infotext (A1111's names): ``Mask blur``, ``Inpaint area: Only masked``, ``Masked area padding``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ldm.errors import UserError
+from ldm.geometry import output_size
+from ldm.outputs import load_image
+
+Box = tuple[int, int, int, int]  # (left, top, right, bottom), right/bottom exclusive, as PIL's crop
+
+
+def check_masking(mask_blur: int, inpaint_full_res: bool, padding: int) -> None:
+    """UserError unless the blur and padding are whole numbers of pixels >= 0."""
+    for name, value in (("mask_blur", mask_blur), ("inpaint_full_res_padding", padding)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise UserError(f"{name} is a number of pixels, a whole number >= 0; got {value!r}.")
+    if not isinstance(inpaint_full_res, bool):
+        raise UserError(f"inpaint_full_res is True or False, got {inpaint_full_res!r}.")
+
+
+def blur_mask(mask: Image.Image, sigma: int) -> Image.Image:
+    """An "L" mask blurred by a Gaussian of std ``sigma`` pixels along each axis (``sigma`` 0: the mask itself)."""
+    if sigma == 0:
+        return mask
+    radius = int(2.5 * sigma + 0.5)
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    taps /= taps.sum()
+    values = np.asarray(mask, dtype=np.float64)
+    for axis in (1, 0):
+        pad = [(0, 0), (0, 0)]
+        pad[axis] = (radius, radius)
+        # numpy's "reflect" mirrors without repeating the edge, OpenCV's default border (BORDER_REFLECT_101).
+        padded = np.pad(values, pad, mode="reflect")
+        length = values.shape[axis]
+        values = sum(w * np.take(padded, range(k, k + length), axis=axis) for k, w in enumerate(taps))
+        values = np.clip(np.rint(values), 0, 255)  # 8 bits after each pass, as A1111's two cv2 calls
+    return Image.fromarray(values.astype(np.uint8), "L")
+
+
+def paste_back(
+    images: Sequence[Image.Image], init_image: Image.Image, mask: Image.Image, mask_blur: int
+) -> list[Image.Image]:
+    """The generated images over the init image through the (blurred) mask: white takes the generated pixels."""
+    alpha = blur_mask(mask, mask_blur)
+    return [Image.composite(generated, init_image, alpha) for generated in images]
+
+
+def masking_fields(request: Any) -> dict[str, Any]:
+    """The A1111 infotext entries of an inpainting request's mask settings (none without a mask)."""
+    if request.mask is None:
+        return {}
+    only_masked = request.inpaint_full_res
+    return {
+        "Mask blur": request.mask_blur or None,
+        "Inpaint area": "Only masked" if only_masked else None,
+        "Masked area padding": request.inpaint_full_res_padding if only_masked else None,
+    }
+
+
+def crop_region(mask: Image.Image, padding: int, aspect: float) -> Box:
+    """The box "inpaint only masked" works on: the white pixels' bounding box grown by ``padding`` on each side,
+    then along its short side to ``aspect`` (width / height of the generation size), kept inside the image. An
+    empty mask gives the whole image."""
+    bbox = mask.point(lambda v: 255 if v >= 128 else 0).getbbox()
+    if bbox is None:
+        return 0, 0, mask.width, mask.height
+    left, top = max(bbox[0] - padding, 0), max(bbox[1] - padding, 0)
+    right, bottom = min(bbox[2] + padding, mask.width), min(bbox[3] + padding, mask.height)
+    width, height = right - left, bottom - top
+    if width / height > aspect:
+        top, bottom = _grow(top, bottom, round(width / aspect), mask.height)
+    else:
+        left, right = _grow(left, right, round(height * aspect), mask.width)
+    return left, top, right, bottom
+
+
+def _grow(start: int, end: int, length: int, limit: int) -> tuple[int, int]:
+    """The span [start, end) grown about its centre to ``length`` (at most ``limit``), shifted to fit [0, limit)."""
+    length = min(length, limit)
+    extra = length - (end - start)
+    start -= extra // 2
+    start = min(max(start, 0), limit - length)
+    return start, start + length
+
+
+def run_only_masked(pipe: Any, request: Any, run: Callable[..., Any]) -> Any:
+    """ "Inpaint only masked": cut the region out, inpaint it with ``run(inner_request)`` and paste each image back
+    into the full init image. The result's images have the init image's size; its Size entry is the generation
+    size, as A1111 writes it."""
+    image = request.init_image
+    image = load_image(image, "init image") if not isinstance(image, Image.Image) else image.convert("RGB")
+    mask = request.mask
+    mask = load_image(mask, "mask", mode="L") if not isinstance(mask, Image.Image) else mask.convert("L")
+    if mask.size != image.size:
+        raise UserError(
+            f"the mask is {mask.width}x{mask.height} but the init image is {image.width}x{image.height}; "
+            "give a mask of the same size (white = repaint)."
+        )
+    mask = mask.point(lambda v: 255 if v >= 128 else 0)
+    padded = crop_region(mask, request.inpaint_full_res_padding, 1.0)
+    size = (padded[2] - padded[0], padded[3] - padded[1])
+    width, height = output_size(size, pipe.geometry, height=request.height, width=request.width)
+    box = crop_region(mask, request.inpaint_full_res_padding, width / height)
+    inner = dataclasses.replace(
+        request,
+        init_image=image.crop(box).resize((width, height), Image.Resampling.LANCZOS),
+        mask=mask.crop(box).resize((width, height), Image.Resampling.BILINEAR),
+        height=height,
+        width=width,
+        mask_blur=0,
+        inpaint_full_res=False,
+    )
+    result = run(inner)
+    images = []
+    for generated in result.images:
+        canvas = image.copy()
+        canvas.paste(generated.resize((box[2] - box[0], box[3] - box[1]), Image.Resampling.LANCZOS), box[:2])
+        images.extend(paste_back([canvas], image, mask, request.mask_blur))
+    return dataclasses.replace(result, images=images, extra={**result.extra, **masking_fields(request)})

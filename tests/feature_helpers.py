@@ -1,0 +1,20 @@
+"""Shared by the A1111 feature tests: the tiny pipeline and small images (see tests/test_inference.py)."""
+
+import numpy as np
+from PIL import Image
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image).astype(np.int16)
+
+
+def random_image(size=(32, 32), seed=0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize(size, Image.Resampling.BILINEAR)
+
+
+def box_mask(size, box) -> Image.Image:
+    mask = Image.new("L", size, 0)
+    mask.paste(255, box)
+    return mask
