@@ -27,6 +27,7 @@ from typing import Any
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from ldm.adapters.lora_prompts import check_loras
 from ldm.cli_parser import DEFAULT_CKPT, DEPTH_CONFIG, FROM_NOISE, build_parser
 from ldm.devices import (
     available_memory,
@@ -76,6 +77,8 @@ class Job:
     grid_images_per_row: int | None  # None: no grid
     refiner: RefinerPlan | None = None  # --refiner
     vae: Path | None = None  # --vae
+    loras: list[Any] = dataclasses.field(default_factory=list)  # --lora, found in --lora_dir
+    lora_dir: Path | None = None
 
     def seeded_batches(self) -> Iterator[tuple[list[str], list[int]]]:
         """Each batch's prompts and seeds, made when the run reaches it: ``--n_iter`` may be any size."""
@@ -271,6 +274,7 @@ def plan(mode: str, args: argparse.Namespace) -> Job:
         grid_images_per_row=grid,
         refiner=refiner,
         vae=check_vae_file(args.vae),
+        **check_loras(args.lora, args.lora_dir),
     )
 
 
@@ -302,6 +306,7 @@ def _note_flagged(seed: int) -> None:
 def run(job: Job) -> Iterator[Path]:
     """Load the model, generate every batch and save samples and grid; yields each file as it is written."""
     pipe = Pipeline.from_config(job.config, job.ckpt, job.options, vae=job.vae)
+    pipe.loras.directory = job.lora_dir
     if job.refiner is not None:
         job.refiner.load(pipe)
     device = job.options.device
@@ -323,7 +328,7 @@ def run(job: Job) -> Iterator[Path]:
             request = dataclasses.replace(
                 job.request, prompts=prompts, negative_prompts=job.request.negative_prompts[:1], seed=seeds
             )
-            result = pipe.run(request, callback=lambda i, x: bar.update(1), progress=False)
+            result = pipe.run(request, callback=lambda i, x: bar.update(1), progress=False, loras=job.loras)
             # img2img runs only part of the schedule; the bar still ends each batch at its boundary.
             bar.update((b + 1) * steps - bar.n)
             yield from step.save(result)

@@ -137,6 +137,15 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     add("--vae_tiling", action="store_true", help="decode large images by overlapping tiles, to save memory")
     _add_size_conditioning(parser)
     add("--vae", type=str, default=None, metavar="FILE", help="a VAE file (.safetensors/.ckpt) for the model's own")
+    add(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="NAME:WEIGHT",
+        help="merge a LoRA from --lora_dir (repeatable; "
+        "NAME:TE_WEIGHT:UNET_WEIGHT for two weights); prompts may name them too, as <lora:NAME:WEIGHT>",
+    )
+    add("--lora_dir", type=str, default=None, metavar="DIR", help="the folder LoRA names are looked up in")
     if image_input:
         add("--init-img", dest="init_img", type=str, required=True, help="path to the input image")
     if mode == "image_variation":

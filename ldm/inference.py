@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from PIL import Image
 
+from ldm.adapters.lora_prompts import Loras
 from ldm.checkpoint import load_model_from_config
 from ldm.errors import UserError
 from ldm.geometry import LatentGeometry
@@ -185,6 +186,7 @@ class Pipeline:
         self.refiner: Pipeline | None = None  # finishes runs from request.refiner_switch on (ldm.refiner)
         self.stages = model.stages()
         self.vae = Path(vae) if vae is not None else None
+        self.loras = Loras(model)  # LoRAs merged for a run (ldm.adapters); set loras.directory for names
         self.vae_float32 = prepare_first_stage(model, options.precision, self.device, self.vae)
         set_attention_slicing(model, options.attention_slicing)
         if options.channels_last:
@@ -336,13 +338,14 @@ class Pipeline:
         """Generate images: ``generate(prompt, steps=20, sampler="Euler a", seed=42, n=3)``.
 
         ``prompt`` and every keyword of :class:`GenerationRequest` (``negative_prompt`` for ``negative_prompts``),
-        plus ``callback(step, denoised)`` after each sampler step (denoised: (B, C, h, w) latents) and ``progress``
-        (show the sampler's progress bar). See :meth:`run`.
+        plus ``callback(step, denoised)`` after each sampler step (denoised: (B, C, h, w) latents), ``progress``
+        (show the sampler's progress bar) and ``loras=[("name", 0.8)]`` (see :mod:`ldm.adapters.lora_prompts`).
         """
         callback, progress = settings.pop("callback", None), settings.pop("progress", True)
+        loras = settings.pop("loras", ())
         if "negative_prompt" in settings:
             settings["negative_prompts"] = settings.pop("negative_prompt")
-        return self.run(GenerationRequest(prompt, **settings), callback=callback, progress=progress)
+        return self.run(GenerationRequest(prompt, **settings), callback=callback, progress=progress, loras=loras)
 
     @torch.no_grad()
     def run(
@@ -350,8 +353,9 @@ class Pipeline:
         request: GenerationRequest,
         callback: Callable[[int, torch.Tensor], None] | None = None,
         progress: bool = True,
+        loras: Sequence[Any] = (),
     ) -> GenerationResult:
-        """Generate the images of ``request`` in one batch.
+        """Generate the images of ``request`` in one batch, with ``loras`` and the prompts' ``<lora:...>`` merged.
 
         img2img keeps the init image's size rounded down to the model's multiple unless height/width are given
         (see :func:`prepare_init_image`). A mask (white = repaint) goes to 9-channel inpainting models
@@ -361,6 +365,7 @@ class Pipeline:
         request = request.for_model(self.geometry)
         self._warn_unknown_words(request.prompts)
         prompts, negatives = request.image_prompts
+        texts, lora_fields = self.loras.prepare(prompts, loras)  # the prompts without their <lora:...> tags
         batch, height, width = request.batch, request.height, request.width
         model = self.model
         noise = Noise(request.seeds, self.device)
@@ -368,7 +373,7 @@ class Pipeline:
         with self._autocast():
             with self._active(self.stages.get("cond_stage")):
                 refiner = self.refiner.model if self.refiner is not None else None
-                cond, uncond = encode_request(model, request, prompts, negatives, self.device, refiner)
+                cond, uncond = encode_request(model, request, texts, negatives, self.device, refiner)
             if variation:
                 init_latent = latent_mask = None
                 cond, uncond = self._variation_inputs(request.init_image, request.noise_level, noise, cond, uncond)
@@ -392,7 +397,7 @@ class Pipeline:
                 schedule=request.schedule,
                 guidance_rescale=request.guidance_rescale,
                 options=request.sampler_options,
-                handoff=refiner_handoff(self, request, prompts, negatives),
+                handoff=refiner_handoff(self, request, texts, negatives),
                 callback=callback,
                 progress=progress,
             )
@@ -420,7 +425,7 @@ class Pipeline:
             model_hash=self.model_hash,
             noise_level=request.noise_level,
             class_labels=list(request.class_labels) if request.class_labels is not None else None,
-            extra={**vae_fields(self.vae), **refiner_fields(self, request)},
+            extra={**vae_fields(self.vae), **refiner_fields(self, request), **lora_fields},
         )
 
     def _warn_unknown_words(self, prompts: Sequence[str]) -> None:

@@ -1,0 +1,1 @@
+"""Add-on networks loaded onto a built model (LoRA / LyCORIS: :mod:`ldm.adapters.lora`)."""
