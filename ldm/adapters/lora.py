@@ -110,7 +110,7 @@ class LoraMerger:
         self.model = model
         self._targets: dict[str, Target] | None = None
         self.touched: dict[str, tuple[nn.Module, str, torch.Tensor]] = {}
-        self._merged: tuple[tuple[int, float, float], ...] = ()
+        self._merged: tuple[tuple[LoraFile, float, float], ...] = ()
 
     @property
     def targets(self) -> dict[str, Target]:
@@ -151,16 +151,19 @@ class LoraMerger:
     def apply(self, entries: Sequence[tuple[LoraFile, float, float]]) -> bool:
         """Make the model its base weights plus ``entries``; True when any weight changed. UserError (nothing
         changed) for a module that matches no layer or does not fit it."""
-        key = tuple((id(lora), float(te), float(unet)) for lora, te, unet in entries)
+        key = tuple((lora, float(te), float(unet)) for lora, te, unet in entries)  # LoraFile compares by identity
         if key == self._merged:
             return False
         bound = self._bind(entries)
-        self.restore()
+        self._put_back()
         by_param: dict[str, list[_Bound]] = defaultdict(list)
         for b in bound:
             by_param[b.target.name].append(b)
         for name, group in by_param.items():
             self._merge(name, group)
+        # Weights the new set leaves alone are the base again: their copies are no longer needed.
+        for name in [n for n in self.touched if n.removesuffix(":bias") not in by_param]:
+            del self.touched[name]
         self._merged = key
         return True
 
@@ -168,8 +171,9 @@ class LoraMerger:
         """Write base + the sum of ``group``'s changes into one parameter (all its row slices at once)."""
         module, attr = group[0].target.module, group[0].target.param
         param = getattr(module, attr)
-        self.touched[name] = (module, attr, param.detach().to("cpu", copy=True))
-        base = param.detach().float()  # the original: restore() ran before
+        if name not in self.touched:  # kept from an earlier merge otherwise: one copy per weight, not per switch
+            self.touched[name] = (module, attr, param.detach().to("cpu", copy=True))
+        base = param.detach().float()  # the original: _put_back() ran before
         weight = base.clone()
         bias_attr = group[0].target.bias
         bias = getattr(module, bias_attr).detach().float().clone() if bias_attr else None  # .float() may alias
@@ -177,19 +181,23 @@ class LoraMerger:
             rows = slice(*b.target.rows) if b.target.rows else slice(None)
             tensors = {k: v.to(param.device) for k, v in b.tensors.items()}
             updown, bias_change = module_delta(b.module_name, tensors, base[rows])
-            weight[rows] += b.multiplier * updown
+            weight[rows].add_(updown, alpha=b.multiplier)
             if bias_change is not None and bias is not None:
-                bias[rows] += b.multiplier * bias_change.reshape(bias[rows].shape)
+                bias[rows].add_(bias_change.reshape(bias[rows].shape), alpha=b.multiplier)
         param.copy_(weight.to(param.dtype))
         if bias is not None and any("diff_b" in b.tensors for b in group):
             target = getattr(module, bias_attr)
-            self.touched[f"{name}:bias"] = (module, bias_attr, target.detach().to("cpu", copy=True))
+            if f"{name}:bias" not in self.touched:
+                self.touched[f"{name}:bias"] = (module, bias_attr, target.detach().to("cpu", copy=True))
             target.copy_(bias.to(target.dtype))
+
+    def _put_back(self) -> None:
+        for module, attr, original in self.touched.values():
+            getattr(module, attr).copy_(original)
 
     @torch.no_grad()
     def restore(self) -> None:
         """Put back the original of every weight a LoRA changed (bit for bit) and forget the merged set."""
-        for module, attr, original in self.touched.values():
-            getattr(module, attr).copy_(original)
+        self._put_back()
         self.touched.clear()
         self._merged = ()
