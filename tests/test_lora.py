@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from ldm.adapters.lora import LoraMerger, read_lora
-from ldm.adapters.lora_keys import diffusers_block_names, model_targets
+from ldm.adapters.lora_keys import diffusers_block_names, model_targets, text_targets
 from ldm.checkpoint import load_model_from_config
 from ldm.errors import UserError
 from ldm.util import instantiate_from_config
@@ -400,3 +400,14 @@ def test_applying_the_merged_set_again_changes_nothing(model, tmp_path):
     merger = LoraMerger(model)
     assert merger.apply([(a, 1.0, 1.0)]) is True
     assert merger.apply([(a, 1.0, 1.0)]) is False
+
+
+def test_sd2_openclip_text_encoder_takes_lora_te_names():
+    big_g = sdxl_model.text_embedders(refiner=True)[0]
+    encoder = instantiate_from_config({"target": big_g["target"], "params": big_g["params"]})
+    table = text_targets(encoder, "cond_stage_model.", "lora_te_")
+    v = table["lora_te_text_model_encoder_layers_2_self_attn_v_proj"]
+    assert (v.param, v.rows) == ("in_proj_weight", (64, 96))  # v is the last third
+    fc2 = table["lora_te_text_model_encoder_layers_0_mlp_fc2"]
+    assert fc2.name == "cond_stage_model.model.transformer.resblocks.0.mlp.c_proj.weight"
+    assert len(table) == 3 * 6
