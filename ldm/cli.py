@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from ldm.adapters.embeddings import embeddings_folder
+from ldm.adapters.lora_prompts import check_loras
 from ldm.cli_parser import DEFAULT_CKPT, DEPTH_CONFIG, FROM_NOISE, build_parser
 from ldm.control_cli import controls_from_args
 from ldm.devices import (
@@ -84,6 +85,7 @@ class Job:
     embeddings_dir: Path | None = None  # --embeddings_dir, or embeddings/ where it exists
     inputs: list[Input] | None = None  # --indir: each input's (image, mask); request.height/width are --H/--W's
     xy: GridPlan | None = None  # --xy_x / --xy_y
+    lora_dir: Path | None = None  # --lora_dir (the --lora names, checked in it, are in the request)
 
     def seeded_batches(self) -> Iterator[tuple[list[str], list[int], list[int] | None]]:
         """Each batch's prompts, seeds and subseeds, made when the run reaches it: ``--n_iter`` may be any size.
@@ -273,6 +275,8 @@ def plan(mode: str, args: argparse.Namespace) -> Job:
     for image, _ in (inputs or [])[1:]:  # the others, sized from their headers (each is loaded when it runs)
         output_size(image_size(image, "init image"), geometry, height=args.H, width=args.W)
     request = checked if inputs is None else request  # a folder's request is sized for each input as it runs
+    loras = check_loras(args.lora, args.lora_dir)
+    request = dataclasses.replace(request, loras=tuple(loras["loras"]))
 
     outdir = Path(args.outdir)
     if outdir.exists() and not outdir.is_dir():
@@ -297,6 +301,7 @@ def plan(mode: str, args: argparse.Namespace) -> Job:
         embeddings_dir=embeddings_folder(args.embeddings_dir),
         inputs=inputs,
         xy=xy,
+        lora_dir=loras["lora_dir"],
     )
 
 
@@ -328,6 +333,7 @@ def _note_flagged(seed: int) -> None:
 def run(job: Job) -> Iterator[Path]:
     """Load the model, generate every batch and save samples and grid; yields each file as it is written."""
     pipe = Pipeline.from_config(job.config, job.ckpt, job.options, vae=job.vae, embeddings_dir=job.embeddings_dir)
+    pipe.loras.directory = job.lora_dir
     if job.refiner is not None:
         job.refiner.load(pipe)
     device = job.options.device

@@ -146,6 +146,15 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
         metavar="DIR",
         help="textual-inversion embeddings, used by file name in prompts (default: embeddings/ where it exists)",
     )
+    add(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="NAME:WEIGHT",
+        help="merge a LoRA from --lora_dir (repeatable; "
+        "NAME:TE_WEIGHT:UNET_WEIGHT for two weights); prompts may name them too, as <lora:NAME:WEIGHT>",
+    )
+    add("--lora_dir", type=str, default=None, metavar="DIR", help="the folder LoRA names are looked up in")
     if image_input:
         folder = mode in FOLDER_MODES  # --init-img or --indir, checked by ldm.folders.resolve_inputs
         add("--init-img", dest="init_img", type=str, required=not folder, help="path to the input image")

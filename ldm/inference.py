@@ -47,6 +47,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from ldm.adapters.embeddings import attach_embeddings, load_embeddings, ti_hashes_field
+from ldm.adapters.lora_prompts import Loras
 from ldm.checkpoint import load_model_from_config
 from ldm.control import ControlNetCache, ControlRun
 from ldm.conversions import depth_to_tensor, image_to_tensor, mask_to_tensor, tensor_to_images
@@ -172,6 +173,7 @@ class Pipeline:
         self.controlnets = ControlNetCache()  # the ControlNet files requests named (ldm.control)
         self.stages = model.stages()
         self.vae = Path(vae) if vae is not None else None
+        self.loras = Loras(model)  # LoRAs merged for a run (ldm.adapters); set loras.directory for names
         self.vae_float32 = prepare_first_stage(model, options.precision, self.device, self.vae)
         set_attention_slicing(model, options.attention_slicing)
         if options.channels_last:
@@ -348,7 +350,7 @@ class Pipeline:
         progress: bool = True,
         start: tuple[torch.Tensor, float] | None = None,
     ) -> GenerationResult:
-        """Generate the images of ``request`` in one batch.
+        """Generate the images of ``request`` in one batch, with its ``loras`` and its prompts' ``<lora:...>`` merged.
 
         img2img keeps the init image's size rounded down to the model's multiple unless height/width are given
         (see :func:`prepare_init_image`). A mask (white = repaint) goes to 9-channel inpainting models
@@ -361,6 +363,7 @@ class Pipeline:
         request = request.for_model(self.geometry)
         self._warn_unknown_words(request.prompts)
         prompts, negatives = request.image_prompts
+        texts, lora_fields = self.loras.prepare(prompts, request.loras)  # the prompts without their <lora:...> tags
         batch, height, width = request.batch, request.height, request.width
         model = self.model
         noise = Noise(request.seeds, self.device, request.subseeds, request.subseed_strength)
@@ -369,7 +372,7 @@ class Pipeline:
         with self._autocast(), control.attached():
             with self._active(self.stages.get("cond_stage")):
                 refiner = self.refiner.model if self.refiner is not None else None
-                cond, uncond = encode_request(model, request, prompts, negatives, self.device, refiner)
+                cond, uncond = encode_request(model, request, texts, negatives, self.device, refiner)
             if variation:
                 init_latent = latent_mask = None
                 cond, uncond = self._variation_inputs(request.init_image, request.noise_level, noise, cond, uncond)
@@ -397,7 +400,7 @@ class Pipeline:
                 schedule=request.schedule,
                 guidance_rescale=request.guidance_rescale,
                 options=request.sampler_options,
-                handoff=refiner_handoff(self, request, prompts, negatives),
+                handoff=refiner_handoff(self, request, texts, negatives),
                 callback=control.callback(callback),
                 progress=progress,
             )
@@ -431,6 +434,7 @@ class Pipeline:
                 **ti_hashes_field(model, [*prompts, *negatives]),
                 **control.fields(),
                 **request_fields(request)[0],
+                **lora_fields,
             },
             image_extra=request_fields(request)[1],
             latents=latents,

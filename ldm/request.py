@@ -121,6 +121,8 @@ class GenerationRequest:
             model's 6.0 / 2.5). See :mod:`ldm.sdxl_conditioning`; other models refuse them.
         controls: ControlNets (:class:`ldm.control.ControlSpec`, or dicts of its fields), each with its control
             image, strength and guidance range.
+        loras: LoRAs to merge besides the prompts' ``<lora:...>`` tags: ``("name", weight)``, ``("name", te, unet)``
+            or ``"name:weight"``, looked up in the pipeline's LoRA folder (:mod:`ldm.adapters.lora_prompts`).
         subseed, subseed_strength: A1111's variation seed: each image's starting noise is its seed's slerped toward
             its subseed's by ``subseed_strength`` in [0, 1] (:mod:`ldm.models.diffusion.noise`). As in A1111, with a
             strength above 0 every image of an integer ``seed`` gets that seed and image i the subseed
@@ -165,6 +167,7 @@ class GenerationRequest:
     negative_aesthetic_score: float | None = None
     refiner_switch: float = 0.8
     controls: Sequence[ControlSpec | Mapping[str, Any]] = ()
+    loras: Sequence[Any] = ()
     subseed: int | Sequence[int] | None = None
     subseed_strength: float = 0.0
     enable_hr: bool = False
