@@ -146,6 +146,7 @@ def find_records(
     for folder, repeats, folder_caption in subfolders(root):
         images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
         for path in images:
+            size = image_size(path)
             caption_file = path.with_suffix(caption_extension)
             if caption_file.is_file():
                 caption = read_caption(caption_file)
@@ -156,7 +157,7 @@ def find_records(
                     f"image '{path}' has no caption file '{caption_file.name}'; add one, name its folder "
                     "N_caption (e.g. '1_sks dog'), or set default_caption."
                 )
-            records.append(Record(path, caption, image_size(path), repeats))
+            records.append(Record(path, caption, size, repeats))
     if max_images is not None:
         records = records[:max_images]
     if not records:
