@@ -208,11 +208,15 @@ class DataModuleFromConfig(pl.LightningDataModule):
             return DataLoader(dataset, **settings)
         trainer = self.trainer
         ranks = {"num_replicas": trainer.world_size if trainer else 1, "rank": trainer.global_rank if trainer else 0}
-        if split == "train" and callable(getattr(dataset, "bucket_keys", None)):
+        if callable(getattr(dataset, "bucket_keys", None)):
             # Aspect-ratio buckets (ldm.data.buckets): every batch from one bucket, so its images share a size.
-            buckets = BucketBatchSampler(dataset.bucket_keys(), self.batch_size, seed=global_seed(), **ranks)
+            shuffle = self.shuffle.get(split, False)
+            buckets = BucketBatchSampler(
+                dataset.bucket_keys(), self.batch_size, seed=global_seed(), shuffle=shuffle, **ranks
+            )
             batched = BatchedDataset(dataset, settings.pop("collate_fn"))
-            return ResumableLoader(batched, sampler=buckets, **(settings | {"batch_size": None}))
+            kind = ResumableLoader if split == "train" else DataLoader
+            return kind(batched, sampler=buckets, **(settings | {"batch_size": None}))
         if split == "train":
             sampler = ResumableSampler(dataset, seed=global_seed(), **ranks)
             return ResumableLoader(dataset, sampler=sampler, **settings)
