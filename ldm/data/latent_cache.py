@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 
 from ldm.data.base import INTERPOLATIONS
 from ldm.errors import UserError
+from ldm.files import atomic_path
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 
 FORMAT = 1
@@ -151,13 +152,10 @@ class LatentCache:
 
     def write(self, placement: Placement, key: str, kind: str, tensor: torch.Tensor) -> None:
         """Store an entry, atomically: a reader sees the old file or the new one, never a part."""
-        self.folder.mkdir(parents=True, exist_ok=True)
         tensor = tensor.detach().float().cpu().contiguous()
-        path = self.path(placement)
-        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
         metadata = {"key": key, "kind": kind, "checksum": tensor_checksum(tensor), "image": placement.path}
-        save_file({kind: tensor}, str(partial), metadata=metadata)
-        os.replace(partial, path)
+        with atomic_path(self.path(placement)) as partial:
+            save_file({kind: tensor}, str(partial), metadata=metadata)
 
 
 Encoder = Callable[[torch.Tensor], Any]
