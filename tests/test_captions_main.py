@@ -2,6 +2,8 @@
 and latent caching: the VAE encodes each image once before training and never during it, a second run finds every
 latent cached, and the shipped configs' data sections build on such a folder."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -113,3 +115,32 @@ def test_shipped_configs_build_their_data_on_a_caption_folder(tmp_path):
     data = instantiate_from_config(prior.data)
     data.setup()
     assert len(data.datasets["train"]) == 2 * len(SIZES)
+
+
+@pytest.mark.slow
+def test_ddp_ranks_share_the_caching_and_the_buckets(tmp_path):
+    """Two processes: each encodes its share of the images, both train on one-bucket batches of their own."""
+    data_root = caption_folder(tmp_path / "data")
+    config = tiny_config(tmp_path, data_root)
+    logs = tmp_path / "logs"
+    overrides = [*QUIET, "lightning.callbacks.image_logger.params.disabled=true", "lightning.trainer.max_steps=2"]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), "-b", str(config), "-t", "-l", str(logs),
+         "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", *overrides],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    assert "[rank 0] finished at global step 2" in out and "[rank 1] finished at global step 2" in out
+    assert len(list((data_root / ".latent-cache").glob("*.safetensors"))) == len(SIZES)
+    assert all(p.suffix == ".safetensors" for p in (data_root / ".latent-cache").iterdir())  # no temp files left
+
+
+def test_main_reports_a_bad_caption_folder_in_one_line(tmp_path, capsys):
+    data_root = tmp_path / "data"
+    write_image(data_root / "2_a shape" / "ok.png", (64, 64))
+    (data_root / "2_a shape" / "broken.png").write_bytes(b"not an image")
+    config = tiny_config(tmp_path, data_root)
+    assert main.main(["-b", str(config), "-t", "-l", str(tmp_path / "logs"), *QUIET]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "data.params.train" in err and "broken.png' is not a readable image" in err

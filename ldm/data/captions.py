@@ -235,6 +235,11 @@ class KohyaFolder(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
+    @property
+    def caches_latents(self) -> bool:
+        """Whether items carry cached latents (``cache_latents``), which :meth:`prepare_latents` must make first."""
+        return self.cache is not None
+
     def bucket_keys(self) -> list[Size]:
         """The bucket (width, height) of every item, for a :class:`~ldm.data.buckets.BucketBatchSampler`."""
         return [self.placements[i].bucket for i in self.index]

@@ -245,7 +245,7 @@ class CacheLatents(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         datamodule = getattr(trainer, "datamodule", None)
-        datasets = [d for d in getattr(datamodule, "datasets", {}).values() if hasattr(d, "prepare_latents")]
+        datasets = [d for d in getattr(datamodule, "datasets", {}).values() if getattr(d, "caches_latents", False)]
         if not datasets:
             return
         encode, encoder_id = model_encoder(pl_module)

@@ -88,6 +88,10 @@ class PriorPreservation(Dataset):
     def __len__(self) -> int:
         return max(len(self.instance), len(self.classes.records))
 
+    @property
+    def caches_latents(self) -> bool:
+        return self.instance.caches_latents
+
     def _pair(self, index: int) -> tuple[int, int]:
         """(instance item, class image) of item ``index``."""
         return index % len(self.instance), index % len(self.classes.records)

@@ -238,7 +238,7 @@ class LatentDiffusion(DDPM):
         """
         encoded, x = self.first_stage_input(batch, k, bs)
         z = self.get_first_stage_encoding(encoded).detach()
-        if x is None and (return_first_stage_outputs or return_x or cond_key == k):
+        if x is None and (return_first_stage_outputs or return_x or (cond_key or self.cond_stage_key) == k):
             # A batch of cached latents has no pixels: the images it stands for are their decoding.
             x = self.decode_first_stage(z)
         c = xc = None
