@@ -164,3 +164,21 @@ def test_loader_yields_collated_single_bucket_batches_lightning_leaves_alone():
     trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_checkpointing=False)
     prepared = trainer._data_connector._prepare_dataloader(loader, shuffle=True, mode=RunningStage.TRAINING)
     assert prepared is loader
+
+
+def test_a_resumed_loader_goes_on_with_the_same_bucket_batches():
+    data = [{"i": torch.tensor(i)} for i in range(len(BUCKETS))]
+
+    def make() -> ResumableLoader:
+        sampler = BucketBatchSampler(BUCKETS, 2, seed=4)
+        return ResumableLoader(BatchedDataset(data, torch.utils.data.default_collate), sampler=sampler, batch_size=None)
+
+    full = [b["i"].tolist() for b in make()]
+    interrupted = make()
+    served = iter(interrupted)
+    first = [next(served)["i"].tolist() for _ in range(3)]
+    state = interrupted.state_dict()
+    assert state == {"batches": 3}
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert first + [b["i"].tolist() for b in resumed] == full
