@@ -322,8 +322,15 @@ class LatentDiffusion(DDPM):
         if not self.scale_by_std or self.global_step != 0 or batch_idx != 0 or self.restarted_from_ckpt:
             return
         encoded, _ = self.first_stage_input(batch, self.first_stage_key)
-        z = self.get_first_stage_encoding(encoded) / self.scale_factor
-        std = self.all_gather(z.float()).flatten().std()
+        z = (self.get_first_stage_encoding(encoded) / self.scale_factor).float().flatten()
+        # Each rank's count, mean and squared deviations, pooled (Chan et al.) rather than gathering the latents:
+        # ranks' batches can differ in shape (aspect-ratio buckets).
+        mean = z.mean()
+        stats = torch.stack([z.new_tensor(z.numel()), mean, (z - mean).square().sum()])
+        counts, means, deviations = self.all_gather(stats).reshape(-1, 3).unbind(dim=1)
+        pooled = (counts * means).sum() / counts.sum()
+        squares = (deviations + counts * (means - pooled).square()).sum()
+        std = (squares / (counts.sum() - 1)).sqrt()  # torch.std's, with Bessel's correction
         self.scale_factor.copy_(1.0 / std)
         rank_zero_info(f"scale_by_std: scale_factor set to {float(self.scale_factor):.5f}")
 
