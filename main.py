@@ -37,6 +37,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from ldm.callbacks import AtomicCheckpointIO, DiskFullError, ImageLogger, LastCheckpoint, SetupCallback, TrainingRng
 from ldm.checkpoint import CheckpointError
 from ldm.data.base import DataModuleFromConfig, WrappedDataset
+from ldm.data.latent_cache import CacheLatents
 from ldm.errors import ScriptParser, UserError, print_error
 from ldm.resume import adopt_callback_states, check_resumable, find_resume_checkpoint, read_resume_checkpoint
 from ldm.util import ConfigError, instantiate_from_config, load_config
@@ -237,8 +238,8 @@ def make_logger(config: Any, logdir: Path) -> Any:
 
 
 def make_callbacks(lightning_config: DictConfig, setup: SetupCallback, ckptdir: Path) -> list[pl.Callback]:
-    """The run's callbacks: set-up, the random generators' states, ``last.ckpt`` keeping, ``ModelCheckpoint`` and
-    the ``lightning.callbacks``."""
+    """The run's callbacks: set-up, the random generators' states, ``last.ckpt`` keeping, ``ModelCheckpoint``,
+    latent caching and the ``lightning.callbacks``."""
     checkpoint_defaults = {
         "target": "ldm.callbacks.PeriodicCheckpoint",
         "params": {
@@ -265,6 +266,7 @@ def make_callbacks(lightning_config: DictConfig, setup: SetupCallback, ckptdir: 
     }
     callback_configs = OmegaConf.merge(callback_defaults, lightning_config.get("callbacks") or {})
     callbacks = [setup, TrainingRng(), instantiate_from_config(checkpoint_config, path="lightning.modelcheckpoint")]
+    callbacks.append(CacheLatents())  # encodes the images of datasets with cache_latents before the first batch
     callbacks.append(LastCheckpoint(ckptdir / "last.ckpt"))
     for name, node in callback_configs.items():
         callbacks.append(instantiate_from_config(node, path=f"lightning.callbacks.{name}"))

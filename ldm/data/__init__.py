@@ -1,4 +1,6 @@
-"""Training data: ``DataModuleFromConfig`` (``base``), caption-image folders (``folder``), WebDataset tar shards
+"""Training data: ``DataModuleFromConfig`` (``base``), caption-image folders (``folder``; kohya's layout with
+aspect-ratio buckets in ``captions`` and ``buckets``, latent caching in ``latent_cache``, DreamBooth prior
+preservation in ``prior``), WebDataset tar shards
 (``webdataset``), a synthetic coloured-shapes dataset (``shapes``), and local copies of the datasets the CompVis
 configs name: ImageNet and its super-resolution pairs (``imagenet``), LSUN (``lsun``), CelebA-HQ and FFHQ
 (``faces``).

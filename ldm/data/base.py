@@ -11,8 +11,9 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, default_collate
 
+from ldm.data.buckets import BatchedDataset, BucketBatchSampler
 from ldm.errors import UserError
 from ldm.util import ConfigError, instantiate_from_config
 
@@ -104,9 +105,14 @@ class ResumableLoader(DataLoader):
 
     served = 0
 
+    @property
+    def indices_per_batch(self) -> int:
+        """What the sampler's ``start`` counts per batch: indices, or 1 where it yields whole batches (buckets)."""
+        return self.batch_size or 1
+
     def __iter__(self) -> Iterator[Any]:
         # A generator: the sampler is read at the first batch, after Lightning has set its epoch.
-        self.served = self.sampler.start // self.batch_size
+        self.served = self.sampler.start // self.indices_per_batch
         for batch in super().__iter__():
             self.served += 1
             yield batch
@@ -117,7 +123,7 @@ class ResumableLoader(DataLoader):
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         batches = int(state["batches"])
         # A checkpoint from the end of an epoch resumes at the start of the next one.
-        self.sampler.start = batches * self.batch_size if batches < len(self) else 0
+        self.sampler.start = batches * self.indices_per_batch if batches < len(self) else 0
 
 
 def global_seed() -> int:
@@ -196,15 +202,22 @@ class DataModuleFromConfig(pl.LightningDataModule):
             # Without a generator of its own, every pass would take its worker seeds from the global one.
             "generator": torch.Generator().manual_seed(global_seed()),
         }
+        # Datasets whose items are not single examples (prior-preservation pairs) say how to batch them.
+        settings["collate_fn"] = getattr(dataset, "collate", default_collate)
         if isinstance(dataset, IterableDataset):
             return DataLoader(dataset, **settings)
-        if split == "train":
-            trainer = self.trainer
-            sampler = ResumableSampler(
-                dataset,
-                num_replicas=trainer.world_size if trainer else 1,
-                rank=trainer.global_rank if trainer else 0,
-                seed=global_seed(),
+        trainer = self.trainer
+        ranks = {"num_replicas": trainer.world_size if trainer else 1, "rank": trainer.global_rank if trainer else 0}
+        if callable(getattr(dataset, "bucket_keys", None)):
+            # Aspect-ratio buckets (ldm.data.buckets): every batch from one bucket, so its images share a size.
+            shuffle = self.shuffle.get(split, False)
+            buckets = BucketBatchSampler(
+                dataset.bucket_keys(), self.batch_size, seed=global_seed(), shuffle=shuffle, **ranks
             )
+            batched = BatchedDataset(dataset, settings.pop("collate_fn"))
+            kind = ResumableLoader if split == "train" else DataLoader
+            return kind(batched, sampler=buckets, **(settings | {"batch_size": None}))
+        if split == "train":
+            sampler = ResumableSampler(dataset, seed=global_seed(), **ranks)
             return ResumableLoader(dataset, sampler=sampler, **settings)
         return DataLoader(dataset, shuffle=self.shuffle.get(split, False), **settings)

@@ -28,7 +28,7 @@ from ldm.models.diffusion.noise import Noise
 from ldm.models.diffusion.samplers import sample as run_sampler
 from ldm.models.diffusion.sampling import sample_ddpm
 from ldm.models.diffusion.schedules import ddim_sigmas, zero_terminal_snr_betas
-from ldm.models.diffusion.training import DiffusionTrainingMixin, check_ucg_training
+from ldm.models.diffusion.training import DiffusionTrainingMixin, check_ucg_training, prior_preservation_loss
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
 from ldm.modules.ema import LitEma
 from ldm.util import ConfigError
@@ -64,7 +64,8 @@ class DDPM(DiffusionTrainingMixin, pl.LightningModule):
     the conversions between the eps / x0 / v parameterizations and the training loss (:meth:`p_losses`).
     Constructor arguments mirror the YAML ``model.params``. Training options beyond CompVis:
     ``offset_noise_strength`` adds per-channel constant noise (offset noise) and ``snr_gamma`` turns on min-SNR-gamma
-    loss weighting (Hang et al. 2023; 5.0 is the usual value). ``zero_terminal_snr`` rescales the schedule so that
+    loss weighting (Hang et al. 2023; 5.0 is the usual value); ``prior_loss_weight`` weighs the class images of
+    prior-preservation batches (:mod:`ldm.data.prior`). ``zero_terminal_snr`` rescales the schedule so that
     the last timestep is pure noise (Lin et al. 2023, Algorithm 1; see
     :func:`~ldm.models.diffusion.schedules.rescale_zero_terminal_snr`), which needs v- (or x0-) prediction.
     """
@@ -101,6 +102,7 @@ class DDPM(DiffusionTrainingMixin, pl.LightningModule):
         offset_noise_strength: float = 0.0,
         snr_gamma: float | None = None,
         zero_terminal_snr: bool = False,
+        prior_loss_weight: float = 1.0,
     ) -> None:
         super().__init__()
         if zero_terminal_snr and parameterization == "eps":
@@ -138,6 +140,7 @@ class DDPM(DiffusionTrainingMixin, pl.LightningModule):
         self.ucg_training = ucg_training or {}
         self.offset_noise_strength = offset_noise_strength
         self.snr_gamma = snr_gamma
+        self.prior_loss_weight = prior_loss_weight
         if monitor is not None:
             self.monitor = monitor
         self.register_schedule(given_betas, beta_schedule, timesteps, linear_start, linear_end, cosine_s)
@@ -341,13 +344,19 @@ class DDPM(DiffusionTrainingMixin, pl.LightningModule):
         return clipped
 
     def diffusion_loss(
-        self, model_output: torch.Tensor, x_start: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+        self,
+        model_output: torch.Tensor,
+        x_start: torch.Tensor,
+        noise: torch.Tensor,
+        t: torch.Tensor,
+        class_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The training loss for one prediction, and the CompVis log dict (``{train|val}/loss_simple``, ...).
 
         ``loss_simple`` is the per-sample mean error (B,), min-SNR weighted with ``snr_gamma``. Each sample's loss is
-        ``loss_simple / exp(logvar_t) + logvar_t`` (``logvar`` is 0 unless learned), averaged and scaled by
-        ``l_simple_weight``, plus ``original_elbo_weight`` times the vlb term ``mean(lvlb_weights[t] * loss_simple)``.
+        ``loss_simple / exp(logvar_t) + logvar_t`` (``logvar`` is 0 unless learned), averaged (with a ``class_mask``
+        (B,): DreamBooth's instance mean + ``prior_loss_weight`` * class mean) and scaled by ``l_simple_weight``,
+        plus ``original_elbo_weight`` times the vlb term ``mean(lvlb_weights[t] * loss_simple)``.
         """
         prefix = "train" if self.training else "val"
         target = self.training_target(x_start, noise, t)
@@ -359,7 +368,7 @@ class DDPM(DiffusionTrainingMixin, pl.LightningModule):
         if self.learn_logvar:
             log[f"{prefix}/loss_gamma"] = loss.detach().mean()
             log["logvar"] = self.logvar.detach().mean()
-        loss = self.l_simple_weight * loss.mean()
+        loss = self.l_simple_weight * prior_preservation_loss(loss, class_mask, self.prior_loss_weight, log, prefix)
         loss_vlb = (self.lvlb_weights[t] * loss_simple).mean()
         log[f"{prefix}/loss_vlb"] = loss_vlb.detach()
         loss = loss + self.original_elbo_weight * loss_vlb
@@ -367,12 +376,16 @@ class DDPM(DiffusionTrainingMixin, pl.LightningModule):
         return loss, log
 
     def p_losses(
-        self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None
+        self,
+        x_start: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        class_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Noise ``x_start`` to ``t`` (with :meth:`draw_noise` unless ``noise`` is given), predict, and score."""
         noise = self.draw_noise(x_start) if noise is None else noise
         model_output = self.apply_model(self.q_sample(x_start, t, noise), t)
-        return self.diffusion_loss(model_output, x_start, noise, t)
+        return self.diffusion_loss(model_output, x_start, noise, t, class_mask)
 
     def sample_timesteps(self, batch_size: int) -> torch.Tensor:
         """Uniform training timesteps (B,) in [0, num_timesteps)."""

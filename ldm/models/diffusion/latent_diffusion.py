@@ -16,6 +16,8 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 
 from ldm.data.layout import plot_layouts
+from ldm.data.latent_cache import cached_first_stage
+from ldm.data.prior import class_mask
 from ldm.errors import UserError
 from ldm.models.autoencoder import VQModelInterface
 from ldm.models.diffusion.ddpm import DDPM
@@ -241,12 +243,11 @@ class LatentDiffusion(DDPM):
         Appended as asked (CompVis order): the images x and their reconstruction, x again, the raw conditioning.
         ``bs`` keeps the first ``bs`` samples.
         """
-        x = DDPM.get_input(batch, k)
-        if bs is not None:
-            x = x[:bs]
-        # The model's dtype: float32 under mixed precision, bfloat16/float16 when Lightning runs it in "true" precision.
-        x = x.to(self.device, self.dtype)
-        z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
+        encoded, x = self.first_stage_input(batch, k, bs)
+        z = self.get_first_stage_encoding(encoded).detach()
+        if x is None and (return_first_stage_outputs or return_x or (cond_key or self.cond_stage_key) == k):
+            # A batch of cached latents has no pixels: the images it stands for are their decoding.
+            x = self.decode_first_stage(z)
         c = xc = None
         if self.model.conditioning_key is not None and not self.force_null_conditioning:
             cond_key = cond_key or self.cond_stage_key
@@ -289,9 +290,27 @@ class LatentDiffusion(DDPM):
         latents z (B, C, h, w) and the batch; ``bs`` as in :meth:`get_input`. Only for ``conditions_beyond_prompt``."""
         raise NotImplementedError(f"{type(self).__name__} sets conditions_beyond_prompt but has no batch_conditioning")
 
+    @torch.no_grad()
+    def first_stage_input(
+        self, batch: Mapping[str, Any], k: str, bs: int | None = None
+    ) -> tuple[Any, torch.Tensor | None]:
+        """``(first-stage output, images)`` for ``batch[k]`` (the first ``bs``): the images (B, 3, H, W) in the
+        model's device and dtype with their encoding, or, for a batch whose latents were cached
+        (:mod:`ldm.data.latent_cache`), the encoding it carries and None."""
+        cached = cached_first_stage(batch, bs, self.device, self.dtype) if k == self.first_stage_key else None
+        if cached is not None:
+            return cached, None
+        x = DDPM.get_input(batch, k)
+        if bs is not None:
+            x = x[:bs]
+        # The model's dtype: float32 under mixed precision, bfloat16/float16 when Lightning runs it in "true" precision.
+        x = x.to(self.device, self.dtype)
+        return self.encode_first_stage(x), x
+
     def shared_step(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         z, c = self.get_input(batch, self.first_stage_key)
-        return self(z, c)
+        mask = class_mask(batch)  # prior preservation: which samples are class images
+        return self(z, c) if mask is None else self(z, c, class_mask=mask)
 
     def forward(self, x: torch.Tensor, c: Any, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, dict[str, Any]]:
         """The loss for latents x: (B, C, h, w) at uniformly drawn timesteps; ``c`` as :meth:`get_input` gives it."""
@@ -302,12 +321,17 @@ class LatentDiffusion(DDPM):
         return self.p_losses(x, c, self.sample_timesteps(x.shape[0]), *args, **kwargs)
 
     def p_losses(
-        self, x_start: torch.Tensor, cond: Any, t: torch.Tensor, noise: torch.Tensor | None = None
+        self,
+        x_start: torch.Tensor,
+        cond: Any,
+        t: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        class_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """:meth:`DDPM.p_losses` with the conditioning ``cond`` passed to :meth:`apply_model`."""
         noise = self.draw_noise(x_start) if noise is None else noise
         model_output = self.apply_model(self.q_sample(x_start, t, noise), t, cond)
-        return self.diffusion_loss(model_output, x_start, noise, t)
+        return self.diffusion_loss(model_output, x_start, noise, t, class_mask)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The UNet, the cond stage if ``cond_stage_trainable``, and ``logvar`` if learned."""
@@ -323,9 +347,16 @@ class LatentDiffusion(DDPM):
         """With ``scale_by_std``, set ``scale_factor`` to 1 / std of the first batch's latents (all ranks pooled)."""
         if not self.scale_by_std or self.global_step != 0 or batch_idx != 0 or self.restarted_from_ckpt:
             return
-        x = DDPM.get_input(batch, self.first_stage_key).to(self.device, self.dtype)
-        z = self.get_first_stage_encoding(self.encode_first_stage(x)) / self.scale_factor
-        std = self.all_gather(z.float()).flatten().std()
+        encoded, _ = self.first_stage_input(batch, self.first_stage_key)
+        z = (self.get_first_stage_encoding(encoded) / self.scale_factor).float().flatten()
+        # Each rank's count, mean and squared deviations, pooled (Chan et al.) rather than gathering the latents:
+        # ranks' batches can differ in shape (aspect-ratio buckets).
+        mean = z.mean()
+        stats = torch.stack([z.new_tensor(z.numel()), mean, (z - mean).square().sum()])
+        counts, means, deviations = self.all_gather(stats).reshape(-1, 3).unbind(dim=1)
+        pooled = (counts * means).sum() / counts.sum()
+        squares = (deviations + counts * (means - pooled).square()).sum()
+        std = (squares / (counts.sum() - 1)).sqrt()  # torch.std's, with Bessel's correction
         self.scale_factor.copy_(1.0 / std)
         rank_zero_info(f"scale_by_std: scale_factor set to {float(self.scale_factor):.5f}")
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from ldm.data.latent_cache import LATENT_KEY, MOMENTS_KEY
 from ldm.util import ConfigError, instantiate_from_config
 
 
@@ -23,6 +24,31 @@ def check_ucg_training(ucg_training: Mapping[str, Any]) -> None:
             raise ConfigError(f"ucg_training.{key}: expected {{p: <probability>, val: <replacement>}}, got {spec!r}.")
         if not 0.0 <= float(spec["p"]) <= 1.0:
             raise ConfigError(f"ucg_training.{key}.p must be in [0, 1], got {spec['p']}.")
+
+
+def prior_preservation_loss(
+    losses: torch.Tensor,
+    class_mask: torch.Tensor | None,
+    prior_loss_weight: float,
+    log: dict[str, torch.Tensor],
+    prefix: str,
+) -> torch.Tensor:
+    """The batch loss from per-sample losses (B,): their mean, or with ``class_mask`` (B,) (True for the class
+    images of DreamBooth's prior preservation) ``mean(instance) + prior_loss_weight * mean(class)``, a part left out
+    when the batch has none of its samples. Logs ``{prefix}/loss_instance`` and ``{prefix}/loss_prior``."""
+    if class_mask is None:
+        return losses.mean()
+    class_mask = class_mask.to(losses.device, torch.bool)
+    loss = losses.new_zeros(())
+    if (~class_mask).any():
+        instance = losses[~class_mask].mean()
+        log[f"{prefix}/loss_instance"] = instance.detach()
+        loss = loss + instance
+    if class_mask.any():
+        prior = losses[class_mask].mean()
+        log[f"{prefix}/loss_prior"] = prior.detach()
+        loss = loss + prior_loss_weight * prior
+    return loss
 
 
 class DiffusionTrainingMixin:
@@ -58,7 +84,11 @@ class DiffusionTrainingMixin:
         return batch
 
     def _batch_size(self, batch: Mapping[str, Any]) -> int:
-        return len(batch[self.first_stage_key])
+        # Batches of cached latents (ldm.data.latent_cache) carry them instead of the images.
+        for key in (self.first_stage_key, MOMENTS_KEY, LATENT_KEY):
+            if key in batch:
+                return len(batch[key])
+        raise KeyError(f"the batch has no '{self.first_stage_key}' (keys: {sorted(batch)}).")
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         batch = self.drop_conditioning(batch)
