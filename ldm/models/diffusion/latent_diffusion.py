@@ -15,8 +15,8 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 
-from ldm.data.layout import plot_layouts
 from ldm.data.latent_cache import cached_first_stage
+from ldm.data.layout import plot_layouts
 from ldm.data.prior import class_mask
 from ldm.errors import UserError
 from ldm.models.autoencoder import VQModelInterface
