@@ -34,5 +34,10 @@ shapes-model: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
-test: lint
+# The optional peers the comparison tests check formats against (diffusers, peft, OpenCV); never runtime needs.
+$(VENV)/.compare-installed: $(VENV)/.installed requirements-compare.txt requirements-bench.txt
+	$(PY) -m pip install -q -r requirements-compare.txt
+	touch $@
+
+test: lint $(VENV)/.compare-installed
 	$(PY) -m pytest -q

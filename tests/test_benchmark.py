@@ -20,7 +20,7 @@ from ldm.benchmark.weights import random_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "models/ldm/shapes"
-NO_DIFFUSERS = "diffusers is not installed (pip install -r requirements-bench.txt); CI measures this project alone"
+NO_DIFFUSERS = "diffusers is not installed (pip install -r requirements-compare.txt; make test installs it)"
 
 
 @pytest.fixture(scope="module")

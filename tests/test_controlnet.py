@@ -190,7 +190,9 @@ def test_drawing_preprocessors_invert_and_scribble_thresholds():
 
 
 def test_canny_finds_the_edges_with_opencv():
-    pytest.importorskip("cv2", reason="opencv-python is optional; the canny preprocessor needs it")
+    pytest.importorskip(
+        "cv2", reason="opencv-python is optional (requirements-compare.txt); the canny preprocessor needs it"
+    )
     edges = np.asarray(preprocess(drawing(), "canny"))[..., 0]
     assert edges[0, 0] == 0 and edges.max() == 255 and set(np.unique(edges)) == {0, 255}
 
@@ -205,7 +207,9 @@ def test_canny_without_opencv_names_the_package(monkeypatch):
 
 @pytest.mark.parametrize("sd2", [False, True], ids=["sd1", "sd2-linear-proj"])
 def test_against_diffusers_controlnetmodel(tiny_config, sd2):
-    diffusers = pytest.importorskip("diffusers", reason="diffusers is optional; only this comparison needs it")
+    diffusers = pytest.importorskip(
+        "diffusers", reason="diffusers is optional (requirements-compare.txt); only this comparison needs it"
+    )
     params = tiny_control_params(tiny_config)
     heads = params["num_heads"]
     if sd2:  # SD 2.x's way: a fixed head width (diffusers counts heads per level) and linear projections

@@ -19,7 +19,8 @@ from ldm.modules.encoders.tokenizer import _open_clip_bpe
 from ldm.prompts import encode_chunks, prompt_chunks
 
 textual_inversion = pytest.importorskip(
-    "diffusers.loaders.textual_inversion", reason="diffusers is not installed (optional; only for this comparison)"
+    "diffusers.loaders.textual_inversion",
+    reason="diffusers is not installed (requirements-compare.txt; only for this comparison)",
 )
 
 

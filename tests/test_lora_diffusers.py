@@ -12,8 +12,10 @@ from safetensors.torch import save_file
 from ldm.adapters.lora import LoraMerger, read_lora
 from ldm.checkpoint import load_model_from_config
 
-diffusers = pytest.importorskip("diffusers", reason="the comparison needs diffusers (pip install diffusers)")
-pytest.importorskip("peft", reason="diffusers loads LoRAs through peft (pip install peft)")
+diffusers = pytest.importorskip(
+    "diffusers", reason="the comparison needs diffusers and peft (pip install -r requirements-compare.txt)"
+)
+pytest.importorskip("peft", reason="diffusers loads LoRAs through peft (pip install -r requirements-compare.txt)")
 
 LAYERS = {  # diffusers-form kohya name -> (up, down) shapes: attention, feed-forward, proj, resnet convs, resampler
     "down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": ((32, 4), (4, 32)),

@@ -31,7 +31,9 @@ def test_blur_is_a_normalised_symmetric_gaussian_and_0_is_none():
 
 
 def test_blur_matches_opencv_where_installed():
-    cv2 = pytest.importorskip("cv2", reason="opencv-python is optional; A1111 blurs with cv2.GaussianBlur")
+    cv2 = pytest.importorskip(
+        "cv2", reason="opencv-python is optional (requirements-compare.txt); A1111 blurs with cv2.GaussianBlur"
+    )
     mask = box_mask((33, 21), (5, 4, 20, 15))
     for sigma in (1, 4):
         size = 2 * int(2.5 * sigma + 0.5) + 1

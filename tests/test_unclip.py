@@ -69,7 +69,7 @@ def test_noise_augmentation_matches_diffusers_stable_unclip_noising():
     """diffusers' StableUnCLIPImg2ImgPipeline noises the embedding with a squaredcos_cap_v2 DDPMScheduler and appends
     ``get_timestep_embedding(level, D, flip_sin_to_cos=True, downscale_freq_shift=0)`` (with diffusers installed:
     ``pip install -r requirements-bench.txt``)."""
-    diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (requirements-bench.txt)")
+    diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (requirements-compare.txt)")
     from diffusers.models.embeddings import get_timestep_embedding
 
     scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
