@@ -37,6 +37,9 @@ OPENCLIP_PREFIX = "cond_stage_model.model."
 EMA_PREFIX = "model_ema."
 UNET_PREFIX = "model.diffusion_model."
 DEPTH_PREFIX = "depth_model."  # SD 2 depth-to-image: the MiDaS weights
+# Models a whole checkpoint may hold beside the SD model (lllyasviel's ControlLDM files control_sd15_*.pth, and merges
+# of them), by key prefix: a base load takes the SD part and names these; any other extra key fails the strict load.
+ADDON_PREFIXES = {"control_model.": "a ControlNet ({prefix}*, {count} tensors); use it with --control_model {path}"}
 
 # load_state_dict_into hands tensors to load_state_dict in groups of about this size: one call per tensor would walk
 # the module tree some 2,500 times for SDXL, one call for all would hold the whole file.
@@ -330,6 +333,13 @@ def _load_chunk(model: nn.Module, chunk: dict[str, torch.Tensor], targets: Mappi
     model.load_state_dict({k: v for k, v in chunk.items() if targets[k].is_meta}, strict=False, assign=True)
 
 
+def addon_counts(state_dict: Iterable[str], model_keys: Iterable[str]) -> dict[str, int]:
+    """``{prefix: number of keys}`` of the :data:`ADDON_PREFIXES` models in the file that the model has no part of."""
+    model_prefixes = {p for key in model_keys for p in ADDON_PREFIXES if key.startswith(p)}
+    counts = Counter(p for key in state_dict for p in ADDON_PREFIXES if key.startswith(p))
+    return {p: n for p, n in counts.items() if p not in model_prefixes}
+
+
 def read_ckpt_path(path: str | os.PathLike) -> LazyStateDict:
     """The state dict of a config's ``ckpt_path``, read while the model is built, a tensor at a time as it is loaded
     (:class:`LazyStateDict`), so fine-tuning SDXL from a file does not hold the file beside the model.
@@ -383,9 +393,14 @@ def load_model_from_config(
                 if param.is_floating_point():
                     param.data = param.data.to(dtype)  # on the meta device: costs nothing
         try:
-            load_state_dict_into(model, open_checkpoint(ckpt)[0], use_ema_weights=use_ema_weights)
+            state_dict = open_checkpoint(ckpt)[0]
+            addons = addon_counts(state_dict, model.state_dict().keys())
+            load_state_dict_into(model, state_dict, use_ema_weights=use_ema_weights, ignore_prefixes=addons)
         except CheckpointError as err:
             raise CheckpointError(f"{Path(ckpt).name}: {err}") from None
+        for prefix, count in addons.items():
+            usage = ADDON_PREFIXES[prefix].format(prefix=prefix, count=count, path=ckpt)
+            print(f"{Path(ckpt).name} also holds {usage} (not loaded into the base model)")
         left = [name for name, t in model.state_dict().items() if t.is_meta]
         if left:
             raise CheckpointError(f"{Path(ckpt).name} does not set {len(left)} tensor(s) of the model, e.g. {left[0]}.")

@@ -264,7 +264,7 @@ def plan(mode: str, args: argparse.Namespace) -> Job:
         "encode": mode not in FROM_NOISE,
         "kept_images": total if grid is not None else 0,
     }
-    memory = estimate(Footprint.from_config(config), **sizing)
+    memory = estimate(Footprint.from_config(config), **sizing, controlnets=len(request.controls))
     if refiner is not None:
         memory = with_refiner(memory, estimate(Footprint.from_config(refiner.config), **sizing))
     check_memory(memory, available_memory(options.device), options.device, args.vae_tiling)

@@ -8,7 +8,8 @@ resized to 8x the latent (the output size, for SD's 8x VAE), and gives residuals
 connections and middle block (see :mod:`ldm.modules.diffusionmodules.controlnet`); several ControlNets add theirs
 up. As A1111's default ("Balanced"), the residuals go to the conditional and the unconditional branch alike: the
 control images ride in the conditioning as ``c_control`` (so the two branches stay one batch), and the ControlNets
-wait on the UNet's wrapper (``DiffusionWrapper.control``) for the run.
+wait on the UNet's wrapper (``DiffusionWrapper.control``) for the run. With the pipeline's ``idle_device`` they are
+kept there between runs and come to the device only for a run, as the refiner's UNet does.
 
 ``strength`` scales a ControlNet's residuals (A1111's "Weight"; 0 leaves the image exactly as without it).
 ``start`` / ``end`` are A1111's "Guidance Start / End": the ControlNet acts at step ``i`` of the ``N`` steps the run
@@ -214,7 +215,10 @@ class ControlRun:
         if not hasattr(self.wrapper, "control"):
             raise UserError(f"ControlNets need a UNet model; this is a {type(pipe.model).__name__}.")
         unet = self.wrapper.diffusion_model
-        nets = [pipe.controlnets.get(spec.model, unet, pipe.device) for spec in self.specs]
+        # With an idle device the ControlNets wait there, and come to the device while attached.
+        self.device, self.idle_device = pipe.device, pipe.idle_device
+        home = pipe.device if pipe.idle_device is None else pipe.idle_device
+        nets = [pipe.controlnets.get(spec.model, unet, home) for spec in self.specs]
         # The hint block takes the image down 8x, to the latent: the output size for SD's VAE (which also is 8x).
         width, height = (side // pipe.geometry.factor * HINT_FACTOR for side in (request.width, request.height))
         self.hints = [control_image(spec, width, height).to(pipe.device) for spec in self.specs]
@@ -231,15 +235,21 @@ class ControlRun:
 
     @contextmanager
     def attached(self) -> Iterator[None]:
-        """The ControlNets on the UNet's wrapper for the block (and off it after, however it ends)."""
+        """The ControlNets on the UNet's wrapper (and on the device) for the block, and off it (back on the idle
+        device) after, however it ends."""
         if self.stack is None:
             yield
             return
+        nets = dict.fromkeys(self.stack.nets) if self.idle_device is not None else {}  # a file given twice moves once
+        for net in nets:
+            net.to(self.device)
         self.wrapper.control = self.stack
         try:
             yield
         finally:
             self.wrapper.control = None
+            for net in nets:
+                net.to(self.idle_device)
 
     def callback(self, callback: Callable[[int, torch.Tensor], None] | None) -> Any:
         return callback if self.stack is None else self.stack.counting(callback)

@@ -6,7 +6,8 @@ Layouts read (by :func:`ldm.checkpoint.read_checkpoint`, which runs nothing in t
   ``.safetensors``) with keys ``control_model.input_blocks...``, ``control_model.zero_convs.N.0.weight``,
   ``control_model.input_hint_block.N.weight``, ``control_model.middle_block_out.0.weight``, or the same without the
   ``control_model.`` prefix; and whole ``ControlLDM`` checkpoints, whose ``control_model.*`` keys sit beside the SD
-  model's (only those are read here).
+  model's (only those are read here; given as the base ``--ckpt``, such a file loads its SD part and says it
+  holds a ControlNet, see :data:`ldm.checkpoint.ADDON_PREFIXES`).
 - "difference" ControlNets (a ``difference`` marker key): the encoder weights are offsets from SD 1.5's UNet, added
   to the base model's own weights as sd-webui-controlnet does.
 - diffusers' ``ControlNetModel`` (``diffusion_pytorch_model.safetensors``): renamed by :func:`diffusers_to_cldm`.

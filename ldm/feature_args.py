@@ -33,6 +33,8 @@ def add_feature_arguments(parser: argparse.ArgumentParser, mode: str) -> None:
         add("--mask_blur", type=int, default=0, help="blur the mask by this many pixels when pasting back")
         add("--inpaint_full_res", action="store_true", help="inpaint only the masked region, at --H x --W")
         add("--inpaint_full_res_padding", type=int, default=32, help="pixels around the region (default 32)")
+        # A1111's API name, as the other flags here; --invert_mask says it shorter.
+        add("--inpainting_mask_invert", "--invert_mask", action="store_true", help="repaint where the mask is black")
     if mode in FOLDER_MODES:
         add("--indir", type=str, default=None, help="a folder of inputs instead of --init-img (see ldm.folders)")
     if mode in ("txt2img", "img2img", "inpaint"):
@@ -44,6 +46,6 @@ def feature_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The GenerationRequest keywords of the feature flags given to ``args``."""
     names = (
         "subseed", "subseed_strength", "enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps",
-        "denoising_strength", "mask_blur", "inpaint_full_res", "inpaint_full_res_padding",
+        "denoising_strength", "mask_blur", "inpaint_full_res", "inpaint_full_res_padding", "inpainting_mask_invert",
     )  # fmt: skip
     return {name: getattr(args, name) for name in names if hasattr(args, name)}

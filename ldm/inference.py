@@ -54,7 +54,7 @@ from ldm.conversions import depth_to_tensor, image_to_tensor, mask_to_tensor, te
 from ldm.errors import UserError
 from ldm.features import feature_runner, request_fields
 from ldm.geometry import LatentGeometry
-from ldm.masking import paste_back
+from ldm.masking import paste_back, repaint_mask
 from ldm.model_detection import Detection, detect_checkpoint
 from ldm.models.diffusion.guidance import keep_known
 from ldm.models.diffusion.noise import Noise
@@ -283,7 +283,7 @@ class Pipeline:
         keeping the known latent, and cond / uncond as the model samples with them (an inpainting model's add the
         mask and the masked image, a depth model's the depth map).
         """
-        model, image, mask = self.model, request.init_image, request.mask
+        model, image, mask = self.model, request.init_image, repaint_mask(request.mask, request.inpainting_mask_invert)
         if model.image_is_condition:
             raise UserError(
                 "this unCLIP model makes variations of an image: give init_image and noise_level (0 = follow the "
@@ -410,7 +410,8 @@ class Pipeline:
             with self._active(self.stages["first_stage"]):
                 images = tensor_to_images(self._decode(latents))
         if request.mask is not None:
-            images = paste_back(images, request.init_image, request.mask, request.mask_blur)
+            mask = repaint_mask(request.mask, request.inpainting_mask_invert)
+            images = paste_back(images, request.init_image, mask, request.mask_blur)
         return GenerationResult(
             images=images,
             seeds=list(request.seeds),

@@ -6,7 +6,8 @@
     pipe.run(GenerationRequest(**settings))  # img2img / inpainting: add init_image= and mask=, not in infotext
 
 The entries this reads are those :class:`~ldm.inference.GenerationResult` writes for the settings of the core and
-of the A1111 features (variation seeds, hires fix, mask blur, only masked); any others come back in ``unread``.
+of the A1111 features (variation seeds, hires fix, mask blur, only masked, mask mode); any others come back in
+``unread``.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ READERS: dict[str, Callable[[str], dict[str, Any]]] = {
     "Mask blur": lambda v: {"mask_blur": int(v)},
     "Inpaint area": lambda v: {"inpaint_full_res": v == "Only masked"},
     "Masked area padding": lambda v: {"inpaint_full_res_padding": int(v)},
+    "Mask mode": lambda v: {"inpainting_mask_invert": v == "Inpaint not masked"},
 }
 TEXTS = ("Prompt", "Negative prompt")
 

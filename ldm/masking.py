@@ -1,4 +1,4 @@
-"""Inpainting's A1111 extras: mask blur and "inpaint only masked".
+"""Inpainting's A1111 extras: mask blur, "inpaint only masked" and the inverted mask.
 
 - ``mask_blur``: the generated image is pasted back over the init image through the mask blurred by a Gaussian of
   that many pixels' std (OpenCV's kernel size ``2 * int(2.5 * sigma + 0.5) + 1`` and mirrored border, as A1111
@@ -7,8 +7,14 @@
   then to the aspect ratio of the generation size, is cut out of the init image, inpainted at height x width (the
   model's resolution, whatever the region's) and pasted back, through the blurred mask, into the full-size image.
   Outside the mask the init image's pixels are kept bit for bit.
+- ``inpainting_mask_invert`` ("Mask mode: Inpaint not masked"): the black part of the mask is repainted. The
+  request keeps the mask as given, since requests are checked more than once (the scripts' plan, then the run) and
+  an inversion there would flip back; :func:`repaint_mask` inverts it where a run uses it: the model's mask and
+  the paste-back in :meth:`ldm.inference.Pipeline.run`, the crop of "inpaint only masked" (whose inner request
+  then holds the inverted mask, uninverted). As in A1111, the blur and the crop see the inverted mask.
 
-Infotext (A1111's names): ``Mask blur``, ``Inpaint area: Only masked``, ``Masked area padding``.
+Infotext (A1111's names): ``Mask blur``, ``Inpaint area: Only masked``, ``Masked area padding``, ``Mask mode: Inpaint
+not masked``.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ldm.errors import UserError
 from ldm.geometry import output_size
@@ -27,13 +33,19 @@ from ldm.outputs import load_image
 Box = tuple[int, int, int, int]  # (left, top, right, bottom), right/bottom exclusive, as PIL's crop
 
 
-def check_masking(mask_blur: int, inpaint_full_res: bool, padding: int) -> None:
-    """UserError unless the blur and padding are whole numbers of pixels >= 0."""
+def check_masking(mask_blur: int, inpaint_full_res: bool, padding: int, invert: bool = False) -> None:
+    """UserError unless the blur and padding are whole numbers of pixels >= 0 and the switches are booleans."""
     for name, value in (("mask_blur", mask_blur), ("inpaint_full_res_padding", padding)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise UserError(f"{name} is a number of pixels, a whole number >= 0; got {value!r}.")
-    if not isinstance(inpaint_full_res, bool):
-        raise UserError(f"inpaint_full_res is True or False, got {inpaint_full_res!r}.")
+    for name, value in (("inpaint_full_res", inpaint_full_res), ("inpainting_mask_invert", invert)):
+        if not isinstance(value, bool):
+            raise UserError(f"{name} is True or False, got {value!r}.")
+
+
+def repaint_mask(mask: Image.Image | None, invert: bool) -> Image.Image | None:
+    """The "L" mask a run repaints by (white = repaint): ``mask`` itself, or with ``invert`` its complement."""
+    return ImageOps.invert(mask.convert("L")) if mask is not None and invert else mask
 
 
 def blur_mask(mask: Image.Image, sigma: int) -> Image.Image:
@@ -72,6 +84,7 @@ def masking_fields(request: Any) -> dict[str, Any]:
         "Mask blur": request.mask_blur or None,
         "Inpaint area": "Only masked" if only_masked else None,
         "Masked area padding": request.inpaint_full_res_padding if only_masked else None,
+        "Mask mode": "Inpaint not masked" if request.inpainting_mask_invert else None,
     }
 
 
@@ -114,7 +127,7 @@ def run_only_masked(pipe: Any, request: Any, run: Callable[..., Any]) -> Any:
             f"the mask is {mask.width}x{mask.height} but the init image is {image.width}x{image.height}; "
             "give a mask of the same size (white = repaint)."
         )
-    mask = mask.point(lambda v: 255 if v >= 128 else 0)
+    mask = repaint_mask(mask.point(lambda v: 255 if v >= 128 else 0), request.inpainting_mask_invert)
     padded = crop_region(mask, request.inpaint_full_res_padding, 1.0)
     size = (padded[2] - padded[0], padded[3] - padded[1])
     width, height = output_size(size, pipe.geometry, height=request.height, width=request.width)
@@ -127,6 +140,7 @@ def run_only_masked(pipe: Any, request: Any, run: Callable[..., Any]) -> Any:
         width=width,
         mask_blur=0,
         inpaint_full_res=False,
+        inpainting_mask_invert=False,  # inverted above
     )
     result = run(inner)
     images = []

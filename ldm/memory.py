@@ -21,12 +21,22 @@ H x W the image, h x w = H/f x W/f the latent, L the context length (one 77-toke
   V0 a pixel (the formula gives 8). With tiling only one 64x64-latent tile is at full width. The second term is the
   decoded batch and its conversion to 8-bit pixels. The VAE is counted at 4 bytes whatever the precision:
   autocast runs its GroupNorms in float32.
+- control, with N ControlNets: ``2B * R * h * w + N * 2B * 3 * H * W``. A ControlNet is a copy of the UNet's input
+  half, run before the UNet in each model call, and the ControlNets run one after another: each one's working set is
+  freed before the next and the UNet start, and is less than the UNet's (the encoder's full-resolution transformer
+  is a part of the UNet step's working set; the hint block's full-pixel convolutions are 16 channels, some 3 * 16 *
+  f^2 = 10 C0 a latent pixel for SD against the step's 40 C0), so it adds no peak of its own. What stays through the
+  UNet's step are the residuals, summed over the ControlNets (one set whatever N): one tensor per UNet input block
+  and the middle block, R = sum_i C_i / 4^k_i elements a latent pixel for block i of width C_i at level k_i (the
+  skip widths; 5.1 C0 for SD: SD's step grows ~13%), in the UNet's precision; and each ControlNet's control image,
+  batched with cond and uncond into 2B copies at full pixel size, in float32. Weights are not counted, as the UNet's
+  are not.
 - encoder (img2img and inpainting, batch 1): ``7 * H * W * V0``; measured 6.2.
 - grid: the run's images kept for the grid, and the grid itself, at 4 bytes a pixel (PIL's RGB).
 
 Attention scores (queries x keys per head) are not counted: torch's fused attention kernels (flash and
 memory-efficient on CUDA, flash on the CPU) never hold them. The phases follow each other, so the peak is the
-context and the grid plus the largest of unet with attention, encoder and decoder.
+context and the grid plus the largest of unet with attention and control, encoder and decoder.
 """
 
 from __future__ import annotations
@@ -68,6 +78,7 @@ class Footprint:
     vae_width: int  # V0 = ch * ch_mult[0]; 0 without a VAE config
     vae_upsampled: int  # V1 = ch * ch_mult[1] (ch_mult[0] for a single level)
     chunk_length: int  # the text encoder's max_length: 77 tokens a chunk
+    residual_width: float = 0.0  # R: a ControlNet's residuals, elements a latent pixel (see residual_width())
 
     @classmethod
     def from_config(cls, config: Any) -> Footprint:
@@ -80,6 +91,9 @@ class Footprint:
         unet = "params.unet_config.params"
         model_channels = read(f"{unet}.model_channels", positive_int)
         channel_mult = read(f"{unet}.channel_mult", positive_ints, UNET_DEFAULT_CHANNEL_MULT)
+        res_blocks = config_value(config, f"{at}{unet}.num_res_blocks")
+        check = positive_int if isinstance(res_blocks, int) else positive_ints
+        res_blocks = check(res_blocks, f"{at}{unet}.num_res_blocks")
         context_dim = config_value(config, f"{at}{unet}.context_dim")
         vae = "params.first_stage_config.params.ddconfig"
         has_vae = config_value(config, at + vae) is not None
@@ -94,7 +108,20 @@ class Footprint:
             vae_width=ch * ch_mult[0],
             vae_upsampled=ch * ch_mult[min(1, len(ch_mult) - 1)],
             chunk_length=read("params.cond_stage_config.params.max_length", positive_int, CHUNK_TOKENS + 2),
+            residual_width=residual_width(model_channels, channel_mult, res_blocks),
         )
+
+
+def residual_width(model_channels: int, channel_mult: list[int], num_res_blocks: int | list[int]) -> float:
+    """R: the elements a latent pixel of a ControlNet's residuals, one (B, C_i, h / 2^k, w / 2^k) tensor per UNet
+    input block i (at level k) and one for the middle block (at the last level)."""
+    blocks = [num_res_blocks] * len(channel_mult) if isinstance(num_res_blocks, int) else list(num_res_blocks)
+    total = float(model_channels)  # the input convolution
+    for level, mult in enumerate(channel_mult):
+        total += mult * model_channels * blocks[level] / 4**level
+        if level < len(channel_mult) - 1:
+            total += mult * model_channels / 4 ** (level + 1)  # the downsampler keeps the width, halves the side
+    return total + model_channels * channel_mult[-1] / 4 ** (len(channel_mult) - 1)
 
 
 @dataclass(frozen=True)
@@ -104,13 +131,14 @@ class MemoryEstimate:
     context: int
     attention: int  # the UNet's cross-attention keys and values, during a step
     unet: int  # the rest of a UNet step
+    control: int  # the ControlNets' residuals and control images, during a step
     encoder: int
     decoder: int
     grid: int
 
     @property
     def peak(self) -> int:
-        return self.context + self.grid + max(self.unet + self.attention, self.encoder, self.decoder)
+        return self.context + self.grid + max(self.unet + self.attention + self.control, self.encoder, self.decoder)
 
     @property
     def largest(self) -> str:
@@ -129,11 +157,13 @@ def estimate(
     vae_tiling: bool = False,
     encode: bool = False,
     kept_images: int = 0,
+    controlnets: int = 0,
 ) -> MemoryEstimate:
     """The memory one batch of ``batch`` images of ``height`` x ``width`` needs.
 
     chunks: 77-token prompt chunks (see :func:`min_chunks`). half: the UNet computes in float16/bfloat16.
-    encode: an init image is encoded (img2img, inpainting). kept_images: images held for a grid.
+    encode: an init image is encoded (img2img, inpainting). kept_images: images held for a grid. controlnets: the
+    ControlNets acting on the run.
     """
     f = footprint
     h, w = height // f.factor, width // f.factor
@@ -142,11 +172,14 @@ def estimate(
     unet = UNET_ACTIVATIONS * f.unet_width * h * w * 2 * batch
     attention = CROSS_ATTENTION_COPIES * 2 * batch * tokens * f.attention_width
     tile_pixels = min(h, TILE) * min(w, TILE) * f.factor**2 if vae_tiling else pixels
+    residuals = 2 * batch * f.residual_width * h * w if controlnets else 0
+    hints = controlnets * 2 * batch * 3 * pixels
     decoder = batch * tile_pixels * (3 * f.vae_upsampled + 2 * f.vae_width) + DECODED_PIXEL_FLOATS * batch * pixels
     return MemoryEstimate(
         context=4 * CONTEXT_COPIES * batch * tokens * (f.context_dim or 0),
         attention=(2 if half else 4) * attention,
         unet=(2 if half else 4) * unet + 4 * SAMPLER_LATENTS * batch * f.latent_channels * h * w,
+        control=round((2 if half else 4) * residuals) + 4 * hints,
         encoder=4 * ENCODER_ACTIVATIONS * pixels * f.vae_width if encode else 0,
         decoder=4 * decoder,
         grid=2 * PIXEL_BYTES * kept_images * pixels,
@@ -185,6 +218,7 @@ MEMORY_PARTS = {
     "context": ("the prompt embeddings", SHORTER_PROMPT),
     "attention": ("the cross-attention to the prompt", SHORTER_PROMPT),
     "unet": ("the UNet", "lower --H/--W or --n_samples"),
+    "control": ("the ControlNets", "use fewer ControlNets, or lower --H/--W or --n_samples"),
     "encoder": ("encoding the init image", "give a smaller --H/--W (the init image is resized to it)"),
     "decoder": ("the VAE decoder", "add --vae_tiling, or lower --H/--W or --n_samples"),
     "grid": ("the grid of all the run's images", "add --skip_grid, or lower --n_iter or --n_samples"),

@@ -133,6 +133,7 @@ class GenerationRequest:
         mask_blur, inpaint_full_res, inpaint_full_res_padding: inpainting (:mod:`ldm.masking`): the pixels' std of
             the Gaussian blur of the mask the result is pasted back with; "inpaint only masked" (the mask's bounding
             box plus the padding in pixels is cut out, inpainted at height x width and pasted back).
+        inpainting_mask_invert: repaint where the mask is black (A1111's "Mask mode: Inpaint not masked").
         refiner_switch: with a refiner attached to the pipeline (:mod:`ldm.refiner`), the share of the steps the
             base runs before the refiner takes over, in (0, 1] (A1111's "Refiner switch at").
     """
@@ -178,6 +179,7 @@ class GenerationRequest:
     mask_blur: int = 0
     inpaint_full_res: bool = False
     inpaint_full_res_padding: int = 32
+    inpainting_mask_invert: bool = False
     seeds: tuple[int, ...] = dataclasses.field(init=False, default=())
     subseeds: tuple[int, ...] | None = dataclasses.field(init=False, default=None)
 
@@ -222,7 +224,7 @@ class GenerationRequest:
         check_hires(self.enable_hr, self.hr_scale, self.hr_upscaler, self.hr_second_pass_steps, self.denoising_strength)
         if self.enable_hr and self.init_image is not None:
             raise UserError("the hires fix (enable_hr) is for txt2img; for img2img give the larger size instead.")
-        check_masking(self.mask_blur, self.inpaint_full_res, self.inpaint_full_res_padding)
+        check_masking(self.mask_blur, self.inpaint_full_res, self.inpaint_full_res_padding, self.inpainting_mask_invert)
         set_(self, "subseed_strength", check_subseed_strength(self.subseed_strength))
         set_(self, "seeds", self._image_seeds())
         set_(self, "subseeds", self._image_subseeds())

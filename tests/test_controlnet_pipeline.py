@@ -149,6 +149,42 @@ def test_the_controlnets_leave_the_model_after_a_run_even_a_failed_one(pipe, fil
     assert pipe.model.model.control is None
 
 
+def test_with_an_idle_device_the_controlnets_wait_there_and_come_to_the_device_for_the_run(pipe, files, base):
+    """As the refiner's UNet: loaded onto the idle device, on the device while sampling, back after (even when the
+    run fails). Both devices are the CPU here (the idle one as cpu:0): the moves are recorded."""
+    spec = ControlSpec(files["cldm"], files["hint"], strength=0.0)
+    unet = pipe.model.model.diffusion_model
+    net = pipe.controlnets.get(spec.model, unet, pipe.device)  # the cached one
+    moves: list[str] = []
+    seen_while_sampling: list[str] = []
+
+    def to(device, *args):
+        moves.append(str(device))
+        return net
+
+    def during(i, denoised):
+        seen_while_sampling.append(moves[-1])
+        if i == 1:
+            raise KeyboardInterrupt
+
+    net.to = to
+    pipe.idle_device = torch.device("cpu", 0)
+    try:
+        assert same(generate(pipe, spec), base)
+        assert moves == ["cpu:0", "cpu", "cpu:0"]
+        moves.clear()
+        with pytest.raises(KeyboardInterrupt):
+            generate(pipe, spec, callback=during)
+        assert moves == ["cpu:0", "cpu", "cpu:0"] and seen_while_sampling == ["cpu", "cpu"]
+        pipe.idle_device = None
+        moves.clear()
+        generate(pipe, spec)
+        assert moves == ["cpu"], "without an idle device it is put on the device once, when the run takes it"
+    finally:
+        pipe.idle_device = None
+        del net.to
+
+
 def run_main(mode, args, capsys):
     code = cli.main(mode, args)
     return code, capsys.readouterr().err

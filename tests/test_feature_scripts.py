@@ -73,6 +73,21 @@ def test_inpaint_over_a_folder_takes_its_image_mask_pairs(tiny_files, tmp_path, 
     assert samples(out)[0]["Mask blur"] == "1"
 
 
+def test_inpaint_with_invert_mask_keeps_the_masked_pixels(tiny_files, tmp_path, capsys):
+    """The script checks the request in its plan and again in the run: the mask is inverted once all the same."""
+    out = tmp_path / "out"
+    inputs = tiny_files / "inputs"
+    code, err = run("inpaint", tiny_files, capsys, "--init-img", str(inputs / "a.png"), "--mask",
+                    str(inputs / "a_mask.png"), "--outdir", str(out), "--invert_mask")  # fmt: skip
+    assert code == 0, err
+    (result,) = sorted((out / "samples").glob("*.png"))
+    init = np.asarray(Image.open(inputs / "a.png")).astype(int)
+    white = np.asarray(Image.open(inputs / "a_mask.png").convert("L")) == 255
+    got = np.asarray(Image.open(result)).astype(int)
+    assert np.array_equal(got[white], init[white]) and not np.array_equal(got[~white], init[~white])
+    assert samples(out)[0]["Mask mode"] == "Inpaint not masked"
+
+
 @pytest.mark.parametrize(
     "mode, extra, message",
     [

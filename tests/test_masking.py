@@ -6,7 +6,8 @@ from PIL import Image
 
 from ldm.errors import UserError
 from ldm.inference import Pipeline
-from ldm.masking import blur_mask, crop_region
+from ldm.infotext import request_settings
+from ldm.masking import blur_mask, crop_region, repaint_mask
 from ldm.outputs import parse_parameters
 from ldm.request import GenerationRequest
 from tests.feature_helpers import box_mask, pixels, random_image
@@ -91,8 +92,50 @@ def test_only_masked_without_a_size_works_at_the_regions_own(pipe):
     assert result.images[0].size == (64, 48) and parse_parameters(result.parameters(0))["Size"] == "16x16"
 
 
+def test_inverting_twice_is_not_inverting():
+    mask = box_mask((32, 32), (8, 8, 24, 24))
+    assert repaint_mask(mask, False) is mask and repaint_mask(None, True) is None
+    inverted = repaint_mask(mask, True)
+    assert np.array_equal(np.asarray(inverted), 255 - np.asarray(mask))
+    assert np.array_equal(np.asarray(repaint_mask(inverted, True)), np.asarray(mask))
+
+
+def test_an_inverted_mask_repaints_the_complement_and_round_trips_through_infotext(pipe):
+    image, mask = random_image((32, 32)), box_mask((32, 32), (8, 8, 24, 24))
+    white = np.asarray(mask) == 255
+    inverted = pipe.generate("a", init_image=image, mask=mask, inpainting_mask_invert=True, **SETTINGS)
+    out = pixels(inverted.images[0])
+    assert np.array_equal(out[white], pixels(image)[white])  # the box is kept, bit for bit ...
+    assert np.abs(out[~white] - pixels(image)[~white]).max() > 0  # ... and the rest repainted
+    # The same as giving the inverted mask: the run (which checks the request again) inverts once.
+    given = pipe.generate("a", init_image=image, mask=repaint_mask(mask, True), **SETTINGS)
+    assert np.array_equal(out, pixels(given.images[0]))
+    twice = pipe.generate("a", init_image=image, mask=repaint_mask(mask, True), inpainting_mask_invert=True, **SETTINGS)
+    plain = pipe.generate("a", init_image=image, mask=mask, **SETTINGS)
+    assert np.array_equal(pixels(twice.images[0]), pixels(plain.images[0]))
+    fields = parse_parameters(inverted.parameters(0))
+    assert fields["Mask mode"] == "Inpaint not masked" and "Mask mode" not in parse_parameters(plain.parameters(0))
+    settings, unread = request_settings(fields)
+    assert settings["inpainting_mask_invert"] is True and "Mask mode" not in unread
+    again = pipe.run(GenerationRequest(**settings, init_image=image, mask=mask))
+    assert np.array_equal(pixels(again.images[0]), out)
+
+
+def test_only_masked_with_an_inverted_mask_works_on_the_complement(pipe):
+    image, mask = random_image((64, 48)), box_mask((64, 48), (40, 8, 52, 20))
+    settings = {"inpaint_full_res": True, "inpaint_full_res_padding": 4, "height": 16, "width": 16, **SETTINGS}
+    result = pipe.generate("a", init_image=image, mask=mask, inpainting_mask_invert=True, **settings)
+    given = pipe.generate("a", init_image=image, mask=repaint_mask(mask, True), **settings)
+    white = np.asarray(mask) == 255
+    out = pixels(result.images[0])
+    assert np.array_equal(out, pixels(given.images[0])) and np.array_equal(out[white], pixels(image)[white])
+    assert parse_parameters(result.parameters(0))["Mask mode"] == "Inpaint not masked"
+
+
 def test_bad_mask_settings_are_user_errors():
     with pytest.raises(UserError, match="mask_blur is a number of pixels"):
         GenerationRequest("a", mask_blur=-1)
     with pytest.raises(UserError, match="inpaint_full_res_padding is a number of pixels"):
         GenerationRequest("a", inpaint_full_res_padding=2.5)
+    with pytest.raises(UserError, match="inpainting_mask_invert is True or False"):
+        GenerationRequest("a", inpainting_mask_invert="yes")

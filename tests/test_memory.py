@@ -25,6 +25,9 @@ def test_the_footprint_reads_the_widths_of_stable_diffusion():
         vae_width=128,
         vae_upsampled=256,
         chunk_length=77,
+        # The skip widths over the latent area: conv_in, 2 x 320 + downsampler (/4), 2 x 640 + downsampler (/16),
+        # 2 x 1280 + downsampler (/64), 2 x 1280 (/64) and the middle block's 1280 (/64).
+        residual_width=320 + 640 + 320 / 4 + 1280 / 4 + 640 / 16 + 2560 / 16 + 1280 / 64 + 2560 / 64 + 1280 / 64,
     )
 
 
@@ -75,6 +78,22 @@ def test_a_refined_run_counts_both_prompt_embeddings_and_the_wider_unet():
     assert refiner.unet > base.unet, "the refiner's UNet is the wider one (384 channels against 320)"
     assert both.unet == refiner.unet and both.context == base.context + refiner.context
     assert both.decoder == base.decoder and both.peak > base.peak
+
+
+def test_controlnets_add_their_residuals_once_and_a_control_image_each():
+    footprint = Footprint.from_config(V1)
+    sizes = {"batch": 2, "height": 512, "width": 512}
+    plain = estimate(footprint, **sizes)
+    one, three = (estimate(footprint, **sizes, controlnets=n) for n in (1, 3))
+    assert plain.control == 0 and plain.peak == one.peak, "at 512 px the VAE decoder needs more than a step"
+    tiled = {"batch": 1, "height": 2048, "width": 2048, "vae_tiling": True}
+    assert estimate(footprint, **tiled).peak < estimate(footprint, **tiled, controlnets=1).peak
+    residuals = 4 * 2 * 2 * 1640 * 64 * 64  # float32, cond + uncond of 2 images, R = 1640 a latent pixel
+    hint = 4 * 2 * 2 * 3 * 512 * 512
+    assert one.control == residuals + hint and three.control == residuals + 3 * hint
+    # Of the order of the UNet's input half's skips: a tenth of the step, not a second UNet.
+    assert 0.1 * one.unet < one.control < 0.2 * one.unet
+    assert estimate(footprint, **sizes, controlnets=1, half=True).control == residuals // 2 + hint
 
 
 def test_img2img_counts_the_encoder_and_a_grid_counts_every_kept_image():

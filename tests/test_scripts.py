@@ -356,6 +356,15 @@ def test_stable_diffusion_at_its_defaults_is_planned_on_a_24_gib_machine(sd_args
     assert job.memory.peak < 8 * 2**30 and (job.request.height, job.request.width) == (512, 512)
 
 
+def test_the_plan_counts_the_runs_controlnets(sd_args, tmp_path, monkeypatch):
+    free_memory(monkeypatch, 24 * 2**30)
+    Image.new("RGB", (8, 8)).save(tmp_path / "hint.png")
+    control = ["--control_model", str(tmp_path / "control.pth"), "--control_image", str(tmp_path / "hint.png")]
+    parse = cli.build_parser("txt2img").parse_args
+    plain, controlled = (cli.plan("txt2img", parse([*sd_args, *extra])).memory for extra in ([], control))
+    assert plain.control == 0 < controlled.control
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
