@@ -45,14 +45,16 @@ def fill_class_folder(
     rank: int = 0,
     world_size: int = 1,
     barrier: Callable[[], None] | None = None,
+    names: list[tuple[int, str]] | None = None,
 ) -> int:
     """Generate the class images ``dataset`` lacks with ``model`` (a LatentDiffusion on its device), then read the
     folder; returns how many this rank made. Settings: ``dataset.class_sampling`` over 30 steps in batches of 4
-    at the instance ``resolution`` (rounded down to the model's multiple); the model's train / eval mode is kept."""
+    at the instance ``resolution`` (rounded down to the model's multiple); the model's train / eval mode is kept.
+    ``names``: :func:`missing_names`, which several processes must take before any of them writes."""
     from ldm.inference import Pipeline  # the pipeline imports the models, which import the data modules
     from ldm.request import RuntimeOptions
 
-    todo = missing_names(dataset)[rank::world_size]
+    todo = (missing_names(dataset) if names is None else names)[rank::world_size]
     settings = {**DEFAULT_SAMPLING, **dataset.class_sampling}
     batch_size = int(settings.pop("batch_size"))
     side = max(geometry.multiple, dataset.resolution // geometry.multiple * geometry.multiple)
@@ -94,13 +96,17 @@ class GenerateClassImages(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         datasets = getattr(getattr(trainer, "datamodule", None), "datasets", {}).values()
-        for dataset in datasets:
-            if isinstance(dataset, PriorPreservation) and dataset.missing_class_images > 0:
-                where, missing = dataset.class_data_root, dataset.missing_class_images
-                rank_zero_info(f"prior preservation: generating {missing} class image(s) into {where}")
-                cuda = [pl_module.device] if pl_module.device.type == "cuda" else []
-                with torch.random.fork_rng(devices=cuda):  # the training run's random numbers stay as they were
-                    fill_class_folder(
-                        dataset, pl_module, LatentGeometry.from_config(self.config), trainer.global_rank,
-                        trainer.world_size, trainer.strategy.barrier,
-                    )  # fmt: skip
+        unread = [d for d in datasets if isinstance(d, PriorPreservation) and d.classes is None]
+        if not unread:
+            return
+        # Every process lists the missing names before any writes, so that all split the same list.
+        plans = [(dataset, missing_names(dataset)) for dataset in unread]
+        trainer.strategy.barrier()
+        cuda = [pl_module.device] if pl_module.device.type == "cuda" else []
+        for dataset, names in plans:
+            rank_zero_info(f"prior preservation: generating {len(names)} class image(s) into {dataset.class_data_root}")
+            with torch.random.fork_rng(devices=cuda):  # the training run's random numbers stay as they were
+                fill_class_folder(
+                    dataset, pl_module, LatentGeometry.from_config(self.config), trainer.global_rank,
+                    trainer.world_size, trainer.strategy.barrier, names,
+                )  # fmt: skip
