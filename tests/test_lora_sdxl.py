@@ -1,7 +1,7 @@
 """SDXL LoRA training (``LoraSDXL``, ``configs/lora/sdxl-lora.yaml``): the real-size config trains kohya's 722 UNet
 layers; on the tiny SDXL model (tests/sdxl_model.py) 2 steps on a non-square batch of cached latents move the UNet
 and CLIP ViT-L branches, and the saved file has kohya's ``lora_unet_*`` / ``lora_te1_*`` names that the project's
-LoRA loader reads back into an SDXL model."""
+LoRA loader reads back into an SDXL model; a kohya folder's size_conditioning gives SDXL each image's sizes."""
 
 from __future__ import annotations
 
@@ -11,8 +11,11 @@ import pytest
 import torch
 from safetensors import safe_open
 from sdxl_model import tiny_config
+from test_captions import write_image
+from torch.utils.data import default_collate
 
 from ldm.adapters.lora import LoraMerger, read_lora
+from ldm.data.captions import KohyaFolder
 from ldm.data.latent_cache import MOMENTS_KEY
 from ldm.util import ConfigError, instantiate_from_config, load_config
 
@@ -90,3 +93,24 @@ def test_two_steps_on_cached_non_square_latents_and_the_file_reloads(tmp_path):
     assert any(k.startswith("conditioner.embedders.0.") for k in changed)
     merger.restore()
     assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+
+
+def test_kohya_size_conditioning_reaches_the_sdxl_conditioning(tmp_path):
+    write_image(tmp_path / "1_a cat" / "wide.png", (100, 30))  # bucket 48x16 of a 32^2 budget in steps of 16
+    folder = KohyaFolder(tmp_path, resolution=32, min_bucket_reso=16, max_bucket_reso=64, bucket_reso_steps=16,
+                         size_conditioning=True)  # fmt: skip
+    item = folder[0]
+    assert item["jpg"].shape == (16, 48, 3)
+    assert item["original_size_as_tuple"].tolist() == [30, 100] and item["target_size_as_tuple"].tolist() == [16, 48]
+    left = folder.placements[0].resized[0] - 48
+    assert left > 1
+    assert item["crop_coords_top_left"].tolist() == [0, left // 2]  # centred
+    folder.flip_p = 1.0  # flipped, the crop is measured from the other edge (kohya)
+    assert folder[0]["crop_coords_top_left"].tolist() == [0, left - left // 2]
+    folder.flip_p = 0.0
+    batch = default_collate([item])
+    plain = {"jpg": batch["jpg"], "txt": batch["txt"]}
+    torch.manual_seed(0)
+    model = instantiate_from_config(tiny_config().model).eval()
+    (_, c), (_, c_plain) = model.get_input(batch, "jpg"), model.get_input(plain, "jpg")
+    assert not torch.allclose(c["c_adm"], c_plain["c_adm"])  # the image's own sizes, not the bucket's alone

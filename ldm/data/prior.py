@@ -41,6 +41,7 @@ IMAGE_OPTIONS = (
     "image_key",
     "caption_key",
     "cache_latents",
+    "size_conditioning",
 )
 
 
