@@ -37,6 +37,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from ldm.callbacks import AtomicCheckpointIO, DiskFullError, ImageLogger, LastCheckpoint, SetupCallback, TrainingRng
 from ldm.checkpoint import CheckpointError
 from ldm.data.base import DataModuleFromConfig, WrappedDataset
+from ldm.data.class_images import GenerateClassImages
 from ldm.data.latent_cache import CacheLatents
 from ldm.errors import ScriptParser, UserError, print_error
 from ldm.resume import adopt_callback_states, check_resumable, find_resume_checkpoint, read_resume_checkpoint
@@ -266,6 +267,7 @@ def make_callbacks(lightning_config: DictConfig, setup: SetupCallback, ckptdir: 
     }
     callback_configs = OmegaConf.merge(callback_defaults, lightning_config.get("callbacks") or {})
     callbacks = [setup, TrainingRng(), instantiate_from_config(checkpoint_config, path="lightning.modelcheckpoint")]
+    callbacks.append(GenerateClassImages(setup.config))  # prior preservation's missing class images, from the model
     callbacks.append(CacheLatents())  # encodes the images of datasets with cache_latents before the first batch
     callbacks.append(LastCheckpoint(ckptdir / "last.ckpt"))
     for name, node in callback_configs.items():

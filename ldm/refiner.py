@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 
+from ldm.adapters.embeddings import attach_embeddings
 from ldm.errors import UserError
 from ldm.geometry import LatentGeometry
 from ldm.model_detection import detect_checkpoint
@@ -93,8 +94,12 @@ def load_refiner(
     pipe: Pipeline, ckpt: str | os.PathLike, config: str | os.PathLike | None = None, **kwargs: Any
 ) -> Pipeline:
     """Load the refiner checkpoint (its config detected unless given) with ``pipe``'s runtime options, attach it
-    (:func:`attach_refiner`) and return it."""
+    (:func:`attach_refiner`) and return it. The base's textual-inversion embeddings go to the refiner too (SDXL
+    files' ``clip_g`` vectors for its OpenCLIP encoder), so a name in a prompt means the same in both parts of a run;
+    ``embeddings_dir=`` gives the refiner others."""
     refiner = type(pipe).from_config(config, ckpt, pipe.options, park_unet=pipe.idle_device is not None, **kwargs)
+    if "embeddings_dir" not in kwargs:
+        attach_embeddings(refiner.model, getattr(pipe.model, "textual_inversions", {}).values())
     attach_refiner(pipe, refiner)
     return refiner
 

@@ -201,6 +201,8 @@ def load_config(paths: str | Path | Sequence[str | Path], overrides: Sequence[st
     """Load YAML files merged left to right, then apply ``key.sub=value`` dotlist overrides.
 
     This is the one way scripts and ``main.py`` read configs, so overrides work the same in every entry point.
+    A later file's dataset (``data``, ``data.params.train`` / ``validation`` / ``test``) with another ``target``
+    replaces the earlier one instead of merging into it (:func:`_drop_replaced_datasets`).
     """
     if isinstance(paths, str | Path):
         paths = [paths]
@@ -219,8 +221,38 @@ def load_config(paths: str | Path | Sequence[str | Path], overrides: Sequence[st
                 f"config file '{p}' holds a {type(config).__name__.removesuffix('Config').lower()} at its top level; "
                 "a config is a mapping of keys such as 'model:' (target and params)."
             )
+        if configs:
+            _drop_replaced_datasets(configs[-1], config)
         configs.append(config)
     return apply_overrides(OmegaConf.merge(*configs) if configs else OmegaConf.create(), overrides)
+
+
+def _drop_replaced_datasets(earlier: DictConfig, later: DictConfig) -> None:
+    """Remove from ``earlier`` (in place) each dataset node that ``later`` gives with another ``target``: dataset
+    classes take different parameters (a CaptionFolder's ``size`` is no KohyaFolder's), so merging the two would
+    build the new class with the old one's settings. Model sections still merge (an overlay may change the class and
+    keep the parameters)."""
+    for parent, key, replacement in _dataset_nodes(earlier, later):
+        if parent[key].get("target") != replacement.get("target"):
+            del parent[key]
+
+
+def _dataset_nodes(earlier: DictConfig, later: DictConfig) -> list[tuple[DictConfig, str, DictConfig]]:
+    """``(parent in earlier, key, later's node)`` for ``earlier``'s ``data`` node and the datasets under it that
+    ``later`` also sets with a ``target``; innermost first, so a replaced ``data`` node is looked at last."""
+    found = []
+    data, data_later = earlier.get("data"), later.get("data")
+    if not isinstance(data, DictConfig) or not isinstance(data_later, DictConfig):
+        return found
+    params, params_later = data.get("params"), data_later.get("params")
+    if isinstance(params, DictConfig) and isinstance(params_later, DictConfig):
+        for split in ("train", "validation", "test"):
+            node, node_later = params.get(split), params_later.get(split)
+            if isinstance(node, DictConfig) and isinstance(node_later, DictConfig) and "target" in node_later:
+                found.append((params, split, node_later))
+    if "target" in data_later:
+        found.append((earlier, "data", data_later))
+    return found
 
 
 def _yaml_problem(err: yaml.YAMLError) -> str:

@@ -81,6 +81,26 @@ def test_configs_merge_left_to_right(tmp_path):
     assert config.x == 4 and config.y.z == 3
 
 
+def test_a_later_dataset_of_another_class_replaces_the_earlier(tmp_path):
+    (tmp_path / "a.yaml").write_text(
+        "model: {target: m.A, params: {x: 1}}\n"
+        "data: {target: d.M, params: {batch_size: 4, train: {target: d.Folder, params: {size: 512}},"
+        " validation: {target: d.Folder, params: {size: 256}}}}\n"
+    )
+    (tmp_path / "b.yaml").write_text(
+        "model: {target: m.B, params: {y: 2}}\n"
+        "data: {target: d.M, params: {batch_size: 1, train: {target: d.Kohya, params: {resolution: 64}},"
+        " validation: {params: {size: 128}}}}\n"
+    )
+    config = load_config([tmp_path / "a.yaml", tmp_path / "b.yaml"])
+    assert OmegaConf.to_container(config.data.params.train) == {"target": "d.Kohya", "params": {"resolution": 64}}
+    assert config.data.params.validation.params.size == 128 and config.data.params.batch_size == 1
+    assert dict(config.model.params) == {"x": 1, "y": 2}  # models merge: an overlay may change only the class
+    (tmp_path / "c.yaml").write_text("data: {target: d.Other, params: {n: 1}}\n")
+    config = load_config([tmp_path / "a.yaml", tmp_path / "c.yaml"])
+    assert OmegaConf.to_container(config.data) == {"target": "d.Other", "params": {"n": 1}}
+
+
 def test_default_device_is_available():
     device = default_device()
     torch.zeros(1, device=device)

@@ -12,13 +12,15 @@ from PIL import Image
 from sdxl_model import tiny_config
 
 from ldm import cli
+from ldm.adapters.embeddings import attach_embeddings, prompt_encoders, save_embedding
 from ldm.checkpoint import save_checkpoint
 from ldm.errors import UserError
 from ldm.geometry import LatentGeometry
 from ldm.inference import Pipeline
 from ldm.outputs import model_hash, parse_parameters
-from ldm.refiner import attach_refiner
+from ldm.refiner import attach_refiner, load_refiner
 from ldm.request import GenerationRequest, RuntimeOptions
+from ldm.sdxl_conditioning import encode_sdxl_prompts
 from ldm.util import instantiate_from_config
 
 SETTINGS = {"steps": 5, "scale": 4.0, "progress": False}
@@ -226,3 +228,27 @@ def test_txt2img_takes_the_refiners_aesthetic_score(pair_files, tmp_path, capsys
     assert len(list((tmp_path / "refined").rglob("*.png"))) == 1
     assert cli.main("txt2img", _script_args(pair_files, tmp_path / "plain", "--aesthetic_score", "3.5")) == 2
     assert "not conditioned on aesthetic_score" in capsys.readouterr().err
+
+
+def test_the_refiner_takes_the_bases_textual_inversion_embeddings(pair_files, tmp_path):
+    """An SDXL embedding in the base's embeddings_dir reaches the refiner (its clip_g vectors), so a refined run
+    reads the name the same way in both parts."""
+    torch.manual_seed(3)
+    vectors = {"clip_l": torch.randn(2, 32), "clip_g": torch.randn(2, 32)}
+    save_embedding(tmp_path / "emb" / "shiny.safetensors", vectors)
+    options = RuntimeOptions("cpu", "full")
+    folder = pair_files
+    pipe = Pipeline.from_config(
+        folder / "base.yaml", folder / "base.safetensors", options, embeddings_dir=tmp_path / "emb"
+    )
+    refiner = load_refiner(pipe, folder / "refiner.safetensors", folder / "refiner.yaml")
+    assert set(refiner.model.textual_inversions) == {"shiny"}
+    ((key, encoder),) = prompt_encoders(refiner.model)
+    assert key == "clip_g"
+    torch.testing.assert_close(encoder.textual_inversion.vectors["shiny"], vectors["clip_g"])
+    with torch.no_grad():
+        size = refiner.model.output_size
+        with_embedding = encode_sdxl_prompts(refiner.model, ["a shiny cat"], [""], 1, {}, *size)[0]
+        attach_embeddings(refiner.model, [])
+        without = encode_sdxl_prompts(refiner.model, ["a shiny cat"], [""], 1, {}, *size)[0]
+    assert not torch.allclose(with_embedding["c_crossattn"][0], without["c_crossattn"][0])

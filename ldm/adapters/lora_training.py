@@ -3,12 +3,13 @@
     python main.py --base configs/lora/v1-lora.yaml -t model.params.ckpt_path=v1-5.safetensors \
         data.params.train.params.root=/path/to/captioned-images
 
-``LoraLatentDiffusion`` is a ``LatentDiffusion`` (or, with ``base_target``, any subclass such as SDXL's) that, after
-loading ``ckpt_path``, freezes every weight and hangs a branch ``scale * up(down(x))`` (``scale = alpha / rank``) on
-each target layer through a forward hook, so the model's modules, state-dict keys and forward code stay as they are.
-``up`` starts at zero, so training starts from the base model exactly. Targets are kohya's defaults: every Linear and
-1x1 convolution inside the UNet's transformer blocks (attention, feed-forward, proj_in / proj_out) and, with
-``text_encoder: true``, the CLIP text encoder's attention and MLP layers.
+``LoraLatentDiffusion`` (SD 1.x / 2.x, a ``LatentDiffusion``) and ``LoraSDXL`` (an ``SDXLDiffusion``,
+``configs/lora/sdxl-lora.yaml``) are :class:`LoraTrainingMixin` on those classes: after loading ``ckpt_path`` it
+freezes every weight and hangs a branch ``scale * up(down(x))`` (``scale = alpha / rank``) on each target layer
+through a forward hook, so the model's modules, state-dict keys and forward code stay as they are. ``up`` starts at
+zero, so training starts from the base model exactly. Targets are kohya's defaults: every Linear and 1x1 convolution
+inside the UNet's transformer blocks (attention, feed-forward, proj_in / proj_out) and, with ``text_encoder: true``,
+the CLIP text encoder's attention and MLP layers (SDXL: CLIP ViT-L's, ``lora_te1_``; OpenCLIP towers are left out).
 
 The branches are written in kohya's layout (``lora_unet_down_blocks_0_attentions_0_..._to_q.lora_down.weight``,
 ``.lora_up.weight``, ``.alpha``), which :func:`ldm.adapters.lora.read_lora`, A1111 and ComfyUI load: to
@@ -28,6 +29,7 @@ from torch import nn
 
 from ldm.adapters.lora_keys import TEXT, Target, model_targets
 from ldm.models.diffusion.latent_diffusion import LatentDiffusion
+from ldm.models.diffusion.sdxl import SDXLDiffusion
 from ldm.util import ConfigError
 
 # kohya's names for the layers it trains: the diffusers form of the UNet's transformer layers.
@@ -76,14 +78,12 @@ def trained_targets(model: nn.Module, text_encoder: bool) -> dict[str, Target]:
     return chosen
 
 
-class LoraLatentDiffusion(LatentDiffusion):
-    """LatentDiffusion with trainable LoRA branches and a frozen base.
+class LoraTrainingMixin:
+    """Trainable LoRA branches on a frozen diffusion model (module docstring); see :class:`LoraLatentDiffusion` for
+    the arguments."""
 
-    Args (``lora_config``): ``rank`` (default 4), ``alpha`` (default = rank: scale 1), ``text_encoder`` (also train
-    the CLIP text encoder's layers; needs ``cond_stage_trainable: true`` so captions are encoded with gradients),
-    ``name`` (the file name, default "lora"), ``save_dtype`` (``float16`` as kohya's default, or ``float32``).
-    Everything else is LatentDiffusion's; ``use_ema`` must be off (the branches are tiny and the base does not move).
-    """
+    # What makes captions reach the text encoder with gradients, for lora_config.text_encoder's error.
+    trainable_text_hint = "model.params.cond_stage_trainable: true"
 
     def __init__(self, *args: Any, lora_config: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -103,7 +103,7 @@ class LoraLatentDiffusion(LatentDiffusion):
         if self.use_ema:
             raise ConfigError("LoRA training keeps no EMA: set model.params.use_ema: false.")
         if self.lora_text_encoder and not self.cond_stage_trainable:
-            raise ConfigError("lora_config.text_encoder needs model.params.cond_stage_trainable: true.")
+            raise ConfigError(f"lora_config.text_encoder needs {self.trainable_text_hint}.")
         self.requires_grad_(False)
         targets = trained_targets(self, self.lora_text_encoder)
         if not targets:
@@ -156,6 +156,24 @@ class LoraLatentDiffusion(LatentDiffusion):
     def on_train_end(self) -> None:
         if self.trainer.is_global_zero:
             self.save_lora(self._lora_dir() / f"{self.lora_name}.safetensors")
+
+
+class LoraLatentDiffusion(LoraTrainingMixin, LatentDiffusion):
+    """LatentDiffusion with trainable LoRA branches and a frozen base.
+
+    Args (``lora_config``): ``rank`` (default 4), ``alpha`` (default = rank: scale 1), ``text_encoder`` (also train
+    the CLIP text encoder's layers; needs ``cond_stage_trainable: true`` so captions are encoded with gradients),
+    ``name`` (the file name, default "lora"), ``save_dtype`` (``float16`` as kohya's default, or ``float32``).
+    Everything else is LatentDiffusion's; ``use_ema`` must be off (the branches are tiny and the base does not move).
+    """
+
+
+class LoraSDXL(LoraTrainingMixin, SDXLDiffusion):
+    """SDXLDiffusion with trainable LoRA branches and a frozen base: ``lora_unet_*`` and, with ``text_encoder``,
+    ``lora_te1_*`` (CLIP ViT-L); arguments as :class:`LoraLatentDiffusion`'s, except that the text encoder's captions
+    come with gradients when its conditioner entry is marked ``is_trainable: true`` (its own weights stay frozen)."""
+
+    trainable_text_hint = "the CLIP embedder's cond_stage_config emb_models entry marked is_trainable: true"
 
 
 def _hook(branch: LoraBranch) -> Any:

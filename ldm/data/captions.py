@@ -171,7 +171,8 @@ class KohyaFolder(Dataset):
     Items: ``{image_key: float32 (H, W, 3) in [-1, 1], caption_key: str}`` with (W, H) the item's bucket (or
     ``resolution`` square without buckets); with ``cache_latents``, the cached encoding
     (:data:`~ldm.data.latent_cache.MOMENTS_KEY`: (2C, H/f, W/f)) instead of the image. ``max_images`` keeps the first
-    images only (prior preservation's ``num_class_images``).
+    images only (prior preservation's ``num_class_images``). ``size_conditioning`` (for SDXL) adds kohya's
+    ``original_size_as_tuple``, ``crop_coords_top_left`` and ``target_size_as_tuple`` (:meth:`size_entries`).
     """
 
     def __init__(
@@ -198,6 +199,7 @@ class KohyaFolder(Dataset):
         cache_latents: bool = False,
         cache_dir: str | os.PathLike | None = None,
         max_images: int | None = None,
+        size_conditioning: bool = False,
     ) -> None:
         if interpolation not in INTERPOLATIONS:
             raise UserError(f"interpolation '{interpolation}' is not one of {sorted(INTERPOLATIONS)}.")
@@ -228,6 +230,7 @@ class KohyaFolder(Dataset):
         self.interpolation = interpolation
         self.image_key = image_key
         self.caption_key = caption_key
+        self.size_conditioning = size_conditioning
         folder = cache_dir if cache_dir is not None else self.root / DEFAULT_CACHE
         self.cache = LatentCache(folder) if cache_latents else None
         self.latent_keys: dict[Placement, str] | None = None
@@ -258,15 +261,29 @@ class KohyaFolder(Dataset):
         flip = self.flip_p > 0 and float(torch.rand(())) < self.flip_p
         placement = self.placement(record, bucket, flip)
         caption = self.rules.apply(self.records[record].caption)
+        sizes = self.size_entries(record, placement) if self.size_conditioning else {}
         if self.cache is None:
-            return {self.image_key: placement.pixels(), self.caption_key: caption}
+            return {self.image_key: placement.pixels(), self.caption_key: caption, **sizes}
         if self.latent_keys is None:
             raise UserError(
                 "cache_latents is on but the latents are not cached yet: call prepare_latents with the model's "
                 "encoder first (main.py does it when training starts)."
             )
         kind, tensor = latent_cache.load_entry(self.cache, placement, self.latent_keys[placement])
-        return {kind: tensor, self.caption_key: caption}
+        return {kind: tensor, self.caption_key: caption, **sizes}
+
+    def size_entries(self, record: int, placement: Placement) -> dict[str, torch.Tensor]:
+        """SDXL's micro-conditioning of an item, as kohya gives it: the image's own (height, width), the crop's
+        (top, left) in the resized image (measured from the right edge when flipped), the bucket's (height, width)."""
+        width, height = self.records[record].size
+        left, top = placement.crop
+        if placement.flip:
+            left = placement.resized[0] - placement.bucket[0] - left
+        return {
+            "original_size_as_tuple": torch.tensor([height, width]),
+            "crop_coords_top_left": torch.tensor([top, left]),
+            "target_size_as_tuple": torch.tensor([placement.bucket[1], placement.bucket[0]]),
+        }
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.example(self.index[index])

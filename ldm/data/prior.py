@@ -5,22 +5,24 @@ default as in DreamBooth), so that fine-tuning on a few images of one dog does n
 
 Batches hold the instance examples first, then as many class examples, with :data:`CLASS_KEY` (B,) True for the
 class ones; the model's loss reads it (:func:`class_mask`). Each class image is placed in its instance partner's
-bucket (resized to cover it and centre-cropped), so a batch still has one size. Class images are not generated
-here: the folder must hold them (A1111 and diffusers make the missing ones with the model; make them first with
-``scripts/txt2img.py``).
+bucket (resized to cover it and centre-cropped), so a batch still has one size. Where ``class_data_root`` holds
+fewer than ``num_class_images`` images, the missing ones are generated with the model itself from ``class_prompt``
+when training starts, as diffusers' DreamBooth script does (:mod:`ldm.data.class_images`; main.py runs it before the
+latents are cached), and saved into the folder with their infotext, so a later run finds them there.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset, default_collate
 
 from ldm.data.buckets import Size
-from ldm.data.captions import KohyaFolder
+from ldm.data.captions import IMAGE_EXTENSIONS, KohyaFolder, subfolders
 from ldm.data.latent_cache import Encoder
 from ldm.errors import UserError
 
@@ -39,6 +41,7 @@ IMAGE_OPTIONS = (
     "image_key",
     "caption_key",
     "cache_latents",
+    "size_conditioning",
 )
 
 
@@ -52,8 +55,12 @@ class PriorPreservation(Dataset):
     each paired with a class example from ``class_data_root``.
 
     The class folder is read like the instance one (captions from caption files, else ``class_prompt``), with the
-    instance folder's image options; ``num_class_images`` (default: all) is how many of its images are used, and
-    the folder must have that many. The dataset is as long as the larger of the two sets (as DreamBooth's): item
+    instance folder's image options; ``num_class_images`` (default: all) is how many of its images are used. A folder
+    with fewer (or none, or no folder yet) is filled up before training (:attr:`missing_class_images`,
+    :func:`ldm.data.class_images.fill_class_folder`) with images generated from ``class_prompt`` with
+    ``class_sampling`` (:class:`~ldm.request.GenerationRequest` settings such as ``steps``, ``sampler``,
+    ``scale``, ``negative_prompt``; default 30 steps at the instance ``resolution``), unless
+    ``generate_class_images`` is off. The dataset is as long as the larger of the two sets (as DreamBooth's): item
     ``i`` pairs instance item ``i mod n_instance`` with class image ``i mod n_class``. Items are
     ``(instance, class)`` pairs; :meth:`collate` batches them.
     """
@@ -65,28 +72,61 @@ class PriorPreservation(Dataset):
         class_prompt: str,
         num_class_images: int | None = None,
         class_cache_dir: str | os.PathLike | None = None,
+        generate_class_images: bool = True,
+        class_sampling: Mapping[str, Any] | None = None,
     ) -> None:
         if not class_prompt:
             raise UserError("class_prompt is empty; give the class the subject belongs to, e.g. 'a photo of a dog'.")
+        if num_class_images is not None and num_class_images < 1:
+            raise UserError(f"num_class_images must be 1 or more, got {num_class_images}.")
         self.instance = KohyaFolder(**instance)
-        options = {name: instance[name] for name in IMAGE_OPTIONS if name in instance}
-        self.classes = KohyaFolder(
-            class_data_root,
-            default_caption=class_prompt,
-            max_images=num_class_images,
-            cache_dir=class_cache_dir,
-            **options,
-        )
-        found = len(self.classes.records)
-        if num_class_images is not None and found < num_class_images:
+        self.class_data_root = Path(class_data_root)
+        self.class_prompt = class_prompt
+        self.class_sampling = dict(class_sampling or {})
+        self.resolution = int(instance.get("resolution", 512))
+        found = count_images(self.class_data_root)
+        self.num_class_images = num_class_images if num_class_images is not None else found
+        if found < self.num_class_images and not generate_class_images:
             raise UserError(
-                f"class_data_root '{class_data_root}' has {found} images but num_class_images is "
-                f"{num_class_images}. Generating class images is not implemented here: make them first, e.g. "
-                f"scripts/txt2img.py --prompt '{class_prompt}' --outdir <folder>, and put them in class_data_root."
+                f"class_data_root '{class_data_root}' has {found} images but num_class_images is {num_class_images}; "
+                "set generate_class_images: true to make the rest with the model, or add images to the folder."
+            )
+        self._class_options = {name: instance[name] for name in IMAGE_OPTIONS if name in instance}
+        self._class_cache_dir = class_cache_dir
+        self.classes: KohyaFolder | None = None
+        if found >= self.num_class_images:
+            self.load_class_images()
+
+    @property
+    def missing_class_images(self) -> int:
+        """How many class images the folder lacks (0 once :meth:`load_class_images` has read it)."""
+        return 0 if self.classes is not None else self.num_class_images - count_images(self.class_data_root)
+
+    def load_class_images(self) -> None:
+        """Read the class folder, which must now hold ``num_class_images`` images."""
+        self.classes = KohyaFolder(
+            self.class_data_root,
+            default_caption=self.class_prompt,
+            max_images=self.num_class_images,
+            cache_dir=self._class_cache_dir,
+            **self._class_options,
+        )
+        if len(self.classes.records) < self.num_class_images:
+            raise UserError(
+                f"class_data_root '{self.class_data_root}' has {len(self.classes.records)} images but "
+                f"num_class_images is {self.num_class_images}; add images to the folder or lower num_class_images."
             )
 
+    def _class_folder(self) -> KohyaFolder:
+        if self.classes is None:
+            raise UserError(
+                f"class_data_root '{self.class_data_root}' lacks {self.missing_class_images} class images: they are "
+                "generated when training starts (main.py), or call ldm.data.class_images.fill_class_folder first."
+            )
+        return self.classes
+
     def __len__(self) -> int:
-        return max(len(self.instance), len(self.classes.records))
+        return max(len(self.instance), self.num_class_images)
 
     @property
     def caches_latents(self) -> bool:
@@ -94,7 +134,7 @@ class PriorPreservation(Dataset):
 
     def _pair(self, index: int) -> tuple[int, int]:
         """(instance item, class image) of item ``index``."""
-        return index % len(self.instance), index % len(self.classes.records)
+        return index % len(self.instance), index % self.num_class_images
 
     def bucket_keys(self) -> list[Size]:
         """Every item's bucket: its instance example's."""
@@ -104,7 +144,8 @@ class PriorPreservation(Dataset):
     def __getitem__(self, index: int) -> tuple[dict[str, Any], dict[str, Any]]:
         item, class_image = self._pair(index)
         record = self.instance.index[item]
-        return self.instance.example(record), self.classes.example(class_image, self.instance.placements[record].bucket)
+        bucket = self.instance.placements[record].bucket
+        return self.instance.example(record), self._class_folder().example(class_image, bucket)
 
     @staticmethod
     def collate(pairs: Sequence[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, Any]:
@@ -128,4 +169,16 @@ class PriorPreservation(Dataset):
         for index in range(len(self)):
             item, class_image = self._pair(index)
             pairs.append((class_image, self.instance.placements[self.instance.index[item]].bucket))
-        return built + self.classes.prepare_latents(encode, encoder_id, rank, world_size, barrier, pairs)
+        return built + self._class_folder().prepare_latents(encode, encoder_id, rank, world_size, barrier, pairs)
+
+
+def count_images(root: Path) -> int:
+    """The images of a caption folder in kohya's layout (0 where the folder does not exist)."""
+    if not root.is_dir():
+        return 0
+    return sum(
+        1
+        for folder, _, _ in subfolders(root)
+        for path in folder.iterdir()
+        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+    )

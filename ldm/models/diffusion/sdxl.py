@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ldm.data.latent_cache import LATENT_KEY, MOMENTS_KEY
 from ldm.models.diffusion.latent_diffusion import LatentDiffusion
 from ldm.models.diffusion.schedules import zero_terminal_snr_betas
 from ldm.modules.diffusionmodules.util import make_beta_schedule
@@ -184,6 +185,12 @@ class SDXLDiffusion(LatentDiffusion):
     @torch.no_grad()
     def get_input(self, batch: Mapping[str, Any], k: str, *args: Any, **kwargs: Any) -> list[Any]:
         """:meth:`LatentDiffusion.get_input`, with size conditioning that a batch lacks taken from its images
-        (``batch[k]``: (B, H, W, 3)): original and target size (H, W), crop (0, 0)."""
-        height, width = batch[k].shape[1:3]
+        (``batch[k]``: (B, H, W, 3), or cached latents (:mod:`ldm.data.latent_cache`) of H/f x W/f): original and
+        target size (H, W), crop (0, 0)."""
+        if k in batch:
+            height, width = batch[k].shape[1:3]
+        else:
+            latents = next(batch[key] for key in (MOMENTS_KEY, LATENT_KEY) if key in batch)
+            factor = self.output_size[0] // self.image_size
+            height, width = (side * factor for side in latents.shape[-2:])
         return super().get_input(self.size_conditioning(batch, int(height), int(width)), k, *args, **kwargs)
