@@ -70,3 +70,11 @@ def tiny_model(tiny_config, tiny_dir: Path):
     from ldm.checkpoint import load_model_from_config
 
     return load_model_from_config(tiny_config, tiny_dir / "model.safetensors", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def hash_cache(tmp_path_factory):
+    """Model hashes are cached under $XDG_CACHE_HOME; keep a module's cache out of the user's."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+        yield

@@ -1,4 +1,4 @@
-"""Shared by the A1111 feature tests: the tiny pipeline and small images (see tests/test_inference.py)."""
+"""Small images and pixel arrays for the Pipeline tests (tests/test_inference.py and the A1111 feature tests)."""
 
 import numpy as np
 from PIL import Image
@@ -10,6 +10,7 @@ def pixels(image: Image.Image) -> np.ndarray:
 
 def random_image(size=(32, 32), seed=0) -> Image.Image:
     rng = np.random.default_rng(seed)
+    # Smooth content, so that the tiny VAE's reconstruction is a fair comparison.
     small = rng.integers(0, 256, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
     return Image.fromarray(small).resize(size, Image.Resampling.BILINEAR)
 

@@ -18,13 +18,6 @@ SIZE = dict(height=16, width=16)
 
 
 @pytest.fixture(scope="module")
-def hash_cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
-        yield
-
-
-@pytest.fixture(scope="module")
 def pipe(tiny_config, tiny_dir, hash_cache):
     return Pipeline.from_config(tiny_config, tiny_dir / "model.safetensors", device="cpu", precision="full")
 

@@ -9,6 +9,7 @@ import hashlib
 import numpy as np
 import pytest
 import torch
+from feature_helpers import pixels, random_image
 from PIL import Image
 
 from ldm.devices import check_precision
@@ -37,27 +38,8 @@ INPAINT_OVERRIDES = [
 
 
 @pytest.fixture(scope="module")
-def hash_cache(tmp_path_factory):
-    """Model hashes are cached under $XDG_CACHE_HOME; keep the tests' cache out of the user's."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
-        yield
-
-
-@pytest.fixture(scope="module")
 def pipe(tiny_config, tiny_dir, hash_cache):
     return Pipeline.from_config(tiny_config, tiny_dir / "model.safetensors", device="cpu", precision="full")
-
-
-def pixels(image: Image.Image) -> np.ndarray:
-    return np.asarray(image).astype(np.int16)
-
-
-def random_image(size=(32, 32), seed=0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    # Smooth content, so that the tiny VAE's reconstruction is a fair comparison.
-    small = rng.integers(0, 256, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
-    return Image.fromarray(small).resize(size, Image.Resampling.BILINEAR)
 
 
 def center_mask(size=(32, 32)) -> Image.Image:
