@@ -163,3 +163,15 @@ def test_a_missing_lora_fails_before_the_model_loads(tiny_config, tiny_dir, tmp_
     )
     assert code != 0
     assert "'nope' is not in" in capsys.readouterr().err
+
+
+def test_the_switch_benchmark_runs_and_restores_the_base(tiny_dir, capsys):
+    from scripts import benchmark_lora
+
+    config = [f"model.params.cond_stage_config.params.text_config={tiny_dir / 'text-config.json'}"]
+    args = ["--config", str(tiny_dir / "original-config.yaml"), "--device", "cpu", "--rank", "2", "--switches", "2"]
+    assert benchmark_lora.main([*args, *config]) == 0
+    out = capsys.readouterr().out
+    assert "weights touched" in out and "bit for bit: True" in out
+    assert benchmark_lora.main([*args, "--rank", "0"]) == 2
+    assert "--rank and --switches must be at least 1" in capsys.readouterr().err
