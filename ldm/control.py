@@ -35,6 +35,7 @@ from PIL import Image
 from ldm.control_files import load_controlnet
 from ldm.control_preprocess import CANNY_THRESHOLDS, check_preprocessor, preprocess
 from ldm.errors import UserError
+from ldm.models.diffusion.guidance import StepConditioning
 from ldm.models.diffusion.samplers import img2img_start, resolve_sampler
 from ldm.models.diffusion.schedules import COMPVIS_GRIDS
 from ldm.modules.diffusionmodules.controlnet import HINT_FACTOR, ControlNet
@@ -231,7 +232,15 @@ class ControlRun:
             return cond, uncond
         hints = [hint.expand(self.batch, -1, -1, -1) for hint in self.hints]
         key = self.wrapper.conditioning_key
-        return with_control(cond, hints, key), None if uncond is None else with_control(uncond, hints, key)
+
+        def add(c: Any) -> Any:
+            if isinstance(c, StepConditioning):  # prompt editing / AND: each row gets the images of its image
+                owners = torch.tensor(c.owners, dtype=torch.long)
+                rows = [hint.index_select(0, owners.to(hint.device)) for hint in hints]
+                return dataclasses.replace(c, extend=lambda selected: with_control(selected, rows, key), _cache={})
+            return with_control(c, hints, key)
+
+        return add(cond), None if uncond is None else add(uncond)
 
     @contextmanager
     def attached(self) -> Iterator[None]:

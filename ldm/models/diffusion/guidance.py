@@ -71,12 +71,15 @@ class StepConditioning:
         rows: per step, the table rows of the batch at that step (M each); steps past the end use the last.
         owners: per batch row, the image (0..B-1) it guides; the rows of one image are adjacent.
         weights: per batch row, its ``AND`` weight.
+        extend: applied to each step's rows before the model sees them, e.g. to add every row's ControlNet images
+            (:meth:`ldm.control.ControlRun.conditioning`); None leaves them as they are.
     """
 
     table: Any
     rows: tuple[tuple[int, ...], ...]
     owners: tuple[int, ...]
     weights: tuple[float, ...]
+    extend: Callable[[Any], Any] | None = None
     _cache: dict[tuple[int, ...], Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -88,7 +91,8 @@ class StepConditioning:
         """The batch's conditioning (M rows) at 0-based ``step``; each distinct row set is gathered once."""
         rows = self.rows[min(max(step, 0), len(self.rows) - 1)]
         if rows not in self._cache:
-            self._cache[rows] = select_rows(self.table, torch.tensor(rows, dtype=torch.long))
+            selected = select_rows(self.table, torch.tensor(rows, dtype=torch.long))
+            self._cache[rows] = selected if self.extend is None else self.extend(selected)
         return self._cache[rows]
 
 
