@@ -39,3 +39,21 @@ def test_hires_with_a_variation_seed_and_a_controlnet_keeps_both_in_the_second_p
     assert result.images[0].size == (32, 32)
     fields = result.parameters(0)
     assert "Variation seed: 9" in fields and "ControlNet 0:" in fields and "Hires upscale: 2.0" in fields
+
+
+def test_a_lora_stays_merged_for_the_hires_second_pass(pipe, tmp_path):
+    """``loras`` is a request field: the hires fix's second pass (its own ``run``) keeps the LoRA merged."""
+    from test_lora_prompts import lora_folder
+
+    pipe.loras.directory = lora_folder(tmp_path)
+    settings = {**SETTINGS, "enable_hr": True, "hr_scale": 2.0, "denoising_strength": 0.5}
+    try:
+        plain = pipe.generate("a red circle", **settings)
+        styled = pipe.generate("a red circle", loras=[("style", 1.0)], **settings)
+        tagged = pipe.generate("a red circle <lora:style:1>", **settings)
+    finally:
+        pipe.loras.merger.apply([])
+        pipe.loras.directory = None
+    assert not np.array_equal(np.asarray(plain.images[0]), np.asarray(styled.images[0]))
+    assert np.array_equal(np.asarray(styled.images[0]), np.asarray(tagged.images[0]))
+    assert "Lora hashes" in styled.parameters(0)
