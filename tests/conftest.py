@@ -78,3 +78,12 @@ def hash_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
         yield
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_config, tiny_dir, hash_cache):
+    """The tiny reference model as a full-precision CPU ``Pipeline``, one per test module (modules set LoRA folders,
+    refiners ... on it)."""
+    from ldm.inference import Pipeline
+
+    return Pipeline.from_config(tiny_config, tiny_dir / "model.safetensors", device="cpu", precision="full")

@@ -18,11 +18,6 @@ SIZE = dict(height=16, width=16)
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_config, tiny_dir, hash_cache):
-    return Pipeline.from_config(tiny_config, tiny_dir / "model.safetensors", device="cpu", precision="full")
-
-
-@pytest.fixture(scope="module")
 def files(tiny_config, tmp_path_factory):
     """A tiny ControlNet as a cldm file and a diffusers file, a second one, and control images."""
     folder = tmp_path_factory.mktemp("controlnets")

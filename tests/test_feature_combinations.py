@@ -6,14 +6,8 @@ from controlnet_model import tiny_controlnet, write_cldm
 from PIL import Image
 
 from ldm.control import ControlSpec
-from ldm.inference import Pipeline
 
 SETTINGS = {"steps": 4, "seed": 3, "sampler": "Euler", "height": 16, "width": 16, "progress": False}
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_config, tiny_dir, hash_cache):
-    return Pipeline.from_config(tiny_config, tiny_dir / "model.safetensors", device="cpu", precision="full")
 
 
 @pytest.fixture(scope="module")

@@ -7,19 +7,11 @@ import torch
 from ldm.conversions import tensor_to_images
 from ldm.errors import UserError
 from ldm.hires import UPSCALERS, hires_size, upscale_latents
-from ldm.inference import Pipeline
 from ldm.outputs import parse_parameters
 from ldm.request import GenerationRequest
 from tests.feature_helpers import pixels
 
 FIRST = {"steps": 3, "height": 16, "width": 12, "seed": 7}
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_config, tiny_dir, tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
-        yield Pipeline.from_config(tiny_config, tiny_dir / "model.safetensors", device="cpu", precision="full")
 
 
 def test_sizes_round_down_to_the_models_multiple():

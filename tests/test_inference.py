@@ -37,11 +37,6 @@ INPAINT_OVERRIDES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_config, tiny_dir, hash_cache):
-    return Pipeline.from_config(tiny_config, tiny_dir / "model.safetensors", device="cpu", precision="full")
-
-
 def center_mask(size=(32, 32)) -> Image.Image:
     mask = Image.new("L", size, 0)
     mask.paste(255, (size[0] // 4, size[1] // 4, 3 * size[0] // 4, 3 * size[1] // 4))

@@ -45,15 +45,6 @@ def test_empty_prompt_round_trips_with_and_without_negative():
         }  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_config, tiny_dir, tmp_path_factory):
-    from ldm.inference import Pipeline
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
-        yield Pipeline.from_config(tiny_config, tiny_dir / "model.safetensors", device="cpu", precision="full")
-
-
 def _round_trip(pipe, **settings):
     """The first image, and the image its parsed infotext makes again (with the same init image and mask)."""
     images = {k: settings[k] for k in ("init_image", "mask") if k in settings}

@@ -15,7 +15,6 @@ from ldm import cli
 from ldm.adapters.lora import short_hash
 from ldm.adapters.lora_prompts import LoraTag, find_lora, parse_tag, split_prompt
 from ldm.errors import UserError
-from ldm.inference import Pipeline
 from ldm.outputs import parse_parameters, read_parameters
 
 Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_v"
@@ -70,11 +69,6 @@ def test_names_resolve_only_inside_the_folder(tmp_path):
         find_lora(folder, "missing")
     with pytest.raises(UserError, match="--lora_dir"):
         find_lora(None, "style")
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_config, tiny_dir):
-    return Pipeline.from_config(tiny_config, tiny_dir / "model.safetensors", device="cpu", precision="full")
 
 
 def pixels(result) -> np.ndarray:

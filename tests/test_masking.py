@@ -5,7 +5,6 @@ import pytest
 from PIL import Image
 
 from ldm.errors import UserError
-from ldm.inference import Pipeline
 from ldm.infotext import request_settings
 from ldm.masking import blur_mask, crop_region, repaint_mask
 from ldm.outputs import parse_parameters
@@ -13,13 +12,6 @@ from ldm.request import GenerationRequest
 from tests.feature_helpers import box_mask, pixels, random_image
 
 SETTINGS = {"steps": 3, "seed": 2, "strength": 1.0}
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_config, tiny_dir, tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
-        yield Pipeline.from_config(tiny_config, tiny_dir / "model.safetensors", device="cpu", precision="full")
 
 
 def test_blur_is_a_normalised_symmetric_gaussian_and_0_is_none():

@@ -25,6 +25,7 @@ SETTINGS = {"steps": 4, "scale": 5.0, "seed": 3, "height": 16, "width": 16, "pro
 SDXL = {**SETTINGS, "height": 16, "width": 16}
 
 
+# Its own: this module uses test_scripts' function-scoped hash_cache, which the shared module-scoped pipe cannot.
 @pytest.fixture(scope="module")
 def pipe(tiny_config, tiny_dir) -> Pipeline:
     return Pipeline.from_config(tiny_config, tiny_dir / "model.safetensors", device="cpu", precision="full")

@@ -5,20 +5,12 @@ import pytest
 import torch
 
 from ldm.errors import UserError
-from ldm.inference import Pipeline
 from ldm.models.diffusion.noise import Noise, slerp
 from ldm.outputs import parse_parameters
 from ldm.request import GenerationRequest
 from tests.feature_helpers import pixels
 
 SETTINGS = {"steps": 3, "height": 16, "width": 16}
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_config, tiny_dir, tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
-        yield Pipeline.from_config(tiny_config, tiny_dir / "model.safetensors", device="cpu", precision="full")
 
 
 def test_slerp_ends_are_exact_and_the_middle_keeps_the_norm():
