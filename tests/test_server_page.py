@@ -153,17 +153,26 @@ def paint(page, points: list[tuple[float, float]]) -> None:
     page.mouse.up()
 
 
-def test_inpaint_repaints_only_the_painted_mask(page, tmp_path):
+def inpaint(page, tmp_path: Path) -> tuple[np.ndarray, dict, str]:
+    """Uploads the test card, paints a square ring around (20, 20) and inpaints; the card (64, 64, 3), the request's
+    JSON and the result (base64)."""
     path = tmp_path / "init.png"
-    init = write_init_image(path).astype(int)
+    init = write_init_image(path)
     upload_init(page, "inpaint", path)
     page.fill("#prompt", "a red circle on a blue background")
     page.fill("#steps", STEPS)
     page.fill("#denoising-strength", "1")
     page.fill("#mask-blur", "0")
     page.fill("#brush-size", "12")
+    page.fill("#seed", "-1")
     paint(page, [(10, 10), (30, 10), (30, 30), (10, 30), (10, 10), (20, 20)])
     request, image = generate(page, "img2img")
+    return init, request, image
+
+
+def test_inpaint_repaints_only_the_painted_mask(page, tmp_path):
+    init, request, image = inpaint(page, tmp_path)
+    init = init.astype(int)
 
     mask = np.asarray(decode_png(request["mask"]).convert("L"))
     assert mask.shape == (64, 64) and mask[20, 20] == 255 and mask[50, 50] == 0 and mask[10, 30] == 255
@@ -173,6 +182,21 @@ def test_inpaint_repaints_only_the_painted_mask(page, tmp_path):
     keep, repaint = mask == 0, mask == 255
     assert np.array_equal(result[keep], init[keep]), "the unmasked region changed"
     assert np.abs(result[repaint] - init[repaint]).mean() > 10, "the masked region was not repainted"
+
+
+def test_reuse_of_an_inpainting_restores_its_image_and_mask(page, tmp_path):
+    _, first_request, first = inpaint(page, tmp_path)
+    page.click("#clear-mask")
+    page.check("#mode-txt2img")
+    page.fill("#seed", "-1")
+    page.locator(f"{RESULTS} [data-testid=reuse]").first.click()
+    expect(page.locator("#mode-inpaint")).to_be_checked()
+    expect(page.locator("#mask-canvas")).to_be_visible()
+
+    request, again = generate(page, "img2img")
+    assert request["init_images"] == first_request["init_images"]
+    assert request["mask"] == first_request["mask"]
+    assert base64.b64decode(again) == base64.b64decode(first)
 
 
 def test_reuse_restores_the_parameters_and_the_same_image(page):

@@ -276,31 +276,31 @@ function setRunning(running) {
   form.setAttribute("aria-busy", String(running));
 }
 
-function addResults(data) {
+// `sent` is the request as this page sent it: the server's `parameters` leave the init image and mask out.
+function addResults(data, mode, sent) {
   const info = typeof data.info === "string" ? JSON.parse(data.info) : data.info || {};
   const seeds = info.all_seeds || [];
   const texts = info.infotexts || [];
   const template = $("result-template");
+  const made = { ...sent, ...data.parameters, init_images: sent.init_images, mask: sent.mask };
   const figures = data.images.map((b64, i) => {
     const figure = template.content.firstElementChild.cloneNode(true);
     const seed = seeds[i] ?? info.seed;
     figure.querySelector("[data-testid=result-image]").src = pngUrl(b64);
     figure.querySelector("[data-testid=seed]").textContent = String(seed);
     figure.querySelector("[data-testid=infotext]").textContent = texts[i] ?? "";
-    figure.querySelector("[data-testid=reuse]").addEventListener("click", () => reuse(data.parameters, seed));
+    figure.querySelector("[data-testid=reuse]").addEventListener("click", () => reuse(mode, made, seed));
     return figure;
   });
   $("gallery").prepend(...figures);
 }
 
-async function reuse(parameters, seed) {
+async function reuse(mode, parameters, seed) {
   clearError();
-  const images = parameters.init_images || [];
-  const mode = images.length ? (parameters.mask ? "inpaint" : "img2img") : "txt2img";
   form.querySelector(`input[name=mode][value=${mode}]`).checked = true;
   showMode();
   try {
-    if (images.length) await setInitImage(images[0]);
+    if (parameters.init_images) await setInitImage(parameters.init_images[0]);
     if (parameters.mask) await setMask(parameters.mask);
   } catch (error) {
     showError(error.message);
@@ -328,7 +328,8 @@ async function generate(event) {
   $("progress-text").textContent = "Waiting for the server…";
   const polling = pollProgress(run);
   try {
-    addResults(await api(mode === "txt2img" ? "/sdapi/v1/txt2img" : "/sdapi/v1/img2img", request));
+    const data = await api(mode === "txt2img" ? "/sdapi/v1/txt2img" : "/sdapi/v1/img2img", request);
+    addResults(data, mode, request);
     setProgress(1);
     $("progress-text").textContent = "Done.";
   } catch (error) {
