@@ -101,13 +101,17 @@ def test_txt2img_shows_progress_and_a_png_in_the_gallery(page):
     page.fill("#prompt", "a red circle on a blue background")
     page.fill("#steps", "30")
     page.fill("#seed", "7")
-    # Every value the bar takes, recorded in the page itself so that no change between two Python polls is missed.
+    # Every value the bar and the preview take, recorded in the page itself so that none is missed between polls.
     page.evaluate(
         """() => {
             window.progressValues = [];
+            window.previews = [];
             const bar = document.getElementById("progress-bar");
+            const preview = document.getElementById("preview");
             new MutationObserver(() => window.progressValues.push(Number(bar.getAttribute("aria-valuenow"))))
                 .observe(bar, {attributes: true, attributeFilter: ["aria-valuenow"]});
+            new MutationObserver(() => window.previews.push(preview.src))
+                .observe(preview, {attributes: true, attributeFilter: ["src"]});
         }"""
     )
     request, image = generate(page)
@@ -115,6 +119,9 @@ def test_txt2img_shows_progress_and_a_png_in_the_gallery(page):
     values = page.evaluate("window.progressValues")
     assert any(0 < v < 100 for v in values), f"the bar never showed a step in between: {values}"
     assert values[-1] == 100
+    previews = page.evaluate("window.previews")
+    assert previews, "no live preview was shown"
+    assert decode_png(previews[-1].removeprefix("data:image/png;base64,")).size == (64, 64)
     assert page.get_attribute("#progress-bar", "style") == "width: 100%;"
     png = decode_png(image)
     assert png.size == (64, 64)
@@ -221,6 +228,24 @@ def test_reuse_restores_the_parameters_and_the_same_image(page):
     request, again = generate(page)
     assert request["seed"] == seed
     assert base64.b64decode(again) == base64.b64decode(first)
+
+
+def test_interrupt_ends_the_run_early_with_an_image(page):
+    page.fill("#prompt", "a red circle on a blue background")
+    # The full run would take far longer than GENERATION_TIMEOUT_MS: only an interrupted one answers in time.
+    page.fill("#steps", "1000")
+    with page.expect_response("**/sdapi/v1/txt2img", timeout=GENERATION_TIMEOUT_MS) as response:
+        page.click("#generate")
+        page.wait_for_function("Number(document.getElementById('progress-bar').getAttribute('aria-valuenow')) > 0")
+        stopped_at = int(page.get_attribute("#progress-bar", "aria-valuenow"))
+        with page.expect_request("**/sdapi/v1/interrupt"):
+            page.click("#interrupt")
+    assert response.value.ok
+    expect(page.locator(RESULTS)).to_have_count(1)
+    assert decode_png(newest_result_png(page)).size == (64, 64)
+    assert stopped_at < 50, "the run was nearly done before Interrupt; the test needs more steps"
+    expect(page.locator("#generate")).to_be_enabled()
+    expect(page.locator("#interrupt")).to_be_disabled()
 
 
 @pytest.mark.parametrize(("selector", "value", "field"), [("#steps", "0", "steps"), ("#width", "60", "width")])
