@@ -36,7 +36,7 @@ async function api(path, body) {
   try {
     data = text ? JSON.parse(text) : null;
   } catch {
-    data = null;
+    // not JSON (a proxy's error page): the text itself is the detail
   }
   if (!response.ok) {
     const detail = data && data.detail !== undefined ? detailText(data.detail) : text || response.statusText;
@@ -50,7 +50,7 @@ const pngUrl = (b64) => `data:image/png;base64,${b64}`;
 const field = (name) => form.elements.namedItem(name);
 
 function currentMode() {
-  return form.elements.namedItem("mode").value;
+  return field("mode").value;
 }
 
 function showMode() {
