@@ -8,7 +8,7 @@ DEMO_PROMPT ?= a red circle on a blue background
 DEMO_MODEL := models/ldm/shapes
 SHAPES_LOGS ?= logs
 
-.PHONY: demo test lint shapes-model chromium
+.PHONY: demo test lint shapes-model serve chromium
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: $(VENV)/.installed
 		--prompt "$(DEMO_PROMPT)" --H 64 --W 64 --n_samples 4 --n_iter 1 --n_rows 4 --steps 20 \
 		--sampler "DPM++ 2M Karras" --scale 10 --seed 42 --device cpu --precision full --outdir outputs/demo
 
+# The A1111-compatible API and web page on the demo model, at http://127.0.0.1:7860 (scripts/serve.py --help).
+serve: $(VENV)/.installed
+	$(PY) scripts/serve.py --config $(DEMO_MODEL)/config.yaml --ckpt $(DEMO_MODEL)/model.safetensors --precision full
+
 # Retrain the demo model from scratch (about 50 minutes on 2 CPU cores): autoencoder, then the LDM, then export.
 shapes-model: $(VENV)/.installed
 	$(PY) main.py --base configs/autoencoder/autoencoder_kl_shapes.yaml -t -n shapes-vae -l $(SHAPES_LOGS) --no-test
@@ -34,9 +38,10 @@ shapes-model: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
-# The optional peers the comparison tests check formats against (diffusers, peft, OpenCV); never runtime needs.
-$(VENV)/.compare-installed: $(VENV)/.installed requirements-compare.txt requirements-bench.txt
-	$(PY) -m pip install -q -r requirements-compare.txt
+# The optional peers the comparison tests check formats against (diffusers, peft, OpenCV) and the server's test
+# clients (webuiapi, Playwright); never runtime needs.
+$(VENV)/.compare-installed: $(VENV)/.installed requirements-compare.txt requirements-bench.txt requirements-server-test.txt
+	$(PY) -m pip install -q -r requirements-compare.txt -r requirements-server-test.txt
 	touch $@
 
 # Debian's Chromium for the server page's browser tests (tests/test_server_page.py). Never fails the build: without

@@ -102,7 +102,7 @@ class Job:
                 yield prompts, seeds, [self.request.subseed + offset for offset in offsets] if vary else None
 
 
-def _shown(path: Path) -> str:
+def shown_path(path: Path) -> str:
     """A path as the user would type it: relative to the working directory when it is inside it."""
     try:
         return str(path.resolve().relative_to(Path.cwd().resolve()))
@@ -122,8 +122,10 @@ def _demo_hint() -> str:
     configs = sorted(demo.glob("*.yaml"))
     ckpts = sorted([*demo.glob("*.ckpt"), *demo.glob("*.safetensors")])
     if configs and ckpts:
-        return f" To try the bundled demo model instead: --config {_shown(configs[0])} --ckpt {_shown(ckpts[0])}."
-    return f" A bundled demo model is in {_shown(demo)}/."
+        return (
+            f" To try the bundled demo model instead: --config {shown_path(configs[0])} --ckpt {shown_path(ckpts[0])}."
+        )
+    return f" A bundled demo model is in {shown_path(demo)}/."
 
 
 def find_checkpoint(ckpt: str | None) -> Path:
@@ -139,8 +141,8 @@ def find_checkpoint(ckpt: str | None) -> Path:
                 return candidate
     default = ROOT / DEFAULT_CKPT
     raise FileNotFoundError(
-        f"no --ckpt given and no checkpoint at {_shown(default)}. Download a Stable Diffusion 1.x checkpoint "
-        f"(e.g. v1-5-pruned-emaonly.ckpt or sd-v1-4.ckpt) and save it as {_shown(default)}, or pass "
+        f"no --ckpt given and no checkpoint at {shown_path(default)}. Download a Stable Diffusion 1.x checkpoint "
+        f"(e.g. v1-5-pruned-emaonly.ckpt or sd-v1-4.ckpt) and save it as {shown_path(default)}, or pass "
         f"--ckpt PATH (any model of models/README.md: its config is detected).{_demo_hint()}"
     )
 
@@ -387,7 +389,7 @@ def describe(err: BaseException) -> str:
 def _written_note(written: list[Path]) -> str:
     if not written:
         return ""
-    names = [_shown(path) for path in written]
+    names = [shown_path(path) for path in written]
     listed = names if len(names) <= 4 else [*names[:2], "...", names[-1]]
     return f" {len(names)} file{'s' if len(names) != 1 else ''} had been written: {', '.join(listed)}."
 
@@ -416,10 +418,10 @@ def main(mode: str, argv: Sequence[str] | None = None) -> int:
                 raise  # a bug, not bad input
             error = f"{describe(err)}{_written_note(written)}"
     for path in written:
-        print(f"wrote {_shown(path)}")
+        print(f"wrote {shown_path(path)}")
     if error is not None:
         return print_error(error)
     if written:
         files = f"{len(written)} file" + ("s" if len(written) != 1 else "")
-        print(f"Your samples are ready and waiting for you here: {_shown(job.outdir)} ({files})")
+        print(f"Your samples are ready and waiting for you here: {shown_path(job.outdir)} ({files})")
     return 0

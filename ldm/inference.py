@@ -361,9 +361,9 @@ class Pipeline:
         if (runner := feature_runner(request)) is not None:  # hires fix, inpaint only masked: runs in passes
             return runner(self, request, functools.partial(self.run, callback=callback, progress=progress))
         request = request.for_model(self.geometry)
-        self._warn_unknown_words(request.prompts)
         prompts, negatives = request.image_prompts
         texts, lora_fields = self.loras.prepare(prompts, request.loras)  # the prompts without their <lora:...> tags
+        self._warn_unknown_words(dict.fromkeys(texts))
         batch, height, width = request.batch, request.height, request.width
         model = self.model
         noise = Noise(request.seeds, self.device, request.subseeds, request.subseed_strength)
@@ -444,8 +444,9 @@ class Pipeline:
     def _warn_unknown_words(self, prompts: Sequence[str]) -> None:
         if self.vocabulary is None:
             return
+        known = self.vocabulary | {name.lower() for name in getattr(self.model, "textual_inversions", {})}
         for text in prompts:
-            unknown = unknown_words(text, self.vocabulary)
+            unknown = unknown_words(text, known)
             if unknown:
                 warnings.warn(
                     f"this model was trained on a small vocabulary; it does not know {', '.join(unknown)} "

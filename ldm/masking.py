@@ -67,6 +67,35 @@ def blur_mask(mask: Image.Image, sigma: int) -> Image.Image:
     return Image.fromarray(values.astype(np.uint8), "L")
 
 
+def _smooth(values: np.ndarray, scale: int) -> np.ndarray:
+    """(H, W) float32 values averaged over ``scale`` x ``scale`` cells and interpolated back: a cheap wide blur."""
+    height, width = values.shape
+    small = Image.fromarray(values, "F").resize((max(1, width // scale), max(1, height // scale)), Image.Resampling.BOX)
+    return np.asarray(small.resize((width, height), Image.Resampling.BILINEAR))
+
+
+def fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
+    """A1111's "fill" masked content: the pixels to repaint (``mask`` white) take the colours of the kept pixels
+    around them, so img2img starts from the surroundings instead of what was there.
+
+    Each repainted pixel gets the average of the kept pixels near it (a normalised blur), from the widest scale,
+    which reaches every pixel, down to the finest scale that has kept pixels nearby.
+    """
+    known = (np.asarray(mask.convert("L")) < 128).astype(np.float32)
+    if known.all() or not known.any():
+        return image
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    filled = np.broadcast_to(pixels[known > 0].mean(axis=0), pixels.shape).copy()
+    for scale in (64, 16, 4, 1):
+        weight = _smooth(known, scale)
+        reached = weight > 1e-2
+        for c in range(3):
+            colour = _smooth(pixels[..., c] * known, scale)
+            filled[..., c] = np.where(reached, colour / np.maximum(weight, 1e-2), filled[..., c])
+    result = np.where(known[..., None] > 0, pixels, filled)
+    return Image.fromarray(np.clip(np.rint(result), 0, 255).astype(np.uint8), "RGB")
+
+
 def paste_back(
     images: Sequence[Image.Image], init_image: Image.Image, mask: Image.Image, mask_blur: int
 ) -> list[Image.Image]:

@@ -87,3 +87,17 @@ def pipe(tiny_config, tiny_dir, hash_cache):
     from ldm.inference import Pipeline
 
     return Pipeline.from_config(tiny_config, tiny_dir / "model.safetensors", device="cpu", precision="full")
+
+
+@pytest.fixture(scope="session")
+def demo_server():
+    """``scripts/serve.py`` serving the bundled demo model in a subprocess on a free loopback port (one for the
+    session: the client, browser and load tests share it); skipped without the server's packages or the model."""
+    pytest.importorskip("fastapi", reason="the server needs fastapi and uvicorn (requirements.txt)")
+    pytest.importorskip("uvicorn", reason="the server needs fastapi and uvicorn (requirements.txt)")
+    from tests.server_helpers import DEMO_ARGS, DEMO_CKPT, start_server
+
+    if not DEMO_CKPT.exists():
+        pytest.skip(f"the bundled demo model is absent: {DEMO_CKPT}")
+    with start_server(*DEMO_ARGS) as server:
+        yield server

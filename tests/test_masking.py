@@ -6,7 +6,7 @@ from PIL import Image
 
 from ldm.errors import UserError
 from ldm.infotext import request_settings
-from ldm.masking import blur_mask, crop_region, repaint_mask
+from ldm.masking import blur_mask, crop_region, fill_masked, repaint_mask
 from ldm.outputs import parse_parameters
 from ldm.request import GenerationRequest
 from tests.feature_helpers import box_mask, pixels, random_image
@@ -131,3 +131,18 @@ def test_bad_mask_settings_are_user_errors():
         GenerationRequest("a", inpaint_full_res_padding=2.5)
     with pytest.raises(UserError, match="inpainting_mask_invert is True or False"):
         GenerationRequest("a", inpainting_mask_invert="yes")
+
+
+def test_fill_gives_the_masked_region_its_surroundings_colours():
+    pixels = np.zeros((64, 64, 3), np.uint8)
+    pixels[:, :32], pixels[:, 32:] = (255, 0, 0), (0, 0, 255)
+    pixels[20:44, 20:44] = (0, 255, 0)  # what the mask covers: gone after the fill
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16:48] = 255
+    filled = np.asarray(fill_masked(Image.fromarray(pixels), Image.fromarray(mask)))
+    assert np.array_equal(filled[mask == 0], pixels[mask == 0])
+    inside = filled[mask > 0].astype(int)
+    assert inside[:, 1].max() < 16  # no green left
+    assert filled[30, 17, 0] > 200 and filled[30, 46, 2] > 200  # each side takes its neighbour's colour
+    nothing = fill_masked(Image.fromarray(pixels), Image.new("L", (64, 64)))  # a black mask repaints nothing
+    assert np.array_equal(np.asarray(nothing), pixels)

@@ -10,6 +10,7 @@ from ldm.errors import UserError
 from ldm.models.diffusion.noise import Noise
 from ldm.models.diffusion.samplers import (
     SAMPLERS,
+    StopSampling,
     check_sampling_arguments,
     resolve_sampler,
     sample,
@@ -179,6 +180,19 @@ def test_callback_sees_every_step(exact):
     seen = []
     sample(exact, "heun", steps=7, shape=(1, 1, 2, 2), callback=lambda i, d: seen.append(i), progress=False)
     assert seen == list(range(7))
+
+
+@pytest.mark.parametrize("name", ["euler_a", "dpmpp_2m", "ddim", "plms"])
+def test_a_callback_stops_sampling_with_that_steps_estimate(exact, name):
+    seen = []
+
+    def stop_at_three(i, denoised):
+        seen.append(denoised.clone())
+        if i == 3:
+            raise StopSampling
+
+    out = sample(exact, name, steps=10, shape=(1, 1, 2, 2), noise=Noise([5]), callback=stop_at_three, progress=False)
+    assert len(seen) == 4 and torch.equal(out, seen[-1])
 
 
 @pytest.mark.parametrize(

@@ -174,7 +174,7 @@ def plan(args: argparse.Namespace, argv: Sequence[str]) -> Plan:
     )
     return Plan(
         config=config,
-        config_label=_shown(config_path),
+        config_label=shown_path(config_path),
         ckpt=ckpt,
         settings=settings,
         engines=engines,
@@ -182,7 +182,7 @@ def plan(args: argparse.Namespace, argv: Sequence[str]) -> Plan:
     )
 
 
-def _shown(path: Path) -> str:
+def shown_path(path: Path) -> str:
     """A path relative to the project root when it is inside it."""
     try:
         return str(path.resolve().relative_to(ROOT))

@@ -42,6 +42,7 @@ __all__ = [
     "SCHEDULE_LABELS",
     "SCHEDULE_NAMES",
     "SamplerSpec",
+    "StopSampling",
     "check_sampler_options",
     "check_sampling_arguments",
     "img2img_start",
@@ -57,6 +58,11 @@ __all__ = [
 # saturates the image, and a float16 UNet output overflows once scale * |eps_c - eps_u| passes 65504 (scale 1e308
 # gave black images). 100 keeps that product far from the float16 limit for any eps of the order of one.
 MAX_SCALE = 100
+
+
+class StopSampling(Exception):  # noqa: N818 - a signal, not an error
+    """Raised by a ``callback`` to end sampling after that step: :func:`sample` then returns the step's x0 estimate
+    (A1111's Interrupt, which keeps the image so far; the server's ``/sdapi/v1/interrupt``)."""
 
 
 def check_sampling_arguments(
@@ -221,7 +227,8 @@ def sample(
         handoff: a second model that takes over inside the same loop from step ``split_index(handoff.switch)``
             of the steps this run takes on (A1111's refiner; :mod:`~ldm.models.diffusion.handoff`): one schedule,
             for every sampler.
-        callback: ``callback(i, denoised)`` after each step with the current x0 estimate.
+        callback: ``callback(i, denoised)`` after each step with the current x0 estimate; it may raise
+            :class:`StopSampling` to end the run there, with that estimate as the result.
         progress: show a progress bar.
     """
     spec, schedule = check_sampling_arguments(
@@ -302,12 +309,17 @@ def sample(
         for g in guided:
             g.count_steps(clock)
 
+    last: list[torch.Tensor] = []
+
     def report(step: dict[str, Any]) -> None:
+        last[:] = [step["denoised"]]
         if callback is not None:
             callback(step["i"], step["denoised"])
 
     try:
         x = spec.loop(denoiser, x, sigmas, noise=noise, callback=report, progress=progress, **options)
+    except StopSampling:
+        return last[0]
     finally:
         if isinstance(denoiser, SwitchedDenoiser):
             denoiser.finish()
