@@ -17,8 +17,6 @@ CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
     pytest.skip(f"{CHROMIUM} is absent (Debian's chromium package; `make test` installs it)", allow_module_level=True)
 
-from tests.server_helpers import DEMO_ARGS, start_server  # noqa: E402
-
 expect = sync_api.expect
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 CHROMIUM_ARGS = [
@@ -37,9 +35,8 @@ GENERATION_TIMEOUT_MS = 30_000
 
 
 @pytest.fixture(scope="module")
-def server():
-    with start_server(*DEMO_ARGS) as process:
-        yield process
+def server(demo_server):
+    return demo_server
 
 
 @pytest.fixture(scope="module")

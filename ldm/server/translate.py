@@ -84,13 +84,15 @@ def check_off_fields(body: Txt2ImgBody) -> None:
 
 
 def _eta(body: Txt2ImgBody, sampler: str, options: Mapping[str, Any]) -> float | None:
-    """The request's eta where the sampler takes one (A1111 ignores it elsewhere), else the server's option."""
+    """The request's eta where the sampler takes one (A1111 ignores it elsewhere), else the server's option; None
+    for the sampler's own default."""
     spec, _ = resolve_sampler(sampler)
     if spec.eta is None:
         return None
-    if body.eta is not None:
-        return body.eta
-    return options["eta_ddim"] if spec.id == "ddim" else options["eta_ancestral"]
+    eta = body.eta
+    if eta is None:
+        eta = options["eta_ddim"] if spec.id == "ddim" else options["eta_ancestral"]
+    return None if eta == spec.eta else eta  # the sampler's default: no "Eta" in the infotext, as A1111
 
 
 def _sampler_options(body: Txt2ImgBody, sampler: str) -> dict[str, float]:

@@ -3,6 +3,7 @@
 // and live preview polled while a request runs, and a gallery whose "Reuse" buttons refill the form.
 
 const POLL_MS = 300;
+const DEFAULT_SAMPLER = "Euler a"; // A1111's
 const NUMBER_FIELDS = new Set(["steps", "cfg_scale", "width", "height", "seed", "batch_size", "denoising_strength",
   "mask_blur"]);
 // Fields the request carries for every mode; the image modes add theirs in readRequest.
@@ -100,6 +101,7 @@ function readRequest(mode) {
     if (!state.maskPainted) throw new Error("Paint the area to repaint on the image first (or use img2img).");
     request.mask = maskBase64();
     request.inpainting_fill = 1;
+    request.inpaint_full_res = false; // A1111's page default, "Whole picture" (its API's default is "Only masked")
     names.push("mask_blur");
   }
   for (const name of names) {
@@ -364,6 +366,7 @@ async function setup() {
       ["/sdapi/v1/samplers", "/sdapi/v1/schedulers", "/ldm/v1/model"].map((path) => api(path)),
     );
     fillSelect($("sampler"), samplers, (s) => s.name);
+    if (samplers.some((s) => s.name === DEFAULT_SAMPLER)) setField("sampler_name", DEFAULT_SAMPLER);
     fillSelect($("scheduler"), schedulers, (s) => s.label || s.name);
     $("model-title").textContent = model.title;
     for (const name of ["width", "height"]) {
