@@ -143,3 +143,22 @@ def test_interrupt_and_skip_stop_the_sampler_not_the_worker():
     job.interrupted.set()
     with pytest.raises(StopSampling):
         job.on_step(0, torch.zeros(1, 4, 8, 8))
+
+
+def test_the_queue_batches_neighbours_with_one_key_up_to_max_batch():
+    release, groups = threading.Event(), []
+
+    def run_batch(jobs):
+        groups.append([job.name for job in jobs])
+        return [job.name for job in jobs]
+
+    queue = JobQueue(limit=8, max_batch=4, run_batch=run_batch)
+    queue.submit(Job("busy", blocker(release)))
+    while queue.current is None:
+        time.sleep(0.01)
+    specs = [("a", "k", 2), ("b", "k", 1), ("c", "k", 2), ("d", None, 1), ("e", "k", 1), ("f", "k", 1)]
+    futures = [queue.submit(Job(n, lambda job: job.name, batch_key=k, images=i)) for n, k, i in specs]
+    release.set()
+    assert [f.result(10) for f in futures] == ["a", "b", "c", "d", "e", "f"]  # in order, each its own result
+    assert groups == [["a", "b"], ["e", "f"]]  # c would pass max_batch; d has no key and runs alone
+    queue.close()

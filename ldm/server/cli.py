@@ -51,6 +51,12 @@ def build_parser() -> ScriptParser:
     add("--cors-allow-origins", "--cors_allow_origins", dest="cors", default=None, metavar="ORIGIN[,ORIGIN]",
         help="let browser pages from these origins call the API (default: none, CORS off)")  # fmt: skip
     add("--max_queue", type=int, default=8, help="jobs that may wait; more are answered 429 (default 8)")
+    add(
+        "--max_batch",
+        type=int,
+        default=4,
+        help="txt2img requests that differ only in prompt and seed run together up to this many images (default 4)",
+    )
     add("--max_images", type=int, default=16, help="images per request at most (batch_size x n_iter, default 16)")
     add("--max_body_mb", type=int, default=64, help="the largest request body in MiB (default 64)")
     add("--precision", choices=PRECISIONS, default="autocast", help="as the sampling scripts' --precision")
@@ -101,7 +107,7 @@ def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     for flag, value in (("--max_queue", args.max_queue), ("--max_images", args.max_images),
-                        ("--max_body_mb", args.max_body_mb)):  # fmt: skip
+                        ("--max_batch", args.max_batch), ("--max_body_mb", args.max_body_mb)):  # fmt: skip
         if value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}.")
     if not 0 <= args.port < 65536:
@@ -126,7 +132,7 @@ def serve(args: argparse.Namespace) -> None:
         Catalog(folders, [first]), first, runtime, lora_dir=_folder(args.lora_dir, "--lora-dir"),
         embeddings_dir=embeddings_folder(args.embeddings_dir), outdir=Path(args.outdir), max_images=args.max_images,
     )  # fmt: skip
-    queue = JobQueue(args.max_queue)
+    queue = JobQueue(args.max_queue, max_batch=args.max_batch, run_batch=service.run_batch)
     app = create_app(service, queue, guard)
     port = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host

@@ -30,7 +30,10 @@ class Job:
     """One unit of the worker's work (a generation, a model switch) and its live state.
 
     ``run(job)`` is called on the worker thread; generations call :meth:`on_step` from the sampler callback.
-    ``count`` / ``steps``: iterations and sampler steps per iteration, for the progress fraction.
+    ``count`` / ``steps``: iterations and sampler steps per iteration, for the progress fraction. Jobs with equal
+    ``batch_key`` s (not None) that wait next to each other may run as one batch of at most the queue's
+    ``max_batch`` ``images``, through the queue's batch runner, which calls ``finish(results)`` of each with
+    ``work`` done.
     """
 
     name: str
@@ -39,6 +42,10 @@ class Job:
     steps: int = 0
     previews: bool = True
     size: tuple[int, int] | None = None  # (width, height) of the images, for the preview
+    batch_key: Any = None
+    images: int = 1
+    work: Any = None
+    finish: Callable[[list[Any]], Any] | None = None
     id: str = field(default_factory=lambda: f"task({next(_ids)})")
     future: Future = field(default_factory=Future)
     created: float = field(default_factory=time.time)
@@ -54,11 +61,15 @@ class Job:
         self.number, self.step = number, 0
         self.skipped.clear()
 
-    def on_step(self, i: int, denoised: torch.Tensor) -> None:
-        """The sampler callback: record progress and the preview latent, then stop if asked to."""
+    def record(self, i: int, denoised: torch.Tensor) -> None:
+        """Step ``i`` is done: its progress and the preview latent."""
         self.step = i + 1
         if self.previews:
             self.preview = denoised[0].detach().float().cpu()
+
+    def on_step(self, i: int, denoised: torch.Tensor) -> None:
+        """The sampler callback of a job run alone: record the step, then stop if asked to."""
+        self.record(i, denoised)
         if self.cancelled.is_set():
             raise JobCancelled
         if self.interrupted.is_set() or self.skipped.is_set():
@@ -73,11 +84,14 @@ class Job:
 
 
 class JobQueue:
-    """Jobs served one at a time, in order, by a worker thread; at most ``limit`` jobs wait."""
+    """Jobs served one at a time (or one batch at a time), in order, by a worker thread; at most ``limit`` jobs
+    wait. ``run_batch(jobs)`` runs a group of batchable jobs and returns their results in order."""
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.current: Job | None = None
+    def __init__(
+        self, limit: int, max_batch: int = 1, run_batch: Callable[[list[Job]], list[Any]] | None = None
+    ) -> None:
+        self.limit, self.max_batch, self.run_batch = limit, max_batch, run_batch
+        self.running: list[Job] = []
         self.finished = 0
         self._waiting: collections.deque[Job] = collections.deque()
         self._lock = threading.Condition()
@@ -88,6 +102,12 @@ class JobQueue:
     @property
     def waiting(self) -> int:
         return len(self._waiting)
+
+    @property
+    def current(self) -> Job | None:
+        """The running job (the first of a running batch)."""
+        running = self.running
+        return running[0] if running else None
 
     def submit(self, job: Job) -> Future:
         """Queue ``job``; QueueFull when ``limit`` jobs already wait."""
@@ -107,13 +127,13 @@ class JobQueue:
                 job.future.cancel()
 
     def interrupt(self) -> None:
-        """A1111's Interrupt: end the running job after this step, keeping the images so far."""
-        if (job := self.current) is not None:
+        """A1111's Interrupt: end the running job (or batch) after this step, keeping the images so far."""
+        for job in self.running:
             job.interrupted.set()
 
     def skip(self) -> None:
         """A1111's Skip: end the running iteration after this step and go on with the next."""
-        if (job := self.current) is not None:
+        for job in self.running:
             job.skipped.set()
 
     def close(self) -> None:
@@ -125,6 +145,18 @@ class JobQueue:
             self._lock.notify()
         self._thread.join(timeout=30)
 
+    def _take(self) -> list[Job]:
+        """The next job, and the batchable jobs waiting right behind it (called with the lock held)."""
+        group = [self._waiting.popleft()]
+        first = group[0]
+        while (
+            self.run_batch is not None and first.batch_key is not None and self._waiting
+            and self._waiting[0].batch_key == first.batch_key
+            and sum(job.images for job in group) + self._waiting[0].images <= self.max_batch
+        ):  # fmt: skip
+            group.append(self._waiting.popleft())
+        return [job for job in group if job.future.set_running_or_notify_cancel()]
+
     def _serve(self) -> None:
         while True:
             with self._lock:
@@ -132,16 +164,23 @@ class JobQueue:
                     self._lock.wait()
                 if self._stopping:
                     return
-                job = self._waiting.popleft()
-                if not job.future.set_running_or_notify_cancel():
+                group = self._take()
+                if not group:
                     continue
-                self.current = job
-            job.started = time.time()
+                self.running = group
+            for job in group:
+                job.started = time.time()
             try:
-                job.future.set_result(job.run(job))
-            except BaseException as err:  # every failure goes to the waiting handler; the worker keeps serving
-                job.future.set_exception(err)
+                if len(group) == 1:
+                    group[0].future.set_result(group[0].run(group[0]))
+                else:
+                    for job, result in zip(group, self.run_batch(group), strict=True):
+                        job.future.set_result(result)
+            except BaseException as err:  # every failure goes to the waiting handlers; the worker keeps serving
+                for job in group:
+                    if not job.future.done():
+                        job.future.set_exception(err)
             finally:
                 with self._lock:
-                    self.current = None
-                    self.finished += 1
+                    self.running = []
+                    self.finished += len(group)

@@ -8,6 +8,7 @@ so bad input costs no queue slot and never reaches the worker.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from ldm.errors import UserError
 from ldm.hires import IMAGE_UPSCALERS, LATENT_UPSCALERS
 from ldm.models.diffusion.sampler_registry import SAMPLERS, SCHEDULE_LABELS
 from ldm.outputs import PARAMETERS_KEY, parse_parameters
+from ldm.server.batching import batch_key
 from ldm.server.errors import error_response
 from ldm.server.images import encode_png, image_texts
 from ldm.server.jobs import Job, JobQueue
@@ -56,13 +58,14 @@ async def wait_for(queue: JobQueue, job: Job, request: Request) -> Any:
 def _generation_job(service: Service, work: Work, body: dict[str, Any], options: dict[str, Any]) -> Job:
     target = service.override_checkpoint(options)
     restore = body.get("override_settings_restore_afterwards", True)
+    finish = functools.partial(service.respond, work, body=without_images(body))
 
     def run(job: Job) -> dict[str, Any]:
         previous = service.checkpoint
         if target is not None:
             service.switch(target)
         try:
-            return service.respond(work, service.generate(work, job), without_images(body))
+            return finish(service.generate(work, job))
         finally:
             if target is not None and restore:
                 service.switch(previous)
@@ -71,6 +74,8 @@ def _generation_job(service: Service, work: Work, body: dict[str, Any], options:
     return Job(
         name=work.mode, run=run, count=len(work.requests), steps=work.steps,
         previews=bool(options["live_previews_enable"]), size=(first.width, first.height),
+        batch_key=batch_key(work.requests, work.mode) if target is None else None,
+        images=sum(r.batch for r in work.requests), work=work, finish=finish,
     )  # fmt: skip
 
 

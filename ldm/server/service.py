@@ -11,7 +11,7 @@ import gc
 import json
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +24,13 @@ from ldm.errors import UserError
 from ldm.geometry import LatentGeometry
 from ldm.inference import GenerationResult, Pipeline
 from ldm.memory import Footprint, check_memory, estimate, min_chunks
+from ldm.models.diffusion.samplers import StopSampling
 from ldm.outputs import save_numbered
 from ldm.postprocess import OutputStep
 from ldm.request import RuntimeOptions
+from ldm.server.batching import merge, split
 from ldm.server.catalog import Catalog, Checkpoint
-from ldm.server.errors import FieldError
+from ldm.server.errors import FieldError, JobCancelled
 from ldm.server.images import encode_png
 from ldm.server.jobs import Job
 from ldm.server.preview import fit_preview
@@ -171,6 +173,23 @@ class Service:
             job.begin_iteration(number)
             results.append(self.pipe.run(request, callback=job.on_step, progress=False))
         return results
+
+    def run_batch(self, jobs: Sequence[Job]) -> list[dict[str, Any]]:
+        """Jobs of one :func:`~ldm.server.batching.batch_key` in one ``Pipeline.run``; each gets its response. The
+        batch stops when all its clients are gone, or at an interrupt of any (it is one sampling run)."""
+        requests = [job.work.requests[0] for job in jobs]
+
+        def callback(i: int, denoised: torch.Tensor) -> None:
+            for job in jobs:
+                job.record(i, denoised)
+            if all(job.cancelled.is_set() for job in jobs):
+                raise JobCancelled
+            if any(job.interrupted.is_set() or job.skipped.is_set() for job in jobs):
+                raise StopSampling
+
+        result = self.pipe.run(merge(requests), callback=callback, progress=False)
+        parts = split(result, [request.batch for request in requests])
+        return [job.finish([part]) for job, part in zip(jobs, parts, strict=True)]
 
     def respond(self, work: Work, results: list[GenerationResult], body: dict[str, Any]) -> dict[str, Any]:
         """A1111's response: ``images`` (base64 PNG with infotext), ``parameters`` (the request), ``info`` (JSON)."""
