@@ -52,7 +52,7 @@ class Job:
     started: float | None = None
     number: int = 0  # the iteration running, from 0
     step: int = 0  # sampler steps done in it
-    preview: torch.Tensor | None = None  # (C, h, w) float32 on the CPU: the first image's x0 estimate
+    preview: torch.Tensor | None = None  # (C, h, w) on the model's device: the first image's x0 estimate
     interrupted: threading.Event = field(default_factory=threading.Event)
     skipped: threading.Event = field(default_factory=threading.Event)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -65,7 +65,7 @@ class Job:
         """Step ``i`` is done: its progress and the preview latent."""
         self.step = i + 1
         if self.previews:
-            self.preview = denoised[0].detach().float().cpu()
+            self.preview = denoised[0].detach().clone()  # stays on the device: no host sync per step
 
     def on_step(self, i: int, denoised: torch.Tensor) -> None:
         """The sampler callback of a job run alone: record the step, then stop if asked to."""

@@ -110,7 +110,7 @@ def api_router(service: Service, queue: JobQueue) -> APIRouter:
         elapsed = time.time() - (job.started or time.time())
         image = None
         if not skip_current_image and job.preview is not None and job.size is not None:
-            image = encode_png(preview_image(job.preview, service.preview_map, job.size))
+            image = encode_png(preview_image(job.preview.float().cpu(), service.preview_map, job.size))
         state = {
             "skipped": job.skipped.is_set(), "interrupted": job.interrupted.is_set(), "job": job.name,
             "job_count": job.count, "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)),
