@@ -101,8 +101,7 @@ class Service:
 
     def load(self, checkpoint: Checkpoint) -> None:
         """Load ``checkpoint`` (config detected unless it names one), with the server's LoRA and embedding folders."""
-        config = choose_config(str(checkpoint.config) if checkpoint.config else None, checkpoint.path,
-                               list(checkpoint.overrides))  # fmt: skip
+        config = _config(checkpoint)
         pipe = Pipeline.from_config(config, checkpoint.path, self.runtime)
         pipe.loras.directory = self.lora_dir
         self.config, self.pipe, self.checkpoint = config, pipe, checkpoint
@@ -136,8 +135,7 @@ class Service:
         """The image sizes and steps a checkpoint takes (the loaded one's without reading anything)."""
         if checkpoint is None or checkpoint == self.checkpoint:
             return self.pipe.geometry
-        config = choose_config(str(checkpoint.config) if checkpoint.config else None, checkpoint.path,
-                               list(checkpoint.overrides))  # fmt: skip
+        config = _config(checkpoint)
         return LatentGeometry.from_config(config)
 
     # -- checks before queueing ---------------------------------------------------------------------------------
@@ -278,6 +276,12 @@ class Service:
             return None
         checkpoint = self.catalog.find(name, "override_settings")
         return None if checkpoint == self.checkpoint else checkpoint
+
+
+def _config(checkpoint: Checkpoint) -> Any:
+    """The checkpoint's config: the one it names, or the one detected from its file (announced in one line)."""
+    named = str(checkpoint.config) if checkpoint.config else None
+    return choose_config(named, checkpoint.path, list(checkpoint.overrides))
 
 
 def without_images(body: Mapping[str, Any]) -> dict[str, Any]:
