@@ -38,10 +38,11 @@ shapes-model: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
-# The optional peers the comparison tests check formats against (diffusers, peft, OpenCV) and the server's test
-# clients (webuiapi, Playwright); never runtime needs.
-$(VENV)/.compare-installed: $(VENV)/.installed requirements-compare.txt requirements-bench.txt requirements-server-test.txt
-	$(PY) -m pip install -q -r requirements-compare.txt -r requirements-server-test.txt
+# The optional peers the comparison tests check formats against (diffusers, peft, OpenCV), the server's test
+# clients (webuiapi, Playwright) and the OpenVINO engine; never runtime needs.
+$(VENV)/.compare-installed: $(VENV)/.installed requirements-compare.txt requirements-bench.txt \
+		requirements-server-test.txt requirements-openvino.txt
+	$(PY) -m pip install -q -r requirements-compare.txt -r requirements-server-test.txt -r requirements-openvino.txt
 	touch $@
 
 # Debian's Chromium for the server page's browser tests (tests/test_server_page.py). Never fails the build: without

@@ -201,6 +201,7 @@ def plan(mode: str, args: argparse.Namespace) -> Job:
         compile=args.compile,
         attention_slicing=parse_slice_size(args.attention_slicing),
         vae_tiling=args.vae_tiling,
+        engine=args.engine,
     )
     if args.n_iter < 1:
         raise UserError(f"--n_iter must be at least 1, got {args.n_iter}.")

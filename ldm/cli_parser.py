@@ -11,6 +11,7 @@ from ldm.devices import PRECISIONS
 from ldm.errors import ScriptParser
 from ldm.feature_args import FOLDER_MODES, add_feature_arguments
 from ldm.models.diffusion.samplers import sampler_names, schedule_names
+from ldm.openvino_engine import add_engine_argument
 from ldm.refiner import add_refiner_arguments
 from ldm.request import IMG2IMG_STRENGTH, INPAINT_STRENGTH
 
@@ -123,6 +124,7 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
         help="full (fp32), autocast (fp16 compute on CUDA, fp32 elsewhere), fp16 or bf16 weights",
     )
     add("--device", type=str, default=None, help="cpu, cuda, cuda:N or mps (default: the best available)")
+    add_engine_argument(parser)
     add("--clip_skip", type=int, default=1, help="1 = last text encoder layer, 2 = the one before (A1111)")
     add("--idle_device", type=str, default=None, help="keep the text encoder and VAE here (e.g. cpu) while not in use")
     add("--channels_last", action="store_true", help="run the UNet and VAE in channels_last memory format")

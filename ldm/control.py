@@ -134,20 +134,25 @@ class ControlNetCache:
 
     def __init__(self) -> None:
         self._nets: dict[tuple[str, int, int], ControlNet] = {}
+        self.prepare: Callable[[ControlNet], None] | None = None  # called on each net before use (an engine's)
 
     def get(self, model: str | os.PathLike | ControlNet, unet: torch.nn.Module, device: torch.device) -> ControlNet:
         """The ControlNet ``model`` names, on ``device`` in the UNet's dtype; a file is checked against ``unet``."""
         dtype = next(unet.parameters()).dtype
         if isinstance(model, torch.nn.Module):
-            return model.to(device, dtype)
-        path = Path(model).resolve()
-        if not path.is_file():
-            raise UserError(f"ControlNet file '{model}' does not exist.")
-        stat = path.stat()
-        key = (str(path), stat.st_size, stat.st_mtime_ns)
-        if key not in self._nets:
-            self._nets[key] = load_controlnet(path, base_unet=unet)
-        return self._nets[key].to(device, dtype)
+            net = model.to(device, dtype)
+        else:
+            path = Path(model).resolve()
+            if not path.is_file():
+                raise UserError(f"ControlNet file '{model}' does not exist.")
+            stat = path.stat()
+            key = (str(path), stat.st_size, stat.st_mtime_ns)
+            if key not in self._nets:
+                self._nets[key] = load_controlnet(path, base_unet=unet)
+            net = self._nets[key].to(device, dtype)
+        if self.prepare is not None:
+            self.prepare(net)
+        return net
 
 
 class ControlStack:

@@ -28,6 +28,8 @@ see tests/test_fast_paths.py):
   activations with its own statistics.
 - ``idle_device``: keep the text encoder and VAE (and a depth model's MiDaS) there (e.g. ``"cpu"``) except while
   they run, so the GPU holds little more than the UNet.
+- ``engine="openvino"``: on x86 CPUs, the networks run through OpenVINO (:mod:`ldm.openvino_engine`), converted
+  once per input shape and cached on disk; everything else stays this module's code.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ from ldm.models.diffusion.noise import Noise
 from ldm.models.diffusion.samplers import SCHEDULE_LABELS, resolve_sampler, sample
 from ldm.modules.attention import set_attention_slicing
 from ldm.modules.tiling import tiled_decode
+from ldm.openvino_engine import attach_openvino
 from ldm.outputs import format_parameters, model_hash
 from ldm.prompts import unknown_words
 from ldm.refiner import refiner_fields, refiner_handoff
@@ -182,6 +185,9 @@ class Pipeline:
         if options.compile:
             # In place (not torch.compile(module)), so the model's state dict keeps its keys.
             self.stages["unet"].compile()
+        self.engine = attach_openvino(model, options.precision) if options.engine == "openvino" else None
+        if self.engine is not None:
+            self.controlnets.prepare = functools.partial(self.engine.attach, name="ControlNet")
 
     @classmethod
     def from_checkpoint(cls, ckpt: str | os.PathLike, options: RuntimeOptions | None = None, **kwargs: Any) -> Pipeline:

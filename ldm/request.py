@@ -30,6 +30,7 @@ from ldm.models.diffusion.handoff import check_switch
 from ldm.models.diffusion.noise import MAX_SEED, Noise, check_seed, check_subseed_strength
 from ldm.models.diffusion.samplers import check_sampler_options, check_sampling_arguments, resolve_sampler
 from ldm.modules.attention import check_slice_size
+from ldm.openvino_engine import check_engine
 from ldm.outputs import load_image
 from ldm.sdxl_conditioning import SIZE_FIELDS, check_size_fields
 
@@ -55,6 +56,7 @@ class RuntimeOptions:
     compile: bool = False
     attention_slicing: int | str | None = None
     vae_tiling: bool = False
+    engine: str = "torch"
 
     def __post_init__(self) -> None:
         device = resolve_device(self.device)
@@ -63,6 +65,7 @@ class RuntimeOptions:
             object.__setattr__(self, "idle_device", resolve_device(self.idle_device, option="--idle_device"))
         check_precision(self.precision, device)
         check_slice_size(self.attention_slicing)
+        check_engine(self.engine, device, self.precision, self.compile)
         if self.compile:
             check_compile(device)
 

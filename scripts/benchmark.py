@@ -2,6 +2,8 @@
 
     python scripts/benchmark.py       # SD 1.5 architecture, random weights, 256x256, fp32: ~2.7 min on 2 CPU cores
     python scripts/benchmark.py --dtype bf16 --json bench.json
+    python scripts/benchmark.py --engines ldm,ldm-openvino,diffusers,openvino-diffusers,sdcpp --dtype bf16 \
+        --sizes 256,384,512 --batches 1,2,4 --plot seconds-per-image.png
     python scripts/benchmark.py --device cuda --dtype fp16 --H 512 --W 512 --steps 20 --n 10 --ckpt sd-v1-5.safetensors
     python scripts/benchmark.py --config models/ldm/shapes/config.yaml --ckpt models/ldm/shapes/model.safetensors \
         --H 64 --W 64
@@ -30,6 +32,20 @@ is fetched from a model hub. The run then
    weights; "txt2img" counts from after loading (Linux and CUDA only).
 
 Ratios are this project over diffusers: below 1 means this project is faster or smaller.
+
+Engines (``--engines``, comma-separated; default ``ldm,diffusers``): ``ldm`` (this project on torch),
+``ldm-openvino`` (this project with ``--engine openvino``, :mod:`ldm.openvino_engine`; ``pip install -r
+requirements-openvino.txt``), ``diffusers``, ``openvino-diffusers`` (OpenVINO running diffusers' own UNet, VAE
+decoder and text encoder, converted directly from diffusers' modules, as optimum-intel does) and ``sdcpp``
+(stable-diffusion.cpp through ``stable-diffusion-cpp-python``, on the same ``.safetensors`` file; left out with a
+note where it is not installed; Euler steps, its time and memory only). Every UNet is checked against the first
+engine's, and the report gives the ratio of every pair (row / column). The OpenVINO engines convert a model per
+input shape on its first call, which the warm-ups make; ``ldm-openvino``'s memory process reads the disk cache the
+timing process filled, ``openvino-diffusers``' converts again (counted in "whole process", not in "txt2img").
+
+Cost growth: ``--sizes 256,384,512`` also times every engine's UNet step (batch 2) and txt2img at each square size,
+``--batches 1,2,4`` the UNet step at that many images (CFG doubles the batch); ``--plot PATH`` draws seconds per
+image against the sizes as a PNG.
 
 Fast paths: ``--channels_last``, ``--compile``, ``--attention_slicing`` and ``--vae_tiling`` go to
 ``Pipeline.from_config`` and switch on diffusers' counterparts, so the comparison stays like for like:

@@ -31,6 +31,7 @@ from ldm.devices import resolve_device
 from ldm.errors import ScriptParser, UserError, print_error
 from ldm.geometry import LatentGeometry
 from ldm.inference import Pipeline
+from ldm.openvino_engine import add_engine_argument
 from ldm.outputs import save_numbered
 from ldm.request import GenerationRequest
 from ldm.util import load_config
@@ -231,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--skip_grid", action="store_true", help="write no grid")
     add("--json", type=str, default=None, help="also write the results, image by image, to this JSON file")
     add("--device", type=str, default=None, help="cpu, cuda, cuda:N or mps (default: the best available)")
+    add_engine_argument(parser)
     add("--batch", type=int, default=16, help="images sampled at once (default 16)")
     add("--size", type=int, default=None, help="image side in pixels (default: the model's, 64 for the demo model)")
     add("overrides", nargs="*", metavar="key=value", help="config overrides")
@@ -273,7 +275,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UserError(f"--outdir '{args.outdir}' is a file; give a directory.")
         if json_path is not None and json_path.is_dir():
             raise UserError(f"--json '{args.json}' is a directory; give a file name.")
-        pipeline = Pipeline.from_config(config, ckpt, device=resolve_device(args.device), precision="full")
+        pipeline = Pipeline.from_config(
+            config, ckpt, device=resolve_device(args.device), precision="full", engine=args.engine
+        )
         evaluation = evaluate(
             pipeline,
             combinations,

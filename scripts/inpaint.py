@@ -25,6 +25,7 @@ from ldm.errors import ScriptParser, UserError, print_error
 from ldm.files import atomic_path
 from ldm.models.diffusion.noise import check_seed
 from ldm.models.diffusion.samplers import check_sampling_arguments
+from ldm.openvino_engine import add_engine_argument, attach_openvino, check_engine
 from ldm.outputs import load_image
 from ldm.util import load_config
 
@@ -42,6 +43,7 @@ def build_parser() -> ScriptParser:
     add("--ckpt", type=str, default=CKPT, help=f"checkpoint of the model (default {CKPT})")
     add("--seed", type=int, default=42, help="seed of the first pair; pair k uses seed + k")
     add("--device", type=str, default=None, help="cpu, cuda, cuda:N or mps (default: the best available)")
+    add_engine_argument(parser)
     return parser
 
 
@@ -55,12 +57,15 @@ def main_pairs(argv: Sequence[str]) -> int:
         config = load_config(args.config)
         check_seed(args.seed)
         device = resolve_device(args.device)
+        check_engine(args.engine, device, "full", compile=False)
         check_sampling_arguments("ddim", args.steps, int(config.model.params.get("timesteps", 1000)))
         pairs = image_mask_pairs(args.indir)
         print(f"Found {len(pairs)} inputs.")
         # CompVis samples inside the EMA scope: the EMA weights, where the checkpoint has them.
         use_ema = bool(config.model.params.get("use_ema", True))
         model = load_model_from_config(config, args.ckpt, device=device, use_ema_weights=use_ema)
+        if args.engine == "openvino":
+            attach_openvino(model, "full")
         check_inpainting_model(model)
         for k, (image_path, mask_path) in enumerate(pairs):
             image, mask = load_image(image_path, "image"), load_image(mask_path, "mask", mode="L")

@@ -35,6 +35,7 @@ from ldm.geometry import LatentGeometry
 from ldm.inference import Pipeline
 from ldm.model_folder import find_model
 from ldm.modules.encoders.modules import ClassEmbedder
+from ldm.openvino_engine import add_engine_argument
 from ldm.outputs import save_numbered
 from ldm.request import GenerationRequest, RuntimeOptions
 from ldm.util import config_value, load_config
@@ -56,6 +57,7 @@ def build_parser() -> ScriptParser:
     add("--classes", type=str, default=None, help="class-conditional models: -n samples of each, e.g. 25,187,448")
     add("--scale", type=float, default=1.0, help="class-conditional models: classifier-free guidance scale (1 = off)")
     add("--device", type=str, default=None, help="cpu, cuda, cuda:N or mps (default: the best available)")
+    add_engine_argument(parser)
     add("overrides", nargs="*", metavar="key=value", help="config overrides")
     return parser
 
@@ -109,7 +111,7 @@ def run(args: argparse.Namespace) -> None:
     request = GenerationRequest(
         "", **settings, scale=args.scale, n=min(args.batch_size, args.n_samples), seed=args.seed
     ).for_model(geometry)
-    pipe = Pipeline.from_config(config, ckpt, RuntimeOptions(args.device, precision="full"))
+    pipe = Pipeline.from_config(config, ckpt, RuntimeOptions(args.device, precision="full", engine=args.engine))
     embedder = class_embedder(pipe.model)
     outdir = Path(args.logdir) if args.logdir != "none" else logdir / "samples" / time.strftime("%Y-%m-%d-%H-%M-%S")
     for start, n, labels in _jobs(args, embedder):

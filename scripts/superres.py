@@ -20,6 +20,7 @@ from ldm.inference import sampler_label
 from ldm.model_folder import find_model
 from ldm.models.diffusion.noise import check_seed
 from ldm.models.diffusion.samplers import check_sampling_arguments
+from ldm.openvino_engine import add_engine_argument, attach_openvino, check_engine
 from ldm.outputs import format_parameters, load_image, save_numbered
 from ldm.superres import DEFAULT_ETA, DEFAULT_STEPS, check_superres_model, superresolve
 from ldm.util import load_config
@@ -37,6 +38,7 @@ def build_parser() -> ScriptParser:
     add("--n_samples", type=int, default=1, help="how many versions of the image (default 1)")
     add("--seed", type=int, default=42, help="seed of the first version; version k uses seed + k")
     add("--device", type=str, default=None, help="cpu, cuda, cuda:N or mps (default: the best available)")
+    add_engine_argument(parser)
     add("overrides", nargs="*", metavar="key=value", help="config overrides")
     return parser
 
@@ -54,10 +56,13 @@ def run(args: argparse.Namespace) -> None:
         raise UserError(f"--n_samples must be at least 1, got {args.n_samples}.")
     check_seed(args.seed)
     device = resolve_device(args.device)
+    check_engine(args.engine, device, "full", compile=False)
     timesteps = int(config.model.params.get("timesteps", 1000))
     check_sampling_arguments(args.sampler, args.steps, timesteps, 1.0, args.eta, False, 1.0, None, 0.0, {})
     image = load_image(args.init_img, "init image")
     model = load_model_from_config(config, ckpt, device=device)
+    if args.engine == "openvino":
+        attach_openvino(model, "full")
     check_superres_model(model)
     images = superresolve(
         model, image, n=args.n_samples, steps=args.steps, eta=args.eta, sampler=args.sampler, seed=args.seed

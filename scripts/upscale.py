@@ -21,6 +21,7 @@ from ldm.inference import sampler_label
 from ldm.models.diffusion.latent_upscale import DEFAULT_NOISE_LEVEL
 from ldm.models.diffusion.noise import check_seed
 from ldm.models.diffusion.samplers import check_sampling_arguments
+from ldm.openvino_engine import add_engine_argument, attach_openvino, check_engine
 from ldm.outputs import format_parameters, load_image, save_numbered
 from ldm.upscale import upscale
 
@@ -45,6 +46,7 @@ def build_parser() -> ScriptParser:
     add("--ckpt", type=str, required=True, help="checkpoint of the model (x4-upscaler-ema.ckpt)")
     add("--vae_tiling", action="store_true", help="decode by overlapping tiles, to save memory on large outputs")
     add("--device", type=str, default=None, help="cpu, cuda, cuda:N or mps (default: the best available)")
+    add_engine_argument(parser)
     add("overrides", nargs="*", metavar="key=value", help="config overrides")
     return parser
 
@@ -65,10 +67,13 @@ def run(args: argparse.Namespace) -> None:
         raise UserError(f"--n_samples must be at least 1, got {args.n_samples}.")
     check_seed(args.seed)
     device = resolve_device(args.device)
+    check_engine(args.engine, device, "full", compile=False)
     timesteps = int(config.model.params.get("timesteps", 1000))
     check_sampling_arguments(args.sampler, args.steps, timesteps, 1.0, args.eta, False, args.scale, None, 0.0, {})
     image = load_image(args.init_img, "init image")
     model = load_model_from_config(config, args.ckpt, device=device)
+    if args.engine == "openvino":
+        attach_openvino(model, "full")
     images = upscale(
         model, image, args.prompt, negative_prompt=args.negative_prompt, n=args.n_samples,
         noise_level=args.noise_level, steps=args.steps, sampler=args.sampler, scale=args.scale, seed=args.seed,

@@ -70,14 +70,15 @@ class DiffusersEngine:
         """As :meth:`LdmEngine.unet`; diffusers runs in the weights' dtype."""
         return self.pipe.unet(x.to(self.dtype), t, encoder_hidden_states=context.to(self.dtype), return_dict=False)[0]
 
-    def txt2img(self, steps: int) -> np.ndarray:
+    def txt2img(self, steps: int, size: int | None = None) -> np.ndarray:
         """As :meth:`LdmEngine.txt2img`, from the same start noise."""
         s = self.settings
-        shape = self.geometry.latent_shape(1, s.height, s.width)
+        height, width = (size, size) if size else (s.height, s.width)
+        shape = self.geometry.latent_shape(1, height, width)
         output = self.pipe(
             PROMPT,
-            height=s.height,
-            width=s.width,
+            height=height,
+            width=width,
             num_inference_steps=steps,
             guidance_scale=GUIDANCE_SCALE,
             eta=0.0,
@@ -104,32 +105,60 @@ def apply_diffusers_fast_paths(pipe: Any, settings: Settings) -> None:
         pipe.unet.compile()
 
 
-Engine = LdmEngine | DiffusersEngine
-ENGINE_CLASSES = {"ldm": LdmEngine, "diffusers": DiffusersEngine}
+def build_engine(name: str, config: DictConfig, weights: Path, settings: Settings) -> Any:
+    """Load engine ``name`` (one of :data:`~ldm.benchmark.settings.ENGINES`) with the weights file and the settings'
+    dtype and fast paths."""
+    if name == "ldm":
+        return LdmEngine(config, weights, settings)
+    if name == "ldm-openvino":
+        return LdmEngine(config, weights, settings, engine="openvino")
+    if name == "diffusers":
+        return DiffusersEngine(config, weights, settings)
+    if name == "openvino-diffusers":
+        from ldm.benchmark.openvino_diffusers import OpenVINODiffusersEngine
+
+        return OpenVINODiffusersEngine(config, weights, settings)
+    if name == "sdcpp":
+        from ldm.benchmark.sdcpp_engine import SdCppEngine
+
+        return SdCppEngine(config, weights, settings)
+    raise ValueError(f"unknown engine {name!r}")
 
 
-def build_engine(name: str, config: DictConfig, weights: Path, settings: Settings) -> Engine:
-    """Load engine ``name`` ("ldm" or "diffusers") with the weights file and the settings' dtype and fast paths."""
-    return ENGINE_CLASSES[name](config, weights, settings)
-
-
-def check_unets(engines: dict[str, Engine], inputs: tuple[torch.Tensor, ...], dtype: str) -> dict[str, float]:
-    """Run both UNets on the same input (which also warms them up); EnginesDiffer when they disagree."""
-    ours = engines["ldm"].unet(*inputs).float()
-    theirs = engines["diffusers"].unet(*inputs).float()
+def check_unets(engines: dict[str, Any], inputs: tuple[torch.Tensor, ...], dtype: str) -> dict[str, Any]:
+    """Run every engine's UNet on the same input (which also warms them up) against the first engine's (ldm's);
+    EnginesDiffer when one disagrees. Engines without a UNet call of their own (sdcpp) are left out."""
+    names = [name for name, engine in engines.items() if hasattr(engine, "unet")]
+    reference, others = names[0], names[1:]
+    ours = engines[reference].unet(*inputs).float()
     scale = ours.abs().max().item()
-    difference = (ours - theirs).abs().max().item()
-    if not difference <= CHECK_TOLERANCE[dtype] * scale:
-        raise EnginesDiffer(
-            f"the UNets differ on the same input: max |ldm - diffusers| = {difference:.3g} against max |output| = "
-            f"{scale:.3g} (allowed: {CHECK_TOLERANCE[dtype]:g} of it); the weight conversion or the architecture "
-            "differs, so their timings would not be comparable."
-        )
-    return {"unet_max_abs_diff": difference, "unet_max_abs_output": scale, "unet_tolerance": CHECK_TOLERANCE[dtype]}
+    differences = {}
+    for name in others:
+        theirs = engines[name].unet(*inputs).float()
+        differences[name] = difference = (ours - theirs).abs().max().item()
+        if not difference <= CHECK_TOLERANCE[dtype] * scale:
+            raise EnginesDiffer(
+                f"the UNets differ on the same input: max |{reference} - {name}| = {difference:.3g} against max "
+                f"|output| = {scale:.3g} (allowed: {CHECK_TOLERANCE[dtype]:g} of it); the weight conversion or the "
+                "architecture differs, so their timings would not be comparable."
+            )
+    if not others:
+        return {}
+    return {
+        "unet_reference": reference,
+        "unet_max_abs_diff": max(differences.values()),
+        "unet_max_abs_diff_by_engine": differences,
+        "unet_max_abs_output": scale,
+        "unet_tolerance": CHECK_TOLERANCE[dtype],
+    }
 
 
-def check_tokenizers(engines: dict[str, Engine]) -> None:
-    """EnginesDiffer unless both pipelines tokenize the benchmark prompt alike."""
-    ours, theirs = engines["ldm"].token_ids(PROMPT), engines["diffusers"].token_ids(PROMPT)
-    if ours != theirs:
-        raise EnginesDiffer(f"the tokenizers disagree on '{PROMPT}': {ours[:12]}... against {theirs[:12]}...")
+def check_tokenizers(engines: dict[str, Any]) -> None:
+    """EnginesDiffer unless every pipeline with a tokenizer of its own tokenizes the benchmark prompt alike."""
+    ids = {name: engine.token_ids(PROMPT) for name, engine in engines.items() if hasattr(engine, "token_ids")}
+    (first, ours), *others = ids.items()
+    for name, theirs in others:
+        if ours != theirs:
+            raise EnginesDiffer(
+                f"the tokenizers of {first} and {name} disagree on '{PROMPT}': {ours[:12]}... against {theirs[:12]}..."
+            )

@@ -14,9 +14,10 @@ from ldm.inference import Pipeline
 
 
 class LdmEngine:
-    """This project's ``Pipeline`` (ldm.inference), with the fast paths of ``settings``."""
+    """This project's ``Pipeline`` (ldm.inference), with the fast paths of ``settings``, on its torch engine or (with
+    ``engine="openvino"``) its OpenVINO one (:mod:`ldm.openvino_engine`)."""
 
-    def __init__(self, config: DictConfig, weights: Path, settings: Settings) -> None:
+    def __init__(self, config: DictConfig, weights: Path, settings: Settings, engine: str = "torch") -> None:
         self.settings = settings
         self.device = torch.device(settings.device)
         self.dtype = DTYPES[settings.dtype]
@@ -25,6 +26,7 @@ class LdmEngine:
             weights,
             device=self.device,
             precision=PRECISION_OF_DTYPE[settings.dtype],
+            engine=engine,
             **settings.fast_path_options(),
         )
         # Image metadata is not needed here, and hashing a multi-GB weights file would land in the first txt2img.
@@ -32,7 +34,7 @@ class LdmEngine:
 
     def _autocast(self) -> AbstractContextManager:
         # As Pipeline.generate runs the model: half-precision weights under autocast, float32 sampler state.
-        if self.dtype == torch.float32:
+        if self.dtype == torch.float32 or self.pipe.engine is not None:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
@@ -42,17 +44,19 @@ class LdmEngine:
         with self._autocast():
             return self.pipe.model.apply_model(x, t, context.to(self.dtype))
 
-    def txt2img(self, steps: int) -> np.ndarray:
-        """One image (H, W, 3) uint8 of the benchmark prompt, ``steps`` DDIM steps, CFG at batch 2."""
+    def txt2img(self, steps: int, size: int | None = None) -> np.ndarray:
+        """One image (H, W, 3) uint8 of the benchmark prompt, ``steps`` DDIM steps, CFG at batch 2; ``size``: a
+        square image of that side instead of the settings' size."""
         s = self.settings
+        height, width = (size, size) if size else (s.height, s.width)
         result = self.pipe.generate(
             PROMPT,
             steps=steps,
             sampler="ddim",
             scale=GUIDANCE_SCALE,
             seed=s.seed,
-            height=s.height,
-            width=s.width,
+            height=height,
+            width=width,
             eta=0.0,
             progress=False,
         )

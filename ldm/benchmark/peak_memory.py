@@ -52,11 +52,13 @@ def reset_peak_memory(device: torch.device) -> bool:
 
 
 def memory_child(spec_path: str) -> int:
-    """The body of a memory process: load one engine, run the txt2img job once, print its peaks as JSON."""
+    """The body of a memory process: load one engine, warm it up, run the txt2img job once, print its peaks as JSON
+    ("process": loading and warm-up included; "txt2img": the job alone)."""
     spec = json.loads(Path(spec_path).read_text())
     settings = Settings(**spec["settings"])
     device = torch.device(settings.device)
     engine = build_engine(spec["engine"], load_config(spec["config"]), Path(spec["weights"]), settings)
+    engine.txt2img(1)  # the warm-up the timings had: the OpenVINO engines convert or read their models here
     loading = peak_memory(device)
     resettable = reset_peak_memory(device)
     engine.txt2img(settings.steps)

@@ -15,10 +15,15 @@ from ldm.benchmark.settings import ENGINES, GUIDANCE_SCALE
 
 
 def summary(values: dict[str, Any]) -> dict[str, Any]:
-    """Per-engine medians (of lists) or values, plus the ratio ldm/diffusers when both are there."""
-    out = {name: statistics.median(v) if isinstance(v, list) else v for name, v in values.items()}
-    if out.get("ldm") is not None and out.get("diffusers"):
-        out["ratio"] = out["ldm"] / out["diffusers"]
+    """Per-engine medians (of lists) or values; ``ratios["a/b"]`` for every ordered pair of engines with values, and
+    ``ratio`` (ldm/diffusers) when both are there."""
+    out: dict[str, Any] = {name: statistics.median(v) if isinstance(v, list) else v for name, v in values.items()}
+    measured = [name for name in values if out[name]]
+    ratios = {f"{a}/{b}": out[a] / out[b] for a in measured for b in measured if a != b}
+    if ratios:
+        out["ratios"] = ratios
+    if "ldm/diffusers" in ratios:
+        out["ratio"] = ratios["ldm/diffusers"]
     if any(isinstance(v, list) for v in values.values()):
         out["runs"] = values
     return out
@@ -45,10 +50,14 @@ def machine_info(device: torch.device, engines: Sequence[str]) -> dict[str, Any]
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
-    if "diffusers" in engines:
+    if any("diffusers" in name for name in engines):
         import diffusers
 
         info["diffusers"] = diffusers.__version__
+    if any("openvino" in name for name in engines):
+        import openvino
+
+        info["openvino"] = openvino.__version__
     return info
 
 
@@ -60,10 +69,48 @@ def _bytes(value: float | None) -> str:
     return "-" if value is None else f"{value / 2**30:.2f} GiB" if value >= 2**30 else f"{value / 2**20:.0f} MiB"
 
 
+def _engines(results: dict[str, Any]) -> list[str]:
+    return [name for name in ENGINES if name in results]
+
+
+def _ratio_lines(label: str, values: dict[str, Any]) -> list[str]:
+    """A matrix of ratios row/column for the engines with values: below 1, the row's engine is faster."""
+    engines = [name for name in _engines(values) if values.get(name)]
+    if len(engines) < 2:
+        return []
+    ratios = values["ratios"]
+    lines = [f"{label} (row / column)".ljust(36) + "".join(f"{name:>20s}" for name in engines)]
+    for a in engines:
+        cells = "".join(f"{'':>20s}" if a == b else f"{ratios[f'{a}/{b}']:20.2f}" for b in engines)
+        lines.append(f"  {a:34s}{cells}")
+    return lines
+
+
+def _growth_lines(growth: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    first = next(iter([*growth["size"].values(), *growth["batch"].values()]))
+    engines = _engines(first.get("txt2img_s", first["unet_step_s"]))
+    header = "".join(f"{name:>20s}" for name in engines)
+    if growth["size"]:
+        lines += ["", "cost growth with size: seconds per UNet step (batch 2) | per txt2img image", f"{'':16s}{header}"]
+        for size, values in growth["size"].items():
+            cells = "".join(
+                f"{_seconds(values['unet_step_s'].get(n)):>10s} |{_seconds(values['txt2img_s'].get(n)):>8s}"
+                for n in engines
+            )  # fmt: skip
+            lines.append(f"{size}x{size}".ljust(16) + cells)
+    if growth["batch"]:
+        lines += ["", "cost growth with batch: seconds per UNet step (CFG: batch 2 x images)", f"{'':16s}{header}"]
+        for images, values in growth["batch"].items():
+            cells = "".join(f"{_seconds(values['unet_step_s'].get(n)):>20s}" for n in engines)
+            lines.append(f"{images} image(s)".ljust(16) + cells)
+    return lines
+
+
 def format_report(report: dict[str, Any]) -> str:
-    """The human-readable report: machine, command, table of medians and ratios, checks."""
+    """The human-readable report: machine, command, table of medians, ratios between engines, checks, growth."""
     m, s, r = report["machine"], report["settings"], report["results"]
-    engines = [name for name in ENGINES if name in r["txt2img_s"]]
+    engines = _engines(r["txt2img_s"])
     memory_kind = "CUDA allocated" if s["device"].startswith("cuda") else "RSS"
     rows = [
         ("UNet forward, batch 2", r["unet_forward_s"], _seconds),
@@ -71,12 +118,12 @@ def format_report(report: dict[str, Any]) -> str:
         (f"peak memory ({memory_kind}), whole process", r["peak_memory_bytes"], _bytes),
         (f"peak memory ({memory_kind}), txt2img", r["peak_memory_txt2img_bytes"], _bytes),
     ]
-    header = (
-        f"{'':36s}" + "".join(f"{name:>14s}" for name in engines) + ("   ldm/diffusers" if len(engines) > 1 else "")
-    )
+    pair = engines == ["ldm", "diffusers"]
+    header = f"{'':36s}" + "".join(f"{name:>20s}" for name in engines) + ("   ldm/diffusers" if pair else "")
+    versions = "".join(f", {name} {m[name]}" for name in ("diffusers", "openvino") if name in m)
     lines = [
         f"machine: {m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads), torch {m['torch']}"
-        + (f", diffusers {m['diffusers']}" if "diffusers" in m else "")
+        + versions
         + f", device {m['device']}"
         + (f" ({m['gpu']})" if "gpu" in m else ""),
         f"command: {report['command']}",
@@ -87,16 +134,24 @@ def format_report(report: dict[str, Any]) -> str:
         header,
     ]
     for label, values, show in rows:
-        ratio = values.get("ratio")
-        cells = "".join(f"{show(values.get(name)):>14s}" for name in engines)
-        lines.append(f"{label:36s}{cells}" + (f"{ratio:16.2f}" if ratio is not None else ""))
+        cells = "".join(f"{show(values.get(name)):>20s}" for name in engines)
+        lines.append(f"{label:36s}{cells}" + (f"{values['ratio']:16.2f}" if pair and "ratio" in values else ""))
+    if not pair:
+        ratio_rows = (("UNet forward", "unet_forward_s"), ("txt2img", "txt2img_s"), ("peak RSS", "peak_memory_bytes"))
+        for label, key in ratio_rows:
+            ratio_lines = _ratio_lines(label, r[key])
+            lines += ["", *ratio_lines] if ratio_lines else []
     checks = report["checks"]
     if checks:
+        reference = checks["unet_reference"]
+        unet = ", ".join(f"{name} {d:.2e}" for name, d in checks["unet_max_abs_diff_by_engine"].items())
+        image = ", ".join(f"{name} {d:.2f}" for name, d in checks.get("image_mean_abs_diff_by_engine", {}).items())
         lines += [
             "",
-            f"check: UNet max |ldm - diffusers| = {checks['unet_max_abs_diff']:.2e} "
-            f"(max |output| {checks['unet_max_abs_output']:.3g}); "
-            f"txt2img images differ by {checks['image_mean_abs_diff']:.2f}/255 on average",
+            f"check: UNet max |{reference} - engine| (max |output| {checks['unet_max_abs_output']:.3g}): {unet}; "
+            f"txt2img images differ from {reference}'s by (/255 on average): {image}",
         ]
+    if "growth" in r:
+        lines += _growth_lines(r["growth"])
     lines.append(f"total time: {report['elapsed_s']:.0f} s")
     return "\n".join(lines)

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.benchmark.comparison import build_engine, check_tokenizers, check_unets
 from ldm.benchmark.peak_memory import measure_memory
+from ldm.benchmark.plot import plot_growth
 from ldm.benchmark.report import machine_info, summary
 from ldm.benchmark.settings import Plan, Settings
 from ldm.benchmark.weights import write_weights
@@ -39,15 +40,20 @@ def _sync(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def unet_inputs(config: DictConfig, settings: Settings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Seeded float32 UNet inputs of one CFG step: x (2, C, h, w), t (2,), context (2, L, D), on the device."""
+def unet_inputs(
+    config: DictConfig, settings: Settings, images: int = 1, size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Seeded float32 UNet inputs of one CFG step for ``images`` images (batch B = 2 * images): x (B, C, h, w),
+    t (B,), context (B, L, D), on the device; ``size``: square images of that side instead of the settings' size."""
     geometry = LatentGeometry.from_config(config)
     unet_params = config.model.params.unet_config.params
     context_length = int((config.model.params.cond_stage_config.get("params") or {}).get("max_length", 77))
     generator = torch.Generator().manual_seed(settings.seed)
-    x = torch.randn(geometry.latent_shape(2, settings.height, settings.width), generator=generator)
-    context = torch.randn(2, context_length, int(unet_params.context_dim), generator=generator)
-    t = torch.full((2,), UNET_TIMESTEP, dtype=torch.long)
+    height, width = (size, size) if size else (settings.height, settings.width)
+    batch = 2 * images
+    x = torch.randn(geometry.latent_shape(batch, height, width), generator=generator)
+    context = torch.randn(batch, context_length, int(unet_params.context_dim), generator=generator)
+    t = torch.full((batch,), UNET_TIMESTEP, dtype=torch.long)
     device = torch.device(settings.device)
     return x.to(device), t.to(device), context.to(device)
 
@@ -69,35 +75,68 @@ def interleaved(
     return times, last
 
 
-def time_engines(plan: Plan, weights: Path) -> tuple[dict[str, dict[str, list[float]]], dict[str, Any]]:
-    """Load the engines, cross-check them, and time the UNet forward and txt2img of each, interleaved.
+def _unet_calls(engines: dict[str, Any], inputs: tuple[torch.Tensor, ...]) -> dict[str, Callable[[], Any]]:
+    with_unet = {name: engine for name, engine in engines.items() if hasattr(engine, "unet")}
+    return {name: functools.partial(engine.unet, *inputs) for name, engine in with_unet.items()}
 
-    Returns ``({"unet": times, "txt2img": times}, checks)`` with times per engine in seconds.
+
+def time_engines(plan: Plan, weights: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load the engines, cross-check them, and time the UNet forward and txt2img of each, interleaved; then, with
+    ``sizes`` / ``batches``, the UNet step and txt2img at each size and the UNet step at each batch.
+
+    Returns ``({"unet": times, "txt2img": times, "growth": ...}, checks)`` with times per engine in seconds.
     """
     s = plan.settings
     device = torch.device(s.device)
-    _note(f"loading {' and '.join(plan.engines)}")
+    _note(f"loading {', '.join(plan.engines)}")
     engines = {name: build_engine(name, plan.config, weights, s) for name in plan.engines}
     inputs = unet_inputs(plan.config, s)
     checks: dict[str, Any] = {}
-    if "diffusers" in engines:
+    if len(engines) > 1:
         check_tokenizers(engines)
-        checks.update(check_unets(engines, inputs, s.dtype))  # which is also the UNets' warm-up
-    else:
-        engines["ldm"].unet(*inputs)
+    checks.update(check_unets(engines, inputs, s.dtype))  # which is also the UNets' warm-up (and conversion)
 
     _note(f"timing the UNet forward ({s.repeats} runs each)")
-    unet_calls = {name: functools.partial(engine.unet, *inputs) for name, engine in engines.items()}
-    unet_times, _ = interleaved(unet_calls, s.repeats, device)
+    unet_times, _ = interleaved(_unet_calls(engines, inputs), s.repeats, device)
 
     _note(f"timing txt2img ({s.steps} steps, {s.repeats} runs each, after a 1-step warm-up)")
     interleaved({name: functools.partial(engine.txt2img, 1) for name, engine in engines.items()}, 1, device)
     txt2img_calls = {name: functools.partial(engine.txt2img, s.steps) for name, engine in engines.items()}
     txt2img_times, images = interleaved(txt2img_calls, s.repeats, device)
-    if "diffusers" in images:
-        difference = np.abs(images["ldm"].astype(np.float64) - images["diffusers"].astype(np.float64)).mean()
-        checks["image_mean_abs_diff"] = float(difference)
-    return {"unet": unet_times, "txt2img": txt2img_times}, checks
+    reference = next(iter(images))
+    for name in list(images)[1:]:
+        difference = np.abs(images[reference].astype(np.float64) - images[name].astype(np.float64)).mean()
+        checks.setdefault("image_mean_abs_diff_by_engine", {})[name] = float(difference)
+    if "diffusers" in images and reference == "ldm":
+        checks["image_mean_abs_diff"] = checks["image_mean_abs_diff_by_engine"]["diffusers"]
+    times = {"unet": unet_times, "txt2img": txt2img_times}
+    if s.sizes or s.batches:
+        times["growth"] = time_growth(plan, engines, device)
+    return times, checks
+
+
+def time_growth(plan: Plan, engines: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Seconds of the UNet step (one CFG step) and of txt2img per square size, and of the UNet step per number of
+    images, per engine: medians of ``repeats`` interleaved runs after a warm-up (which converts the OpenVINO
+    engines' models for the shape)."""
+    s = plan.settings
+    growth: dict[str, Any] = {"size": {}, "batch": {}}
+    for size in s.sizes:
+        _note(f"cost growth: {size}x{size}")
+        calls = _unet_calls(engines, unet_inputs(plan.config, s, size=size))
+        interleaved(calls, 1, device)
+        step, _ = interleaved(calls, s.repeats, device)
+        image_calls = {name: functools.partial(engine.txt2img, s.steps, size) for name, engine in engines.items()}
+        interleaved({name: functools.partial(e.txt2img, 1, size) for name, e in engines.items()}, 1, device)
+        image, _ = interleaved(image_calls, s.repeats, device)
+        growth["size"][size] = {"unet_step_s": summary(step), "txt2img_s": summary(image)}
+    for images in s.batches:
+        _note(f"cost growth: {images} images a step")
+        calls = _unet_calls(engines, unet_inputs(plan.config, s, images=images))
+        interleaved(calls, 1, device)
+        step, _ = interleaved(calls, s.repeats, device)
+        growth["batch"][images] = {"unet_step_s": summary(step)}
+    return growth
 
 
 def run_benchmark(plan: Plan) -> dict[str, Any]:
@@ -111,6 +150,8 @@ def run_benchmark(plan: Plan) -> dict[str, Any]:
         config_file = Path(tmp) / "config.yaml"
         OmegaConf.save(plan.config, config_file)
         times, checks = time_engines(plan, weights)
+        if plan.plot is not None and "growth" in times:
+            plot_growth(times["growth"], plan.plot, f"{plan.config_label}, {s.steps} DDIM steps, {s.dtype}")
         gc.collect()  # the engines are gone; the memory processes should not compete with them for RAM
         memory = {}
         for name in plan.engines:
@@ -127,6 +168,7 @@ def run_benchmark(plan: Plan) -> dict[str, Any]:
             "txt2img_s": summary(times["txt2img"]),
             "peak_memory_bytes": summary({name: m["process"] for name, m in memory.items()}),
             "peak_memory_txt2img_bytes": summary({name: m["txt2img"] for name, m in memory.items()}),
+            **({"growth": times["growth"]} if "growth" in times else {}),
         },
         "elapsed_s": time.perf_counter() - started,
     }

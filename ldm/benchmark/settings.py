@@ -30,7 +30,13 @@ GUIDANCE_SCALE = 7.5
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISION_OF_DTYPE = {"fp32": "full", "bf16": "bf16", "fp16": "fp16"}
 SD_TEXT_ENCODER = "ldm.modules.encoders.modules.FrozenCLIPEmbedder"
-ENGINES = ("ldm", "diffusers")
+# ldm-openvino: this project with --engine openvino; openvino-diffusers: OpenVINO running diffusers' networks
+# directly; sdcpp: stable-diffusion.cpp through stable-diffusion-cpp-python, reading the same .safetensors file.
+ENGINES = ("ldm", "ldm-openvino", "diffusers", "openvino-diffusers", "sdcpp")
+OPENVINO_ENGINES = ("ldm-openvino", "openvino-diffusers")
+DIFFUSERS_ENGINES = ("diffusers", "openvino-diffusers")
+OPENVINO_HINT = "pip install -r requirements-openvino.txt"
+SDCPP_HINT = "pip install stable-diffusion-cpp-python (it builds stable-diffusion.cpp, which takes a while)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +54,8 @@ class Settings:
     compile: bool = False
     attention_slicing: int | str | None = None
     vae_tiling: bool = False
+    sizes: tuple[int, ...] = ()  # also time every engine at these square sizes (the plot, the cost growth)
+    batches: tuple[int, ...] = ()  # also time the UNet step at these numbers of images
 
     def fast_path_options(self) -> dict[str, Any]:
         """``Pipeline.from_config`` keyword arguments of the fast paths asked for (only those)."""
@@ -68,6 +76,7 @@ class Plan:
     settings: Settings
     engines: tuple[str, ...]
     command: str
+    plot: Path | None = None
 
 
 def _slice_size(text: str) -> int | str:
@@ -78,6 +87,25 @@ def _slice_size(text: str) -> int | str:
         raise argparse.ArgumentTypeError(
             f"attention slice size must be a positive integer or 'auto', got '{text}'"
         ) from None
+
+
+def _engine_list(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    unknown = [name for name in names if name not in ENGINES]
+    if unknown or not names:
+        given = ", ".join(unknown) or repr(text)
+        raise argparse.ArgumentTypeError(f"unknown engine {given}; choose from {','.join(ENGINES)}")
+    return names
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got '{text}'") from None
+    if any(value < 1 for value in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got '{text}'")
+    return values
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,12 +139,69 @@ def build_parser() -> argparse.ArgumentParser:
     add("--vae_tiling", action="store_true", help="decode the VAE by tiles (both engines)")
     add("--json", type=str, default=None, metavar="PATH", help="also write the results as JSON to PATH")
     add("--skip-diffusers", dest="skip_diffusers", action="store_true", help="measure this project only")
+    add(
+        "--engines",
+        type=_engine_list,
+        default=None,
+        metavar="A,B,...",
+        help=f"the engines to measure, from {','.join(ENGINES)} (default: ldm,diffusers, or ldm without diffusers)",
+    )
+    add(
+        "--sizes",
+        type=_int_list,
+        default=(),
+        metavar="256,384,512",
+        help="also time the UNet step and txt2img of every engine at these square sizes (cost growth, the plot)",
+    )
+    add(
+        "--batches",
+        type=_int_list,
+        default=(),
+        metavar="1,2,4",
+        help="also time the UNet step of every engine at these numbers of images (CFG doubles the batch)",
+    )
+    add("--plot", type=str, default=None, metavar="PATH", help="a PNG of seconds per image against --sizes")
     add("overrides", nargs="*", metavar="key=value", help="config overrides")
     return parser
 
 
 def diffusers_available() -> bool:
     return importlib.util.find_spec("diffusers") is not None
+
+
+def installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def choose_engines(args: argparse.Namespace, device: torch.device) -> tuple[str, ...]:
+    """The engines to run: ``--engines`` checked (a missing optional package is refused with its install command;
+    stable-diffusion.cpp is left out with a note), or the default pair."""
+    if args.engines is None:
+        if args.skip_diffusers:
+            return ("ldm",)
+        if not diffusers_available():
+            print(f"note: diffusers is not installed, so only this project is measured ({INSTALL_HINT}).",
+                  file=sys.stderr)  # fmt: skip
+            return ("ldm",)
+        return ENGINES[:1] + ("diffusers",)
+    engines = tuple(e for e in args.engines if not (args.skip_diffusers and e in DIFFUSERS_ENGINES))
+    if "sdcpp" in engines and not installed("stable_diffusion_cpp"):
+        print(f"note: stable-diffusion-cpp-python is not installed, so sdcpp is left out ({SDCPP_HINT}).",
+              file=sys.stderr)  # fmt: skip
+        engines = tuple(e for e in engines if e != "sdcpp")
+    if any(e in DIFFUSERS_ENGINES for e in engines) and not diffusers_available():
+        raise UserError(f"the engines {', '.join(e for e in engines if e in DIFFUSERS_ENGINES)} need diffusers: "
+                        f"{INSTALL_HINT}")  # fmt: skip
+    if any(e in OPENVINO_ENGINES for e in engines):
+        if not installed("openvino"):
+            raise UserError(f"the engines {', '.join(e for e in engines if e in OPENVINO_ENGINES)} need OpenVINO: "
+                            f"{OPENVINO_HINT}")  # fmt: skip
+        if device.type != "cpu" or args.dtype == "fp16":
+            raise UserError("the OpenVINO engines run on the CPU in fp32 or bf16: give --device cpu and --dtype "
+                            "fp32 or bf16.")  # fmt: skip
+    if not engines:
+        raise UserError("no engine is left to measure; name one in --engines.")
+    return engines
 
 
 def check_diffusers_support(config: DictConfig, height: int, width: int) -> None:
@@ -151,14 +236,16 @@ def plan(args: argparse.Namespace, argv: Sequence[str]) -> Plan:
     ckpt = find_checkpoint(args.ckpt) if args.ckpt is not None else None  # no --ckpt: random weights
     device = resolve_device(None if args.device == "auto" else args.device)
     check_precision(PRECISION_OF_DTYPE[args.dtype], device, option="--dtype", full="fp32")
-    engines: tuple[str, ...] = ENGINES
-    if args.skip_diffusers:
-        engines = ("ldm",)
-    elif not diffusers_available():
-        print(f"note: diffusers is not installed, so only this project is measured ({INSTALL_HINT}).", file=sys.stderr)
-        engines = ("ldm",)
-    else:
-        check_diffusers_support(config, args.H, args.W)
+    engines = choose_engines(args, device)
+    for size in args.sizes:
+        geometry.check_size(size, size)
+    if args.plot is not None and not args.sizes:
+        raise UserError("--plot draws seconds per image against --sizes: give --sizes too, e.g. --sizes 256,384,512.")
+    if args.plot is not None and not Path(args.plot).resolve().parent.is_dir():
+        raise UserError(f"--plot {args.plot}: its folder does not exist.")
+    if any(e in DIFFUSERS_ENGINES or e == "sdcpp" for e in engines):
+        for size in {args.H, args.W, *args.sizes}:
+            check_diffusers_support(config, size, size)
     settings = Settings(
         device=str(device),
         dtype=args.dtype,
@@ -171,6 +258,8 @@ def plan(args: argparse.Namespace, argv: Sequence[str]) -> Plan:
         compile=args.compile,
         attention_slicing=args.attention_slicing,
         vae_tiling=args.vae_tiling,
+        sizes=args.sizes,
+        batches=args.batches,
     )
     return Plan(
         config=config,
@@ -179,6 +268,7 @@ def plan(args: argparse.Namespace, argv: Sequence[str]) -> Plan:
         settings=settings,
         engines=engines,
         command=shlex.join(["python", "scripts/benchmark.py", *argv]),
+        plot=Path(args.plot) if args.plot is not None else None,
     )
 
 

@@ -21,6 +21,7 @@ from ldm.adapters.embeddings import embeddings_folder
 from ldm.cli import find_checkpoint, parse_slice_size, shown_path
 from ldm.devices import PRECISIONS
 from ldm.errors import ScriptParser, UserError, run_script
+from ldm.openvino_engine import add_engine_argument
 from ldm.request import RuntimeOptions
 from ldm.server.app import Guard, create_app
 from ldm.server.catalog import Catalog, Checkpoint
@@ -61,6 +62,7 @@ def build_parser() -> ScriptParser:
     add("--max_body_mb", type=int, default=64, help="the largest request body in MiB (default 64)")
     add("--precision", choices=PRECISIONS, default="autocast", help="as the sampling scripts' --precision")
     add("--device", type=str, default=None, help="cpu, cuda, cuda:N or mps (default: the best available)")
+    add_engine_argument(parser)
     add("--attention_slicing", type=str, nargs="?", const="auto", default=None, metavar="N|auto",
         help="compute attention in slices (saves memory)")  # fmt: skip
     add("--vae_tiling", action="store_true", help="decode large images by tiles")
@@ -122,7 +124,7 @@ def serve(args: argparse.Namespace) -> None:
         raise UserError(f"--config '{args.config}' does not exist.")
     runtime = RuntimeOptions(
         device=args.device, precision=args.precision, attention_slicing=parse_slice_size(args.attention_slicing),
-        vae_tiling=args.vae_tiling,
+        vae_tiling=args.vae_tiling, engine=args.engine,
     )  # fmt: skip
     folders = [_folder(d, "--ckpt-dir") for d in args.ckpt_dir]
     first = Checkpoint(ckpt, shown_path(ckpt), config, tuple(args.overrides))
