@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+import ldm.benchmark.run
 from ldm.benchmark.report import summary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,10 +61,14 @@ def test_an_engine_whose_package_is_missing_is_refused_with_its_install_command(
     assert "need OpenVINO: pip install -r requirements-openvino.txt" in capsys.readouterr().err
 
 
+@pytest.mark.openvino
 def test_the_openvino_engine_is_checked_and_compared_with_every_other(benchmark, tmp_path, monkeypatch, capsys):
     pytest.importorskip("openvino", reason="OpenVINO is not installed: pip install -r requirements-openvino.txt")
     monkeypatch.setenv("LDM_OPENVINO_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr("ldm.benchmark.settings.installed", lambda module: module != "stable_diffusion_cpp")
+    measure = ldm.benchmark.run.measure_memory  # ldm's own memory process is tested in tests/test_benchmark.py
+    monkeypatch.setattr("ldm.benchmark.run.measure_memory", lambda engine, *args: measure(engine, *args)
+                        if engine == "ldm-openvino" else {"process": 1, "txt2img": 1})  # fmt: skip
     out = tmp_path / "bench.json"
     assert benchmark.main(demo_args("--engines", "ldm,ldm-openvino,sdcpp", "--json", str(out))) == 0
     captured = capsys.readouterr()
