@@ -1,5 +1,7 @@
-"""Shared fixtures: the reference data in ``../shared/`` beside the project root."""
+"""Shared fixtures: the reference data in ``../shared/`` beside the project root, and scripts/benchmark.py."""
 
+import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -101,3 +103,15 @@ def demo_server():
         pytest.skip(f"the bundled demo model is absent: {DEMO_CKPT}")
     with start_server(*DEMO_ARGS) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def benchmark():
+    """scripts/benchmark.py as a module (it is not in a package)."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+    spec = importlib.util.spec_from_file_location("benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["benchmark"] = module  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules["benchmark"]

@@ -3,9 +3,7 @@
 The comparison with diffusers needs ``requirements-bench.txt``, which CI does not install: those tests skip there.
 """
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,17 +19,6 @@ from ldm.benchmark.weights import random_weights
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "models/ldm/shapes"
 NO_DIFFUSERS = "diffusers is not installed (pip install -r requirements-compare.txt; make test installs it)"
-
-
-@pytest.fixture(scope="module")
-def benchmark():
-    """The script as a module (it is not in a package)."""
-    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["benchmark"] = module  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules["benchmark"]
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,7 @@
 """scripts/benchmark.py with --engines, --sizes, --batches and --plot: the engines' checks, ratios between every
 pair, the cost-growth tables and the plot, on the bundled demo model; and the refusals before anything is loaded."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,16 +12,6 @@ from ldm.benchmark.report import summary
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "models/ldm/shapes"
-
-
-@pytest.fixture(scope="module")
-def benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["benchmark"] = module  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules["benchmark"]
 
 
 def demo_args(*extra: str) -> list[str]:
