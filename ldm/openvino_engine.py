@@ -11,7 +11,8 @@ converted once and kept in the disk cache (:mod:`ldm.openvino_cache`) under the 
 and the inputs. A call falls back to the torch forward where a compiled graph would be wrong: with gradients on
 (training), in training mode, or with forward hooks on the network (textual-inversion vectors go in through one).
 When the weights change in place (a LoRA merged for a run), the compiled models are dropped and found again under
-the new digest.
+the new digest. The compiled model holds its own copy of the weights, so the torch weights move to a file-backed
+mapping and the converted file's pages are handed back (:mod:`ldm.resident_pages`): the weights stay resident once.
 
 Inference precision: ``full`` is float32; ``bf16`` computes in bfloat16 (the weights are bf16, as in the torch
 engine). Outputs are float32.
@@ -37,6 +38,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ldm.errors import UserError
 from ldm.openvino_cache import cache_root, cached_model_path, entry_key
+from ldm.resident_pages import dropping_file_pages, in_mapping, movable, move_to_file, page_out
 
 ENGINES = ("torch", "openvino")
 INSTALL = "pip install -r requirements-openvino.txt"
@@ -225,6 +227,7 @@ class EngineForward:
         self.compiled: OrderedDict[str, _CompiledCall] = OrderedDict()
         self.weights: tuple[tuple[int, int], ...] | None = None
         self.digest: str | None = None
+        self.mapping: torch.UntypedStorage | None = None  # where move_to_file put the torch weights
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if torch.is_grad_enabled() or self.module.training or _hooked(self.module):
@@ -278,8 +281,22 @@ class EngineForward:
             return {"outputs": flat.structure}
 
         xml, made = cached_model_path(self.engine.cache, entry_key(parts), parts, convert, self.name)
-        compiled = self.engine.core.compile_model(str(xml), "CPU", self.engine.config)
+        self._release_torch_weights()
+        with dropping_file_pages(xml.with_suffix(".bin")):
+            compiled = self.engine.core.compile_model(str(xml), "CPU", self.engine.config)
         return _CompiledCall(compiled, made["outputs"])
+
+    def _release_torch_weights(self) -> None:
+        """Keep the torch weights, which the compiled model has copied, out of resident memory
+        (:mod:`ldm.resident_pages`): moved to a file-backed mapping the first time, their read pages handed back
+        after each conversion (tracing reads them all)."""
+        tensors = [*self.module.parameters(), *self.module.buffers()]
+        if self.mapping is not None and all(in_mapping(t, self.mapping) for t in tensors if movable(t, self.mapping)):
+            page_out(self.mapping)
+            return
+        # First time, or tensors replaced since (a dtype change, weights assigned): one new mapping for them all.
+        self.mapping = move_to_file(tensors, self.engine.cache, previous=self.mapping)
+        self.weights = _weights_token(self.module)  # the same weights in new places
 
 
 class _CompiledCall:

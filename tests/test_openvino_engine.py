@@ -5,6 +5,7 @@ weights changed in place), the torch fallbacks, and the errors for options it ca
 import functools
 import json
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +21,9 @@ from ldm.errors import UserError
 from ldm.inference import Pipeline
 from ldm.openvino_cache import CACHE_ENV, MANIFEST
 from ldm.openvino_engine import EngineForward, OpenVINOEngine, check_engine, networks
+from ldm.resident_pages import in_mapping
 from ldm.util import instantiate_from_config
+from tests.test_resident_pages import resident_kib
 
 pytestmark = pytest.mark.openvino
 openvino = pytest.importorskip("openvino", reason="OpenVINO is not installed: pip install -r requirements-openvino.txt")
@@ -182,6 +185,20 @@ def test_a_second_engine_reads_the_cache_and_a_damaged_entry_is_converted_again(
     assert_close_to_scale(unet_call(damaged), expected)
     err = capsys.readouterr().err
     assert "is damaged; converting it again" in err and "converting the UNet" in err
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="resident pages are read from /proc: Linux")
+def test_a_compiled_network_keeps_its_torch_weights_in_a_file_mapping_with_no_pages_resident(cache):
+    unet = small_unet()
+    expected = unet_call(unet)
+    parameters = list(unet.parameters())
+    OpenVINOEngine("full").attach(unet, "UNet")
+    assert_close_to_scale(unet_call(unet), expected)
+    mapping = unet.forward.mapping
+    assert mapping is not None and all(in_mapping(t, mapping) for t in (*unet.parameters(), *unet.buffers()))
+    assert list(unet.parameters()) == parameters  # the same Parameter objects, in a file mapping now
+    assert resident_kib(mapping.data_ptr()) <= 4 * 8  # a few pages at most: the weights' pages were handed back
+    assert_close_to_scale(unet_call(unet), expected)
 
 
 def test_compiled_shapes_are_bounded_and_a_dropped_one_comes_back_from_the_disk_cache(cache, capsys, monkeypatch):
