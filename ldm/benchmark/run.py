@@ -139,6 +139,12 @@ def time_growth(plan: Plan, engines: dict[str, Any], device: torch.device) -> di
     return growth
 
 
+def _note_medians(times: dict[str, Any]) -> None:
+    for label, key in (("UNet forward", "unet"), ("txt2img", "txt2img")):
+        medians = summary(times[key])
+        _note(f"{label} medians: " + ", ".join(f"{name} {medians[name]:.3f} s" for name in times[key]))
+
+
 def run_benchmark(plan: Plan) -> dict[str, Any]:
     """Everything scripts/benchmark.py's docstring lists, as a JSON-ready dict."""
     started = time.perf_counter()
@@ -150,6 +156,7 @@ def run_benchmark(plan: Plan) -> dict[str, Any]:
         config_file = Path(tmp) / "config.yaml"
         OmegaConf.save(plan.config, config_file)
         times, checks = time_engines(plan, weights)
+        _note_medians(times)  # before the memory processes, which take as long again: a stopped run keeps these
         if plan.plot is not None and "growth" in times:
             plot_growth(times["growth"], plan.plot, f"{plan.config_label}, {s.steps} DDIM steps, {s.dtype}")
         gc.collect()  # the engines are gone; the memory processes should not compete with them for RAM
