@@ -7,9 +7,6 @@ text tower and DPT, all built from a config here) samples, trains and runs the s
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +14,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
+from programs import run_program
 
 from ldm import cli
 from ldm.checkpoint import save_checkpoint
@@ -421,11 +419,8 @@ def script_args(folder: Path, *extra: str, ckpt: str = "tiny.safetensors") -> li
 
 def test_the_depth2img_script_runs_end_to_end(tiny_files, tmp_path):
     out = tmp_path / "out"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "depth2img.py"), *script_args(tiny_files, "--outdir", str(out))],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "XDG_CACHE_HOME": str(tmp_path / "cache")},
-    )  # fmt: skip
+    done = run_program("depth2img.py", *script_args(tiny_files, "--outdir", str(out)), cwd=tmp_path,
+                       env={"XDG_CACHE_HOME": str(tmp_path / "cache")})  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["00000.png", "00001.png"]
     assert Image.open(out / "samples" / "00000.png").size == (SIDE, SIDE)

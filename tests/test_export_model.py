@@ -1,11 +1,10 @@
 """scripts/export_model.py: a training checkpoint becomes an inference model that loads anywhere."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from programs import run_program
 
 from ldm.checkpoint import read_checkpoint
 from ldm.util import apply_overrides, instantiate_from_config, load_config
@@ -27,11 +26,7 @@ def test_export_uses_ema_weights_in_fp16_and_drops_training_links(tmp_path, tiny
 
     out = tmp_path / "export"
     args = ["--config", str(tmp_path / "train.yaml"), "--ckpt", str(ckpt), "--out", str(out), "--dtype", "fp16"]
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts/export_model.py"), *args, "--vocabulary", "shapes"],
-        capture_output=True,
-        text=True,
-    )
+    done = run_program("export_model.py", *args, "--vocabulary", "shapes")
     assert done.returncode == 0, done.stderr
     state_dict, _ = read_checkpoint(out / "model.safetensors")
     weight = state_dict["model.diffusion_model.out.2.weight"]
@@ -43,7 +38,5 @@ def test_export_uses_ema_weights_in_fp16_and_drops_training_links(tmp_path, tiny
     assert "ckpt_path" not in exported.model.params.first_stage_config.params
     assert exported.model.params.use_ema is False and "circle" in exported.vocabulary
 
-    again = subprocess.run(
-        [sys.executable, str(ROOT / "scripts/export_model.py"), *args], capture_output=True, text=True
-    )
+    again = run_program("export_model.py", *args)
     assert again.returncode == 2 and "pass --force" in again.stderr

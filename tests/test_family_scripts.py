@@ -1,10 +1,8 @@
 """scripts/superres.py (LDM bsr_sr), scripts/upscale.py (SD 2 x4 upscaler) and scripts/inpaint.py --indir (LDM
-inpainting_big) on tiny models saved to tmp: in process, and once each as a subprocess (slow)."""
+inpainting_big) on tiny models saved to tmp: through their ``main`` functions, and once each as a program
+(``programs.run_program``)."""
 
 import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +11,7 @@ import torch
 from ldm_family import IMAGE, LATENT, save_model_folder, tiny_model
 from omegaconf import OmegaConf
 from PIL import Image
+from programs import run_program
 
 from ldm.concat_inpainting import binary_mask, image_mask_pairs, inpaint
 from ldm.errors import UserError
@@ -33,12 +32,6 @@ def _picture(path: Path, size: int, seed: int = 0) -> Path:
     pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(path)
     return path
-
-
-def _run(script: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, str(ROOT / "scripts" / script), *args]
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 # -- super-resolution --
@@ -208,10 +201,9 @@ def test_inpaint_without_indir_is_the_sd_command_line(capsys):
 # -- each script as a user runs it --
 
 
-@pytest.mark.slow
 def test_the_scripts_run_as_programs(bsr_folder, inpainting_folder, upscaler_files, tmp_path):
     low = _picture(tmp_path / "low.png", LATENT)
-    done = _run(
+    done = run_program(
         "superres.py",
         "--init-img",
         str(low),
@@ -228,12 +220,12 @@ def test_the_scripts_run_as_programs(bsr_folder, inpainting_folder, upscaler_fil
     assert Image.open(tmp_path / "sr" / "00000.png").size == (IMAGE, IMAGE)
     config, ckpt = upscaler_files
     args = ["--init-img", str(low), "--config", str(config), "--ckpt", str(ckpt), "--steps", "2", "--device", "cpu"]
-    done = _run("upscale.py", *args, "--outdir", str(tmp_path / "x4"))
+    done = run_program("upscale.py", *args, "--outdir", str(tmp_path / "x4"))
     assert done.returncode == 0, done.stderr
     assert len(list((tmp_path / "x4").glob("*.png"))) == 1
     indir = _pairs(tmp_path / "pairs")
     model = ["--config", str(inpainting_folder / "config.yaml"), "--ckpt", str(inpainting_folder / "model.ckpt")]
-    done = _run(
+    done = run_program(
         "inpaint.py",
         "--indir",
         str(indir),

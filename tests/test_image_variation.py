@@ -3,9 +3,6 @@ unCLIP model of ``unclip_model.py``, saved to a temp dir."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
+from programs import run_program
 from unclip_model import SIZE, tiny_config, wake
 
 from ldm import cli
@@ -82,12 +80,11 @@ def test_image_variation_script_rejects_bad_input_in_one_line(tiny_files, tmp_pa
 
 def test_image_variation_script_writes_samples(tiny_files, tmp_path):
     out = tmp_path / "out"
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "image_variation.py"), "--config", str(tiny_files / "unclip.yaml"),
-         "--ckpt", str(tiny_files / "unclip.ckpt"), "--init-img", str(tiny_files / "init.png"), "--device", "cpu",
-         "--prompt", "a cat", "--noise_level", "50", "--steps", "2", "--n_samples", "2", "--n_iter", "1",
-         "--sampler", "DPM++ 2M", "--seed", "3", "--outdir", str(out)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=tmp_path,
+    run = run_program(
+        "image_variation.py", "--config", str(tiny_files / "unclip.yaml"), "--ckpt", str(tiny_files / "unclip.ckpt"),
+        "--init-img", str(tiny_files / "init.png"), "--device", "cpu", "--prompt", "a cat", "--noise_level", "50",
+        "--steps", "2", "--n_samples", "2", "--n_iter", "1", "--sampler", "DPM++ 2M", "--seed", "3",
+        "--outdir", str(out), cwd=tmp_path,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     samples = sorted((out / "samples").glob("*.png"))

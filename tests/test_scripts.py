@@ -1,7 +1,8 @@
 """scripts/txt2img.py, img2img.py and inpaint.py as a user runs them, on the tiny model written to a temp dir.
 
-Every Python start costs seconds (torch, transformers, Lightning), so only a few runs are real subprocesses; the
-bad-input cases call ``ldm.cli.main``, which is all a script does (``sys.exit(main("txt2img"))``).
+Every Python start costs seconds (torch, transformers, Lightning), so one run is a real subprocess (a bad input's
+whole stderr); the others run the script files in this process (``programs.run_program``) or call ``ldm.cli.main``,
+which is all a script does (``sys.exit(main("txt2img"))``).
 """
 
 import errno
@@ -19,6 +20,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
+from programs import run_program
 
 from ldm import cli
 from ldm.outputs import parse_parameters, read_parameters
@@ -70,9 +72,9 @@ def run_script(name: str, args: list[str], cwd: Path) -> subprocess.CompletedPro
 
 def test_txt2img_writes_numbered_samples_and_grids_with_metadata_and_never_overwrites(tiny_files, tmp_path):
     out = tmp_path / "out"
-    first = run_script(
-        "txt2img",
-        tiny_args(
+    first = run_program(
+        "txt2img.py",
+        *tiny_args(
             tiny_files,
             "--prompt",
             "a red circle",
@@ -91,7 +93,7 @@ def test_txt2img_writes_numbered_samples_and_grids_with_metadata_and_never_overw
             "--outdir",
             str(out),
         ),  # fmt: skip
-        tmp_path,
+        cwd=tmp_path,
     )
     assert first.returncode == 0, first.stderr
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["00000.png", "00001.png"]
@@ -110,9 +112,9 @@ def test_txt2img_writes_numbered_samples_and_grids_with_metadata_and_never_overw
     }
     before = {p.name: p.read_bytes() for p in (out / "samples").iterdir()}
 
-    second = run_script(
-        "txt2img",
-        tiny_args(
+    second = run_program(
+        "txt2img.py",
+        *tiny_args(
             tiny_files,
             "--from-file",
             str(tiny_files / "prompts.txt"),
@@ -129,7 +131,7 @@ def test_txt2img_writes_numbered_samples_and_grids_with_metadata_and_never_overw
             "--outdir",
             str(out),
         ),  # fmt: skip
-        tmp_path,
+        cwd=tmp_path,
     )
     assert second.returncode == 0, second.stderr
     samples = sorted(p.name for p in (out / "samples").iterdir())
