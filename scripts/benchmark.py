@@ -29,7 +29,7 @@ is fetched from a model hub. The run then
 3. measures the peak memory of the same txt2img job for each engine in its own fresh process, which loads the
    weights from a file the benchmark writes once: peak resident set size on the CPU (the kernel's high-water mark,
    which ``ru_maxrss`` reports), ``torch.cuda.max_memory_allocated`` on CUDA. "whole process" includes loading the
-   weights; "txt2img" counts from after loading (Linux and CUDA only).
+   weights; "txt2img" counts from after loading (Linux and CUDA only). ``--skip-memory`` leaves this step out.
 
 Ratios are this project over diffusers: below 1 means this project is faster or smaller.
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+import ldm.benchmark.run
 from ldm import to_diffusers
 from ldm.benchmark.comparison import EnginesDiffer, build_engine, check_tokenizers, check_unets
 from ldm.benchmark.run import unet_inputs
@@ -125,7 +126,12 @@ def test_diffusers_conversion_computes_the_same_unet(diffusers, tiny_dir, tiny_c
         check_unets(engines, inputs, "fp32")
 
 
-def test_tiny_comparison_reports_ratios(benchmark, diffusers, tiny_config_file, tiny_dir, tmp_path, capsys):
+def test_tiny_comparison_reports_ratios(
+    benchmark, diffusers, tiny_config_file, tiny_dir, tmp_path, monkeypatch, capsys
+):
+    measure = ldm.benchmark.run.measure_memory  # ldm's own memory process: test_ldm_only_report_without_diffusers
+    monkeypatch.setattr("ldm.benchmark.run.measure_memory", lambda engine, *args: measure(engine, *args)
+                        if engine == "diffusers" else {"process": 1, "txt2img": 1})  # fmt: skip
     out = tmp_path / "bench.json"
     args = tiny_args(tiny_config_file, "--ckpt", str(tiny_dir / "model.safetensors"), "--json", str(out))
     assert benchmark.main(args) == 0

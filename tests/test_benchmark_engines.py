@@ -74,11 +74,14 @@ def test_the_openvino_engine_is_checked_and_compared_with_every_other(benchmark,
 def test_cost_growth_tables_and_the_plot(benchmark, tmp_path, capsys):
     out, plot = tmp_path / "bench.json", tmp_path / "plot.png"
     growth_options = ["--sizes", "32,48", "--batches", "1,2", "--plot", str(plot)]
-    args = demo_args("--engines", "ldm", *growth_options, "--json", str(out))
+    args = demo_args("--engines", "ldm", *growth_options, "--skip-memory", "--json", str(out))
     assert benchmark.main(args) == 0
     printed = capsys.readouterr().out
     assert "cost growth with size" in printed and "cost growth with batch" in printed and "48x48" in printed
-    growth = json.loads(out.read_text())["results"]["growth"]
+    assert "memory not measured" in printed and "peak memory" not in printed
+    results = json.loads(out.read_text())["results"]
+    assert "peak_memory_bytes" not in results
+    growth = results["growth"]
     assert set(growth["size"]) == {"32", "48"} and set(growth["batch"]) == {"1", "2"}
     assert all(growth["size"][size]["txt2img_s"]["ldm"] > 0 for size in ("32", "48"))
     assert growth["batch"]["2"]["unet_step_s"]["ldm"] > 0

@@ -115,9 +115,12 @@ def format_report(report: dict[str, Any]) -> str:
     rows = [
         ("UNet forward, batch 2", r["unet_forward_s"], _seconds),
         (f"txt2img, {s['steps']} DDIM steps", r["txt2img_s"], _seconds),
-        (f"peak memory ({memory_kind}), whole process", r["peak_memory_bytes"], _bytes),
-        (f"peak memory ({memory_kind}), txt2img", r["peak_memory_txt2img_bytes"], _bytes),
     ]
+    if "peak_memory_bytes" in r:  # absent after --skip-memory
+        rows += [
+            (f"peak memory ({memory_kind}), whole process", r["peak_memory_bytes"], _bytes),
+            (f"peak memory ({memory_kind}), txt2img", r["peak_memory_txt2img_bytes"], _bytes),
+        ]
     pair = engines == ["ldm", "diffusers"]
     header = f"{'':36s}" + "".join(f"{name:>20s}" for name in engines) + ("   ldm/diffusers" if pair else "")
     versions = "".join(f", {name} {m[name]}" for name in ("diffusers", "openvino") if name in m)
@@ -129,7 +132,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"command: {report['command']}",
         f"model:   {report['model']['config']}, weights {report['model']['weights']}",
         f"job:     {s['width']}x{s['height']}, {s['dtype']}, guidance {GUIDANCE_SCALE}; median of {s['repeats']} "
-        "interleaved runs after a warm-up; memory from one run per engine in a fresh process",
+        "interleaved runs after a warm-up; "
+        + ("memory from one run per engine in a fresh process" if "peak_memory_bytes" in r else "memory not measured"),
         "",
         header,
     ]
@@ -139,7 +143,7 @@ def format_report(report: dict[str, Any]) -> str:
     if not pair:
         ratio_rows = (("UNet forward", "unet_forward_s"), ("txt2img", "txt2img_s"), ("peak RSS", "peak_memory_bytes"))
         for label, key in ratio_rows:
-            ratio_lines = _ratio_lines(label, r[key])
+            ratio_lines = _ratio_lines(label, r[key]) if key in r else []
             lines += ["", *ratio_lines] if ratio_lines else []
     checks = report["checks"]
     if checks:

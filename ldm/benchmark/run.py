@@ -161,9 +161,13 @@ def run_benchmark(plan: Plan) -> dict[str, Any]:
             plot_growth(times["growth"], plan.plot, f"{plan.config_label}, {s.steps} DDIM steps, {s.dtype}")
         gc.collect()  # the engines are gone; the memory processes should not compete with them for RAM
         memory = {}
-        for name in plan.engines:
+        for name in plan.engines if plan.memory else ():
             _note(f"measuring the peak memory of {name} in a fresh process")
             memory[name] = measure_memory(name, config_file, weights, s)
+    memory_results = {
+        "peak_memory_bytes": summary({name: m["process"] for name, m in memory.items()}),
+        "peak_memory_txt2img_bytes": summary({name: m["txt2img"] for name, m in memory.items()}),
+    }
     return {
         "command": plan.command,
         "machine": machine_info(torch.device(s.device), plan.engines),
@@ -173,8 +177,7 @@ def run_benchmark(plan: Plan) -> dict[str, Any]:
         "results": {
             "unet_forward_s": summary(times["unet"]),
             "txt2img_s": summary(times["txt2img"]),
-            "peak_memory_bytes": summary({name: m["process"] for name, m in memory.items()}),
-            "peak_memory_txt2img_bytes": summary({name: m["txt2img"] for name, m in memory.items()}),
+            **(memory_results if plan.memory else {}),
             **({"growth": times["growth"]} if "growth" in times else {}),
         },
         "elapsed_s": time.perf_counter() - started,

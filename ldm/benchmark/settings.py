@@ -77,6 +77,7 @@ class Plan:
     engines: tuple[str, ...]
     command: str
     plot: Path | None = None
+    memory: bool = True  # measure each engine's peak memory in a fresh process
 
 
 def _slice_size(text: str) -> int | str:
@@ -139,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--vae_tiling", action="store_true", help="decode the VAE by tiles (both engines)")
     add("--json", type=str, default=None, metavar="PATH", help="also write the results as JSON to PATH")
     add("--skip-diffusers", dest="skip_diffusers", action="store_true", help="measure this project only")
+    add(
+        "--skip-memory",
+        dest="skip_memory",
+        action="store_true",
+        help="times only: no peak memory (each engine's memory run is a fresh process that loads it again)",
+    )
     add(
         "--engines",
         type=_engine_list,
@@ -269,6 +276,7 @@ def plan(args: argparse.Namespace, argv: Sequence[str]) -> Plan:
         engines=engines,
         command=shlex.join(["python", "scripts/benchmark.py", *argv]),
         plot=Path(args.plot) if args.plot is not None else None,
+        memory=not args.skip_memory,
     )
 
 
