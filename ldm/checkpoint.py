@@ -329,8 +329,10 @@ def load_state_dict_into(
 def _load_chunk(model: nn.Module, chunk: dict[str, torch.Tensor], targets: Mapping[str, torch.Tensor]) -> None:
     """Meta tensors (empty_parameters()) take their values by assignment; real ones (computed buffers, or a model
     with weights) are copied into."""
-    model.load_state_dict({k: v for k, v in chunk.items() if not targets[k].is_meta}, strict=False)
-    model.load_state_dict({k: v for k, v in chunk.items() if targets[k].is_meta}, strict=False, assign=True)
+    for assign in (False, True):
+        part = {k: v for k, v in chunk.items() if targets[k].is_meta == assign}
+        if part:  # each call walks every module of the model
+            model.load_state_dict(part, strict=False, assign=assign)
 
 
 def addon_counts(state_dict: Iterable[str], model_keys: Iterable[str]) -> dict[str, int]:
