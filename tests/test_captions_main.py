@@ -118,8 +118,10 @@ def test_shipped_configs_build_their_data_on_a_caption_folder(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_ranks_share_the_caching_and_the_buckets(tmp_path):
-    """Two processes: each encodes its share of the images, both train on one-bucket batches of their own."""
+def test_ddp_two_processes_share_the_caching_the_buckets_and_one_logdir(tmp_path):
+    """main.py's one DDP run (each costs tens of seconds here): two processes on the CPU, each encodes its share of
+    the images, both train on one-bucket batches of their own, with the learning rate scaled by both processes'
+    batches, and rank 0 alone writes the logdir."""
     data_root = caption_folder(tmp_path / "data")
     config = tiny_config(tmp_path, data_root)
     logs = tmp_path / "logs"
@@ -132,6 +134,10 @@ def test_ddp_ranks_share_the_caching_and_the_buckets(tmp_path):
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-3000:]
     assert "[rank 0] finished at global step 2" in out and "[rank 1] finished at global step 2" in out
+    assert "2 (devices)" in out
+    logdir = only_logdir(logs)  # rank 1 wrote into rank 0's logdir
+    assert [p.name for p in (logdir / "checkpoints").iterdir()] == ["last.ckpt"]
+    assert checkpoint(logdir / "checkpoints" / "last.ckpt")["global_step"] == 2
     assert len(list((data_root / ".latent-cache").glob("*.safetensors"))) == len(SIZES)
     assert all(p.suffix == ".safetensors" for p in (data_root / ".latent-cache").iterdir())  # no temp files left
 
