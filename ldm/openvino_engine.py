@@ -265,6 +265,8 @@ class EngineForward:
         flat = _FlatForward(self.module, self.torch_forward, spec, leaves)
 
         def convert(xml: Path) -> dict[str, Any]:
+            from openvino.frontend.pytorch.ts_decoder import TorchScriptPythonDecoder
+
             print(f"openvino: converting the {self.name} for inputs {shapes} (once: cached in {self.engine.cache})",
                   file=sys.stderr, flush=True)  # fmt: skip
             start = time.perf_counter()
@@ -275,7 +277,11 @@ class EngineForward:
             with torch.no_grad(), torch.autocast("cpu", enabled=False), warnings.catch_warnings():
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
                 warnings.simplefilter("ignore", FutureWarning)
-                model = ov.convert_model(flat, example_input=examples, input=[tuple(t.shape) for t in examples])
+                # torch's trace check traces once more and runs both graphs to compare them: a quarter of the
+                # conversion (demo UNet 8.1 s -> 5.8 s). These networks have no data-dependent control flow, and the
+                # converted outputs are tested against torch's (tests/test_openvino_engine.py).
+                traced = TorchScriptPythonDecoder(flat, example_input=examples, trace_kwargs={"check_trace": False})
+                model = ov.convert_model(traced, example_input=examples, input=[tuple(t.shape) for t in examples])
             ov.save_model(model, str(xml), compress_to_fp16=False)
             print(f"openvino: converted the {self.name} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
             return {"outputs": flat.structure}

@@ -188,7 +188,7 @@ def test_a_second_engine_reads_the_cache_and_a_damaged_entry_is_converted_again(
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="resident pages are read from /proc: Linux")
-def test_a_compiled_network_keeps_its_torch_weights_in_a_file_mapping_with_no_pages_resident(cache):
+def test_a_compiled_network_keeps_its_torch_weights_in_a_file_mapping_with_no_pages_resident():
     unet = small_unet()
     expected = unet_call(unet)
     parameters = list(unet.parameters())
@@ -201,7 +201,7 @@ def test_a_compiled_network_keeps_its_torch_weights_in_a_file_mapping_with_no_pa
     assert_close_to_scale(unet_call(unet), expected)
 
 
-def test_compiled_shapes_are_bounded_and_a_dropped_one_comes_back_from_the_disk_cache(cache, capsys, monkeypatch):
+def test_compiled_shapes_are_bounded_and_a_dropped_one_comes_back_from_the_disk_cache(capsys, monkeypatch):
     monkeypatch.setattr(engine_module, "KEPT_SHAPES", 1)
     unet = small_unet()
     OpenVINOEngine("full").attach(unet, "UNet")
