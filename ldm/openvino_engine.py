@@ -277,9 +277,10 @@ class EngineForward:
             with torch.no_grad(), torch.autocast("cpu", enabled=False), warnings.catch_warnings():
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
                 warnings.simplefilter("ignore", FutureWarning)
-                # torch's trace check traces once more and runs both graphs to compare them: a quarter of the
-                # conversion (demo UNet 8.1 s -> 5.8 s). These networks have no data-dependent control flow, and the
-                # converted outputs are tested against torch's (tests/test_openvino_engine.py).
+                # torch's trace check traces once more and runs both graphs to compare them: over half of the
+                # conversion (SD 1.5 at 256x256: UNet 37 s -> 17 s, VAE decoder 29 s -> 9 s). These networks have no
+                # data-dependent control flow, and the converted outputs are tested against torch's
+                # (tests/test_openvino_engine.py).
                 traced = TorchScriptPythonDecoder(flat, example_input=examples, trace_kwargs={"check_trace": False})
                 model = ov.convert_model(traced, example_input=examples, input=[tuple(t.shape) for t in examples])
             ov.save_model(model, str(xml), compress_to_fp16=False)
