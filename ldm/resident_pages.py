@@ -101,6 +101,10 @@ def move_to_file(
             for ptr, (tensor, *_) in moving.items():
                 file.seek(offsets[ptr])
                 file.write(memoryview(tensor.detach().reshape(-1).view(torch.uint8).numpy()))
+            # page_out can only hand back clean pages: while the kernel has not yet written the file (seconds, or
+            # much longer when other writes keep the disk busy), every page would stay resident.
+            file.flush()
+            os.fdatasync(file.fileno())
         mapped = torch.from_file(name, shared=False, size=size, dtype=torch.uint8)
     finally:
         os.unlink(name)
