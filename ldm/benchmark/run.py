@@ -167,7 +167,7 @@ def run_benchmark(plan: Plan) -> dict[str, Any]:
     memory_results = {
         "peak_memory_bytes": summary({name: m["process"] for name, m in memory.items()}),
         "peak_memory_txt2img_bytes": summary({name: m["txt2img"] for name, m in memory.items()}),
-    }
+    } if plan.memory else {}  # fmt: skip
     return {
         "command": plan.command,
         "machine": machine_info(torch.device(s.device), plan.engines),
@@ -177,7 +177,7 @@ def run_benchmark(plan: Plan) -> dict[str, Any]:
         "results": {
             "unet_forward_s": summary(times["unet"]),
             "txt2img_s": summary(times["txt2img"]),
-            **(memory_results if plan.memory else {}),
+            **memory_results,
             **({"growth": times["growth"]} if "growth" in times else {}),
         },
         "elapsed_s": time.perf_counter() - started,
