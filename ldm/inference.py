@@ -63,7 +63,7 @@ from ldm.models.diffusion.noise import Noise
 from ldm.models.diffusion.samplers import SCHEDULE_LABELS, resolve_sampler, sample
 from ldm.modules.attention import set_attention_slicing
 from ldm.modules.tiling import tiled_decode
-from ldm.openvino_engine import attach_openvino
+from ldm.openvino_engine import DENOISER, attach_openvino
 from ldm.outputs import format_parameters, model_hash
 from ldm.prompts import unknown_words
 from ldm.refiner import refiner_fields, refiner_handoff
@@ -187,7 +187,7 @@ class Pipeline:
             self.stages["unet"].compile()
         self.engine = attach_openvino(model, options.precision) if options.engine == "openvino" else None
         if self.engine is not None:
-            self.controlnets.prepare = functools.partial(self.engine.attach, name="ControlNet")
+            self.controlnets.prepare = functools.partial(self.engine.attach, name="ControlNet", stage=DENOISER)
 
     @classmethod
     def from_checkpoint(cls, ckpt: str | os.PathLike, options: RuntimeOptions | None = None, **kwargs: Any) -> Pipeline:
@@ -415,6 +415,8 @@ class Pipeline:
                 latents = keep_known(latents, init_latent, latent_mask)
             with self._active(self.stages["first_stage"]):
                 images = tensor_to_images(self._decode(latents))
+        if self.engine is not None:
+            self.engine.release_memory()  # an idle pipeline holds no OpenVINO buffers (ldm.openvino_engine)
         if request.mask is not None:
             mask = repaint_mask(request.mask, request.inpainting_mask_invert)
             images = paste_back(images, request.init_image, mask, request.mask_blur)

@@ -13,6 +13,9 @@ and the inputs. A call falls back to the torch forward where a compiled graph wo
 When the weights change in place (a LoRA merged for a run), the compiled models are dropped and found again under
 the new digest. The compiled model holds its own copy of the weights, so the torch weights move to a file-backed
 mapping and the converted file's pages are handed back (:mod:`ldm.resident_pages`): the weights stay resident once.
+A compiled model also keeps its intermediate tensors between calls (SD 1.5's VAE decoder at 512x512: 376 MB), so
+each network belongs to a stage (text encoder, denoiser, VAE encoder or decoder) and when a run moves on to another
+stage, the buffers of the one that ended are handed back; at the end of a run the pipeline hands back the last.
 
 Inference precision: ``full`` is float32; ``bf16`` computes in bfloat16 (the weights are bf16, as in the torch
 engine). Outputs are float32.
@@ -47,6 +50,7 @@ FORMAT = 1  # bumped when what an entry holds changes
 # Compiled models kept per network: each holds its own copy of the weights, so a run that changes size (the hires
 # fix's second pass, a benchmark's sizes) must not pile them up; the disk cache brings a dropped one back quickly.
 KEPT_SHAPES = 2
+TEXT_ENCODER, DENOISER = "text encoder", "denoiser"  # stages (OpenVINOEngine.attach) of several networks
 
 
 def add_engine_argument(parser: argparse.ArgumentParser) -> None:
@@ -88,43 +92,62 @@ class OpenVINOEngine:
 
     def __init__(self, precision: str, cache: Path | None = None) -> None:
         self.ov = import_openvino()
+        self.forwards: list[EngineForward] = []
+        self.stage: str | None = None  # the stage whose networks ran last, and may hold buffers
         self.core = self.ov.Core()
         self.precision = precision
         self.config = {"INFERENCE_PRECISION_HINT": INFERENCE_PRECISION[precision], "PERFORMANCE_HINT": "LATENCY"}
         self.cache = cache if cache is not None else cache_root()
 
-    def attach(self, module: nn.Module, name: str) -> None:
-        """Run ``module``'s forward through this engine from now on (once: a second call changes nothing)."""
+    def attach(self, module: nn.Module, name: str, stage: str | None = None) -> None:
+        """Run ``module``'s forward through this engine from now on (once: a second call changes nothing).
+        ``stage``: the networks that run together, in turn (the UNet and its ControlNets), and keep their buffers
+        while they do; by default the network alone."""
         if not isinstance(module.__dict__.get("forward"), EngineForward):
-            module.forward = EngineForward(module, name, self)
+            module.forward = EngineForward(module, name, stage or name, self)
+            self.forwards.append(module.forward)
+
+    def enter(self, stage: str) -> None:
+        """A network of ``stage`` is about to run: the stages never overlap, so the one before it (if another)
+        hands its buffers back."""
+        if stage != self.stage:
+            self.release_memory()
+            self.stage = stage
+
+    def release_memory(self) -> None:
+        """Hand back the intermediate buffers of the stage that ran last; its next call allocates them again."""
+        for forward in self.forwards:
+            if forward.stage == self.stage:
+                forward.release_memory()
+        self.stage = None
 
 
-def networks(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """The (name, module) pairs of a latent diffusion model that the engine runs: the UNet, the VAE's encoder and
-    decoder, and the text encoders (the CLIP text model; OpenCLIP's residual blocks, which its embedder calls one by
-    one). Other conditioning models (BERT, class embedders) and small glue layers stay in torch."""
+def networks(model: nn.Module) -> Iterator[tuple[str, str, nn.Module]]:
+    """The (name, stage, module) triples of a latent diffusion model that the engine runs: the UNet, the VAE's
+    encoder and decoder, and the text encoders (the CLIP text model; OpenCLIP's residual blocks, which its embedder
+    calls one by one). Other conditioning models (BERT, class embedders) and small glue layers stay in torch."""
     from ldm.modules.encoders.modules import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder
 
-    yield "UNet", model.model.diffusion_model
+    yield "UNet", DENOISER, model.model.diffusion_model
     first_stage = model.first_stage_model
     for part in ("encoder", "decoder"):
         if isinstance(getattr(first_stage, part, None), nn.Module):
-            yield f"VAE {part}", getattr(first_stage, part)
+            yield f"VAE {part}", f"VAE {part}", getattr(first_stage, part)
     cond_stage = model.cond_stage_model
     for path, module in cond_stage.named_modules() if isinstance(cond_stage, nn.Module) else ():
         where = f" ({path})" if path else ""
         if isinstance(module, FrozenCLIPEmbedder):
-            yield f"CLIP text encoder{where}", module.transformer
+            yield f"CLIP text encoder{where}", TEXT_ENCODER, module.transformer
         elif isinstance(module, FrozenOpenCLIPEmbedder):
             for i, block in enumerate(module.model.transformer.resblocks):
-                yield f"OpenCLIP text block {i}{where}", block
+                yield f"OpenCLIP text block {i}{where}", TEXT_ENCODER, block
 
 
 def attach_openvino(model: nn.Module, precision: str) -> OpenVINOEngine:
     """Route the forwards of ``model``'s networks (:func:`networks`) through a new engine, which is returned."""
     engine = OpenVINOEngine(precision)
-    for name, module in networks(model):
-        engine.attach(module, name)
+    for name, stage, module in networks(model):
+        engine.attach(module, name, stage)
     return engine
 
 
@@ -221,9 +244,9 @@ class _FlatForward(nn.Module):
 class EngineForward:
     """Stands in for a network's ``forward``: each distinct call runs a compiled OpenVINO model of that call."""
 
-    def __init__(self, module: nn.Module, name: str, engine: OpenVINOEngine) -> None:
+    def __init__(self, module: nn.Module, name: str, stage: str, engine: OpenVINOEngine) -> None:
         self.torch_forward = module.forward
-        self.module, self.name, self.engine = module, name, engine
+        self.module, self.name, self.stage, self.engine = module, name, stage, engine
         self.compiled: OrderedDict[str, _CompiledCall] = OrderedDict()
         self.weights: tuple[tuple[int, int], ...] | None = None
         self.digest: str | None = None
@@ -245,7 +268,12 @@ class EngineForward:
                 self.compiled.popitem(last=False)
             call = self.compiled[signature] = self._compile(spec, leaves, tensors)
         self.compiled.move_to_end(signature)
+        self.engine.enter(self.stage)
         return call(tensors)
+
+    def release_memory(self) -> None:
+        for call in self.compiled.values():
+            call.compiled.release_memory()
 
     def _compile(self, spec: Any, leaves: list[Any], tensors: list[torch.Tensor]) -> _CompiledCall:
         ov = self.engine.ov
@@ -310,6 +338,7 @@ class _CompiledCall:
     """One compiled model and how to rebuild the forward's output from its output tensors."""
 
     def __init__(self, compiled: Any, structure: Any) -> None:
+        self.compiled = compiled
         self.request = compiled.create_infer_request()
         self.outputs = len(compiled.outputs)
         self.structure = structure

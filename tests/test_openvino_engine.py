@@ -82,12 +82,12 @@ def test_the_demo_models_networks_match_the_torch_engine_within_1e_4_of_their_sc
     expected = outputs_of_every_network(demo_model)
     engine = OpenVINOEngine("full")
     try:
-        for name, module in networks(demo_model):
+        for name, _, module in networks(demo_model):
             engine.attach(module, name)
         assert isinstance(demo_model.model.diffusion_model.forward, EngineForward)
         actual = outputs_of_every_network(demo_model)
     finally:
-        for _, module in networks(demo_model):
+        for _, _, module in networks(demo_model):
             del module.forward  # back to the class's forward, for the other tests of this module
     for name in expected:
         assert_close_to_scale(actual[name], expected[name])
@@ -120,10 +120,10 @@ def test_a_tiny_sdxl_model_with_both_text_encoders_and_its_adm_vector_matches_th
 
     expected = run()
     engine = OpenVINOEngine("full")
-    names = [name for name, module in networks(model)]
+    names = [name for name, _, _ in networks(model)]
     assert any("OpenCLIP" in name for name in names) and any("CLIP text encoder" in name for name in names)
-    for name, module in networks(model):
-        engine.attach(module, name)
+    for name, stage, module in networks(model):
+        engine.attach(module, name, stage)
     for actual, wanted in zip(run(), expected, strict=True):
         assert_close_to_scale(actual, wanted)
 
@@ -233,6 +233,45 @@ def test_weights_changed_in_place_are_converted_again_and_restored_weights_hit_t
     capsys.readouterr()
     assert_close_to_scale(unet_call(unet), before, share=1e-5)
     assert "converting" not in capsys.readouterr().err
+
+
+@pytest.fixture
+def releases(monkeypatch) -> list[str]:
+    """The names of the networks that hand their buffers back, in order."""
+    names: list[str] = []
+    release = EngineForward.release_memory
+
+    def recorded(self: EngineForward) -> None:
+        names.append(self.name)
+        release(self)
+
+    monkeypatch.setattr(EngineForward, "release_memory", recorded)
+    return names
+
+
+def test_networks_of_one_stage_keep_their_buffers_and_the_stage_before_hands_them_back(releases):
+    unet, control, decoder = small_unet(), small_unet(), small_unet()
+    engine = OpenVINOEngine("full")
+    engine.attach(unet, "UNet", "denoiser")
+    engine.attach(control, "ControlNet", "denoiser")
+    engine.attach(decoder, "VAE decoder")
+    expected = unet_call(unet)
+    for _ in range(2):
+        unet_call(control)
+        unet_call(unet)
+    assert releases == []  # a ControlNet and the UNet run in turn at every step
+    unet_call(decoder)
+    assert releases == ["UNet", "ControlNet"]
+    assert_close_to_scale(unet_call(unet), expected, share=1e-6)  # its buffers allocated again
+    assert releases == ["UNet", "ControlNet", "VAE decoder"]
+
+
+def test_an_openvino_pipeline_holds_no_buffers_between_runs_and_gives_the_same_images(releases):
+    pipe = Pipeline.from_config(DEMO / "config.yaml", DEMO / "model.safetensors", device="cpu", precision="full",
+                                engine="openvino")  # fmt: skip
+    runs = [pipe.generate(PROMPTS[0], steps=4, height=64, width=64, seed=3, progress=False) for _ in range(2)]
+    assert releases == ["CLIP text encoder", "UNet", "VAE decoder"] * 2
+    assert np.array_equal(np.asarray(runs[0].images[0]), np.asarray(runs[1].images[0]))
 
 
 def test_calls_with_gradients_or_forward_hooks_run_in_torch():
