@@ -30,6 +30,7 @@ import inspect
 import sys
 import time
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -92,7 +93,7 @@ class OpenVINOEngine:
 
     def __init__(self, precision: str, cache: Path | None = None) -> None:
         self.ov = import_openvino()
-        self.forwards: list[EngineForward] = []
+        self.forwards: weakref.WeakSet[EngineForward] = weakref.WeakSet()  # a ControlNet the cache drops goes
         self.stage: str | None = None  # the stage whose networks ran last, and may hold buffers
         self.core = self.ov.Core()
         self.precision = precision
@@ -105,7 +106,7 @@ class OpenVINOEngine:
         while they do; by default the network alone."""
         if not isinstance(module.__dict__.get("forward"), EngineForward):
             module.forward = EngineForward(module, name, stage or name, self)
-            self.forwards.append(module.forward)
+            self.forwards.add(module.forward)
 
     def enter(self, stage: str) -> None:
         """A network of ``stage`` is about to run: the stages never overlap, so the one before it (if another)

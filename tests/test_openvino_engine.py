@@ -261,9 +261,9 @@ def test_networks_of_one_stage_keep_their_buffers_and_the_stage_before_hands_the
         unet_call(unet)
     assert releases == []  # a ControlNet and the UNet run in turn at every step
     unet_call(decoder)
-    assert releases == ["UNet", "ControlNet"]
+    assert sorted(releases) == ["ControlNet", "UNet"]
     assert_close_to_scale(unet_call(unet), expected, share=1e-6)  # its buffers allocated again
-    assert releases == ["UNet", "ControlNet", "VAE decoder"]
+    assert releases[2:] == ["VAE decoder"]
 
 
 def test_an_openvino_pipeline_holds_no_buffers_between_runs_and_gives_the_same_images(releases):
