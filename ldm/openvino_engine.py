@@ -252,6 +252,9 @@ class EngineForward:
         self.weights: tuple[tuple[int, int], ...] | None = None
         self.digest: str | None = None
         self.mapping: torch.UntypedStorage | None = None  # where move_to_file put the torch weights
+        # Now rather than at the first compile: a network that never runs (the VAE encoder in txt2img) then never
+        # holds resident memory, and the others hold none while they wait for their turn.
+        self._release_torch_weights()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if torch.is_grad_enabled() or self.module.training or _hooked(self.module):

@@ -188,14 +188,17 @@ def test_a_second_engine_reads_the_cache_and_a_damaged_entry_is_converted_again(
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="resident pages are read from /proc: Linux")
-def test_a_compiled_network_keeps_its_torch_weights_in_a_file_mapping_with_no_pages_resident():
+def test_an_attached_network_keeps_its_torch_weights_in_a_file_mapping_with_no_pages_resident():
     unet = small_unet()
     expected = unet_call(unet)
     parameters = list(unet.parameters())
     OpenVINOEngine("full").attach(unet, "UNet")
-    assert_close_to_scale(unet_call(unet), expected)
-    mapping = unet.forward.mapping
+    mapping = unet.forward.mapping  # from the attach on: a network that never runs holds no resident memory
     assert mapping is not None and all(in_mapping(t, mapping) for t in (*unet.parameters(), *unet.buffers()))
+    assert resident_kib(mapping.data_ptr()) <= 4 * 8
+    assert_close_to_scale(unet_call(unet), expected)
+    assert unet.forward.mapping is mapping  # the compile found them there
+    assert all(in_mapping(t, mapping) for t in (*unet.parameters(), *unet.buffers()))
     assert list(unet.parameters()) == parameters  # the same Parameter objects, in a file mapping now
     assert resident_kib(mapping.data_ptr()) <= 4 * 8  # a few pages at most: the weights' pages were handed back
     assert_close_to_scale(unet_call(unet), expected)
@@ -272,6 +275,8 @@ def test_an_openvino_pipeline_holds_no_buffers_between_runs_and_gives_the_same_i
     runs = [pipe.generate(PROMPTS[0], steps=4, height=64, width=64, seed=3, progress=False) for _ in range(2)]
     assert releases == ["CLIP text encoder", "UNet", "VAE decoder"] * 2
     assert np.array_equal(np.asarray(runs[0].images[0]), np.asarray(runs[1].images[0]))
+    encoder = pipe.model.first_stage_model.encoder  # txt2img never runs it, so its weights were never read again
+    assert not encoder.forward.compiled and resident_kib(encoder.forward.mapping.data_ptr()) <= 4 * 8
 
 
 def test_calls_with_gradients_or_forward_hooks_run_in_torch():
