@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from ldm.control import ControlSpec, check_controls
-from ldm.devices import check_compile, check_precision, resolve_device
+from ldm.devices import check_compile, check_precision, resolve_device, warn_about_slow_precision
 from ldm.errors import UserError
 from ldm.geometry import LatentGeometry, prepare_init_image
 from ldm.hires import check_hires
@@ -66,6 +66,7 @@ class RuntimeOptions:
         check_precision(self.precision, device)
         check_slice_size(self.attention_slicing)
         check_engine(self.engine, device, self.precision, self.compile)
+        warn_about_slow_precision(self.precision, device, self.engine)
         if self.compile:
             check_compile(device)
 

@@ -19,7 +19,7 @@ import ldm.devices
 import ldm.inference
 from ldm.checkpoint import load_model_from_config
 from ldm.data.shapes import draw
-from ldm.devices import check_compile
+from ldm.devices import check_compile, cpu_computes_bf16
 from ldm.inference import Pipeline, image_to_tensor
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.modules import attention as attention_module
@@ -330,6 +330,10 @@ def test_bf16_keeps_weights_in_bf16_and_the_sampler_state_in_float32(tiny_config
 
 
 @needs_demo
+@pytest.mark.skipif(
+    not cpu_computes_bf16() and not os.environ.get("LDM_SLOW_TESTS"),
+    reason="this CPU emulates bf16 (no AVX512-BF16 or AMX), which makes this test take 75 s; LDM_SLOW_TESTS=1 runs it",
+)
 def test_bf16_images_of_the_demo_model_are_within_2_grey_levels_of_float32():
     prompts = ["a red circle on a blue background", "a yellow star on a green background",
                "a white triangle on a black background", "a pink diamond on a purple background"]  # fmt: skip

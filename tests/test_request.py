@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm import cli
+from ldm import cli, devices
 from ldm.errors import UserError
 from ldm.geometry import LatentGeometry
 from ldm.request import IMG2IMG_STRENGTH, GenerationRequest, RuntimeOptions
@@ -94,3 +94,13 @@ def test_runtime_options_are_checked_once_when_made():
         RuntimeOptions("cpu", attention_slicing=0)
     with pytest.raises(UserError, match="unknown device 'gpu'"):
         RuntimeOptions("gpu")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_without_bf16_arithmetic_warns_to_use_full_precision(monkeypatch, recwarn, native):
+    monkeypatch.setattr(devices, "cpu_computes_bf16", lambda: native)
+    RuntimeOptions("cpu", precision="bf16")
+    RuntimeOptions("cpu", precision="full")
+    devices.warn_about_slow_precision("bf16", torch.device("cpu"), "openvino")  # OpenVINO computes in float32 there
+    warned = [str(w.message) for w in recwarn.list if "bfloat16" in str(w.message)]
+    assert len(warned) == (0 if native else 1) and all("use precision full" in m for m in warned)
