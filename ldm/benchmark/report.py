@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ldm.benchmark.settings import ENGINES, GUIDANCE_SCALE
+from ldm.devices import cpu_computes_bf16
 
 
 def summary(values: dict[str, Any]) -> dict[str, Any]:
@@ -50,6 +51,8 @@ def machine_info(device: torch.device, engines: Sequence[str]) -> dict[str, Any]
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+    elif device.type == "cpu":  # without them, bf16 results measure torch's emulation, and OpenVINO's bf16 is fp32
+        info["cpu_bf16_instructions"] = cpu_computes_bf16()
     if any("diffusers" in name for name in engines):
         import diffusers
 
@@ -128,7 +131,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"machine: {m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads), torch {m['torch']}"
         + versions
         + f", device {m['device']}"
-        + (f" ({m['gpu']})" if "gpu" in m else ""),
+        + (f" ({m['gpu']})" if "gpu" in m else "")
+        + (", no bf16 instructions" if m.get("cpu_bf16_instructions") is False else ""),
         f"command: {report['command']}",
         f"model:   {report['model']['config']}, weights {report['model']['weights']}",
         f"job:     {s['width']}x{s['height']}, {s['dtype']}, guidance {GUIDANCE_SCALE}; median of {s['repeats']} "
