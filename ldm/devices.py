@@ -59,8 +59,8 @@ def check_precision(precision: str, device: torch.device, option: str = "precisi
 
 
 def cpu_computes_bf16() -> bool:
-    """Whether this CPU has bfloat16 arithmetic (AVX512-BF16 or AMX on x86, BF16 on Arm) that oneDNN uses; without
-    it torch emulates bf16, about 100x slower than float32 (measured: a 512x512 matmul on an AVX2 EPYC)."""
+    """Whether oneDNN computes bfloat16 on this CPU (x86 with AVX-512, natively with AVX512-BF16 or AMX; Arm with
+    BF16); elsewhere torch emulates bf16, about 100x slower than float32 (a 512x512 matmul on an AVX2 EPYC)."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a build without oneDNN: nothing to tell, so no warning
@@ -71,8 +71,8 @@ def warn_about_slow_precision(precision: str, device: torch.device, engine: str)
     """Warn when ``precision`` works on ``device`` with ``engine``, but much slower than full precision would."""
     if precision == "bf16" and device.type == "cpu" and engine == "torch" and not cpu_computes_bf16():
         warnings.warn(
-            "this CPU has no bfloat16 instructions (AVX512-BF16 or AMX), so torch emulates bf16, many times slower "
-            "than float32: use precision full here.",
+            "this CPU has no bfloat16 arithmetic for torch (it needs AVX-512, best with AVX512-BF16 or AMX), so bf16 "
+            "is emulated, many times slower than float32: use precision full here.",
             stacklevel=3,
         )
 

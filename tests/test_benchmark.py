@@ -43,13 +43,13 @@ def test_ldm_only_report_without_diffusers(benchmark, tiny_config_file, tmp_path
     captured = capsys.readouterr()
     assert "pip install -r requirements-bench.txt" in captured.err
     assert "UNet forward, batch 2" in captured.out and "command: python scripts/benchmark.py" in captured.out
-    assert "device cpu, no bf16 instructions" in captured.out  # bf16 timings there measure torch's emulation
+    assert "device cpu, no bf16 arithmetic" in captured.out  # bf16 timings there measure torch's emulation
 
     report = json.loads(out.read_text())
     assert report["command"].startswith("python scripts/benchmark.py --config")
     assert report["machine"]["torch"] == torch.__version__ and report["machine"]["cpu"]
     assert report["machine"]["device"] == "cpu" and "diffusers" not in report["machine"]
-    assert report["machine"]["cpu_bf16_instructions"] is False
+    assert report["machine"]["cpu_computes_bf16"] is False
     assert report["model"]["weights"] == "random (seed 42)"
     assert report["settings"]["steps"] == 2 and report["settings"]["dtype"] == "fp32"
     results = report["results"]

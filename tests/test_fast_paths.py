@@ -332,7 +332,7 @@ def test_bf16_keeps_weights_in_bf16_and_the_sampler_state_in_float32(tiny_config
 @needs_demo
 @pytest.mark.skipif(
     not cpu_computes_bf16() and not os.environ.get("LDM_SLOW_TESTS"),
-    reason="this CPU emulates bf16 (no AVX512-BF16 or AMX), which makes this test take 75 s; LDM_SLOW_TESTS=1 runs it",
+    reason="torch emulates bf16 on this CPU (no AVX-512), which makes this test take 75 s; LDM_SLOW_TESTS=1 runs it",
 )
 def test_bf16_images_of_the_demo_model_are_within_2_grey_levels_of_float32():
     prompts = ["a red circle on a blue background", "a yellow star on a green background",

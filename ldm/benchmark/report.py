@@ -52,7 +52,7 @@ def machine_info(device: torch.device, engines: Sequence[str]) -> dict[str, Any]
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     elif device.type == "cpu":  # without them, bf16 results measure torch's emulation, and OpenVINO's bf16 is fp32
-        info["cpu_bf16_instructions"] = cpu_computes_bf16()
+        info["cpu_computes_bf16"] = cpu_computes_bf16()
     if any("diffusers" in name for name in engines):
         import diffusers
 
@@ -132,7 +132,7 @@ def format_report(report: dict[str, Any]) -> str:
         + versions
         + f", device {m['device']}"
         + (f" ({m['gpu']})" if "gpu" in m else "")
-        + (", no bf16 instructions" if m.get("cpu_bf16_instructions") is False else ""),
+        + (", no bf16 arithmetic" if m.get("cpu_computes_bf16") is False else ""),
         f"command: {report['command']}",
         f"model:   {report['model']['config']}, weights {report['model']['weights']}",
         f"job:     {s['width']}x{s['height']}, {s['dtype']}, guidance {GUIDANCE_SCALE}; median of {s['repeats']} "
